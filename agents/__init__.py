@@ -1,0 +1,1 @@
+"""Agents: processes that lease work from the hub. They own nothing durable."""

@@ -1,0 +1,62 @@
+"""``kiri-agent``: run one agent process for a role."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+from kiri.agents.client import HubClient
+from kiri.agents.runner import ROLE_KINDS, Agent
+
+from kiri import config
+
+
+def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    if not kinds:
+        raise click.BadParameter("give at least one task kind, e.g. --kinds echo,sleep")
+    return kinds
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--role", required=True, type=click.Choice(sorted(ROLE_KINDS)),
+              help="What this agent does; picks the task kinds it serves.")
+@click.option("--kinds", callback=_kinds, help="Comma-separated task kinds to serve instead of the role's.")
+@click.option("--hub", "hub", envvar="KIRI_HUB", default=None, metavar="HOST:PORT",
+              help=f"Hub address (env KIRI_HUB) [default: 127.0.0.1:{config.DEFAULT_PORT}].")
+@click.option("--token", envvar="KIRI_TOKEN", help="Hub token (env KIRI_TOKEN).")
+@click.option("--name", help="Agent name shown in stats [default: ROLE-HOST-PID].")
+@click.option("--wait", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds one long-poll lease waits for work.")
+@click.option("--lease-ttl", type=click.FloatRange(0.1, 86400),
+              help="Lease length to ask for [default: the hub's].")
+@click.option("--max-tasks", type=click.IntRange(1), help="Exit after this many tasks (tests, batch jobs).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="torch intra-op threads; parallelism comes from more agents.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None, name: str | None,
+         wait: float, lease_ttl: float | None, max_tasks: int | None, threads: int,
+         log_level: str) -> None:
+    """Connect to the hub and work tasks for ROLE until SIGTERM/SIGINT."""
+    logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    try:
+        address = config.parse_address(hub) if hub else config.hub_address()
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--hub") from None
+    serve = kinds or ROLE_KINDS[role]
+    client = HubClient(address, token=token, agent=name, role=role, kinds=serve, reconnect_for=None)
+    try:
+        agent = Agent(client, serve, wait=wait, ttl=lease_ttl, max_tasks=max_tasks)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    agent.install_signal_handlers()
+    logging.getLogger("kiri.agent").info(
+        "agent %s (%s) serving %s via %s:%d", client.agent, role, ",".join(serve), *address)
+    agent.run()

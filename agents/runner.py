@@ -1,0 +1,199 @@
+"""The agent loop: lease -> run the handler (heartbeating) -> ack or fail, until stopped.
+
+The main thread runs the handler; a heartbeat thread keeps the lease alive, carries
+progress, and learns of cancels and lost leases. On SIGTERM/SIGINT the agent stops
+leasing, tells the handler to stop at its next check, and hands the task back at once
+(a release) so another agent can continue from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import signal
+import threading
+import time
+import traceback
+from types import FrameType
+from typing import Any
+
+from kiri.agents.client import HubClient, HubUnreachable
+from kiri.agents.handlers import HANDLERS, Checkpoint, TaskContext, TaskError, TaskInterrupted
+
+from kiri.protocol import LeaseLost, RpcError
+
+log = logging.getLogger("kiri.agent")
+
+ROLE_KINDS: dict[str, list[str]] = {
+    "trainer": ["train"],
+    "collector": ["collect"],
+    "scorer": ["score", "decide"],
+}
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler to break out of an idle long-poll."""
+
+
+class Agent:
+    def __init__(self, client: HubClient, kinds: list[str], *, wait: float = 30.0,
+                 ttl: float | None = None, max_tasks: int | None = None) -> None:
+        unknown = [k for k in kinds if k not in HANDLERS]
+        if unknown:
+            raise ValueError(
+                f"no handler for task kind(s) {', '.join(unknown)}; known: {', '.join(sorted(HANDLERS))}"
+            )
+        self.client = client
+        self.kinds = kinds
+        self.wait = wait
+        self.ttl = ttl
+        self.max_tasks = max_tasks
+        self.stopping = threading.Event()
+        self.idle = False
+        self.current: TaskContext | None = None
+        self.done = 0
+        self._signals = 0
+
+    # --- signals -----------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting now; the lease will expire and the task retry")
+            raise SystemExit(1)
+        log.info("signal %d: finishing up", signum)
+        self.stop()
+        if self.idle:
+            raise _Stop
+
+    def stop(self) -> None:
+        self.stopping.set()
+        ctx = self.current
+        if ctx is not None:
+            ctx.stop_event.set()
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Work until stopped (or ``max_tasks`` done); returns the number of tasks acked."""
+        try:
+            while not self.stopping.is_set():
+                if self.max_tasks is not None and self.done >= self.max_tasks:
+                    break
+                reply = self._lease()
+                if reply is None or reply.get("task") is None:
+                    continue
+                self._work(reply["task"], reply["lease"])
+        except _Stop:
+            pass
+        finally:
+            self.client.close()
+        log.info("agent stopped after %d task(s)", self.done)
+        return self.done
+
+    def _lease(self) -> dict[str, Any] | None:
+        self.idle = True
+        try:
+            if self.stopping.is_set():
+                return None
+            return self.client.lease(self.kinds, wait=self.wait, ttl=self.ttl)
+        except HubUnreachable as e:
+            log.warning("%s", e)
+            return None
+        finally:
+            self.idle = False
+
+    def _work(self, task: dict[str, Any], lease: dict[str, Any]) -> None:
+        token = lease["token"]
+        task_id = task["id"]
+        ck = task.get("checkpoint")
+
+        def save(step: int, data: bytes) -> None:
+            self.client.call("checkpoint", {
+                "task_id": task_id, "lease_token": token, "step": step,
+                "data": base64.b64encode(data).decode(),
+            })
+
+        ctx = TaskContext(
+            task_id=task_id, kind=task["kind"], atom=task.get("atom"),
+            params=task.get("params") or {}, attempt=task.get("attempt", 1),
+            checkpoint_in=Checkpoint(ck["step"], base64.b64decode(ck["data"])) if ck else None,
+            save=save,
+        )
+        self.current = ctx
+        if self.stopping.is_set():
+            ctx.stop_event.set()
+        ttl = float(lease.get("ttl") or max(1.0, lease["expires_at"] - time.time()))
+        beat_stop = threading.Event()
+        beater = threading.Thread(
+            target=self._heartbeat, args=(ctx, token, ttl, beat_stop), name=f"heartbeat-{task_id}",
+            daemon=True,
+        )
+        beater.start()
+        log.debug("task %s (%s) attempt %s started", task_id, ctx.kind, ctx.attempt)
+        outcome: tuple[str, dict[str, Any]]
+        try:
+            result = HANDLERS[ctx.kind](ctx)
+            outcome = ("ack", {"result": result if isinstance(result, dict) else {"value": result}})
+        except TaskInterrupted as e:
+            outcome = ("fail", {"error": f"interrupted: {e}", "retry": True,
+                                "release": not ctx.cancelled})
+        except TaskError as e:
+            outcome = ("fail", {"error": str(e), "retry": e.retry})
+        except LeaseLost:
+            ctx.lease_lost = True
+            outcome = ("none", {})
+        except Exception as e:
+            log.exception("task %s crashed", task_id)
+            tb = traceback.format_exc(limit=5)
+            outcome = ("fail", {"error": f"{type(e).__name__}: {e}\n{tb}", "retry": True})
+        finally:
+            beat_stop.set()
+            beater.join()
+            self.current = None
+        self._finish(task_id, token, ctx, *outcome)
+
+    def _finish(self, task_id: int, token: str, ctx: TaskContext, what: str,
+                body: dict[str, Any]) -> None:
+        if what == "none" or ctx.lease_lost:
+            log.warning("task %s: lease lost; dropping its result", task_id)
+            return
+        try:
+            reply = self.client.call(what, {"task_id": task_id, "lease_token": token, **body})
+        except LeaseLost:
+            log.warning("task %s: lease lost before %s; another agent has it", task_id, what)
+            return
+        except (RpcError, HubUnreachable) as e:
+            log.error("task %s: %s refused: %s", task_id, what, e)
+            return
+        if what == "ack":
+            self.done += 1
+            self.on_acked(task_id, reply)
+        log.debug("task %s: %s -> %s", task_id, what, reply)
+
+    def on_acked(self, task_id: int, reply: dict[str, Any]) -> None:
+        """Hook for subclasses and tests: called after the hub accepted an ack."""
+
+    def _heartbeat(self, ctx: TaskContext, token: str, ttl: float, stop: threading.Event) -> None:
+        interval = max(0.02, min(ttl / 3, 2.0))  # also how fast a cancel is noticed
+        while not stop.wait(interval):
+            try:
+                reply = self.client.call("heartbeat", {
+                    "task_id": ctx.task_id, "lease_token": token,
+                    "progress": ctx.progress_snapshot() or None,
+                })
+            except LeaseLost:
+                ctx.lease_lost = True
+                ctx.stop_event.set()
+                return
+            except (RpcError, HubUnreachable) as e:
+                log.warning("heartbeat for task %s failed: %s", ctx.task_id, e)
+                continue
+            if reply.get("cancel") and not ctx.cancelled:
+                log.info("task %s cancelled by its owner", ctx.task_id)
+                ctx.cancelled = True
+                ctx.stop_event.set()

@@ -1,0 +1,1 @@
+"""The hub: sole owner of the database, serving JSON-RPC over TCP."""

@@ -1,0 +1,163 @@
+"""``kiri-hub``: run the hub and manage its schema."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+from kiri.hub import migrate as mig
+from kiri.hub.db import make_engine, redact
+from kiri.hub.queue import QueueSettings
+from kiri.hub.server import Hub, HubSettings
+
+from kiri import config
+
+log = logging.getLogger("kiri.hub")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def resolve_db(db: str | None, data_dir: Path | None) -> str:
+    return db or config.default_db_url(data_dir)
+
+
+db_option = click.option(
+    "--db", envvar="KIRI_DB", metavar="URL",
+    help="SQLAlchemy URL of the database [default: sqlite file kiri.db in the data dir].",
+)
+data_dir_option = click.option(
+    "--data-dir", envvar="KIRI_DATA_DIR", type=click.Path(file_okay=False, path_type=Path),
+    help="Where the default SQLite database lives [default: $XDG_DATA_HOME/kiri].",
+)
+log_option = click.option(
+    "--log-level", default="info", show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kiri")
+def main() -> None:
+    """The kiri hub: owns the database and serves agents over JSON-RPC/TCP."""
+
+
+@main.command()
+@db_option
+@data_dir_option
+@click.option("--host", default=config.DEFAULT_HOST, show_default=True, help="Address to listen on.")
+@click.option("--port", default=config.DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--token", envvar="KIRI_TOKEN", help="Shared secret agents must present (env KIRI_TOKEN).")
+@click.option("--synchronous", default="NORMAL", show_default=True,
+              type=click.Choice(["NORMAL", "FULL"], case_sensitive=False),
+              help="SQLite durability: NORMAL survives process crashes; FULL also power loss.")
+@click.option("--lease-ttl", default=30.0, show_default=True, type=click.FloatRange(0.1, 86400),
+              help="Seconds a lease lasts without a heartbeat.")
+@click.option("--backoff-base", default=1.0, show_default=True, type=click.FloatRange(0, 86400),
+              help="First retry delay after a failure, doubling per failure (jittered).")
+@click.option("--backoff-cap", default=300.0, show_default=True, type=click.FloatRange(0, 864000))
+@click.option("--max-line", default=16 << 20, show_default=True, type=click.IntRange(1024, 1 << 30),
+              help="Longest protocol line accepted, in bytes.")
+@click.option("--tick", default=0.5, show_default=True, type=click.FloatRange(0.01, 60),
+              help="Seconds between reaper runs.")
+@log_option
+def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: str | None,
+          synchronous: str, lease_ttl: float, backoff_base: float, backoff_cap: float,
+          max_line: int, tick: float, log_level: str) -> None:
+    """Run the hub until SIGTERM/SIGINT."""
+    setup_logging(log_level)
+    if not config.is_loopback(host) and not token:
+        raise click.UsageError(
+            f"refusing to listen on {host} without a token: anyone who can reach it could "
+            "run tasks. Pass --token (or set KIRI_TOKEN), or listen on 127.0.0.1."
+        )
+    url = resolve_db(db, data_dir)
+    settings = HubSettings(
+        db_url=url, host=host, port=port, token=token or None, max_line=max_line, tick=tick,
+        queue=QueueSettings(lease_ttl=lease_ttl, backoff_base=backoff_base, backoff_cap=backoff_cap),
+    )
+    try:
+        engine = make_engine(url, synchronous=synchronous.upper())  # type: ignore[arg-type]
+        mig.upgrade(engine)
+    except Exception as e:
+        raise click.ClickException(f"cannot open database {redact(url)}: {e}") from e
+    _run(settings, engine)
+
+
+def _run(settings: HubSettings, engine) -> None:  # type: ignore[no-untyped-def]
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - non-POSIX platforms
+        runner = asyncio.run
+
+    async def amain() -> None:
+        hub = Hub(settings, engine)
+        try:
+            await hub.start()
+        except OSError as e:
+            raise click.ClickException(
+                f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}"
+            ) from e
+        log.info("kiri hub listening on %s:%d (db %s)", settings.host, hub.bound_port,
+                 redact(settings.db_url))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        await hub.stop()
+
+    runner(amain())
+
+
+@main.command()
+@db_option
+@data_dir_option
+@click.option("--revision", default="head", show_default=True, help="Target revision ('base' to empty).")
+@log_option
+def migrate(db: str | None, data_dir: Path | None, revision: str, log_level: str) -> None:
+    """Upgrade (or downgrade) the database schema."""
+    setup_logging(log_level)
+    url = resolve_db(db, data_dir)
+    engine = make_engine(url)
+    current = mig.current_revision(engine)
+    try:
+        if revision == "base" or (current and revision != "head" and revision < current):
+            mig.downgrade(engine, revision)
+        else:
+            mig.upgrade(engine, revision)
+    except Exception as e:
+        raise click.ClickException(f"migration to {revision} failed: {e}") from e
+    click.echo(f"{redact(url)}: {current or 'empty'} -> {mig.current_revision(engine) or 'empty'}")
+
+
+@main.command()
+@db_option
+@data_dir_option
+def check(db: str | None, data_dir: Path | None) -> None:
+    """Exit 0 when the schema is at head and matches the code; 1 otherwise."""
+    url = resolve_db(db, data_dir)
+    engine = make_engine(url)
+    current, head = mig.current_revision(engine), mig.head_revision()
+    if current != head:
+        click.echo(f"{redact(url)}: at {current or 'empty'}, head is {head}; run `kiri-hub migrate`")
+        sys.exit(1)
+    diffs = mig.drift(engine)
+    if diffs:
+        click.echo(f"{redact(url)}: schema differs from the code:")
+        for d in diffs:
+            click.echo(f"  {d}")
+        sys.exit(1)
+    click.echo(f"{redact(url)}: at head {head}, no drift")

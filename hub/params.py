@@ -1,0 +1,103 @@
+"""Parameter models for every protocol method: the hub's first line of defence.
+
+Strict pydantic models turn any wrong type, missing field or out-of-range value into a
+precise ``invalid params`` error before a handler runs, so handlers only ever see valid
+input. Unknown fields are ignored, which lets newer clients add fields (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from kiri.protocol import TASK_STATES
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")]
+TaskId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+Token = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+MAX_DELAY = 10 * 365 * 86400.0
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+
+class Hello(Params):
+    token: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    agent: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    role: Name
+    version: Annotated[str, StringConstraints(max_length=32)] | None = None
+    host: Annotated[str, StringConstraints(max_length=200)] | None = None
+    pid: Annotated[int, Field(ge=0, le=2**31)] | None = None
+    kinds: Annotated[list[Name], Field(max_length=64)] | None = None
+
+
+class Empty(Params):
+    pass
+
+
+class Enqueue(Params):
+    kind: Name
+    atom: Name | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
+    delay: Annotated[float, Field(ge=0, le=MAX_DELAY)] = 0.0
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
+    dedupe_key: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    parent_id: TaskId | None = None
+
+
+class Lease(Params):
+    kinds: Annotated[list[Name], Field(min_length=1, max_length=64)]
+    wait: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    ttl: Annotated[float, Field(ge=0.05, le=86400)] | None = None
+
+
+class Heartbeat(Params):
+    task_id: TaskId
+    lease_token: Token
+    progress: dict[str, Any] | None = None
+
+
+class Checkpoint(Params):
+    task_id: TaskId
+    lease_token: Token
+    step: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    data: str
+
+
+class Ack(Params):
+    task_id: TaskId
+    lease_token: Token
+    result: dict[str, Any] | None = None
+
+
+class Fail(Params):
+    task_id: TaskId
+    lease_token: Token
+    error: Annotated[str, StringConstraints(max_length=65536)] = "failed"
+    retry: bool = True
+    delay: Annotated[float, Field(ge=0, le=MAX_DELAY)] | None = None
+    release: bool = False
+
+
+class TaskRef(Params):
+    task_id: TaskId
+
+
+class Tasks(Params):
+    status: Annotated[str, StringConstraints(pattern="^(" + "|".join(TASK_STATES) + ")$")] | None = None
+    kind: Name | None = None
+    atom: Name | None = None
+    limit: Annotated[int, Field(ge=1, le=1000)] = 50
+    before_id: TaskId | None = None
+
+
+def describe(err: ValidationError) -> str:
+    """One readable line per problem: ``kinds.0: String should match pattern ...``."""
+    parts = []
+    for e in err.errors(include_url=False):
+        loc = ".".join(str(x) for x in e["loc"]) or "params"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,477 @@
+"""Queue semantics: enqueue, lease, heartbeat, checkpoint, ack, fail, cancel, retry, reap.
+
+Each function runs inside a transaction the server opened and must raise an ``RpcError``
+*before* it writes anything, so a refused request never leaves half a change behind.
+Fencing lives here: every call that touches a leased task names the lease token, and a
+stale token matches no row.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import random
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from kiri.hub import params as P
+from kiri.hub.schema import agents, checkpoints, tasks
+from sqlalchemy import bindparam as bp
+from sqlalchemy import literal_column
+
+from kiri.protocol import Conflict, InvalidParams, LeaseLost, NotFound
+
+QUEUED = literal_column("'queued'")
+LEASED = literal_column("'leased'")
+MAX_JSON_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    lease_ttl: float = 30.0
+    backoff_base: float = 1.0
+    backoff_cap: float = 300.0
+
+
+@dataclass
+class Env:
+    """What one operation knows of its caller, and the side effects it leaves for the server."""
+
+    now: float
+    settings: QueueSettings
+    agent: str | None = None
+    available: list[str] = field(default_factory=list)  # kinds that became leasable now
+    due: list[float] = field(default_factory=list)  # future run_after times to wake at
+
+
+def _json(value: Any, what: str) -> str:
+    text = orjson.dumps(value).decode()
+    if len(text) > MAX_JSON_BYTES:
+        raise InvalidParams(f"{what} is {len(text)} bytes of JSON; the limit is {MAX_JSON_BYTES}")
+    return text
+
+
+def _frag(text: str | None) -> Any:
+    """Pass stored JSON through to the reply without decoding and re-encoding it."""
+    return orjson.Fragment(text) if text else None
+
+
+def backoff(failures: int, s: QueueSettings) -> float:
+    """Exponential backoff with 'equal jitter': half fixed, half random, capped."""
+    base = min(s.backoff_cap, s.backoff_base * (2 ** max(0, failures - 1)))
+    return base / 2 + random.random() * base / 2
+
+
+# --- enqueue ---------------------------------------------------------------------------
+
+_insert_task = tasks.insert().returning(tasks.c.id)
+_find_dedupe = sa.select(tasks.c.id).where(
+    tasks.c.dedupe_key == bp("key"), tasks.c.status.in_(["queued", "leased"])
+)
+
+
+def enqueue(c: sa.Connection, p: P.Enqueue, env: Env) -> dict[str, Any]:
+    if p.dedupe_key is not None:
+        existing = c.execute(_find_dedupe, {"key": p.dedupe_key}).scalar()
+        if existing is not None:
+            return {"task_id": existing, "deduplicated": True}
+    if p.parent_id is not None and c.execute(
+        sa.select(tasks.c.id).where(tasks.c.id == p.parent_id)
+    ).scalar() is None:
+        raise NotFound(f"parent task {p.parent_id} does not exist")
+    params_text = _json(p.params, "params")
+    run_after = env.now + p.delay
+    task_id = c.execute(
+        _insert_task,
+        {
+            "kind": p.kind, "atom": p.atom, "params": params_text, "priority": p.priority,
+            "status": "queued", "run_after": run_after, "max_attempts": p.max_attempts,
+            "dedupe_key": p.dedupe_key, "parent_id": p.parent_id,
+            "created_at": env.now, "updated_at": env.now,
+        },
+    ).scalar_one()
+    if p.delay > 0:
+        env.due.append(run_after)
+    else:
+        env.available.append(p.kind)
+    return {"task_id": task_id, "deduplicated": False}
+
+
+# --- lease -----------------------------------------------------------------------------
+
+_next_ready = (
+    sa.select(tasks.c.id)
+    .where(
+        tasks.c.status == QUEUED,
+        tasks.c.run_after <= bp("now"),
+        tasks.c.kind.in_(bp("kinds", expanding=True)),
+    )
+    .order_by(tasks.c.priority.desc(), tasks.c.run_after, tasks.c.id)
+    .limit(1)
+    .scalar_subquery()
+)
+_lease_stmt = (
+    tasks.update()
+    .where(tasks.c.id == _next_ready)
+    .values(
+        status="leased",
+        attempts=tasks.c.attempts + 1,
+        lease_owner=bp("owner"),
+        lease_token=bp("tok"),
+        lease_ttl=bp("ttl"),
+        lease_expires_at=bp("expires"),
+        started_at=sa.func.coalesce(tasks.c.started_at, bp("now")),
+        updated_at=bp("now"),
+    )
+    .returning(tasks.c.id, tasks.c.kind, tasks.c.atom, tasks.c.params, tasks.c.attempts,
+               tasks.c.max_attempts, tasks.c.priority, tasks.c.parent_id)
+)
+_get_checkpoint = sa.select(checkpoints.c.step, checkpoints.c.data).where(
+    checkpoints.c.task_id == bp("tid")
+)
+
+
+def lease(c: sa.Connection, p: P.Lease, env: Env) -> dict[str, Any] | None:
+    """Lease the best ready task of the given kinds, or None when there is none."""
+    ttl = p.ttl or env.settings.lease_ttl
+    token = secrets.token_hex(16)
+    expires = env.now + ttl
+    row = c.execute(
+        _lease_stmt,
+        {"now": env.now, "kinds": list(p.kinds), "owner": env.agent, "tok": token,
+         "ttl": ttl, "expires": expires},
+    ).first()
+    if row is None:
+        return None
+    ck = c.execute(_get_checkpoint, {"tid": row.id}).first()
+    return {
+        "task": {
+            "id": row.id, "kind": row.kind, "atom": row.atom, "params": _frag(row.params),
+            "attempt": row.attempts, "max_attempts": row.max_attempts,
+            "priority": row.priority, "parent_id": row.parent_id,
+            "checkpoint": (
+                {"step": ck.step, "data": base64.b64encode(ck.data).decode()} if ck else None
+            ),
+        },
+        "lease": {"token": token, "expires_at": expires, "ttl": ttl},
+    }
+
+
+# --- fenced calls on a leased task -----------------------------------------------------
+
+_task_state = sa.select(tasks.c.status, tasks.c.lease_token, tasks.c.lease_owner).where(
+    tasks.c.id == bp("tid")
+)
+_fence = sa.and_(
+    tasks.c.id == bp("tid"), tasks.c.status == LEASED, tasks.c.lease_token == bp("tok")
+)
+
+
+def _lost(c: sa.Connection, task_id: int) -> Exception:
+    """The precise reason a fenced call matched nothing."""
+    row = c.execute(_task_state, {"tid": task_id}).first()
+    if row is None:
+        return NotFound(f"task {task_id} does not exist")
+    if row.status == "leased":
+        why = f"it was re-leased to {row.lease_owner or 'another agent'}"
+    else:
+        why = f"it is now {row.status}"
+    return LeaseLost(
+        f"lease lost on task {task_id}: {why}; stop working on it and lease again",
+        {"task_id": task_id, "status": row.status},
+    )
+
+
+_heartbeat_stmt = (
+    tasks.update()
+    .where(_fence)
+    .values(
+        lease_expires_at=bp("now") + tasks.c.lease_ttl,
+        progress=sa.func.coalesce(bp("prog"), tasks.c.progress),
+        updated_at=bp("now"),
+    )
+    .returning(tasks.c.lease_expires_at, tasks.c.cancel_requested)
+)
+
+
+def heartbeat(c: sa.Connection, p: P.Heartbeat, env: Env) -> dict[str, Any]:
+    progress = _json(p.progress, "progress") if p.progress is not None else None
+    row = c.execute(
+        _heartbeat_stmt,
+        {"tid": p.task_id, "tok": p.lease_token, "now": env.now, "prog": progress},
+    ).first()
+    if row is None:
+        raise _lost(c, p.task_id)
+    return {"expires_at": row.lease_expires_at, "cancel": bool(row.cancel_requested)}
+
+
+_touch_stmt = (
+    tasks.update()
+    .where(_fence)
+    .values(lease_expires_at=bp("now") + tasks.c.lease_ttl, updated_at=bp("now"))
+    .returning(tasks.c.attempts)
+)
+
+
+def checkpoint(c: sa.Connection, p: P.Checkpoint, env: Env, max_bytes: int) -> dict[str, Any]:
+    try:
+        data = base64.b64decode(p.data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidParams("data: must be standard base64 (RFC 4648)") from None
+    if len(data) > max_bytes:
+        raise InvalidParams(f"checkpoint is {len(data)} bytes; the limit is {max_bytes}")
+    row = c.execute(_touch_stmt, {"tid": p.task_id, "tok": p.lease_token, "now": env.now}).first()
+    if row is None:
+        raise _lost(c, p.task_id)
+    c.execute(checkpoints.delete().where(checkpoints.c.task_id == p.task_id))
+    c.execute(
+        checkpoints.insert(),
+        {"task_id": p.task_id, "step": p.step, "data": data, "size": len(data),
+         "attempt": row.attempts, "created_at": env.now},
+    )
+    return {"stored": True, "step": p.step, "bytes": len(data)}
+
+
+_ack_stmt = (
+    tasks.update()
+    .where(_fence)
+    .values(status="done", result=bp("res"), lease_expires_at=None,
+            finished_at=bp("now"), updated_at=bp("now"))
+    .returning(tasks.c.id)
+)
+_drop_checkpoint = checkpoints.delete().where(checkpoints.c.task_id == bp("tid"))
+
+
+def ack(c: sa.Connection, p: P.Ack, env: Env) -> dict[str, Any]:
+    result = _json(p.result, "result") if p.result is not None else None
+    row = c.execute(
+        _ack_stmt, {"tid": p.task_id, "tok": p.lease_token, "now": env.now, "res": result}
+    ).first()
+    if row is not None:
+        c.execute(_drop_checkpoint, {"tid": p.task_id})
+        return {"status": "done"}
+    state = c.execute(_task_state, {"tid": p.task_id}).first()
+    if state is not None and state.status == "done" and state.lease_token == p.lease_token:
+        return {"status": "already_done"}
+    raise _lost(c, p.task_id)
+
+
+_fail_select = sa.select(
+    tasks.c.attempts, tasks.c.max_attempts, tasks.c.failures, tasks.c.cancel_requested,
+    tasks.c.kind,
+).where(_fence)
+
+
+def fail(c: sa.Connection, p: P.Fail, env: Env) -> dict[str, Any]:
+    row = c.execute(_fail_select, {"tid": p.task_id, "tok": p.lease_token}).first()
+    if row is None:
+        state = c.execute(_task_state, {"tid": p.task_id}).first()
+        if state is not None and state.lease_token == p.lease_token and state.status != "leased":
+            # The same fail (or a release) sent twice, e.g. resent after a reconnect.
+            return {"status": state.status, "already": True}
+        raise _lost(c, p.task_id)
+    where = tasks.c.id == p.task_id
+    common = {"lease_expires_at": None, "updated_at": env.now}
+    if row.cancel_requested:
+        c.execute(tasks.update().where(where).values(
+            status="cancelled", finished_at=env.now, error=p.error, **common))
+        c.execute(_drop_checkpoint, {"tid": p.task_id})
+        return {"status": "cancelled"}
+    if p.release:
+        # A graceful hand-back (agent shutting down): no failure, and the attempt is
+        # given back so a restart loop cannot push a healthy task to dead.
+        c.execute(tasks.update().where(where).values(
+            status="queued", run_after=env.now, attempts=tasks.c.attempts - 1, **common))
+        env.available.append(row.kind)
+        return {"status": "queued", "run_after": env.now}
+    failures = row.failures + 1
+    if p.retry and row.attempts < row.max_attempts:
+        delay = p.delay if p.delay is not None else backoff(failures, env.settings)
+        run_after = env.now + delay
+        c.execute(tasks.update().where(where).values(
+            status="queued", run_after=run_after, failures=failures, error=p.error, **common))
+        if delay > 0:
+            env.due.append(run_after)
+        else:
+            env.available.append(row.kind)
+        return {"status": "queued", "run_after": run_after}
+    c.execute(tasks.update().where(where).values(
+        status="dead", failures=failures, error=p.error, finished_at=env.now, **common))
+    return {"status": "dead"}
+
+
+# --- owner actions ---------------------------------------------------------------------
+
+def cancel(c: sa.Connection, p: P.TaskRef, env: Env) -> dict[str, Any]:
+    row = c.execute(_task_state, {"tid": p.task_id}).first()
+    if row is None:
+        raise NotFound(f"task {p.task_id} does not exist")
+    if row.status == "queued":
+        c.execute(tasks.update().where(tasks.c.id == p.task_id).values(
+            status="cancelled", finished_at=env.now, updated_at=env.now))
+        c.execute(_drop_checkpoint, {"tid": p.task_id})
+        return {"status": "cancelled"}
+    if row.status == "leased":
+        c.execute(tasks.update().where(tasks.c.id == p.task_id).values(
+            cancel_requested=True, updated_at=env.now))
+        return {"status": "cancelling"}
+    raise Conflict(f"task {p.task_id} is already {row.status}; only queued or leased tasks can be cancelled")
+
+
+def retry(c: sa.Connection, p: P.TaskRef, env: Env) -> dict[str, Any]:
+    row = c.execute(
+        sa.select(tasks.c.status, tasks.c.kind, tasks.c.dedupe_key).where(tasks.c.id == p.task_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"task {p.task_id} does not exist")
+    if row.status not in ("dead", "cancelled"):
+        raise Conflict(f"task {p.task_id} is {row.status}; only dead or cancelled tasks can be retried")
+    if row.dedupe_key is not None:
+        other = c.execute(_find_dedupe, {"key": row.dedupe_key}).scalar()
+        if other is not None:
+            raise Conflict(
+                f"task {other} with the same dedupe key {row.dedupe_key!r} is already pending"
+            )
+    c.execute(tasks.update().where(tasks.c.id == p.task_id).values(
+        status="queued", attempts=0, run_after=env.now, cancel_requested=False,
+        finished_at=None, lease_expires_at=None, updated_at=env.now))
+    env.available.append(row.kind)
+    return {"status": "queued"}
+
+
+# --- the reaper ------------------------------------------------------------------------
+
+def reap(c: sa.Connection, env: Env) -> list[tuple[int, str]]:
+    """Return expired leases to the queue (or to dead / cancelled); durable, not lazy."""
+    expired = tasks.c.lease_expires_at < env.now
+    new_status = sa.case(
+        (tasks.c.cancel_requested, "cancelled"),
+        (tasks.c.attempts >= tasks.c.max_attempts, "dead"),
+        else_="queued",
+    )
+    rows = c.execute(
+        tasks.update()
+        .where(tasks.c.status == LEASED, expired)
+        .values(
+            status=new_status,
+            expiries=tasks.c.expiries + 1,
+            run_after=env.now,
+            lease_expires_at=None,
+            error=sa.literal("lease expired: ")
+            + sa.func.coalesce(tasks.c.lease_owner, "agent")
+            + " stopped heartbeating",
+            finished_at=sa.case((new_status != "queued", env.now), else_=None),
+            updated_at=env.now,
+        )
+        .returning(tasks.c.id, tasks.c.kind, tasks.c.status)
+    ).all()
+    for r in rows:
+        if r.status == "queued":
+            env.available.append(r.kind)
+    return [(r.id, r.status) for r in rows]
+
+
+def next_due(c: sa.Connection, now: float) -> float | None:
+    """Earliest future run_after among queued tasks, so the server can wake waiters then."""
+    return c.execute(
+        sa.select(sa.func.min(tasks.c.run_after)).where(tasks.c.status == QUEUED, tasks.c.run_after > now)
+    ).scalar()
+
+
+def any_ready(c: sa.Connection, now: float) -> bool:
+    return c.execute(
+        sa.select(tasks.c.id).where(tasks.c.status == QUEUED, tasks.c.run_after <= now).limit(1)
+    ).first() is not None
+
+
+# --- reads -----------------------------------------------------------------------------
+
+_SUMMARY = (tasks.c.id, tasks.c.kind, tasks.c.atom, tasks.c.status, tasks.c.priority,
+            tasks.c.attempts, tasks.c.max_attempts, tasks.c.failures, tasks.c.expiries,
+            tasks.c.lease_owner, tasks.c.run_after, tasks.c.created_at, tasks.c.updated_at,
+            tasks.c.finished_at, tasks.c.error, tasks.c.progress, tasks.c.dedupe_key,
+            tasks.c.parent_id)
+
+
+def as_dict(row: sa.Row) -> dict[str, Any]:
+    """A row as a plain dict (SQLAlchemy's key type is a str subclass orjson refuses)."""
+    return {str(k): v for k, v in row._mapping.items()}
+
+
+def _summary(row: sa.Row) -> dict[str, Any]:
+    d = as_dict(row)
+    d["progress"] = _frag(d["progress"])
+    return d
+
+
+def list_tasks(c: sa.Connection, p: P.Tasks, env: Env) -> dict[str, Any]:
+    q = sa.select(*_SUMMARY).order_by(tasks.c.id.desc()).limit(p.limit)
+    if p.status:
+        q = q.where(tasks.c.status == p.status)
+    if p.kind:
+        q = q.where(tasks.c.kind == p.kind)
+    if p.atom:
+        q = q.where(tasks.c.atom == p.atom)
+    if p.before_id:
+        q = q.where(tasks.c.id < p.before_id)
+    rows = [_summary(r) for r in c.execute(q)]
+    return {"tasks": rows, "next_before_id": rows[-1]["id"] if len(rows) == p.limit else None}
+
+
+def get_task(c: sa.Connection, p: P.TaskRef, env: Env) -> dict[str, Any]:
+    row = c.execute(sa.select(tasks).where(tasks.c.id == p.task_id)).first()
+    if row is None:
+        raise NotFound(f"task {p.task_id} does not exist")
+    d = as_dict(row)
+    d.pop("lease_token")
+    for key in ("params", "progress", "result"):
+        d[key] = _frag(d[key])
+    d["cancel_requested"] = bool(d["cancel_requested"])
+    ck = c.execute(
+        sa.select(checkpoints.c.step, checkpoints.c.size, checkpoints.c.attempt,
+                  checkpoints.c.created_at).where(checkpoints.c.task_id == p.task_id)
+    ).first()
+    d["checkpoint"] = as_dict(ck) if ck else None
+    return {"task": d}
+
+
+def counts(c: sa.Connection) -> list[dict[str, Any]]:
+    q = sa.select(tasks.c.kind, tasks.c.status, sa.func.count()).group_by(tasks.c.kind, tasks.c.status)
+    return [{"kind": k, "status": s, "count": n} for k, s, n in c.execute(q)]
+
+
+# --- agents ----------------------------------------------------------------------------
+
+def upsert_agent(c: sa.Connection, p: P.Hello, env: Env) -> int:
+    values = {
+        "role": p.role, "host": p.host, "pid": p.pid, "version": p.version,
+        "kinds": orjson.dumps(p.kinds).decode() if p.kinds is not None else None,
+        "connected": True, "last_seen": env.now,
+    }
+    agent_id = c.execute(
+        agents.update().where(agents.c.name == p.agent).values(**values).returning(agents.c.id)
+    ).scalar()
+    if agent_id is None:
+        agent_id = c.execute(
+            agents.insert().values(name=p.agent, first_seen=env.now, **values).returning(agents.c.id)
+        ).scalar_one()
+    return int(agent_id)
+
+
+def touch_agents(c: sa.Connection, seen: Iterable[tuple[int, float, bool]]) -> None:
+    rows = [{"aid": a, "seen": t, "conn": up} for a, t, up in seen]
+    if rows:
+        c.execute(
+            agents.update()
+            .where(agents.c.id == bp("aid"))
+            .values(last_seen=bp("seen"), connected=bp("conn")),
+            rows,
+        )
+
+
+def disconnect_all(c: sa.Connection) -> None:
+    c.execute(agents.update().values(connected=False))

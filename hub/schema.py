@@ -1,0 +1,108 @@
+"""Table definitions: the single source of truth that the migrations must reproduce.
+
+Times are float epoch seconds (REAL): cheap to compare in the lease hot path and the
+same on SQLite and PostgreSQL. JSON documents are stored as text the hub encodes itself,
+so the driver never guesses a type.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("atom", sa.String(64), nullable=True),
+    sa.Column("params", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("run_after", sa.Float, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.Integer, nullable=False, server_default="5"),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("expiries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lease_owner", sa.String(200), nullable=True),
+    sa.Column("lease_token", sa.String(64), nullable=True),
+    sa.Column("lease_ttl", sa.Float, nullable=True),
+    sa.Column("lease_expires_at", sa.Float, nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("progress", sa.Text, nullable=True),
+    sa.Column("result", sa.Text, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("dedupe_key", sa.String(200), nullable=True),
+    sa.Column("parent_id", sa.Integer, sa.ForeignKey("tasks.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=True),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.CheckConstraint(
+        "status IN ('queued', 'leased', 'done', 'dead', 'cancelled')", name="status"
+    ),
+    # The lease hot path scans ready tasks in priority order; a partial index keeps it
+    # to the queued rows only, however many finished tasks pile up.
+    sa.Index(
+        "ix_tasks_ready",
+        sa.column("priority").desc(),
+        "run_after",
+        "id",
+        sqlite_where=sa.text("status = 'queued'"),
+        postgresql_where=sa.text("status = 'queued'"),
+    ),
+    sa.Index(
+        "ix_tasks_leased",
+        "lease_expires_at",
+        sqlite_where=sa.text("status = 'leased'"),
+        postgresql_where=sa.text("status = 'leased'"),
+    ),
+    # A dedupe key is unique among unfinished tasks only: once a task ends, the same
+    # key may be enqueued again (a nightly retrain keyed by atom, say).
+    sa.Index(
+        "ix_tasks_dedupe_active",
+        "dedupe_key",
+        unique=True,
+        sqlite_where=sa.text("status IN ('queued', 'leased') AND dedupe_key IS NOT NULL"),
+        postgresql_where=sa.text("status IN ('queued', 'leased') AND dedupe_key IS NOT NULL"),
+    ),
+    sa.Index("ix_tasks_status_kind", "status", "kind"),
+    sa.Index("ix_tasks_parent_id", "parent_id"),
+)
+
+checkpoints = sa.Table(
+    "checkpoints",
+    metadata,
+    sa.Column(
+        "task_id", sa.Integer, sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+agents = sa.Table(
+    "agents",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("host", sa.String(200), nullable=True),
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("version", sa.String(32), nullable=True),
+    sa.Column("kinds", sa.Text, nullable=True),
+    sa.Column("connected", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("first_seen", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+)

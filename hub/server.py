@@ -1,0 +1,557 @@
+"""The hub's TCP face: newline-delimited JSON-RPC 2.0 with group commit and long-poll leases.
+
+Everything runs on one asyncio loop thread that owns the single database connection:
+requests that arrive together (in one turn of the loop) are executed in one transaction,
+and their replies are written only after that transaction commits. One writer means no
+"database is locked", and group commit means one fsync serves many requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from kiri.hub import db as dbmod
+from kiri.hub import params as P
+from kiri.hub import queue as Q
+from pydantic import BaseModel, ValidationError
+
+from kiri import PROTOCOL_VERSION, __version__
+from kiri.protocol import (
+    InternalError,
+    InvalidParams,
+    InvalidRequest,
+    MethodNotFound,
+    ParseError,
+    PayloadTooLarge,
+    RpcError,
+    Unauthorized,
+    Unavailable,
+    reply_err,
+    reply_ok,
+)
+
+log = logging.getLogger("kiri.hub")
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    db_url: str
+    host: str = "127.0.0.1"
+    port: int = 7746
+    token: str | None = None
+    max_line: int = 16 << 20
+    max_checkpoint: int = 64 << 20
+    max_connections: int = 1024
+    hello_timeout: float = 10.0
+    tick: float = 0.5
+    wal_checkpoint_every: float = 30.0
+    wal_max_bytes: int = 64 << 20
+    queue: Q.QueueSettings = field(default_factory=Q.QueueSettings)
+
+
+class Op:
+    """One request waiting for the next batch (or, for a lease, for work to arrive)."""
+
+    __slots__ = ("conn", "deadline", "func", "kinds", "method", "params", "reply", "req_id", "timer")
+
+    def __init__(self, conn: Connection | None, req_id: Any, method: str, params: Any,
+                 func: Callable[..., Any], reply: bool = True) -> None:
+        self.conn = conn
+        self.req_id = req_id
+        self.method = method
+        self.params = params
+        self.func = func
+        self.reply = reply
+        self.deadline = 0.0
+        self.kinds: frozenset[str] = frozenset()
+        self.timer: asyncio.TimerHandle | None = None
+
+
+WAIT = object()  # a lease op's result when it should wait for work
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.authenticated = False
+        self.agent: str | None = None
+        self.role: str | None = None
+        self.agent_id: int | None = None
+        self.peer = "?"
+        self.bad_tokens = 0
+        self.closed = False
+        self.last_seen = time.time()
+        self.hello_timer: asyncio.TimerHandle | None = None
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if len(self.hub.connections) >= self.hub.settings.max_connections:
+            self.send(reply_err(None, Unavailable("too many connections; try again later")))
+            transport.close()
+            return
+        self.hub.connections.add(self)
+        self.hello_timer = self.hub.loop.call_later(self.hub.settings.hello_timeout, self._hello_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.hello_timer:
+            self.hello_timer.cancel()
+        self.hub.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        # A client that does not read its replies stops being read from.
+        if self.transport:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport and not self.closed:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        limit = self.hub.settings.max_line
+        start = len(self.buf)
+        self.buf += data
+        while True:
+            nl = self.buf.find(b"\n", start)
+            if nl < 0:
+                if len(self.buf) > limit:
+                    self._too_long()
+                return
+            if nl > limit:
+                self._too_long()
+                return
+            line = bytes(self.buf[:nl])
+            del self.buf[: nl + 1]
+            start = 0
+            self.last_seen = time.time()
+            self.hub.handle_line(self, line)
+            if self.closed:
+                return
+
+    # helpers
+    def _too_long(self) -> None:
+        self.send(reply_err(None, PayloadTooLarge(
+            f"line longer than the hub's limit of {self.hub.settings.max_line} bytes; closing")))
+        self.close()
+
+    def _hello_timeout(self) -> None:
+        if not self.authenticated and not self.closed:
+            self.send(reply_err(None, Unauthorized("no hello within the time limit; closing")))
+            self.close()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.buf.clear()
+            self.transport.close()
+
+
+Handler = Callable[[sa.Connection, Any, Q.Env], Any]
+
+
+class Hub:
+    def __init__(self, settings: HubSettings, engine: sa.Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[Connection] = set()
+        self.pending: list[Op] = []
+        self.waiters: list[Op] = []
+        self.batch_scheduled = False
+        self.closing = False
+        self.started_at = time.time()
+        self.server: asyncio.Server | None = None
+        self.db: sa.Connection = engine.connect()
+        self.due_timer: asyncio.TimerHandle | None = None
+        self.due_at = float("inf")
+        self.tick_task: asyncio.Task[None] | None = None
+        self.last_wal_checkpoint = time.monotonic()
+        self.stats_counters: dict[str, int] = {"batches": 0, "ops": 0, "leases": 0, "acks": 0}
+        self.methods: dict[str, tuple[type[BaseModel], Handler]] = {
+            "enqueue": (P.Enqueue, Q.enqueue),
+            "lease": (P.Lease, Q.lease),
+            "heartbeat": (P.Heartbeat, Q.heartbeat),
+            "checkpoint": (P.Checkpoint, self._checkpoint),
+            "ack": (P.Ack, Q.ack),
+            "fail": (P.Fail, Q.fail),
+            "cancel": (P.TaskRef, Q.cancel),
+            "retry": (P.TaskRef, Q.retry),
+            "task": (P.TaskRef, Q.get_task),
+            "tasks": (P.Tasks, Q.list_tasks),
+            "stats": (P.Empty, self._stats),
+        }
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        with self.db.begin():
+            Q.disconnect_all(self.db)
+        self._arm_due(self._query(lambda c: Q.next_due(c, time.time())))
+        self.server = await self.loop.create_server(
+            lambda: Connection(self), self.settings.host, self.settings.port, reuse_address=True,
+            backlog=512,
+        )
+        self.tick_task = self.loop.create_task(self._ticker())
+
+    @property
+    def bound_port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop accepting, finish what is in flight, answer waiters, close the database."""
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        if self.tick_task:
+            self.tick_task.cancel()
+        if self.pending:
+            self._run_batch()
+        for op in self.waiters:
+            self._answer_waiter_empty(op)
+        self.waiters.clear()
+        for conn in list(self.connections):
+            conn.close()
+        await asyncio.sleep(0)
+        self._flush_agents()
+        dbmod.wal_checkpoint(self.db, "TRUNCATE")
+        self.db.close()
+        self.engine.dispose()
+        log.info("hub stopped cleanly")
+
+    # --- requests ----------------------------------------------------------------------
+
+    def handle_line(self, conn: Connection, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            msg = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            conn.send(reply_err(None, ParseError(f"not valid JSON: {e}")))
+            return
+        if not isinstance(msg, dict):
+            conn.send(reply_err(None, InvalidRequest(
+                "expected one JSON-RPC 2.0 request object per line (batches are not supported)")))
+            return
+        has_id = "id" in msg
+        req_id = msg.get("id")
+        if (has_id and not (req_id is None or isinstance(req_id, str | int))) or isinstance(req_id, bool):
+            conn.send(reply_err(None, InvalidRequest("id must be a string, an integer or null")))
+            return
+        try:
+            if msg.get("jsonrpc") != "2.0":
+                raise InvalidRequest('jsonrpc must be "2.0"')
+            method = msg.get("method")
+            if not isinstance(method, str):
+                raise InvalidRequest("method is missing or not a string")
+            raw_params = msg.get("params", {})
+            if not isinstance(raw_params, dict):
+                raise InvalidParams("params must be an object with named fields")
+            self._dispatch(conn, req_id, has_id, method, raw_params)
+        except RpcError as e:
+            if has_id:
+                conn.send(reply_err(req_id, e))
+
+    def _dispatch(self, conn: Connection, req_id: Any, has_id: bool, method: str,
+                  raw: dict[str, Any]) -> None:
+        if method == "hello":
+            self._hello(conn, req_id, raw)
+            return
+        if not conn.authenticated:
+            raise Unauthorized("say hello first: the first request on a connection must be hello")
+        if method == "ping":
+            if has_id:
+                conn.send(reply_ok(req_id, {"pong": True, "time": time.time()}))
+            return
+        entry = self.methods.get(method)
+        if entry is None:
+            raise MethodNotFound(f"unknown method {method!r}; see DESIGN.md for the method list")
+        if self.closing:
+            raise Unavailable("hub is shutting down; reconnect and retry")
+        model, func = entry
+        try:
+            params = model.model_validate(raw)
+        except ValidationError as e:
+            raise InvalidParams(P.describe(e)) from None
+        op = Op(conn, req_id, method, params, func, reply=has_id)
+        if method == "lease":
+            op.kinds = frozenset(params.kinds)
+            op.deadline = time.time() + params.wait
+        self._submit(op)
+
+    def _hello(self, conn: Connection, req_id: Any, raw: dict[str, Any]) -> None:
+        try:
+            p = P.Hello.model_validate(raw)
+        except ValidationError as e:
+            raise InvalidParams(P.describe(e)) from None
+        want = self.settings.token
+        if want is not None and not hmac.compare_digest(
+            (p.token or "").encode("utf-8", "surrogatepass"), want.encode()
+        ):
+            conn.bad_tokens += 1
+            if conn.bad_tokens >= 3:
+                conn.send(reply_err(req_id, Unauthorized("wrong token (3 tries); closing")))
+                conn.close()
+                return
+            raise Unauthorized("wrong token: pass the hub's token with --token or KIRI_TOKEN")
+        conn.authenticated = True
+        conn.agent = p.agent
+        conn.role = p.role
+        if conn.hello_timer:
+            conn.hello_timer.cancel()
+
+        def register(c: sa.Connection, params: P.Hello, env: Q.Env) -> dict[str, Any]:
+            conn.agent_id = Q.upsert_agent(c, params, env)
+            return {"hub": __version__, "protocol": PROTOCOL_VERSION, "agent_id": conn.agent_id}
+
+        self._submit(Op(conn, req_id, "hello", p, register))
+
+    def _submit(self, op: Op) -> None:
+        self.pending.append(op)
+        if not self.batch_scheduled:
+            self.batch_scheduled = True
+            self.loop.call_soon(self._run_batch)
+
+    # --- group commit ------------------------------------------------------------------
+
+    def _run_batch(self) -> None:
+        self.batch_scheduled = False
+        ops, self.pending = self.pending, []
+        if not ops:
+            return
+        now = time.time()
+        env = Q.Env(now=now, settings=self.settings.queue)
+        results: list[tuple[Op, Any, RpcError | None]] = []
+        try:
+            with self.db.begin():
+                for op in ops:
+                    results.append(self._exec(op, env))
+        except Exception:
+            # The batch as a whole failed (a constraint, a full disk ...): nothing of it was
+            # committed. Run each op in its own transaction so only the culprit gets the error.
+            log.exception("batch of %d failed; retrying its operations one by one", len(ops))
+            results = []
+            env = Q.Env(now=now, settings=self.settings.queue)
+            for op in ops:
+                one_env = Q.Env(now=now, settings=self.settings.queue)
+                try:
+                    with self.db.begin():
+                        res = self._exec(op, one_env)
+                    env.available += one_env.available
+                    env.due += one_env.due
+                except Exception as e:
+                    log.exception("operation %s failed", op.method)
+                    res = (op, None, InternalError(f"internal error in {op.method}: {type(e).__name__}"))
+                results.append(res)
+        self.stats_counters["batches"] += 1
+        self.stats_counters["ops"] += len(ops)
+        for op, result, err in results:
+            self._finish(op, result, err)
+        for t in env.due:
+            self._arm_due(t)
+        if env.available and self.waiters:
+            self._wake(env.available)
+
+    def _exec(self, op: Op, env: Q.Env) -> tuple[Op, Any, RpcError | None]:
+        env.agent = op.conn.agent if op.conn is not None else None
+        try:
+            return op, op.func(self.db, op.params, env), None
+        except RpcError as e:
+            return op, None, e
+
+    def _finish(self, op: Op, result: Any, err: RpcError | None) -> None:
+        conn = op.conn
+        if op.method == "lease" and err is None:
+            if result is None:
+                if op.deadline > time.time() and conn is not None and not conn.closed and not self.closing:
+                    self._add_waiter(op)
+                    return
+                result = {"task": None}
+            elif conn is None or conn.closed:
+                # The asker is gone: hand the task straight back rather than wait for expiry.
+                self._release_orphan(result)
+                return
+            self.stats_counters["leases"] += 1
+        if op.method == "ack" and err is None:
+            self.stats_counters["acks"] += 1
+        if conn is None or not op.reply:
+            return
+        if err is not None:
+            conn.send(reply_err(op.req_id, err))
+        else:
+            try:
+                conn.send(reply_ok(op.req_id, result))
+            except TypeError as e:  # pragma: no cover - a handler returned something unencodable
+                log.exception("cannot encode reply to %s", op.method)
+                conn.send(reply_err(op.req_id, InternalError(f"cannot encode reply: {e}")))
+
+    def _release_orphan(self, result: dict[str, Any]) -> None:
+        task, lease = result["task"], result["lease"]
+        params = P.Fail(task_id=task["id"], lease_token=lease["token"], error="orphaned lease", release=True)
+        self._submit(Op(None, None, "fail", params, Q.fail, reply=False))
+
+    # --- long-poll ---------------------------------------------------------------------
+
+    def _add_waiter(self, op: Op) -> None:
+        self.waiters.append(op)
+        if op.timer is None:
+            op.timer = self.loop.call_at(
+                self.loop.time() + max(0.0, op.deadline - time.time()), self._waiter_timeout, op
+            )
+
+    def _waiter_timeout(self, op: Op) -> None:
+        op.timer = None
+        if op in self.waiters:
+            self.waiters.remove(op)
+            self._answer_waiter_empty(op)
+
+    def _answer_waiter_empty(self, op: Op) -> None:
+        if op.timer:
+            op.timer.cancel()
+            op.timer = None
+        if op.conn is not None and op.reply:
+            op.conn.send(reply_ok(op.req_id, {"task": None}))
+
+    def _wake(self, kinds: list[str] | None) -> None:
+        """Re-run waiting leases: one waiter per newly available task, or all of them."""
+        if kinds is None:
+            woken, self.waiters = self.waiters, []
+        else:
+            woken = []
+            for kind in kinds:
+                for i, w in enumerate(self.waiters):
+                    if kind in w.kinds:
+                        woken.append(self.waiters.pop(i))
+                        break
+                if not self.waiters:
+                    break
+        for w in woken:
+            self._submit(w)
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        keep = []
+        for w in self.waiters:
+            if w.conn is conn:
+                if w.timer:
+                    w.timer.cancel()
+            else:
+                keep.append(w)
+        self.waiters = keep
+        if conn.agent_id is not None and not self.closing:
+            agent_id = conn.agent_id
+
+            def mark(c: sa.Connection, _p: Any, env: Q.Env) -> None:
+                Q.touch_agents(c, [(agent_id, env.now, self._still_connected(agent_id))])
+
+            self._submit(Op(None, None, "disconnect", None, mark, reply=False))
+
+    def _still_connected(self, agent_id: int) -> bool:
+        return any(c.agent_id == agent_id for c in self.connections)
+
+    # --- timers: due tasks, reaper, WAL ------------------------------------------------
+
+    def _arm_due(self, t: float | None) -> None:
+        if t is None or t >= self.due_at:
+            return
+        if self.due_timer:
+            self.due_timer.cancel()
+        self.due_at = t
+        self.due_timer = self.loop.call_at(self.loop.time() + max(0.0, t - time.time()), self._on_due)
+
+    def _on_due(self) -> None:
+        self.due_timer = None
+        self.due_at = float("inf")
+        if self.closing:
+            return
+        if self.waiters:
+            self._wake(None)
+        self._arm_due(self._query(lambda c: Q.next_due(c, time.time())))
+
+    def _query(self, fn: Callable[[sa.Connection], Any]) -> Any:
+        with self.db.begin():
+            return fn(self.db)
+
+    async def _ticker(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(self.settings.tick)
+            try:
+                self._tick()
+            except Exception:
+                log.exception("hub tick failed; will try again")
+
+    def _tick(self) -> None:
+        def reap(c: sa.Connection, _p: Any, env: Q.Env) -> None:
+            reaped = Q.reap(c, env)
+            for task_id, status in reaped:
+                log.info("lease on task %s expired; task is now %s", task_id, status)
+            self._flush_agents_in(c, env.now)
+            if self.waiters and not env.available and Q.any_ready(c, env.now):
+                env.available.extend(k for w in self.waiters for k in w.kinds)
+
+        self._submit(Op(None, None, "reap", None, reap, reply=False))
+        self._maybe_checkpoint_wal()
+
+    def _flush_agents_in(self, c: sa.Connection, now: float) -> None:
+        seen: dict[int, float] = {}
+        for conn in self.connections:
+            if conn.agent_id is not None:
+                seen[conn.agent_id] = max(seen.get(conn.agent_id, 0.0), conn.last_seen)
+        Q.touch_agents(c, [(a, t, True) for a, t in seen.items()])
+
+    def _flush_agents(self) -> None:
+        try:
+            with self.db.begin():
+                self._flush_agents_in(self.db, time.time())
+                Q.disconnect_all(self.db)
+        except Exception:
+            log.exception("could not record agents as disconnected")
+
+    def _maybe_checkpoint_wal(self) -> None:
+        sizes = dbmod.file_sizes(self.settings.db_url)
+        due = time.monotonic() - self.last_wal_checkpoint >= self.settings.wal_checkpoint_every
+        if not sizes or not (due or sizes.get("wal_bytes", 0) > self.settings.wal_max_bytes):
+            return
+        self.last_wal_checkpoint = time.monotonic()
+        res = dbmod.wal_checkpoint(self.db, "TRUNCATE")
+        if res and res[0]:
+            # Busy (a reader holds an old snapshot): checkpoint what we can and retry later.
+            dbmod.wal_checkpoint(self.db, "PASSIVE")
+
+    # --- methods served by the hub object itself ---------------------------------------
+
+    def _checkpoint(self, c: sa.Connection, p: P.Checkpoint, env: Q.Env) -> dict[str, Any]:
+        return Q.checkpoint(c, p, env, self.settings.max_checkpoint)
+
+    def _stats(self, c: sa.Connection, _p: P.Empty, env: Q.Env) -> dict[str, Any]:
+        agents = [
+            {"agent_id": x.agent_id, "name": x.agent, "role": x.role, "peer": x.peer,
+             "last_seen": x.last_seen}
+            for x in self.connections if x.authenticated and x.role != "cli"
+        ]
+        return {
+            "hub": {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+                    "uptime": env.now - self.started_at, "db": dbmod.redact(self.settings.db_url),
+                    **dbmod.file_sizes(self.settings.db_url), **self.stats_counters,
+                    "connections": len(self.connections), "waiting_leases": len(self.waiters)},
+            "tasks": Q.counts(c),
+            "agents": sorted(agents, key=lambda a: a["name"] or ""),
+        }

@@ -1,0 +1,212 @@
+"""``kiri``: the owner's command line. Everything goes through the hub's protocol."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+import orjson
+
+from kiri import config
+from kiri.agents.client import HubClient, HubUnreachable
+from kiri.protocol import TASK_STATES, RpcError
+from kiri.render import ago, clip, table
+
+
+class Ctx:
+    def __init__(self, hub: str | None, token: str | None, as_json: bool) -> None:
+        self.hub = hub
+        self.token = token
+        self.as_json = as_json
+        self._client: HubClient | None = None
+
+    def client(self) -> HubClient:
+        if self._client is None:
+            try:
+                address = config.parse_address(self.hub) if self.hub else config.hub_address()
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--hub") from None
+            self._client = HubClient(address, token=self.token, role="cli", reconnect_for=3.0)
+        return self._client
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        try:
+            return self.client().call(method, params)
+        except HubUnreachable as e:
+            raise click.ClickException(str(e)) from None
+        except RpcError as e:
+            raise click.ClickException(f"{e.message} (code {int(e.code)})") from None
+
+    def out(self, obj: Any, text: str) -> None:
+        if self.as_json:
+            click.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode())
+        else:
+            click.echo(text)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--hub", envvar="KIRI_HUB", metavar="HOST:PORT", help="Hub address (env KIRI_HUB).")
+@click.option("--token", envvar="KIRI_TOKEN", help="Hub token (env KIRI_TOKEN).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.version_option(package_name="kiri")
+@click.pass_context
+def main(ctx: click.Context, hub: str | None, token: str | None, as_json: bool) -> None:
+    """kiri: watch a machine with tiny transformers. Talks to `kiri-hub serve`."""
+    ctx.obj = Ctx(hub, token, as_json)
+
+
+def _param(ctx: click.Context, _p: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected key=value", param_hint="-p/--param")
+        try:
+            out[key] = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+@main.command()
+@click.argument("kind")
+@click.argument("atom", required=False)
+@click.option("-p", "--param", "params", multiple=True, callback=_param, metavar="KEY=VALUE",
+              help="A task parameter (value parsed as JSON when it can be). Repeatable.")
+@click.option("--steps", type=click.IntRange(1, 10**9), help="Training steps (sets param steps).")
+@click.option("--priority", default=0, show_default=True, type=click.IntRange(-1000, 1000))
+@click.option("--delay", default=0.0, show_default=True, type=click.FloatRange(0), help="Seconds to wait first.")
+@click.option("--max-attempts", default=5, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--dedupe-key", help="Skip if an unfinished task with this key exists.")
+@pass_ctx
+def enqueue(c: Ctx, kind: str, atom: str | None, params: dict[str, Any], steps: int | None,
+            priority: int, delay: float, max_attempts: int, dedupe_key: str | None) -> None:
+    """Queue a task of KIND (train, collect, score, ...) for ATOM; prints its id."""
+    if steps is not None:
+        params["steps"] = steps
+    body: dict[str, Any] = {"kind": kind, "params": params, "priority": priority, "delay": delay,
+                            "max_attempts": max_attempts}
+    if atom:
+        body["atom"] = atom
+    if dedupe_key:
+        body["dedupe_key"] = dedupe_key
+    res = c.call("enqueue", body)
+    note = " (already queued: deduplicated)" if res["deduplicated"] else ""
+    c.out(res, f"{res['task_id']}{note}")
+
+
+@main.command()
+@click.option("--status", type=click.Choice(TASK_STATES), help="Only tasks in this state.")
+@click.option("--kind", help="Only tasks of this kind.")
+@click.option("--atom", help="Only tasks for this atom.")
+@click.option("-n", "--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@pass_ctx
+def tasks(c: Ctx, status: str | None, kind: str | None, atom: str | None, limit: int) -> None:
+    """List tasks, newest first."""
+    body = {k: v for k, v in {"status": status, "kind": kind, "atom": atom}.items() if v}
+    res = c.call("tasks", {**body, "limit": limit})
+    now = time.time()
+    rows = [
+        (t["id"], t["kind"], t["atom"], t["status"], f"{t['attempts']}/{t['max_attempts']}",
+         _progress(t.get("progress")), t["lease_owner"] if t["status"] == "leased" else None,
+         ago(t["updated_at"], now), clip(t["error"], 40))
+        for t in res["tasks"]
+    ]
+    c.out(res, table(["ID", "KIND", "ATOM", "STATUS", "TRIES", "PROGRESS", "AGENT", "UPDATED", "ERROR"],
+                     rows) if rows else "no tasks")
+
+
+def _progress(p: Any) -> str:
+    if not isinstance(p, dict) or not p:
+        return "-"
+    if "step" in p and ("of" in p or "steps" in p):
+        total = p.get("of") or p.get("steps")
+        return f"{p['step']}/{total}"
+    return ",".join(f"{k}={v}" for k, v in list(p.items())[:2])
+
+
+@main.command()
+@click.argument("task_id", type=click.IntRange(1))
+@pass_ctx
+def task(c: Ctx, task_id: int) -> None:
+    """Show one task: attempts, progress, last error, checkpoint."""
+    t = c.call("task", {"task_id": task_id})["task"]
+    now = time.time()
+    ck = t.get("checkpoint")
+    lines = [
+        f"task {t['id']}: {t['kind']}" + (f" {t['atom']}" if t["atom"] else "") + f"  [{t['status']}]"
+        + ("  (cancel requested)" if t["cancel_requested"] else ""),
+        f"  params       {orjson.dumps(t['params']).decode()}",
+        f"  priority     {t['priority']}    dedupe key: {t['dedupe_key'] or '-'}    parent: {t['parent_id'] or '-'}",
+        f"  attempts     {t['attempts']}/{t['max_attempts']}"
+        f" (failures {t['failures']}, lease expiries {t['expiries']})",
+        f"  created      {ago(t['created_at'], now)}    updated {ago(t['updated_at'], now)}"
+        f"    finished {ago(t['finished_at'], now)}",
+    ]
+    if t["status"] == "queued":
+        lines.append(f"  runs         {ago(t['run_after'], now)}")
+    if t["status"] == "leased":
+        lines.append(f"  leased to    {t['lease_owner']} (expires {ago(t['lease_expires_at'], now)})")
+    lines.append(f"  progress     {orjson.dumps(t['progress']).decode() if t['progress'] else '-'}")
+    lines.append(f"  checkpoint   step {ck['step']}, {ck['size']} bytes, attempt {ck['attempt']}, "
+                 f"{ago(ck['created_at'], now)}" if ck else "  checkpoint   -")
+    if t["result"] is not None:
+        lines.append(f"  result       {orjson.dumps(t['result']).decode()}")
+    if t["error"]:
+        lines.append("  last error   " + t["error"].strip().replace("\n", "\n               "))
+    c.out({"task": t}, "\n".join(lines))
+
+
+@main.command()
+@click.argument("task_id", type=click.IntRange(1))
+@pass_ctx
+def cancel(c: Ctx, task_id: int) -> None:
+    """Cancel a queued task, or ask a running one to stop."""
+    res = c.call("cancel", {"task_id": task_id})
+    c.out(res, f"task {task_id}: {res['status']}")
+
+
+@main.command()
+@click.argument("task_id", type=click.IntRange(1))
+@pass_ctx
+def retry(c: Ctx, task_id: int) -> None:
+    """Put a dead (or cancelled) task back in the queue with fresh attempts."""
+    res = c.call("retry", {"task_id": task_id})
+    c.out(res, f"task {task_id}: {res['status']}")
+
+
+@main.command()
+@pass_ctx
+def stats(c: Ctx) -> None:
+    """Task counts by kind and status, and the connected agents."""
+    res = c.call("stats")
+    by_kind: dict[str, dict[str, int]] = {}
+    for row in res["tasks"]:
+        by_kind.setdefault(row["kind"], {})[row["status"]] = row["count"]
+    rows = [(k, *(v.get(s, 0) for s in TASK_STATES)) for k, v in sorted(by_kind.items())]
+    hub = res["hub"]
+    now = time.time()
+    parts = [
+        f"hub {hub['version']} pid {hub['pid']} up {ago(now - hub['uptime'], now).removesuffix(' ago')}"
+        f"  db {hub['db']}" + (f" ({hub.get('db_bytes', 0) >> 10} KiB, wal {hub.get('wal_bytes', 0) >> 10} KiB)"
+                                if "db_bytes" in hub else ""),
+        "",
+        table(["KIND", *(s.upper() for s in TASK_STATES)], rows) if rows else "no tasks",
+        "",
+    ]
+    agents = res["agents"]
+    if agents:
+        parts.append(table(["AGENT", "ROLE", "PEER", "LAST SEEN"],
+                           [(a["name"], a["role"], a["peer"], ago(a["last_seen"], now)) for a in agents]))
+    else:
+        parts.append("no agents connected")
+    c.out(res, "\n".join(parts))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
