@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 from kiri.agents.client import HubClient
@@ -35,12 +36,14 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 @click.option("--lease-ttl", type=click.FloatRange(0.1, 86400),
               help="Lease length to ask for [default: the hub's].")
 @click.option("--max-tasks", type=click.IntRange(1), help="Exit after this many tasks (tests, batch jobs).")
+@click.option("--journal", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append one JSON line per finished task (ack/fail and the hub's answer) to this file.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256),
               help="torch intra-op threads; parallelism comes from more agents.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None, name: str | None,
-         wait: float, lease_ttl: float | None, max_tasks: int | None, threads: int,
+         wait: float, lease_ttl: float | None, max_tasks: int | None, journal: Path | None, threads: int,
          log_level: str) -> None:
     """Connect to the hub and work tasks for ROLE until SIGTERM/SIGINT."""
     logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
@@ -53,10 +56,14 @@ def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None,
     serve = kinds or ROLE_KINDS[role]
     client = HubClient(address, token=token, agent=name, role=role, kinds=serve, reconnect_for=None)
     try:
-        agent = Agent(client, serve, wait=wait, ttl=lease_ttl, max_tasks=max_tasks)
+        agent = Agent(client, serve, wait=wait, ttl=lease_ttl, max_tasks=max_tasks, journal=journal)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     agent.install_signal_handlers()
     logging.getLogger("kiri.agent").info(
         "agent %s (%s) serving %s via %s:%d", client.agent, role, ",".join(serve), *address)
     agent.run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -83,7 +83,7 @@ class HubClient:
         stop = stop_never if self.reconnect_for is None else stop_after_delay(self.reconnect_for)
         retryer = Retrying(
             retry=retry_if_exception_type(OSError),
-            wait=wait_exponential_jitter(initial=0.05, max=5.0, jitter=0.25),
+            wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.25),
             stop=stop,
             reraise=True,
             before_sleep=before_sleep_log(log, logging.INFO),

@@ -14,9 +14,11 @@ import signal
 import threading
 import time
 import traceback
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import orjson
 from kiri.agents.client import HubClient, HubUnreachable
 from kiri.agents.handlers import HANDLERS, Checkpoint, TaskContext, TaskError, TaskInterrupted
 
@@ -37,7 +39,8 @@ class _Stop(BaseException):
 
 class Agent:
     def __init__(self, client: HubClient, kinds: list[str], *, wait: float = 30.0,
-                 ttl: float | None = None, max_tasks: int | None = None) -> None:
+                 ttl: float | None = None, max_tasks: int | None = None,
+                 journal: Path | None = None) -> None:
         unknown = [k for k in kinds if k not in HANDLERS]
         if unknown:
             raise ValueError(
@@ -48,6 +51,7 @@ class Agent:
         self.wait = wait
         self.ttl = ttl
         self.max_tasks = max_tasks
+        self.journal = journal.open("a", buffering=1) if journal else None
         self.stopping = threading.Event()
         self.idle = False
         self.current: TaskContext | None = None
@@ -92,6 +96,8 @@ class Agent:
             pass
         finally:
             self.client.close()
+            if self.journal is not None:
+                self.journal.close()
         log.info("agent stopped after %d task(s)", self.done)
         return self.done
 
@@ -172,11 +178,12 @@ class Agent:
             return
         if what == "ack":
             self.done += 1
-            self.on_acked(task_id, reply)
+        if self.journal is not None:
+            self.journal.write(orjson.dumps({
+                "task_id": task_id, "kind": ctx.kind, "attempt": ctx.attempt, "call": what,
+                "status": reply.get("status"), "agent": self.client.agent, "time": time.time(),
+            }).decode() + "\n")
         log.debug("task %s: %s -> %s", task_id, what, reply)
-
-    def on_acked(self, task_id: int, reply: dict[str, Any]) -> None:
-        """Hook for subclasses and tests: called after the hub accepted an ack."""
 
     def _heartbeat(self, ctx: TaskContext, token: str, ttl: float, stop: threading.Event) -> None:
         interval = max(0.02, min(ttl / 3, 2.0))  # also how fast a cancel is noticed

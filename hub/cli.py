@@ -161,3 +161,7 @@ def check(db: str | None, data_dir: Path | None) -> None:
             click.echo(f"  {d}")
         sys.exit(1)
     click.echo(f"{redact(url)}: at head {head}, no drift")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

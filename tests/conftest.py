@@ -1,0 +1,168 @@
+"""Real processes, real sockets, real files: helpers to run hubs and agents in tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kiri.agents.client import HubClient
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(pred, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class HubProc:
+    """A `kiri-hub serve` child process on a fixed port and data dir (so it can restart)."""
+
+    def __init__(self, data_dir: Path, port: int, *extra: str, token: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.extra = list(extra)
+        self.token = token
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / "hub.log"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "kiri.db"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def start(self, wait: bool = True) -> HubProc:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [PY, "-m", "kiri.hub.cli", "serve", "--data-dir", str(self.data_dir),
+                "--port", str(self.port), *self.extra]
+        if self.token:
+            args += ["--token", self.token]
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hub exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError), socket.create_connection(self.address, timeout=0.2):
+                return True
+            return False
+
+        wait_until(ready, timeout, what="hub to listen")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def client(self, **kw) -> HubClient:  # noqa: ANN003
+        c = HubClient(self.address, token=self.token, **kw)
+        c.connect()
+        return c
+
+    def sql(self, query: str, *args: object) -> list[tuple]:
+        """Read the hub's database directly (a separate reader, as an operator would)."""
+        con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            return con.execute(query, args).fetchall()
+        finally:
+            con.close()
+
+
+class AgentProc:
+    def __init__(self, hub: HubProc, kinds: str, name: str, journal: Path, *extra: str) -> None:
+        self.journal = journal
+        args = [PY, "-m", "kiri.agents.cli", "--role", "trainer", "--kinds", kinds,
+                "--hub", f"127.0.0.1:{hub.port}", "--name", name, "--journal", str(journal),
+                "--log-level", "warning", *extra]
+        env = dict(os.environ)
+        if hub.token:
+            env["KIRI_TOKEN"] = hub.token
+        self.log_path = journal.with_suffix(".log")
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=env)
+
+    def entries(self) -> list[dict]:
+        if not self.journal.exists():
+            return []
+        return [json.loads(line) for line in self.journal.read_text().splitlines() if line.strip()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def hub_factory(tmp_path: Path) -> Iterator:
+    hubs: list[HubProc] = []
+
+    def make(*extra: str, token: str | None = None, start: bool = True) -> HubProc:
+        h = HubProc(tmp_path / f"hub{len(hubs)}", free_port(), *extra, token=token)
+        hubs.append(h)
+        return h.start() if start else h
+
+    yield make
+    for h in hubs:
+        if h.proc and h.proc.poll() is None:
+            h.proc.kill()
+            h.proc.wait(10)
+
+
+@pytest.fixture
+def hub(hub_factory) -> HubProc:  # noqa: ANN001
+    return hub_factory("--lease-ttl", "2", "--tick", "0.05", "--backoff-base", "0.05", "--backoff-cap", "0.2")
+
+
+@pytest.fixture
+def agents_factory(tmp_path: Path) -> Iterator:
+    procs: list[AgentProc] = []
+
+    def make(hub: HubProc, kinds: str = "echo,sleep,count,fail", *extra: str) -> AgentProc:
+        n = len(procs)
+        a = AgentProc(hub, kinds, f"agent-{n}", tmp_path / f"agent-{n}.jsonl", *extra)
+        procs.append(a)
+        return a
+
+    yield make
+    for a in procs:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait(10)

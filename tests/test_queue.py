@@ -1,0 +1,237 @@
+"""Queue semantics through the real protocol: fencing, retries, delays, priorities, dedupe."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import pytest
+
+from kiri.protocol import Conflict, LeaseLost, NotFound
+from tests.conftest import wait_until
+
+
+def test_lease_ack_and_repeated_ack(hub):
+    c = hub.client()
+    tid = c.enqueue("echo", "pulse", {"x": 1})["task_id"]
+    got = c.lease(["echo"])
+    assert got["task"]["id"] == tid and got["task"]["params"] == {"x": 1}
+    assert got["task"]["attempt"] == 1 and got["task"]["checkpoint"] is None
+    token = got["lease"]["token"]
+    assert c.call("ack", {"task_id": tid, "lease_token": token, "result": {"ok": 1}}) == {"status": "done"}
+    assert c.call("ack", {"task_id": tid, "lease_token": token}) == {"status": "already_done"}
+    task = c.call("task", {"task_id": tid})["task"]
+    assert task["status"] == "done" and task["result"] == {"ok": 1}
+
+
+def test_lease_filters_by_kind_and_returns_none_without_work(hub):
+    c = hub.client()
+    c.enqueue("sleep")
+    assert c.lease(["echo"]) == {"task": None}
+    assert c.lease(["echo", "sleep"])["task"]["kind"] == "sleep"
+
+
+def test_stale_token_is_fenced_and_changes_nothing(hub):
+    c = hub.client()
+    tid = c.enqueue("echo", params={"n": 1}, max_attempts=3)["task_id"]
+    first = c.lease(["echo"], ttl=0.3)
+    old = first["lease"]["token"]
+    # let the lease expire; the reaper requeues it and someone else takes it
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "queued", 10)
+    second = c.lease(["echo"])
+    assert second["task"]["id"] == tid and second["task"]["attempt"] == 2
+    before = hub.sql("select * from tasks where id=?", tid)
+    for method, extra in [("heartbeat", {}), ("ack", {"result": {"late": True}}),
+                          ("checkpoint", {"step": 1, "data": ""}), ("fail", {"error": "x"})]:
+        with pytest.raises(LeaseLost):
+            c.call(method, {"task_id": tid, "lease_token": old, **extra})
+    assert hub.sql("select * from tasks where id=?", tid) == before
+    assert hub.sql("select count(*) from checkpoints")[0][0] == 0
+    new = second["lease"]["token"]
+    assert c.call("ack", {"task_id": tid, "lease_token": new})["status"] == "done"
+    row = hub.sql("select expiries, failures, attempts from tasks where id=?", tid)[0]
+    assert row == (1, 0, 2)
+
+
+def test_fail_retries_with_backoff_then_dead_keeping_last_error(hub):
+    c = hub.client()
+    tid = c.enqueue("fail", max_attempts=3)["task_id"]
+    times = []
+    for i in range(3):
+        got = c.lease(["fail"], wait=5)
+        assert got["task"]["id"] == tid and got["task"]["attempt"] == i + 1
+        times.append(time.monotonic())
+        res = c.call("fail", {"task_id": tid, "lease_token": got["lease"]["token"], "error": f"boom {i}"})
+        if i < 2:
+            assert res["status"] == "queued" and res["run_after"] > time.time() - 1
+        else:
+            assert res == {"status": "dead"}
+    # backoff: the retries were not immediate (base 0.05 s, equal jitter => >= 0.025 s)
+    assert times[1] - times[0] >= 0.02 and times[2] - times[1] >= 0.02
+    t = c.call("task", {"task_id": tid})["task"]
+    assert t["status"] == "dead" and t["error"] == "boom 2" and t["failures"] == 3
+    assert c.lease(["fail"]) == {"task": None}
+    assert c.call("retry", {"task_id": tid}) == {"status": "queued"}
+    assert c.lease(["fail"])["task"]["attempt"] == 1
+
+
+def test_fail_without_retry_goes_dead_at_once(hub):
+    c = hub.client()
+    tid = c.enqueue("fail", max_attempts=5)["task_id"]
+    got = c.lease(["fail"])
+    res = c.call("fail", {"task_id": tid, "lease_token": got["lease"]["token"], "error": "bad input",
+                          "retry": False})
+    assert res == {"status": "dead"}
+    # the same fail sent again (say after a reconnect) is answered, not applied twice
+    again = c.call("fail", {"task_id": tid, "lease_token": got["lease"]["token"], "error": "bad input"})
+    assert again == {"status": "dead", "already": True}
+    assert hub.sql("select failures from tasks where id=?", tid)[0][0] == 1
+
+
+def test_expiry_past_max_attempts_is_dead(hub):
+    c = hub.client()
+    tid = c.enqueue("echo", max_attempts=1)["task_id"]
+    c.lease(["echo"], ttl=0.2)
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "dead", 10)
+    t = c.call("task", {"task_id": tid})["task"]
+    assert t["expiries"] == 1 and t["failures"] == 0 and "lease expired" in t["error"]
+
+
+def test_delayed_task_waits_and_long_poll_wakes_when_due(hub):
+    c = hub.client()
+    tid = c.enqueue("echo", delay=0.6)["task_id"]
+    assert c.lease(["echo"]) == {"task": None}
+    t0 = time.monotonic()
+    got = c.lease(["echo"], wait=5)
+    waited = time.monotonic() - t0
+    assert got["task"]["id"] == tid
+    assert 0.3 < waited < 3.0
+
+
+def test_priorities_then_fifo(hub):
+    c = hub.client()
+    low = c.enqueue("echo", priority=-1)["task_id"]
+    a = c.enqueue("echo")["task_id"]
+    b = c.enqueue("echo")["task_id"]
+    high = c.enqueue("echo", priority=10)["task_id"]
+    order = [c.lease(["echo"])["task"]["id"] for _ in range(4)]
+    assert order == [high, a, b, low]
+
+
+def test_dedupe_key_while_unfinished(hub):
+    c = hub.client()
+    first = c.enqueue("echo", dedupe_key="retrain:pulse")
+    again = c.enqueue("echo", dedupe_key="retrain:pulse")
+    assert again == {"task_id": first["task_id"], "deduplicated": True}
+    got = c.lease(["echo"])
+    assert c.enqueue("echo", dedupe_key="retrain:pulse")["deduplicated"] is True  # leased still counts
+    c.call("ack", {"task_id": got["task"]["id"], "lease_token": got["lease"]["token"]})
+    later = c.enqueue("echo", dedupe_key="retrain:pulse")
+    assert later["deduplicated"] is False and later["task_id"] != first["task_id"]
+    assert hub.sql("select count(*) from tasks")[0][0] == 2
+
+
+def test_cancel_queued_and_leased(hub):
+    c = hub.client()
+    q = c.enqueue("echo")["task_id"]
+    assert c.call("cancel", {"task_id": q}) == {"status": "cancelled"}
+    assert c.lease(["echo"]) == {"task": None}
+    with pytest.raises(Conflict):
+        c.call("cancel", {"task_id": q})
+    r = c.enqueue("echo")["task_id"]
+    got = c.lease(["echo"])
+    assert c.call("cancel", {"task_id": r}) == {"status": "cancelling"}
+    hb = c.call("heartbeat", {"task_id": r, "lease_token": got["lease"]["token"]})
+    assert hb["cancel"] is True
+    res = c.call("fail", {"task_id": r, "lease_token": got["lease"]["token"], "error": "stopped"})
+    assert res == {"status": "cancelled"}
+    with pytest.raises(NotFound):
+        c.call("cancel", {"task_id": 999})
+    with pytest.raises(Conflict):
+        c.call("retry", {"task_id": c.enqueue("echo")["task_id"]})
+
+
+def test_checkpoint_is_handed_to_the_next_attempt(hub):
+    c = hub.client()
+    tid = c.enqueue("count")["task_id"]
+    got = c.lease(["count"])
+    tok = got["lease"]["token"]
+    blob = bytes(range(256)) * 10
+    for step in (5, 10):
+        res = c.call("checkpoint", {"task_id": tid, "lease_token": tok, "step": step,
+                                    "data": base64.b64encode(blob + bytes([step])).decode()})
+        assert res["stored"] is True
+    c.call("fail", {"task_id": tid, "lease_token": tok, "error": "crash", "delay": 0})
+    again = c.lease(["count"])
+    assert again["task"]["checkpoint"]["step"] == 10
+    assert base64.b64decode(again["task"]["checkpoint"]["data"]) == blob + bytes([10])
+    detail = c.call("task", {"task_id": tid})["task"]["checkpoint"]
+    assert detail["step"] == 10 and detail["size"] == len(blob) + 1 and detail["attempt"] == 1
+
+
+def test_release_gives_the_attempt_back(hub):
+    c = hub.client()
+    tid = c.enqueue("echo", max_attempts=1)["task_id"]
+    got = c.lease(["echo"])
+    res = c.call("fail", {"task_id": tid, "lease_token": got["lease"]["token"], "release": True})
+    assert res["status"] == "queued"
+    again = c.lease(["echo"])
+    assert again["task"]["attempt"] == 1
+
+
+def test_long_poll_wakes_on_enqueue(hub):
+    waiter = hub.client()
+    other = hub.client()
+    result = {}
+
+    def wait_for_work() -> None:
+        t0 = time.monotonic()
+        result["reply"] = waiter.lease(["echo"], wait=20)
+        result["took"] = time.monotonic() - t0
+
+    th = threading.Thread(target=wait_for_work)
+    th.start()
+    wait_until(lambda: other.call("stats")["hub"]["waiting_leases"] == 1, 5)
+    t_enq = time.monotonic()
+    tid = other.enqueue("echo")["task_id"]
+    th.join(10)
+    assert result["reply"]["task"]["id"] == tid
+    assert time.monotonic() - t_enq < 2.0  # woken by the enqueue, not by the 20 s timeout
+
+
+def test_long_poll_times_out_with_no_task(hub):
+    c = hub.client()
+    t0 = time.monotonic()
+    assert c.lease(["echo"], wait=0.3) == {"task": None}
+    assert time.monotonic() - t0 >= 0.25
+
+
+def test_long_poll_wakes_on_lease_expiry(hub):
+    a, b = hub.client(), hub.client()
+    tid = a.enqueue("echo")["task_id"]
+    a.lease(["echo"], ttl=0.3)
+    got = b.lease(["echo"], wait=10)  # woken when the reaper requeues the expired task
+    assert got["task"]["id"] == tid and got["task"]["attempt"] == 2
+
+
+def test_tasks_listing_and_filters(hub):
+    c = hub.client()
+    ids = [c.enqueue("echo", "pulse")["task_id"] for _ in range(3)] + [c.enqueue("sleep", "drift")["task_id"]]
+    page = c.call("tasks", {"limit": 2})
+    assert [t["id"] for t in page["tasks"]] == ids[::-1][:2] and page["next_before_id"] == ids[2]
+    rest = c.call("tasks", {"limit": 2, "before_id": page["next_before_id"]})
+    assert [t["id"] for t in rest["tasks"]] == ids[::-1][2:]
+    assert [t["id"] for t in c.call("tasks", {"kind": "sleep"})["tasks"]] == [ids[3]]
+    assert len(c.call("tasks", {"atom": "pulse", "status": "queued"})["tasks"]) == 3
+    stats = c.call("stats")
+    assert {"kind": "echo", "status": "queued", "count": 3} in stats["tasks"]
+
+
+def test_parent_lineage_is_checked(hub):
+    c = hub.client()
+    parent = c.enqueue("echo")["task_id"]
+    child = c.enqueue("echo", parent_id=parent)["task_id"]
+    assert c.call("task", {"task_id": child})["task"]["parent_id"] == parent
+    with pytest.raises(NotFound):
+        c.enqueue("echo", parent_id=424242)
