@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import click
-from kiri.agents.client import HubClient
-from kiri.agents.runner import ROLE_KINDS, Agent
 
 from kiri import config
+from kiri.agents.client import HubClient
+from kiri.agents.runner import ROLE_KINDS, Agent
 
 
 def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:

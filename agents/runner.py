@@ -19,9 +19,9 @@ from types import FrameType
 from typing import Any
 
 import orjson
+
 from kiri.agents.client import HubClient, HubUnreachable
 from kiri.agents.handlers import HANDLERS, Checkpoint, TaskContext, TaskError, TaskInterrupted
-
 from kiri.protocol import LeaseLost, RpcError
 
 log = logging.getLogger("kiri.agent")

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import click
+
+from kiri import config
 from kiri.hub import migrate as mig
 from kiri.hub.db import make_engine, redact
 from kiri.hub.queue import QueueSettings
 from kiri.hub.server import Hub, HubSettings
-
-from kiri import config
 
 log = logging.getLogger("kiri.hub")
 
@@ -67,12 +67,14 @@ def main() -> None:
 @click.option("--backoff-cap", default=300.0, show_default=True, type=click.FloatRange(0, 864000))
 @click.option("--max-line", default=16 << 20, show_default=True, type=click.IntRange(1024, 1 << 30),
               help="Longest protocol line accepted, in bytes.")
+@click.option("--wal-limit", default=8.0, show_default=True, type=click.FloatRange(0.1, 1 << 20),
+              help="MiB of WAL after which the hub forces a truncating checkpoint.")
 @click.option("--tick", default=0.5, show_default=True, type=click.FloatRange(0.01, 60),
               help="Seconds between reaper runs.")
 @log_option
 def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: str | None,
           synchronous: str, lease_ttl: float, backoff_base: float, backoff_cap: float,
-          max_line: int, tick: float, log_level: str) -> None:
+          max_line: int, wal_limit: float, tick: float, log_level: str) -> None:
     """Run the hub until SIGTERM/SIGINT."""
     setup_logging(log_level)
     if not config.is_loopback(host) and not token:
@@ -83,6 +85,7 @@ def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: st
     url = resolve_db(db, data_dir)
     settings = HubSettings(
         db_url=url, host=host, port=port, token=token or None, max_line=max_line, tick=tick,
+        wal_max_bytes=int(wal_limit * (1 << 20)),
         queue=QueueSettings(lease_ttl=lease_ttl, backoff_base=backoff_base, backoff_cap=backoff_cap),
     )
     try:

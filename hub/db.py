@@ -66,14 +66,26 @@ def redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def wal_checkpoint(conn: sa.Connection, mode: str = "TRUNCATE") -> tuple[int, int, int] | None:
-    """Run a WAL checkpoint outside any transaction; None on non-SQLite backends."""
+def wal_checkpoint(conn: sa.Connection, mode: str = "TRUNCATE", busy_timeout_ms: int | None = None
+                   ) -> tuple[int, int, int] | None:
+    """Run a WAL checkpoint outside any transaction: (busy, wal pages, checkpointed pages).
+
+    None on non-SQLite backends.
+    """
     if conn.dialect.name != "sqlite" or conn.in_transaction():
         return None
     # Straight to the driver: SQLAlchemy would open a transaction first, and a
     # checkpoint inside a transaction cannot reset the WAL.
     raw = conn.connection.dbapi_connection
-    row = raw.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    if busy_timeout_ms is None:
+        row = raw.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    else:
+        old = raw.execute("PRAGMA busy_timeout").fetchone()[0]
+        raw.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        try:
+            row = raw.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        finally:
+            raw.execute(f"PRAGMA busy_timeout={int(old)}")
     return (int(row[0]), int(row[1]), int(row[2])) if row else None
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import kiri.migrations
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+
+import kiri.migrations
 from kiri.hub.schema import metadata
 
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from kiri.hub import params as P
-from kiri.hub.schema import agents, checkpoints, tasks
 from sqlalchemy import bindparam as bp
 from sqlalchemy import literal_column
 
+from kiri.hub import params as P
+from kiri.hub.schema import agents, checkpoints, tasks
 from kiri.protocol import Conflict, InvalidParams, LeaseLost, NotFound
 
 QUEUED = literal_column("'queued'")

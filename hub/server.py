@@ -19,12 +19,12 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from kiri.hub import db as dbmod
-from kiri.hub import params as P
-from kiri.hub import queue as Q
 from pydantic import BaseModel, ValidationError
 
 from kiri import PROTOCOL_VERSION, __version__
+from kiri.hub import db as dbmod
+from kiri.hub import params as P
+from kiri.hub import queue as Q
 from kiri.protocol import (
     InternalError,
     InvalidParams,
@@ -54,7 +54,7 @@ class HubSettings:
     hello_timeout: float = 10.0
     tick: float = 0.5
     wal_checkpoint_every: float = 30.0
-    wal_max_bytes: int = 64 << 20
+    wal_max_bytes: int = 8 << 20
     queue: Q.QueueSettings = field(default_factory=Q.QueueSettings)
 
 
@@ -76,7 +76,13 @@ class Op:
         self.timer: asyncio.TimerHandle | None = None
 
 
-WAIT = object()  # a lease op's result when it should wait for work
+def _raise(_c: sa.Connection, err: RpcError, _env: Q.Env) -> None:
+    """An op that answers with a request's error, in its turn."""
+    raise err
+
+
+def _pong(_c: sa.Connection, _p: None, env: Q.Env) -> dict[str, Any]:
+    return {"pong": True, "time": env.now}
 
 
 class Connection(asyncio.Protocol):
@@ -240,23 +246,26 @@ class Hub:
     # --- requests ----------------------------------------------------------------------
 
     def handle_line(self, conn: Connection, line: bytes) -> None:
+        """Parse and check one line, then queue it for the next batch.
+
+        Even errors and pings wait their turn, so a connection's replies always come back
+        in the order its requests were sent (a waiting lease aside).
+        """
         if not line.strip():
             return
+        req_id: Any = None
+        has_id = True
         try:
-            msg = orjson.loads(line)
-        except orjson.JSONDecodeError as e:
-            conn.send(reply_err(None, ParseError(f"not valid JSON: {e}")))
-            return
-        if not isinstance(msg, dict):
-            conn.send(reply_err(None, InvalidRequest(
-                "expected one JSON-RPC 2.0 request object per line (batches are not supported)")))
-            return
-        has_id = "id" in msg
-        req_id = msg.get("id")
-        if (has_id and not (req_id is None or isinstance(req_id, str | int))) or isinstance(req_id, bool):
-            conn.send(reply_err(None, InvalidRequest("id must be a string, an integer or null")))
-            return
-        try:
+            try:
+                msg = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                raise ParseError(f"not valid JSON: {e}") from None
+            if not isinstance(msg, dict):
+                raise InvalidRequest("expected one JSON-RPC 2.0 request object per line (batches are not supported)")
+            raw_id = msg.get("id")
+            if raw_id is not None and (not isinstance(raw_id, str | int) or isinstance(raw_id, bool)):
+                raise InvalidRequest("id must be a string, an integer or null")
+            req_id, has_id = raw_id, "id" in msg
             if msg.get("jsonrpc") != "2.0":
                 raise InvalidRequest('jsonrpc must be "2.0"')
             method = msg.get("method")
@@ -268,7 +277,7 @@ class Hub:
             self._dispatch(conn, req_id, has_id, method, raw_params)
         except RpcError as e:
             if has_id:
-                conn.send(reply_err(req_id, e))
+                self._submit(Op(conn, req_id, "error", e, _raise))
 
     def _dispatch(self, conn: Connection, req_id: Any, has_id: bool, method: str,
                   raw: dict[str, Any]) -> None:
@@ -278,8 +287,7 @@ class Hub:
         if not conn.authenticated:
             raise Unauthorized("say hello first: the first request on a connection must be hello")
         if method == "ping":
-            if has_id:
-                conn.send(reply_ok(req_id, {"pong": True, "time": time.time()}))
+            self._submit(Op(conn, req_id, "ping", None, _pong, reply=has_id))
             return
         entry = self.methods.get(method)
         if entry is None:
@@ -308,6 +316,7 @@ class Hub:
         ):
             conn.bad_tokens += 1
             if conn.bad_tokens >= 3:
+                self._run_batch()  # flush earlier replies first
                 conn.send(reply_err(req_id, Unauthorized("wrong token (3 tries); closing")))
                 conn.close()
                 return
@@ -526,15 +535,23 @@ class Hub:
             log.exception("could not record agents as disconnected")
 
     def _maybe_checkpoint_wal(self) -> None:
+        """Keep the WAL bounded even when readers never pause.
+
+        SQLite's own auto-checkpoint is PASSIVE: with a reader always holding a snapshot it
+        copies pages back but can never restart the WAL, which then grows forever. A
+        TRUNCATE checkpoint waits (briefly) for readers to move to the newest snapshot and
+        then resets the file. The short busy timeout keeps the event loop from stalling.
+        """
         sizes = dbmod.file_sizes(self.settings.db_url)
+        if not sizes:
+            return
         due = time.monotonic() - self.last_wal_checkpoint >= self.settings.wal_checkpoint_every
-        if not sizes or not (due or sizes.get("wal_bytes", 0) > self.settings.wal_max_bytes):
+        if not (due or sizes.get("wal_bytes", 0) > self.settings.wal_max_bytes):
             return
         self.last_wal_checkpoint = time.monotonic()
-        res = dbmod.wal_checkpoint(self.db, "TRUNCATE")
+        res = dbmod.wal_checkpoint(self.db, "TRUNCATE", busy_timeout_ms=200)
         if res and res[0]:
-            # Busy (a reader holds an old snapshot): checkpoint what we can and retry later.
-            dbmod.wal_checkpoint(self.db, "PASSIVE")
+            log.debug("WAL checkpoint busy (a reader holds an old snapshot); will retry")
 
     # --- methods served by the hub object itself ---------------------------------------
 

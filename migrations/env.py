@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from kiri.hub.db import make_engine
 from kiri.hub.schema import metadata
 

@@ -27,7 +27,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(pred, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):  # noqa: ANN001
+def wait_until(pred, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
@@ -92,7 +92,7 @@ class HubProc:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
-    def client(self, **kw) -> HubClient:  # noqa: ANN003
+    def client(self, **kw) -> HubClient:
         c = HubClient(self.address, token=self.token, **kw)
         c.connect()
         return c
@@ -147,7 +147,7 @@ def hub_factory(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture
-def hub(hub_factory) -> HubProc:  # noqa: ANN001
+def hub(hub_factory) -> HubProc:
     return hub_factory("--lease-ttl", "2", "--tick", "0.05", "--backoff-base", "0.05", "--backoff-cap", "0.2")
 
 

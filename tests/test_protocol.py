@@ -13,7 +13,7 @@ from kiri.protocol import ErrorCode
 class Raw:
     """A bare socket speaking lines, to send what no well-behaved client would."""
 
-    def __init__(self, hub) -> None:  # noqa: ANN001
+    def __init__(self, hub) -> None:
         self.sock = socket.create_connection(hub.address, timeout=10)
         self.rfile = self.sock.makefile("rb")
 

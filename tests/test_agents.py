@@ -1,0 +1,183 @@
+"""Agents and hubs as real processes, killed for real: no task lost, none done twice."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import threading
+import time
+
+import pytest
+
+from kiri.protocol import LeaseLost
+from tests.conftest import wait_until
+
+
+def _enqueue_many(hub, n: int, kind: str = "echo") -> list[int]:
+    c = hub.client()
+    ids = [c.enqueue(kind, params={"i": i})["task_id"] for i in range(n)]
+    c.close()
+    return ids
+
+
+def _assert_each_done_exactly_once(hub, agents, ids) -> None:
+    acks = collections.Counter(
+        e["task_id"] for a in agents for e in a.entries() if e["call"] == "ack" and e["status"] == "done"
+    )
+    assert set(acks) == set(ids), f"missing acks for {sorted(set(ids) - set(acks))[:10]}"
+    twice = [t for t, n in acks.items() if n != 1]
+    assert not twice, f"tasks acked as done more than once: {twice[:10]}"
+    rows = dict(hub.sql("select status, count(*) from tasks group by status"))
+    assert rows == {"done": len(ids)}
+
+
+@pytest.mark.parametrize("n_agents", [2, 8])
+def test_agents_drain_2000_tasks_exactly_once(hub, agents_factory, n_agents):
+    agents = [agents_factory(hub, "echo") for _ in range(n_agents)]
+    ids = _enqueue_many(hub, 2000)
+    wait_until(lambda: hub.sql("select count(*) from tasks where status='done'")[0][0] == 2000, 120,
+               what="all tasks done")
+    for a in agents:
+        assert a.stop() == 0
+    _assert_each_done_exactly_once(hub, agents, ids)
+    workers = {e["agent"] for a in agents for e in a.entries()}
+    assert len(workers) >= 2  # the work really was shared
+
+
+def test_sigkilled_agent_loses_its_lease_and_its_late_ack_is_refused(hub, agents_factory):
+    c = hub.client()
+    tid = c.enqueue("sleep", params={"seconds": 60})["task_id"]
+    victim = agents_factory(hub, "sleep", "--lease-ttl", "1")
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "leased", 20)
+    token = hub.sql("select lease_token from tasks where id=?", tid)[0][0]
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(10)
+    rescuer = agents_factory(hub, "sleep", "--lease-ttl", "1")
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "leased"
+               and hub.sql("select lease_token from tasks where id=?", tid)[0][0] != token, 20,
+               what="task re-leased to the rescuer")
+    with pytest.raises(LeaseLost):
+        c.call("ack", {"task_id": tid, "lease_token": token, "result": {"from": "the dead"}})
+    row = hub.sql("select status, expiries, result from tasks where id=?", tid)[0]
+    assert row[0] == "leased" and row[1] == 1 and row[2] is None
+    c.call("cancel", {"task_id": tid})
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "cancelled", 20)
+    rescuer.stop()
+
+
+def test_hub_killed_and_restarted_while_agents_work(hub, agents_factory):
+    agents = [agents_factory(hub, "sleep") for _ in range(3)]
+    c = hub.client()
+    ids = [c.enqueue("sleep", params={"seconds": 0.02})["task_id"] for _ in range(300)]
+    c.close()
+    for _ in range(4):
+        time.sleep(0.6)
+        hub.kill()
+        time.sleep(0.2)
+        hub.start()
+    wait_until(lambda: hub.sql("select count(*) from tasks where status='done'")[0][0] == len(ids), 120,
+               what="all tasks done after hub restarts")
+    for a in agents:
+        assert a.proc.poll() is None, "agents must survive hub restarts by themselves"
+        a.stop()
+    _assert_each_done_exactly_once(hub, agents, ids)
+
+
+def test_killed_checkpointing_task_resumes_from_its_checkpoint(hub, agents_factory):
+    c = hub.client()
+    tid = c.enqueue("count", params={"n": 60, "interval": 0.05, "every": 5})["task_id"]
+    first = agents_factory(hub, "count", "--lease-ttl", "1")
+
+    def checkpointed_step() -> int:
+        rows = hub.sql("select step from checkpoints where task_id=?", tid)
+        return rows[0][0] if rows else 0
+
+    wait_until(lambda: checkpointed_step() >= 20, 30, what="a checkpoint at step >= 20")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    saved = checkpointed_step()
+    second = agents_factory(hub, "count", "--lease-ttl", "1")
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 60)
+    result = c.call("task", {"task_id": tid})["task"]["result"]
+    assert result["resumed_from"] >= saved >= 20
+    assert result["steps_run"] == 60 - result["resumed_from"]
+    assert result["sum"] == sum(range(1, 61))  # the state carried across is correct
+    second.stop()
+
+
+def test_sigterm_releases_the_task_for_another_agent_at_once(hub, agents_factory):
+    c = hub.client()
+    tid = c.enqueue("count", params={"n": 400, "interval": 0.05, "every": 10}, max_attempts=1)["task_id"]
+    first = agents_factory(hub, "count")  # default 30 s lease: only a release frees it quickly
+    wait_until(lambda: (hub.sql("select step from checkpoints where task_id=?", tid) or [(0,)])[0][0] >= 10, 30)
+    t0 = time.monotonic()
+    assert first.stop(signal.SIGTERM) == 0
+    row = hub.sql("select status, attempts, failures from tasks where id=?", tid)[0]
+    assert row == ("queued", 0, 0)  # handed back, attempt returned, not a failure
+    assert time.monotonic() - t0 < 10
+    second = agents_factory(hub, "count")
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "leased", 20)
+    second.stop(signal.SIGINT)
+    lease = c.lease(["count"])
+    assert lease["task"]["checkpoint"]["step"] >= 10
+
+
+def test_cancel_reaches_a_running_handler(hub, agents_factory):
+    c = hub.client()
+    tid = c.enqueue("sleep", params={"seconds": 120})["task_id"]
+    agent = agents_factory(hub, "sleep")
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "leased", 20)
+    assert c.call("cancel", {"task_id": tid})["status"] == "cancelling"
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "cancelled", 20)
+    assert agent.proc.poll() is None
+    agent.stop()
+
+
+def test_hub_sigterm_is_graceful_and_agents_wait_for_it(hub, agents_factory):
+    agent = agents_factory(hub, "echo")
+    c = hub.client()
+    wait_until(lambda: c.call("stats")["hub"]["waiting_leases"] >= 1, 20)
+    c.close()
+    assert hub.terminate() == 0
+    assert "hub stopped cleanly" in hub.log()
+    assert not (hub.data_dir / "kiri.db-wal").exists() or (hub.data_dir / "kiri.db-wal").stat().st_size == 0
+    hub.start()
+    c = hub.client()
+    tid = c.enqueue("echo")["task_id"]
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 30)
+    agent.stop()
+
+
+def test_failing_handler_retries_then_dies_with_its_error(hub, agents_factory):
+    c = hub.client()
+    tid = c.enqueue("fail", params={"message": "disk on fire"}, max_attempts=3)["task_id"]
+    agent = agents_factory(hub, "fail")
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "dead", 30)
+    t = c.call("task", {"task_id": tid})["task"]
+    assert t["attempts"] == 3 and t["failures"] == 3 and t["error"] == "disk on fire"
+    agent.stop()
+
+
+def test_concurrent_clients_never_double_lease(hub):
+    """Many raw clients leasing at once from one queue: each task goes to exactly one."""
+    ids = set(_enqueue_many(hub, 400))
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        c = hub.client()
+        while True:
+            r = c.lease(["echo"])
+            if r["task"] is None:
+                break
+            c.call("ack", {"task_id": r["task"]["id"], "lease_token": r["lease"]["token"]})
+            with lock:
+                got.append(r["task"]["id"])
+        c.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(got) == sorted(ids)

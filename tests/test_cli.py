@@ -1,0 +1,65 @@
+"""The owner's CLI, run as a real process against a real hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def kiri(hub, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KIRI_HUB": f"127.0.0.1:{hub.port}" if hub else "127.0.0.1:1"}
+    out = subprocess.run([sys.executable, "-m", "kiri.cli", *args], capture_output=True, text=True,
+                         timeout=60, env=env)
+    if ok:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_enqueue_list_show_cancel_retry_stats(hub):
+    tid = kiri(hub, "enqueue", "train", "pulse", "--steps", "500", "-p", "lr=0.01", "-p", "note=hi").stdout.strip()
+    assert tid == "1"
+    data = json.loads(kiri(hub, "--json", "task", tid).stdout)["task"]
+    assert data["kind"] == "train" and data["atom"] == "pulse"
+    assert data["params"] == {"steps": 500, "lr": 0.01, "note": "hi"}
+    assert "train" in kiri(hub, "tasks").stdout
+    shown = kiri(hub, "task", tid).stdout
+    assert "task 1: train pulse  [queued]" in shown and "attempts     0/5" in shown
+    assert kiri(hub, "enqueue", "train", "pulse", "--dedupe-key", "k").stdout.strip() == "2"
+    assert "deduplicated" in kiri(hub, "enqueue", "train", "pulse", "--dedupe-key", "k").stdout
+    assert "cancelled" in kiri(hub, "cancel", tid).stdout
+    assert "queued" in kiri(hub, "retry", tid).stdout
+    listed = json.loads(kiri(hub, "--json", "tasks", "--status", "queued", "--kind", "train").stdout)
+    assert {t["id"] for t in listed["tasks"]} == {1, 2}
+    stats = kiri(hub, "stats").stdout
+    assert "QUEUED" in stats and "train" in stats
+    assert json.loads(kiri(hub, "--json", "stats").stdout)["tasks"]
+
+
+def test_cli_errors_are_clear_and_change_nothing(hub):
+    out = kiri(hub, "task", "abc", ok=False)
+    assert out.returncode == 2 and "not a valid integer" in out.stderr
+    out = kiri(hub, "task", "12345", ok=False)
+    assert out.returncode == 1 and "does not exist" in out.stderr
+    out = kiri(hub, "enqueue", "bad kind!", ok=False)
+    assert out.returncode == 1 and "kind" in out.stderr
+    out = kiri(hub, "enqueue", "echo", "-p", "novalue", ok=False)
+    assert out.returncode == 2 and "key=value" in out.stderr
+    out = kiri(hub, "enqueue", "echo", "--priority", "99999", ok=False)
+    assert out.returncode == 2
+    out = kiri(hub, "cancel", "0", ok=False)
+    assert out.returncode == 2
+    assert hub.sql("select count(*) from tasks")[0][0] == 0
+
+
+def test_cli_without_a_hub_says_so(tmp_path):
+    out = kiri(None, "stats", ok=False)
+    assert out.returncode == 1
+    assert "cannot reach the kiri hub" in out.stderr and "kiri-hub serve" in out.stderr
+
+
+def test_cli_bad_hub_address():
+    out = subprocess.run([sys.executable, "-m", "kiri.cli", "--hub", "localhost:notaport", "stats"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "not a number" in out.stderr
