@@ -57,6 +57,7 @@ class Agent:
         self.current: TaskContext | None = None
         self.done = 0
         self._signals = 0
+        self.beater = Heartbeater(client)
 
     # --- signals -----------------------------------------------------------------------
 
@@ -84,17 +85,23 @@ class Agent:
 
     def run(self) -> int:
         """Work until stopped (or ``max_tasks`` done); returns the number of tasks acked."""
+        self.beater.start()
+        reply: dict[str, Any] | None = None
         try:
             while not self.stopping.is_set():
                 if self.max_tasks is not None and self.done >= self.max_tasks:
                     break
-                reply = self._lease()
                 if reply is None or reply.get("task") is None:
-                    continue
-                self._work(reply["task"], reply["lease"])
+                    reply = self._lease()
+                    if reply is None or reply.get("task") is None:
+                        continue
+                reply = self._work(reply["task"], reply["lease"])
         except _Stop:
             pass
         finally:
+            if reply is not None and reply.get("task") is not None:
+                self._release(reply)
+            self.beater.close()
             self.client.close()
             if self.journal is not None:
                 self.journal.close()
@@ -113,7 +120,16 @@ class Agent:
         finally:
             self.idle = False
 
-    def _work(self, task: dict[str, Any], lease: dict[str, Any]) -> None:
+    def _release(self, reply: dict[str, Any]) -> None:
+        """Hand back a task leased but never started (we are stopping)."""
+        try:
+            self.client.call("fail", {"task_id": reply["task"]["id"], "lease_token": reply["lease"]["token"],
+                                      "error": "agent stopping", "release": True})
+        except (RpcError, HubUnreachable) as e:
+            log.warning("could not release task %s: %s", reply["task"]["id"], e)
+
+    def _work(self, task: dict[str, Any], lease: dict[str, Any]) -> dict[str, Any] | None:
+        """Run one task to its end; returns the next task's lease when the hub handed one over."""
         token = lease["token"]
         task_id = task["id"]
         ck = task.get("checkpoint")
@@ -134,12 +150,7 @@ class Agent:
         if self.stopping.is_set():
             ctx.stop_event.set()
         ttl = float(lease.get("ttl") or max(1.0, lease["expires_at"] - time.time()))
-        beat_stop = threading.Event()
-        beater = threading.Thread(
-            target=self._heartbeat, args=(ctx, token, ttl, beat_stop), name=f"heartbeat-{task_id}",
-            daemon=True,
-        )
-        beater.start()
+        self.beater.watch(ctx, token, ttl)
         log.debug("task %s (%s) attempt %s started", task_id, ctx.kind, ctx.attempt)
         outcome: tuple[str, dict[str, Any]]
         try:
@@ -158,24 +169,27 @@ class Agent:
             tb = traceback.format_exc(limit=5)
             outcome = ("fail", {"error": f"{type(e).__name__}: {e}\n{tb}", "retry": True})
         finally:
-            beat_stop.set()
-            beater.join()
+            self.beater.unwatch()
             self.current = None
-        self._finish(task_id, token, ctx, *outcome)
+        return self._finish(task_id, token, ctx, *outcome)
 
     def _finish(self, task_id: int, token: str, ctx: TaskContext, what: str,
-                body: dict[str, Any]) -> None:
+                body: dict[str, Any]) -> dict[str, Any] | None:
         if what == "none" or ctx.lease_lost:
             log.warning("task %s: lease lost; dropping its result", task_id)
-            return
+            return None
+        more = what == "ack" and not self.stopping.is_set() and (
+            self.max_tasks is None or self.done + 1 < self.max_tasks)
+        if more:
+            body["next"] = {"kinds": self.kinds, **({"ttl": self.ttl} if self.ttl else {})}
         try:
             reply = self.client.call(what, {"task_id": task_id, "lease_token": token, **body})
         except LeaseLost:
             log.warning("task %s: lease lost before %s; another agent has it", task_id, what)
-            return
+            return None
         except (RpcError, HubUnreachable) as e:
             log.error("task %s: %s refused: %s", task_id, what, e)
-            return
+            return None
         if what == "ack":
             self.done += 1
         if self.journal is not None:
@@ -183,24 +197,76 @@ class Agent:
                 "task_id": task_id, "kind": ctx.kind, "attempt": ctx.attempt, "call": what,
                 "status": reply.get("status"), "agent": self.client.agent, "time": time.time(),
             }).decode() + "\n")
-        log.debug("task %s: %s -> %s", task_id, what, reply)
+        log.debug("task %s: %s -> %s", task_id, what, reply.get("status"))
+        return reply.get("next")
 
-    def _heartbeat(self, ctx: TaskContext, token: str, ttl: float, stop: threading.Event) -> None:
-        interval = max(0.02, min(ttl / 3, 2.0))  # also how fast a cancel is noticed
-        while not stop.wait(interval):
-            try:
-                reply = self.client.call("heartbeat", {
-                    "task_id": ctx.task_id, "lease_token": token,
-                    "progress": ctx.progress_snapshot() or None,
-                })
-            except LeaseLost:
-                ctx.lease_lost = True
-                ctx.stop_event.set()
-                return
-            except (RpcError, HubUnreachable) as e:
-                log.warning("heartbeat for task %s failed: %s", ctx.task_id, e)
-                continue
-            if reply.get("cancel") and not ctx.cancelled:
-                log.info("task %s cancelled by its owner", ctx.task_id)
-                ctx.cancelled = True
-                ctx.stop_event.set()
+
+
+class Heartbeater:
+    """One thread per agent that keeps the current lease alive and carries progress.
+
+    It also learns of cancels and lost leases and tells the handler through its context.
+    One long-lived thread costs nothing per task, unlike a thread started for each.
+    """
+
+    def __init__(self, client: HubClient) -> None:
+        self.client = client
+        self._cond = threading.Condition()
+        self._job: tuple[TaskContext, str, float] | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def watch(self, ctx: TaskContext, token: str, ttl: float) -> None:
+        with self._cond:
+            self._job = (ctx, token, ttl)
+            self._cond.notify()
+
+    def unwatch(self) -> None:
+        with self._cond:
+            self._job = None
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = self._job
+                assert job is not None
+                interval = max(0.02, min(job[2] / 3, 2.0))  # also how fast a cancel is noticed
+                self._cond.wait(interval)
+                if self._closed:
+                    return
+                if self._job is not job:
+                    continue  # the task ended (or another began) while we waited
+            self._beat(*job)
+
+    def _beat(self, ctx: TaskContext, token: str, _ttl: float) -> None:
+        try:
+            reply = self.client.call("heartbeat", {
+                "task_id": ctx.task_id, "lease_token": token,
+                "progress": ctx.progress_snapshot() or None,
+            })
+        except LeaseLost:
+            ctx.lease_lost = True
+            ctx.stop_event.set()
+            return
+        except (RpcError, HubUnreachable) as e:
+            log.warning("heartbeat for task %s failed: %s", ctx.task_id, e)
+            return
+        if reply.get("cancel") and not ctx.cancelled:
+            log.info("task %s cancelled by its owner", ctx.task_id)
+            ctx.cancelled = True
+            ctx.stop_event.set()

@@ -67,10 +67,17 @@ class Checkpoint(Params):
     data: str
 
 
+class NextLease(Params):
+    kinds: Annotated[list[Name], Field(min_length=1, max_length=64)]
+    ttl: Annotated[float, Field(ge=0.05, le=86400)] | None = None
+
+
 class Ack(Params):
     task_id: TaskId
     lease_token: Token
     result: dict[str, Any] | None = None
+    # Ack-and-lease: a busy agent gets its next task in the same round trip (never waits).
+    next: NextLease | None = None
 
 
 class Fail(Params):

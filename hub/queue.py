@@ -22,6 +22,7 @@ from sqlalchemy import bindparam as bp
 from sqlalchemy import literal_column
 
 from kiri.hub import params as P
+from kiri.hub.prepared import Prepared
 from kiri.hub.schema import agents, checkpoints, tasks
 from kiri.protocol import Conflict, InvalidParams, LeaseLost, NotFound
 
@@ -68,7 +69,14 @@ def backoff(failures: int, s: QueueSettings) -> float:
 
 # --- enqueue ---------------------------------------------------------------------------
 
-_insert_task = tasks.insert().returning(tasks.c.id)
+_insert_task = Prepared(
+    tasks.insert()
+    .values(kind=bp("v_kind"), atom=bp("v_atom"), params=bp("v_params"), priority=bp("v_priority"),
+            status="queued", run_after=bp("v_run_after"), max_attempts=bp("v_max"),
+            dedupe_key=bp("v_dedupe"), parent_id=bp("v_parent"), created_at=bp("v_now"),
+            updated_at=bp("v_now"))
+    .returning(tasks.c.id)
+)
 _find_dedupe = sa.select(tasks.c.id).where(
     tasks.c.dedupe_key == bp("key"), tasks.c.status.in_(["queued", "leased"])
 )
@@ -85,15 +93,13 @@ def enqueue(c: sa.Connection, p: P.Enqueue, env: Env) -> dict[str, Any]:
         raise NotFound(f"parent task {p.parent_id} does not exist")
     params_text = _json(p.params, "params")
     run_after = env.now + p.delay
-    task_id = c.execute(
-        _insert_task,
-        {
-            "kind": p.kind, "atom": p.atom, "params": params_text, "priority": p.priority,
-            "status": "queued", "run_after": run_after, "max_attempts": p.max_attempts,
-            "dedupe_key": p.dedupe_key, "parent_id": p.parent_id,
-            "created_at": env.now, "updated_at": env.now,
-        },
-    ).scalar_one()
+    row = _insert_task.first(c, {
+        "v_kind": p.kind, "v_atom": p.atom, "v_params": params_text, "v_priority": p.priority,
+        "v_run_after": run_after, "v_max": p.max_attempts, "v_dedupe": p.dedupe_key,
+        "v_parent": p.parent_id, "v_now": env.now,
+    })
+    assert row is not None
+    task_id = row["id"]
     if p.delay > 0:
         env.due.append(run_after)
     else:
@@ -103,35 +109,50 @@ def enqueue(c: sa.Connection, p: P.Enqueue, env: Env) -> dict[str, Any]:
 
 # --- lease -----------------------------------------------------------------------------
 
-_next_ready = (
-    sa.select(tasks.c.id)
-    .where(
-        tasks.c.status == QUEUED,
-        tasks.c.run_after <= bp("now"),
-        tasks.c.kind.in_(bp("kinds", expanding=True)),
+def _next_ready(n_kinds: int) -> sa.ScalarSelect[Any]:
+    """The best ready task among n kinds: one index probe per kind, then the best of those."""
+    probes = [
+        sa.select(tasks.c.id, tasks.c.priority, tasks.c.run_after)
+        .where(tasks.c.status == QUEUED, tasks.c.kind == bp(f"k{i}"), tasks.c.run_after <= bp("now"))
+        .order_by(tasks.c.priority.desc(), tasks.c.run_after, tasks.c.id)
+        .limit(1)
+        .subquery(f"p{i}")
+        for i in range(n_kinds)
+    ]
+    if n_kinds == 1:
+        return sa.select(probes[0].c.id).scalar_subquery()
+    best = sa.union_all(*(sa.select(p) for p in probes)).subquery("best")
+    return (
+        sa.select(best.c.id)
+        .order_by(best.c.priority.desc(), best.c.run_after, best.c.id)
+        .limit(1)
+        .scalar_subquery()
     )
-    .order_by(tasks.c.priority.desc(), tasks.c.run_after, tasks.c.id)
-    .limit(1)
-    .scalar_subquery()
-)
-_lease_stmt = (
-    tasks.update()
-    .where(tasks.c.id == _next_ready)
-    .values(
-        status="leased",
-        attempts=tasks.c.attempts + 1,
-        lease_owner=bp("owner"),
-        lease_token=bp("tok"),
-        lease_ttl=bp("ttl"),
-        lease_expires_at=bp("expires"),
-        started_at=sa.func.coalesce(tasks.c.started_at, bp("now")),
-        updated_at=bp("now"),
+
+
+def _lease_stmt(n_kinds: int) -> sa.Update:
+    return (
+        tasks.update()
+        .where(tasks.c.id == _next_ready(n_kinds))
+        .values(
+            status="leased",
+            attempts=tasks.c.attempts + 1,
+            lease_owner=bp("owner"),
+            lease_token=bp("tok"),
+            lease_ttl=bp("ttl"),
+            lease_expires_at=bp("expires"),
+            started_at=sa.func.coalesce(tasks.c.started_at, bp("now")),
+            updated_at=bp("now"),
+        )
+        .returning(tasks.c.id, tasks.c.kind, tasks.c.atom, tasks.c.params, tasks.c.attempts,
+                   tasks.c.max_attempts, tasks.c.priority, tasks.c.parent_id)
     )
-    .returning(tasks.c.id, tasks.c.kind, tasks.c.atom, tasks.c.params, tasks.c.attempts,
-               tasks.c.max_attempts, tasks.c.priority, tasks.c.parent_id)
-)
-_get_checkpoint = sa.select(checkpoints.c.step, checkpoints.c.data).where(
-    checkpoints.c.task_id == bp("tid")
+
+
+# One prepared statement per number of kinds, built on first use.
+_LEASE_STMTS: dict[int, Prepared] = {}
+_get_checkpoint = Prepared(
+    sa.select(checkpoints.c.step, checkpoints.c.data).where(checkpoints.c.task_id == bp("tid"))
 )
 
 
@@ -140,21 +161,23 @@ def lease(c: sa.Connection, p: P.Lease, env: Env) -> dict[str, Any] | None:
     ttl = p.ttl or env.settings.lease_ttl
     token = secrets.token_hex(16)
     expires = env.now + ttl
-    row = c.execute(
-        _lease_stmt,
-        {"now": env.now, "kinds": list(p.kinds), "owner": env.agent, "tok": token,
-         "ttl": ttl, "expires": expires},
-    ).first()
+    kinds = list(dict.fromkeys(p.kinds))
+    args: dict[str, Any] = {f"k{i}": k for i, k in enumerate(kinds)}
+    args.update(now=env.now, owner=env.agent, tok=token, ttl=ttl, expires=expires)
+    stmt = _LEASE_STMTS.get(len(kinds))
+    if stmt is None:
+        stmt = _LEASE_STMTS[len(kinds)] = Prepared(_lease_stmt(len(kinds)))
+    row = stmt.first(c, args)
     if row is None:
         return None
-    ck = c.execute(_get_checkpoint, {"tid": row.id}).first()
+    ck = _get_checkpoint.first(c, {"tid": row["id"]})
     return {
         "task": {
-            "id": row.id, "kind": row.kind, "atom": row.atom, "params": _frag(row.params),
-            "attempt": row.attempts, "max_attempts": row.max_attempts,
-            "priority": row.priority, "parent_id": row.parent_id,
+            "id": row["id"], "kind": row["kind"], "atom": row["atom"], "params": _frag(row["params"]),
+            "attempt": row["attempts"], "max_attempts": row["max_attempts"],
+            "priority": row["priority"], "parent_id": row["parent_id"],
             "checkpoint": (
-                {"step": ck.step, "data": base64.b64encode(ck.data).decode()} if ck else None
+                {"step": ck["step"], "data": base64.b64encode(ck["data"]).decode()} if ck else None
             ),
         },
         "lease": {"token": token, "expires_at": expires, "ttl": ttl},
@@ -186,7 +209,7 @@ def _lost(c: sa.Connection, task_id: int) -> Exception:
     )
 
 
-_heartbeat_stmt = (
+_heartbeat_stmt = Prepared(
     tasks.update()
     .where(_fence)
     .values(
@@ -200,13 +223,10 @@ _heartbeat_stmt = (
 
 def heartbeat(c: sa.Connection, p: P.Heartbeat, env: Env) -> dict[str, Any]:
     progress = _json(p.progress, "progress") if p.progress is not None else None
-    row = c.execute(
-        _heartbeat_stmt,
-        {"tid": p.task_id, "tok": p.lease_token, "now": env.now, "prog": progress},
-    ).first()
+    row = _heartbeat_stmt.first(c, {"tid": p.task_id, "tok": p.lease_token, "now": env.now, "prog": progress})
     if row is None:
         raise _lost(c, p.task_id)
-    return {"expires_at": row.lease_expires_at, "cancel": bool(row.cancel_requested)}
+    return {"expires_at": row["lease_expires_at"], "cancel": bool(row["cancel_requested"])}
 
 
 _touch_stmt = (
@@ -236,23 +256,25 @@ def checkpoint(c: sa.Connection, p: P.Checkpoint, env: Env, max_bytes: int) -> d
     return {"stored": True, "step": p.step, "bytes": len(data)}
 
 
-_ack_stmt = (
+_ack_stmt = Prepared(
     tasks.update()
     .where(_fence)
     .values(status="done", result=bp("res"), lease_expires_at=None,
             finished_at=bp("now"), updated_at=bp("now"))
     .returning(tasks.c.id)
 )
-_drop_checkpoint = checkpoints.delete().where(checkpoints.c.task_id == bp("tid"))
+_drop_checkpoint_stmt = checkpoints.delete().where(checkpoints.c.task_id == bp("tid"))
+_drop_checkpoint = Prepared(_drop_checkpoint_stmt)
 
 
 def ack(c: sa.Connection, p: P.Ack, env: Env) -> dict[str, Any]:
     result = _json(p.result, "result") if p.result is not None else None
-    row = c.execute(
-        _ack_stmt, {"tid": p.task_id, "tok": p.lease_token, "now": env.now, "res": result}
-    ).first()
+    row = _ack_stmt.first(c, {"tid": p.task_id, "tok": p.lease_token, "now": env.now, "res": result})
     if row is not None:
-        c.execute(_drop_checkpoint, {"tid": p.task_id})
+        _drop_checkpoint.run(c, {"tid": p.task_id})
+        if p.next is not None:
+            nxt = lease(c, P.Lease(kinds=p.next.kinds, ttl=p.next.ttl), env)
+            return {"status": "done", "next": nxt or {"task": None}}
         return {"status": "done"}
     state = c.execute(_task_state, {"tid": p.task_id}).first()
     if state is not None and state.status == "done" and state.lease_token == p.lease_token:
@@ -279,7 +301,7 @@ def fail(c: sa.Connection, p: P.Fail, env: Env) -> dict[str, Any]:
     if row.cancel_requested:
         c.execute(tasks.update().where(where).values(
             status="cancelled", finished_at=env.now, error=p.error, **common))
-        c.execute(_drop_checkpoint, {"tid": p.task_id})
+        _drop_checkpoint.run(c, {"tid": p.task_id})
         return {"status": "cancelled"}
     if p.release:
         # A graceful hand-back (agent shutting down): no failure, and the attempt is
@@ -313,7 +335,7 @@ def cancel(c: sa.Connection, p: P.TaskRef, env: Env) -> dict[str, Any]:
     if row.status == "queued":
         c.execute(tasks.update().where(tasks.c.id == p.task_id).values(
             status="cancelled", finished_at=env.now, updated_at=env.now))
-        c.execute(_drop_checkpoint, {"tid": p.task_id})
+        _drop_checkpoint.run(c, {"tid": p.task_id})
         return {"status": "cancelled"}
     if row.status == "leased":
         c.execute(tasks.update().where(tasks.c.id == p.task_id).values(

@@ -372,8 +372,11 @@ class Hub:
                 results.append(res)
         self.stats_counters["batches"] += 1
         self.stats_counters["ops"] += len(ops)
+        out: dict[Connection, list[bytes]] = {}
         for op, result, err in results:
-            self._finish(op, result, err)
+            self._finish(op, result, err, out)
+        for conn, chunks in out.items():
+            conn.send(b"".join(chunks))
         for t in env.due:
             self._arm_due(t)
         if env.available and self.waiters:
@@ -386,7 +389,8 @@ class Hub:
         except RpcError as e:
             return op, None, e
 
-    def _finish(self, op: Op, result: Any, err: RpcError | None) -> None:
+    def _finish(self, op: Op, result: Any, err: RpcError | None, out: dict[Connection, list[bytes]]) -> None:
+        """Turn one op's outcome into its reply (buffered per connection in ``out``)."""
         conn = op.conn
         if op.method == "lease" and err is None:
             if result is None:
@@ -401,16 +405,22 @@ class Hub:
             self.stats_counters["leases"] += 1
         if op.method == "ack" and err is None:
             self.stats_counters["acks"] += 1
-        if conn is None or not op.reply:
+            nxt = result.get("next")
+            if nxt and nxt.get("task") is not None:
+                self.stats_counters["leases"] += 1
+                if conn is None or conn.closed:
+                    self._release_orphan(nxt)
+        if conn is None or not op.reply or conn.closed:
             return
         if err is not None:
-            conn.send(reply_err(op.req_id, err))
+            data = reply_err(op.req_id, err)
         else:
             try:
-                conn.send(reply_ok(op.req_id, result))
+                data = reply_ok(op.req_id, result)
             except TypeError as e:  # pragma: no cover - a handler returned something unencodable
                 log.exception("cannot encode reply to %s", op.method)
-                conn.send(reply_err(op.req_id, InternalError(f"cannot encode reply: {e}")))
+                data = reply_err(op.req_id, InternalError(f"cannot encode reply: {e}"))
+        out.setdefault(conn, []).append(data)
 
     def _release_orphan(self, result: dict[str, Any]) -> None:
         task, lease = result["task"], result["lease"]

@@ -235,3 +235,17 @@ def test_parent_lineage_is_checked(hub):
     assert c.call("task", {"task_id": child})["task"]["parent_id"] == parent
     with pytest.raises(NotFound):
         c.enqueue("echo", parent_id=424242)
+
+
+def test_ack_and_lease_in_one_round_trip(hub):
+    c = hub.client()
+    a = c.enqueue("echo")["task_id"]
+    b = c.enqueue("echo")["task_id"]
+    c.enqueue("sleep")
+    got = c.lease(["echo"])
+    res = c.call("ack", {"task_id": a, "lease_token": got["lease"]["token"], "next": {"kinds": ["echo"]}})
+    assert res["status"] == "done" and res["next"]["task"]["id"] == b
+    res2 = c.call("ack", {"task_id": b, "lease_token": res["next"]["lease"]["token"],
+                          "next": {"kinds": ["echo"]}})
+    assert res2 == {"status": "done", "next": {"task": None}}  # never waits; the sleep task is not ours
+    assert hub.sql("select status from tasks where id=?", b)[0][0] == "done"

@@ -56,7 +56,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_tasks_ready",
         "tasks",
-        [sa.column("priority").desc(), "run_after", "id"],
+        ["kind", sa.column("priority").desc(), "run_after", "id"],
         sqlite_where=sa.text("status = 'queued'"),
         postgresql_where=sa.text("status = 'queued'"),
     )

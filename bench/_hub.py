@@ -1,0 +1,42 @@
+"""Start a throwaway hub for a benchmark and wait until it listens."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_hub(*extra: str) -> Iterator[tuple[int, Path]]:
+    with tempfile.TemporaryDirectory(prefix="kiri-bench-") as tmp:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kiri.hub.cli", "serve", "--data-dir", tmp, "--port", str(port),
+             "--log-level", "warning", *extra],
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("hub did not start") from None
+                    time.sleep(0.05)
+            yield port, Path(tmp)
+        finally:
+            proc.terminate()
+            proc.wait(30)

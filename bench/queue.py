@@ -1,0 +1,139 @@
+"""End-to-end queue throughput and enqueue-to-start latency, through real TCP and processes.
+
+Throughput: N `kiri-agent` processes serve the `echo` kind; the bench enqueues TASKS tasks
+(pipelined over one connection) and times until every task is done. Every enqueue, lease
+and ack is committed before its reply. Latency: one idle agent long-polls; the bench
+enqueues one task at a time and the agent reports when its lease reply arrived.
+
+    python bench/queue.py [--tasks 20000] [--agents 1,4,8] [--synchronous NORMAL,FULL]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named like the stdlib's `queue`: take bench/ off the path before anything
+# imports it, and put the repository root on instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import multiprocessing as mp  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import click  # noqa: E402
+import orjson  # noqa: E402
+
+from bench._hub import running_hub  # noqa: E402
+from kiri.agents.client import HubClient  # noqa: E402
+
+
+def pipelined_enqueue(port: int, n: int, window: int = 256) -> None:
+    """Enqueue n tasks over one socket, keeping `window` requests in flight."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    f = s.makefile("rb")
+    s.sendall(orjson.dumps({"jsonrpc": "2.0", "id": 0, "method": "hello",
+                            "params": {"agent": "bench", "role": "cli"}}) + b"\n")
+    f.readline()
+    sent = done = 0
+    while done < n:
+        burst = []
+        while sent < n and sent - done < window:
+            sent += 1
+            burst.append(orjson.dumps({"jsonrpc": "2.0", "id": sent, "method": "enqueue",
+                                       "params": {"kind": "echo", "params": {"i": sent}}}) + b"\n")
+        if burst:
+            s.sendall(b"".join(burst))
+        line = f.readline()
+        if b'"error"' in line:
+            raise RuntimeError(line)
+        done += 1
+    s.close()
+
+
+def count_done(client: HubClient) -> int:
+    return sum(r["count"] for r in client.call("stats")["tasks"] if r["status"] == "done")
+
+
+def throughput(port: int, n_agents: int, n_tasks: int) -> float:
+    procs = [subprocess.Popen([sys.executable, "-m", "kiri.agents.cli", "--role", "trainer", "--kinds", "echo",
+                               "--hub", f"127.0.0.1:{port}", "--log-level", "warning", "--wait", "5"])
+             for _ in range(n_agents)]
+    c = HubClient(("127.0.0.1", port))
+    try:
+        while c.call("stats")["hub"]["waiting_leases"] < n_agents:
+            time.sleep(0.05)
+        before = count_done(c)
+        t0 = time.perf_counter()
+        pipelined_enqueue(port, n_tasks)
+        while count_done(c) - before < n_tasks:
+            time.sleep(0.005)
+        return n_tasks / (time.perf_counter() - t0)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+        c.close()
+
+
+def _latency_agent(port: int, n: int, out: mp.Queue) -> None:
+    c = HubClient(("127.0.0.1", port), agent="latency-agent", role="trainer")
+    c.connect()
+    out.put("ready")
+    for _ in range(n):
+        r = c.lease(["echo"], wait=30)
+        t = time.time()
+        c.call("ack", {"task_id": r["task"]["id"], "lease_token": r["lease"]["token"]})
+        out.put((r["task"]["params"]["sent"], t))
+
+
+def latency(port: int, n: int = 300) -> list[float]:
+    q: mp.Queue = mp.Queue()
+    agent = mp.Process(target=_latency_agent, args=(port, n, q))
+    agent.start()
+    q.get(timeout=30)
+    c = HubClient(("127.0.0.1", port))
+    samples = []
+    for _ in range(n):
+        while c.call("stats")["hub"]["waiting_leases"] < 1:
+            time.sleep(0.0005)
+        sent = time.time()
+        c.enqueue("echo", params={"sent": sent})
+        s, started = q.get(timeout=30)
+        samples.append((started - s) * 1000)
+        time.sleep(0.002)
+    agent.join(30)
+    c.close()
+    return samples
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+@click.command()
+@click.option("--tasks", default=20000, show_default=True)
+@click.option("--agents", default="1,4,8", show_default=True)
+@click.option("--synchronous", default="NORMAL,FULL", show_default=True)
+@click.option("--repeat", default=3, show_default=True, help="Throughput runs per setting (median reported).")
+def main(tasks: int, agents: str, synchronous: str, repeat: int) -> None:
+    for sync in synchronous.split(","):
+        with running_hub("--synchronous", sync) as (port, _):
+            for n in (int(x) for x in agents.split(",")):
+                runs = [throughput(port, n, tasks) for _ in range(repeat)]
+                print(f"synchronous={sync:6s} agents={n}: {statistics.median(runs):8.0f} tasks/s "
+                      f"(median of {repeat}; runs {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
+            lat = latency(port)
+            print(f"synchronous={sync:6s} enqueue-to-start latency, idle agent: p50 {pct(lat, 50):.3f} ms  "
+                  f"p90 {pct(lat, 90):.3f} ms  p99 {pct(lat, 99):.3f} ms  (n={len(lat)})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

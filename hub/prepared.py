@@ -1,0 +1,55 @@
+"""Hot-path statements: built with SQLAlchemy Core, compiled once, run on the driver cursor.
+
+SQLAlchemy's per-execute machinery (context set-up, result proxies, events) costs ~40-60 µs
+on this machine against ~5 µs for sqlite3 itself, and the lease/ack/enqueue path runs
+several statements per task. The SQL text and parameter order still come from Core, so
+the schema stays in one place; only the execution skips the middle layer. Other
+backends take SQLAlchemy's normal path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.sql.compiler import SQLCompiler
+
+
+class Prepared:
+    def __init__(self, stmt: sa.Executable) -> None:
+        self.stmt = stmt
+        self._sqlite: tuple[str, list[str], dict[str, Any], list[str]] | None = None
+
+    def _compile_sqlite(self, conn: sa.Connection) -> tuple[str, list[str], dict[str, Any], list[str]]:
+        compiled = self.stmt.compile(dialect=conn.dialect)
+        assert isinstance(compiled, SQLCompiler) and compiled.positiontup is not None
+        names = list(compiled.positiontup)
+        consts = {
+            n: b.effective_value
+            for n, b in compiled.binds.items()
+            if n in names and not b.required
+        }
+        columns = [str(c[0]) for c in compiled._result_columns] if compiled._result_columns else []
+        self._sqlite = (compiled.string, names, consts, columns)
+        return self._sqlite
+
+    def rows(self, conn: sa.Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
+        if conn.dialect.name != "sqlite":
+            return [{str(k): v for k, v in r._mapping.items()} for r in conn.execute(self.stmt, params)]
+        sql, names, consts, columns = self._sqlite or self._compile_sqlite(conn)
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute(sql, [params[n] if n in params else consts[n] for n in names])
+            if cur.description is None:
+                return []
+            cols = columns or [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        finally:
+            cur.close()
+
+    def first(self, conn: sa.Connection, params: dict[str, Any]) -> dict[str, Any] | None:
+        rows = self.rows(conn, params)
+        return rows[0] if rows else None
+
+    def run(self, conn: sa.Connection, params: dict[str, Any]) -> None:
+        self.rows(conn, params)
