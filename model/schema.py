@@ -268,7 +268,7 @@ def load_toml(path: str | Path) -> list[AtomSchema]:
         raise SchemaError(f"{p}: no such file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SchemaError(f"{p}: not valid TOML: {e}") from None
-    tables = data["atom"] if "atom" in data else [data]
+    tables = data.get("atom", [data])
     if not isinstance(tables, list):
         raise SchemaError(f"{p}: 'atom' must be an array of tables ([[atom]])")
     out = [AtomSchema.from_dict(t, f"{p}: atom {i + 1}") for i, t in enumerate(tables)]

@@ -1,0 +1,72 @@
+"""Scoring: an observation's anomaly score is the model's mean surprise at its tokens.
+
+Each target observation is scored with the previous observations of the same atom as
+context (the windows training used) and only its own tokens count. Scoring is batched: a
+whole stream of observations goes through the model in large chunks under inference mode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kiri.model.schema import AtomSchema
+from kiri.model.weights import Weights
+from kiri.model.windows import resolve_context, short_window, windows
+
+CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Scores of observations ``start`` … N-1 of a stream: mean and per-token surprise (nats)."""
+
+    schema: AtomSchema
+    token_ids: torch.Tensor  # [M, F]
+    surprise: torch.Tensor  # [M, F]  -log p(token)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.surprise.mean(dim=1)
+
+    def breakdown(self, i: int) -> list[dict[str, float | str]]:
+        """Per-token blame for one scored observation: token, surprise, probability."""
+        toks = self.schema.tokens(self.token_ids[i].tolist())
+        return [
+            {"token": t, "surprise": float(s), "prob": math.exp(-float(s))}
+            for t, s in zip(toks, self.surprise[i].tolist(), strict=True)
+        ]
+
+
+class Scorer:
+    def __init__(self, weights: Weights, context: int | None = None) -> None:
+        self.schema = weights.schema
+        self.model = weights.model.eval()
+        default = weights.info.get("context")
+        self.k = resolve_context(self.schema, context if context is not None else default)
+
+    @torch.inference_mode()
+    def _surprise(self, w: torch.Tensor) -> torch.Tensor:
+        f = self.schema.width
+        out = []
+        for i in range(0, len(w), CHUNK):
+            chunk = w[i: i + CHUNK]
+            logp = torch.log_softmax(self.model(chunk[:, :-1], last=f), dim=-1)
+            out.append(-logp.gather(-1, chunk[:, -f:].unsqueeze(-1)).squeeze(-1))
+        return torch.cat(out) if out else torch.empty((0, f))
+
+    def score(self, ids: torch.Tensor, start: int = 0) -> Scores:
+        """Score observations ``start`` … N-1 of ``ids`` [N, F], each given up to k predecessors."""
+        n = len(ids)
+        if not 0 <= start <= n:
+            raise ValueError(f"start {start} outside 0..{n}")
+        f = self.schema.width
+        head = range(start, min(self.k, n))  # too few predecessors for a full window
+        parts = [self._surprise(short_window(ids, i, self.k)) for i in head]
+        full = windows(ids, self.k, start)
+        if len(full):
+            parts.append(self._surprise(full))
+        surprise = torch.cat(parts) if parts else torch.empty((0, f))
+        return Scores(self.schema, ids[start:], surprise)

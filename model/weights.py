@@ -1,0 +1,91 @@
+"""Weights and training state as safetensors bytes: no pickle, so loading is safe.
+
+A weights blob carries the schema and model config in its metadata, and its content hash
+(sha256 of the bytes) names it. Loading refuses a blob whose tensors do not match its own
+schema, so a corrupted or hostile file gives an error, not a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from kiri.model.gpt import Atom
+from kiri.model.schema import AtomSchema, SchemaError
+
+FORMAT = "kiri.weights/1"
+
+
+class WeightsError(ValueError):
+    """A weights or state blob is malformed or does not fit its schema."""
+
+
+def pack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    text = {k: json.dumps(v, sort_keys=True, separators=(",", ":")) for k, v in meta.items()}
+    return st_save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=text)
+
+
+def unpack(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if not isinstance(blob, bytes | bytearray) or len(blob) < 8:
+        raise WeightsError("not a safetensors blob (too short)")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8 or n > 100 << 20:
+        raise WeightsError("not a safetensors blob (bad header length)")
+    try:
+        header = json.loads(blob[8: 8 + n])
+        tensors = st_load(bytes(blob))
+    except (ValueError, SafetensorError) as e:
+        raise WeightsError(f"not a valid safetensors blob: {e}") from None
+    raw_meta = header.get("__metadata__") or {}
+    try:
+        meta = {k: json.loads(v) for k, v in raw_meta.items()}
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"bad metadata: {e}") from None
+    return tensors, meta
+
+
+def content_hash(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass(frozen=True)
+class Weights:
+    schema: AtomSchema
+    model: Atom
+    info: dict[str, Any]
+    blob: bytes
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.blob)
+
+
+def save_weights(schema: AtomSchema, model: Atom, info: dict[str, Any] | None = None) -> bytes:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    return pack(tensors, {"format": FORMAT, "schema": schema.to_dict(), "info": info or {}})
+
+
+def load_weights(blob: bytes) -> Weights:
+    tensors, meta = unpack(blob)
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"not kiri weights (format {meta.get('format')!r}, expected {FORMAT})")
+    try:
+        schema = AtomSchema.from_dict(meta["schema"])
+    except (KeyError, SchemaError) as e:
+        raise WeightsError(f"weights carry an invalid schema: {e}") from None
+    model = Atom.for_schema(schema)
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+        raise WeightsError(f"tensors do not match the {schema.name!r} schema's model")
+    model.load_state_dict(state)
+    model.eval()
+    return Weights(schema=schema, model=model, info=meta.get("info") or {}, blob=bytes(blob))
