@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiri.model.gpt import Atom
 from kiri.model.schema import AtomSchema
 from kiri.model.weights import Weights
 from kiri.model.windows import resolve_context, short_window, windows
@@ -46,6 +47,13 @@ class Scorer:
         self.model = weights.model.eval()
         default = weights.info.get("context")
         self.k = resolve_context(self.schema, context if context is not None else default)
+        self.threshold = float(weights.info.get("threshold", 1.5))
+
+    @classmethod
+    def from_model(cls, schema: AtomSchema, model: Atom, context: int) -> Scorer:
+        self = cls.__new__(cls)
+        self.schema, self.model, self.k, self.threshold = schema, model, context, 1.5
+        return self
 
     @torch.inference_mode()
     def _surprise(self, w: torch.Tensor) -> torch.Tensor:
@@ -70,3 +78,15 @@ class Scorer:
             parts.append(self._surprise(full))
         surprise = torch.cat(parts) if parts else torch.empty((0, f))
         return Scores(self.schema, ids[start:], surprise)
+
+
+def calibrate(scores: torch.Tensor, floor: float = 1.5, factor: float = 1.5) -> dict[str, float]:
+    """An atom's default threshold, from its own training scores only (never from labels).
+
+    ``max(floor, factor × p99.9)``: the training data is mostly normal, so its 99.9th
+    percentile bounds normal surprise; the factor leaves headroom for held-out days.
+    """
+    if len(scores) == 0:
+        return {"threshold": floor}
+    q = torch.quantile(scores.float(), torch.tensor([0.5, 0.99, 0.999])).tolist()
+    return {"threshold": max(floor, factor * q[2]), "score_p50": q[0], "score_p99": q[1], "score_p999": q[2]}

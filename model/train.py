@@ -79,10 +79,15 @@ class Trainer:
     ids: torch.Tensor  # [N, F] token ids, time-ordered
     config: TrainConfig = field(default_factory=TrainConfig)
     init: bytes | None = None  # weights to warm-start from
+    # For models whose examples are not observation streams (the nerve): ready-made windows
+    # and how many final tokens each is scored on.
+    examples: torch.Tensor | None = None
+    predict: int | None = None
 
     def __post_init__(self) -> None:
         self.k = resolve_context(self.schema, self.config.context)
-        self.windows = windows(self.ids, self.k)
+        self.windows = windows(self.ids, self.k) if self.examples is None else self.examples
+        self.predict = self.predict or self.schema.width
         if len(self.windows) == 0:
             raise ValueError(
                 f"atom {self.schema.name!r}: need at least {self.k + 1} observations to train, have {len(self.ids)}"
@@ -131,7 +136,7 @@ class Trainer:
 
     def step(self) -> float:
         w = self._next_batch()
-        f = self.schema.width
+        f = self.predict
         lr = self.lr_at(self.step_no)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -211,8 +216,15 @@ class Trainer:
         t.last_loss, t.elapsed = float(meta["loss"]), float(meta["elapsed"])
         return t
 
-    def weights_bytes(self, info: dict[str, Any] | None = None) -> bytes:
-        base = {"steps": self.step_no, "loss": self.last_loss, "context": self.k,
-                "config": asdict(self.config), "fingerprint": self.fingerprint,
-                "observations": len(self.ids)}
+    def weights_bytes(self, info: dict[str, Any] | None = None, calibrate: bool = True) -> bytes:
+        """Weights with their lineage facts and, for observation atoms, a default threshold."""
+        base: dict[str, Any] = {"steps": self.step_no, "loss": self.last_loss, "context": self.k,
+                                "config": asdict(self.config), "fingerprint": self.fingerprint,
+                                "observations": len(self.ids)}
+        if calibrate and self.examples is None:
+            from kiri.model import score  # here: score depends on weights, not on training
+
+            self.model.eval()
+            base.update(score.calibrate(score.Scorer.from_model(self.schema, self.model, self.k).score(self.ids).mean))
+            self.model.train()
         return save_weights(self.schema, self.model, {**base, **(info or {})})

@@ -29,7 +29,9 @@ class WeightsError(ValueError):
 
 
 def pack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
-    text = {k: json.dumps(v, sort_keys=True, separators=(",", ":")) for k, v in meta.items()}
+    # One metadata entry: safetensors writes its metadata map in hash order, so several keys
+    # would make identical weights hash differently.
+    text = {"kiri": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
     return st_save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=text)
 
 
@@ -46,9 +48,11 @@ def unpack(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise WeightsError(f"not a valid safetensors blob: {e}") from None
     raw_meta = header.get("__metadata__") or {}
     try:
-        meta = {k: json.loads(v) for k, v in raw_meta.items()}
-    except (TypeError, ValueError) as e:
+        meta = json.loads(raw_meta.get("kiri", "{}"))
+    except (TypeError, ValueError, AttributeError) as e:
         raise WeightsError(f"bad metadata: {e}") from None
+    if not isinstance(meta, dict):
+        raise WeightsError("bad metadata: expected an object")
     return tensors, meta
 
 

@@ -1,0 +1,102 @@
+"""The nerve: reads every atom's latest score (plus hour and weekday) and picks an action.
+
+It learns only from the owner's labels. KIRI trained its nerve on its own past decisions,
+which only teaches it to agree with itself; here the training examples are human feedback,
+full stop. Until there are ``min_labels`` of them the nerve uses a documented rule:
+
+    alert   if pulse + rhythm + drift scores >= alert_sum   (default 4.0 nats)
+    ok      otherwise
+
+Missing atom scores count as 0 (nothing surprising seen yet).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kiri.model.schema import NERVE, NERVE_ACTIONS
+from kiri.model.train import TrainConfig, Trainer
+from kiri.model.weights import Weights, load_weights
+
+INPUT_ATOMS = ("pulse", "rhythm", "drift")
+
+
+@dataclass(frozen=True)
+class Label:
+    """One owner-labelled example: the inputs a decision saw, and the right action."""
+
+    scores: Mapping[str, float]
+    hour: float
+    weekday: float
+    action: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    probs: dict[str, float]
+    policy: str  # "rule:alert_sum=4.0" or "model:<weights hash prefix>"
+    inputs: dict[str, float]
+
+
+def state_ids(scores: Mapping[str, float], hour: float, weekday: float) -> list[int]:
+    obs = {a: float(scores.get(a, 0.0)) for a in INPUT_ATOMS}
+    obs.update(hour=hour, weekday=weekday)
+    return NERVE.encode(obs)
+
+
+def _examples(labels: Sequence[Label]) -> torch.Tensor:
+    actions = NERVE.action_ids()
+    rows = []
+    for lab in labels:
+        if lab.action not in NERVE_ACTIONS:
+            raise ValueError(f"label action {lab.action!r} is not one of {', '.join(NERVE_ACTIONS)}")
+        rows.append([0, *state_ids(lab.scores, lab.hour, lab.weekday), actions[NERVE_ACTIONS.index(lab.action)]])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def train(labels: Sequence[Label], steps: int = 300, seed: int = 0) -> bytes:
+    """Nerve weights learned from human labels only."""
+    if not labels:
+        raise ValueError("the nerve needs at least one human label to train")
+    ex = _examples(labels)
+    states = ex[:, 1:-1]
+    cfg = TrainConfig(steps=steps, batch_size=min(64, len(ex)), seed=seed, context=0)
+    t = Trainer(NERVE, states, cfg, examples=ex, predict=1)
+    t.run()
+    return t.weights_bytes({"labels": len(labels)})
+
+
+class Nerve:
+    def __init__(self, weights: bytes | Weights | None = None, *, min_labels: int = 20,
+                 alert_sum: float = 4.0) -> None:
+        self.weights = load_weights(weights) if isinstance(weights, bytes | bytearray) else weights
+        if self.weights is not None and self.weights.schema.name != "nerve":
+            raise ValueError("nerve weights expected, got weights for atom " + self.weights.schema.name)
+        self.min_labels = min_labels
+        self.alert_sum = alert_sum
+
+    @property
+    def learned(self) -> bool:
+        return self.weights is not None and int(self.weights.info.get("labels", 0)) >= self.min_labels
+
+    def decide(self, scores: Mapping[str, float], hour: float, weekday: float) -> Decision:
+        inputs = {a: float(scores.get(a, 0.0)) for a in INPUT_ATOMS} | {"hour": hour, "weekday": weekday}
+        if not self.learned:
+            total = sum(inputs[a] for a in INPUT_ATOMS)
+            p_alert = 1.0 / (1.0 + math.exp(-(total - self.alert_sum) * 4.0))
+            probs = {"ok": 1.0 - p_alert, "alert": p_alert, "suppress": 0.0, "retrain": 0.0}
+            action = "alert" if total >= self.alert_sum else "ok"
+            return Decision(action, probs, f"rule:alert_sum={self.alert_sum}", inputs)
+        assert self.weights is not None
+        x = torch.tensor([[0, *state_ids(scores, hour, weekday)]], dtype=torch.long)
+        with torch.inference_mode():
+            logits = self.weights.model(x, last=1)[0, -1]
+        p = torch.softmax(logits[NERVE.action_ids()], dim=-1).tolist()
+        probs = dict(zip(NERVE_ACTIONS, p, strict=True))
+        action = max(probs, key=probs.__getitem__)
+        return Decision(action, probs, f"model:{self.weights.hash[:12]}", inputs)

@@ -1,0 +1,330 @@
+"""The atoms: state language, model, deterministic resumable training, scoring, nerve, data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kiri.model import schema as S
+from kiri.model import synth
+from kiri.model.gpt import Atom
+from kiri.model.nerve import Label, Nerve
+from kiri.model.nerve import train as train_nerve
+from kiri.model.score import Scorer
+from kiri.model.train import Trainer, TrainConfig
+from kiri.model.weights import WeightsError, content_hash, load_weights
+from kiri.model.windows import encode_many, windows
+
+torch.set_num_threads(1)
+
+# --- the state language ------------------------------------------------------------------
+
+
+def test_preset_vocab_sizes_match_kiri():
+    assert (S.PULSE.vocab_size, S.RHYTHM.vocab_size, S.DRIFT.vocab_size) == (43, 30, 27)
+    assert S.NERVE.vocab[-4:] == ["ok", "alert", "suppress", "retrain"]
+    assert S.PULSE.vocab[:4] == ["<BOS>", "C0", "C1", "C2"]
+
+
+@pytest.mark.parametrize(("value", "token"), [(0, "C0"), (52, "C5"), (99.99, "C9"), (100, "C9"),
+                                              (-5, "C0"), (250, "C9"), ("52", "C5")])
+def test_quantize_and_out_of_range_lands_in_edge_bucket(value, token):
+    obs = {"cpu": value, "mem": 50, "disk": 50, "swap": 10, "load": 1, "net": 1}
+    assert S.PULSE.tokens(S.PULSE.encode(obs))[0] == token
+
+
+@pytest.mark.parametrize(("obs", "field", "needle"), [
+    ({"mem": 1, "disk": 1, "swap": 1, "load": 1, "net": 1}, "cpu", "missing field 'cpu'"),
+    ({"cpu": float("nan"), "mem": 1, "disk": 1, "swap": 1, "load": 1, "net": 1}, "cpu", "finite"),
+    ({"cpu": 1, "mem": float("inf"), "disk": 1, "swap": 1, "load": 1, "net": 1}, "mem", "finite"),
+    ({"cpu": 1, "mem": 1, "disk": "lots", "swap": 1, "load": 1, "net": 1}, "disk", "not a number"),
+    ({"cpu": 1, "mem": 1, "disk": 1, "swap": None, "load": 1, "net": 1}, "swap", "not a number"),
+    ({"cpu": 1, "mem": 1, "disk": 1, "swap": 1, "load": True, "net": 1}, "load", "not a number"),
+    ({"cpu": 1, "mem": 1, "disk": 1, "swap": 1, "load": 1, "net": 1, "gpu": 3}, "gpu", "unknown field"),
+])
+def test_bad_observations_are_refused_naming_the_field(obs, field, needle):
+    with pytest.raises(S.ObservationError) as e:
+        S.PULSE.encode(obs)
+    assert e.value.field == field and needle in str(e.value)
+
+
+def test_fields_by_letter_or_name():
+    by_name = S.DRIFT.encode({"added": 3, "completed": 1, "switched": 2, "hour": 10, "weekday": 1})
+    by_letter = S.DRIFT.encode({"T": 3, "C": 1, "S": 2, "H": 10, "W": 1})
+    assert by_name == by_letter
+
+
+CUSTOM = """
+[[atom]]
+name = "greenhouse"
+description = "temperature and humidity"
+fields = [
+  { letter = "T", name = "temp", low = -10, high = 40, buckets = 10 },
+  { letter = "H", name = "humidity", low = 0, high = 100, buckets = 5 },
+]
+model = { n_embd = 16, n_head = 2, n_layer = 1, block_size = 12 }
+"""
+
+
+def test_custom_atom_from_toml_behaves_like_a_preset(tmp_path):
+    p = tmp_path / "atoms.toml"
+    p.write_text(CUSTOM)
+    (atom,) = S.load_toml(p)
+    assert atom.vocab_size == 16 and atom.max_context() == 5  # [BOS] + 6 obs x 2 tokens = 12 inputs
+    rows = [{"temp": 15 + 5 * math.sin(i / 20), "humidity": 60} for i in range(300)]
+    t = Trainer(atom, encode_many(atom, rows), TrainConfig(steps=30, batch_size=16))
+    t.run()
+    w = load_weights(t.weights_bytes())
+    assert w.schema == atom
+    hot = encode_many(atom, [*rows[-5:], {"temp": 39, "humidity": 5}])
+    normal = encode_many(atom, rows[-6:])
+    sc = Scorer(w)
+    assert sc.score(hot, start=5).mean.item() > sc.score(normal, start=5).mean.item()
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("name = 'x'", "'fields' must be a non-empty list"),
+    ("name = 'Bad Name'\nfields=[{letter='A', name='a', low=0, high=1, buckets=2}]", "atom name"),
+    ("name = 'x'\nfields=[{letter='AA', name='a', low=0, high=1, buckets=2}]", "one capital letter"),
+    ("name = 'x'\nfields=[{letter='A', name='a', low=5, high=1, buckets=2}]", "must be below high"),
+    ("name = 'x'\nfields=[{letter='A', name='a', low=0, high=1, buckets=1}]", "buckets must be"),
+    ("name = 'x'\nfields=[{letter='A', name='a', low=0, high=1, buckets=2.5}]", "buckets must be"),
+    ("name = 'x'\nfields=[{letter='A', name='a', low=0, high=1}]", "missing buckets"),
+    ("name = 'x'\nfields=[{letter='A', name='a', low=0, high=1, buckets=2},"
+     "{letter='A', name='b', low=0, high=1, buckets=2}]", "used twice"),
+    ("name = 'x'\ncolour = 'red'\nfields=[{letter='A', name='a', low=0, high=1, buckets=2}]", "unknown key"),
+    ("name = 'x'\nfields=[{letter='A', name='a', low=0, high=1, buckets=2}]\nmodel={n_embd=30, n_head=4}",
+     "divisible"),
+    ("name = 'x'\nfields=[{letter='A', name='a', low=0, high=1, buckets=2}]\nmodel={block_size=1}", "block_size"),
+    ("this is [not toml", "not valid TOML"),
+])
+def test_bad_custom_atoms_get_precise_errors(tmp_path, text, needle):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(S.SchemaError) as e:
+        S.load_toml(p)
+    assert needle in str(e.value)
+
+
+# --- model and training ------------------------------------------------------------------
+
+
+def test_pulse_has_kiris_parameter_count():
+    assert Atom.for_schema(S.PULSE).n_params() == 27_840
+
+
+def _pulse_ids(days: float = 2, seed: int = 0) -> torch.Tensor:
+    return encode_many(S.PULSE, synth.generate("pulse", days, seed=seed).rows)
+
+
+def test_loss_starts_near_ln_vocab_and_falls_below_one():
+    t = Trainer(S.PULSE, _pulse_ids(), TrainConfig(steps=300, batch_size=32))
+    first = t.step()
+    assert abs(first - math.log(43)) < 0.6
+    t.run()
+    assert t.last_loss < 1.0
+
+
+def test_training_windows_are_the_scoring_windows():
+    ids = _pulse_ids(0.1)
+    w = windows(ids, 1)
+    assert w.shape == (len(ids) - 1, 13)
+    assert torch.equal(w[5, 1:7], ids[5]) and torch.equal(w[5, 7:], ids[6]) and w[5, 0] == 0
+
+
+def test_training_is_deterministic_under_a_seed():
+    ids = _pulse_ids(0.5)
+    a = Trainer(S.PULSE, ids, TrainConfig(steps=40, seed=3))
+    b = Trainer(S.PULSE, ids, TrainConfig(steps=40, seed=3))
+    a.run()
+    b.run()
+    assert content_hash(a.weights_bytes(calibrate=False)) == content_hash(b.weights_bytes(calibrate=False))
+    c = Trainer(S.PULSE, ids, TrainConfig(steps=40, seed=4))
+    c.run()
+    assert content_hash(c.weights_bytes(calibrate=False)) != content_hash(a.weights_bytes(calibrate=False))
+
+
+RESUME = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from kiri.model import schema as S, synth
+    from kiri.model.train import Trainer
+    from kiri.model.windows import encode_many
+    ids = encode_many(S.PULSE, synth.generate("pulse", 0.5, seed=0).rows)
+    state = open(sys.argv[1], "rb").read()
+    t = Trainer.resume(S.PULSE, ids, state)
+    t.run()
+    open(sys.argv[2], "wb").write(t.weights_bytes(calibrate=False))
+""")
+
+
+def test_resumed_in_a_fresh_process_gives_bitwise_the_same_weights(tmp_path):
+    ids = _pulse_ids(0.5)
+    cfg = TrainConfig(steps=70, batch_size=32, seed=11)
+    whole = Trainer(S.PULSE, ids, cfg)
+    whole.run()
+    part = Trainer(S.PULSE, ids, cfg)
+    part.run(until=33)
+    (tmp_path / "state").write_bytes(part.state_bytes())
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "state"), str(tmp_path / "out")],
+                   check=True, timeout=120)
+    resumed = load_weights((tmp_path / "out").read_bytes())
+    ref = whole.model.state_dict()
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, ref[k]), f"{k} differs after resume"
+    assert content_hash((tmp_path / "out").read_bytes()) == content_hash(whole.weights_bytes(calibrate=False))
+
+
+def test_resume_refuses_other_data_or_garbage():
+    ids = _pulse_ids(0.5)
+    t = Trainer(S.PULSE, ids, TrainConfig(steps=10))
+    t.run(until=5)
+    state = t.state_bytes()
+    with pytest.raises(WeightsError, match="different data"):
+        Trainer.resume(S.PULSE, ids[:-10], state)
+    with pytest.raises(WeightsError, match="different atom"):
+        Trainer.resume(S.RHYTHM, ids, state)
+    with pytest.raises(WeightsError):
+        Trainer.resume(S.PULSE, ids, b"\x00" * 100)
+
+
+def test_progress_is_reported():
+    seen = []
+    t = Trainer(S.PULSE, _pulse_ids(0.3), TrainConfig(steps=30))
+    t.run(on_progress=seen.append, every=10)
+    assert [p.step for p in seen] == [10, 20, 30]
+    assert all(p.lr <= 0.01 and p.loss > 0 for p in seen)
+    assert seen[-1].lr == pytest.approx(0.001)  # floored at 10%
+
+
+def test_weights_round_trip_and_refuse_tampering():
+    t = Trainer(S.PULSE, _pulse_ids(0.3), TrainConfig(steps=5))
+    t.run()
+    blob = t.weights_bytes()
+    w = load_weights(blob)
+    assert w.hash == hashlib.sha256(blob).hexdigest() and w.info["steps"] == 5
+    assert w.info["threshold"] >= 1.5
+    with pytest.raises(WeightsError):
+        load_weights(blob[:-100])
+    with pytest.raises(WeightsError):
+        load_weights(b"not weights at all")
+    rhythm = Trainer(S.RHYTHM, encode_many(S.RHYTHM, synth.generate("rhythm", 1).rows), TrainConfig(steps=2))
+    rhythm.run()
+    tensors_of_rhythm = rhythm.weights_bytes()
+    assert load_weights(tensors_of_rhythm).schema.name == "rhythm"
+
+
+# --- scoring -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pulse_week():
+    ids = _pulse_ids(7)
+    t = Trainer(S.PULSE, ids, TrainConfig(steps=500, batch_size=32))
+    t.run()
+    return load_weights(t.weights_bytes())
+
+
+def _obs(c, m, d, s, load, n):  # noqa: PLR0917
+    return {"C": c, "M": m, "D": d, "S": s, "L": load, "N": n}
+
+
+def test_kiris_check_maxed_out_scores_far_above_normal_and_blames_the_right_tokens(pulse_week):
+    sc = Scorer(pulse_week)
+    normal = _obs(55, 55, 45, 25, 5, 1)  # C5 M5 D4 S1 L1 N1
+    maxed = _obs(95, 95, 45, 90, 18, 1)  # C9 M9 D4 S4 L4 N1
+    base = sc.score(encode_many(S.PULSE, [normal, normal]), start=1)
+    hot = sc.score(encode_many(S.PULSE, [normal, maxed]), start=1)
+    assert S.PULSE.tokens(hot.token_ids[0].tolist()) == ["C9", "M9", "D4", "S4", "L4", "N1"]
+    assert hot.mean.item() >= 5 * base.mean.item()
+    blame = {b["token"][0]: b["surprise"] for b in hot.breakdown(0)}
+    assert min(blame["C"], blame["M"], blame["S"], blame["L"]) > max(blame["D"], blame["N"])
+    assert hot.mean.item() > sc.threshold > base.mean.item()
+
+
+def test_batched_scoring_equals_one_at_a_time_and_is_context_true(pulse_week):
+    sc = Scorer(pulse_week)
+    ids = _pulse_ids(0.05, seed=5)
+    batch = sc.score(ids)
+    assert len(batch.mean) == len(ids)
+    for i in (0, 1, 7, len(ids) - 1):
+        alone = sc.score(ids[max(0, i - sc.k): i + 1], start=min(i, sc.k))
+        assert torch.allclose(alone.mean, batch.mean[i: i + 1], atol=1e-5)
+    # only the previous k observations matter: changing an older one changes nothing
+    changed = ids.clone()
+    changed[3] = ids[40]
+    again = sc.score(changed)
+    assert torch.allclose(again.mean[3 + sc.k + 1:], batch.mean[3 + sc.k + 1:], atol=1e-6)
+    assert not torch.allclose(again.mean[3: 3 + sc.k + 1], batch.mean[3: 3 + sc.k + 1])
+
+
+def test_breakdown_probabilities_are_consistent(pulse_week):
+    r = Scorer(pulse_week).score(_pulse_ids(0.01))
+    for b in r.breakdown(2):
+        assert b["prob"] == pytest.approx(math.exp(-b["surprise"]))
+
+
+# --- the nerve ---------------------------------------------------------------------------
+
+
+def test_nerve_falls_back_to_the_threshold_rule_without_labels():
+    n = Nerve()
+    calm = n.decide({"pulse": 0.3, "rhythm": 0.2, "drift": 0.1}, 14, 2)
+    storm = n.decide({"pulse": 6.0}, 3, 6)
+    assert calm.action == "ok" and storm.action == "alert"
+    assert calm.policy.startswith("rule:") and sum(storm.probs.values()) == pytest.approx(1.0)
+
+
+def test_nerve_learns_from_human_labels_only():
+    labels = []
+    for i in range(25):
+        labels.append(Label({"pulse": 8.0 + i % 3}, 3, 6, "suppress"))  # weekend night backups
+        labels.append(Label({"pulse": 8.0 + i % 3}, 14, 2, "alert"))
+        labels.append(Label({"pulse": 0.2}, 14, 2, "ok"))
+    n = Nerve(train_nerve(labels))
+    assert n.learned
+    night = n.decide({"pulse": 9.0}, 3, 6)
+    day = n.decide({"pulse": 9.0}, 14, 2)
+    assert night.action == "suppress" and day.action == "alert"
+    assert night.policy.startswith("model:")
+    assert sum(day.probs.values()) == pytest.approx(1.0)
+    few = Nerve(train_nerve(labels[:5]))
+    assert not few.learned  # under min_labels: still the rule
+    with pytest.raises(ValueError, match="not one of"):
+        train_nerve([Label({"pulse": 1}, 1, 1, "panic")])
+
+
+# --- synthetic data ----------------------------------------------------------------------
+
+
+def test_synthetic_data_is_reproducible_and_labelled():
+    def digest(seed: int) -> str:
+        w = synth.world(7, seed=seed, anomalies={"spike": 2, "busy_idle_owner": 1, "night_activity": 1})
+        return hashlib.sha256(json.dumps({a: (s.times, s.rows, s.labels) for a, s in w.items()}).encode()).hexdigest()
+
+    assert digest(1) == digest(1)
+    assert digest(1) != digest(2)
+    w = synth.world(7, seed=1, anomalies={"spike": 2, "busy_idle_owner": 1, "night_activity": 1, "overload": 1})
+    assert {"spike", "busy_idle_owner"} <= set(w["pulse"].labels)
+    assert {"night_activity", "busy_idle_owner"} <= set(w["rhythm"].labels)
+    assert "overload" in w["drift"].labels
+    assert w["pulse"].times[0] == synth.EPOCH
+    # every generated row is valid for its atom
+    for atom, series in w.items():
+        encode_many(S.get(atom), series.rows)
+
+
+def test_impossible_anomaly_placement_is_an_error():
+    with pytest.raises(ValueError, match="could not place"):
+        synth.events(0, 2, synth.EPOCH, {"night_activity": 1})  # Mon-Tue: no weekend night
+    with pytest.raises(ValueError, match="unknown anomaly class"):
+        synth.events(0, 7, synth.EPOCH, {"meteor": 1})
