@@ -10,26 +10,22 @@ enqueues one task at a time and the agent reports when its lease reply arrived.
 
 from __future__ import annotations
 
-import os
+import _paths  # noqa: F401  (must come first: see bench/_paths.py)
+
+# isort: split
+
+import multiprocessing as mp
+import socket
+import statistics
+import subprocess
 import sys
+import time
 
-# This file is named like the stdlib's `queue`: take bench/ off the path before anything
-# imports it, and put the repository root on instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import click
+import orjson
 
-import multiprocessing as mp  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-import click  # noqa: E402
-import orjson  # noqa: E402
-
-from bench._hub import running_hub  # noqa: E402
-from kiri.agents.client import HubClient  # noqa: E402
+from bench._hub import running_hub
+from kiri.agents.client import HubClient
 
 
 def pipelined_enqueue(port: int, n: int, window: int = 256) -> None:

@@ -2,12 +2,15 @@
 
 It learns only from the owner's labels. KIRI trained its nerve on its own past decisions,
 which only teaches it to agree with itself; here the training examples are human feedback,
-full stop. Until there are ``min_labels`` of them the nerve uses a documented rule:
+full stop. Until there are ``min_labels`` of them the nerve uses a documented rule on the
+summed scores, each scaled by its atom's own threshold:
 
-    alert   if pulse + rhythm + drift scores >= alert_sum   (default 4.0 nats)
+    alert   if  pulse/t_pulse + rhythm/t_rhythm + drift/t_drift >= 1
     ok      otherwise
 
-Missing atom scores count as 0 (nothing surprising seen yet).
+so one atom past its threshold alerts, and so do several atoms each part of the way there.
+An atom with no known threshold uses ``alert_sum`` (4.0 nats). Missing scores count as 0
+(nothing surprising seen yet).
 """
 
 from __future__ import annotations
@@ -73,12 +76,13 @@ def train(labels: Sequence[Label], steps: int = 300, seed: int = 0) -> bytes:
 
 class Nerve:
     def __init__(self, weights: bytes | Weights | None = None, *, min_labels: int = 20,
-                 alert_sum: float = 4.0) -> None:
+                 alert_sum: float = 4.0, thresholds: Mapping[str, float] | None = None) -> None:
         self.weights = load_weights(weights) if isinstance(weights, bytes | bytearray) else weights
         if self.weights is not None and self.weights.schema.name != "nerve":
             raise ValueError("nerve weights expected, got weights for atom " + self.weights.schema.name)
         self.min_labels = min_labels
         self.alert_sum = alert_sum
+        self.thresholds = {a: float((thresholds or {}).get(a, alert_sum)) for a in INPUT_ATOMS}
 
     @property
     def learned(self) -> bool:
@@ -87,11 +91,11 @@ class Nerve:
     def decide(self, scores: Mapping[str, float], hour: float, weekday: float) -> Decision:
         inputs = {a: float(scores.get(a, 0.0)) for a in INPUT_ATOMS} | {"hour": hour, "weekday": weekday}
         if not self.learned:
-            total = sum(inputs[a] for a in INPUT_ATOMS)
-            p_alert = 1.0 / (1.0 + math.exp(-(total - self.alert_sum) * 4.0))
+            total = sum(inputs[a] / self.thresholds[a] for a in INPUT_ATOMS)
+            p_alert = 1.0 / (1.0 + math.exp(-(total - 1.0) * 16.0))
             probs = {"ok": 1.0 - p_alert, "alert": p_alert, "suppress": 0.0, "retrain": 0.0}
-            action = "alert" if total >= self.alert_sum else "ok"
-            return Decision(action, probs, f"rule:alert_sum={self.alert_sum}", inputs)
+            action = "alert" if total >= 1.0 else "ok"
+            return Decision(action, probs, "rule:scaled_sum>=1", inputs)
         assert self.weights is not None
         x = torch.tensor([[0, *state_ids(scores, hour, weekday)]], dtype=torch.long)
         with torch.inference_mode():

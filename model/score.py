@@ -80,13 +80,14 @@ class Scorer:
         return Scores(self.schema, ids[start:], surprise)
 
 
-def calibrate(scores: torch.Tensor, floor: float = 1.5, factor: float = 1.5) -> dict[str, float]:
-    """An atom's default threshold, from its own training scores only (never from labels).
+def calibrate(scores: torch.Tensor, floor: float = 1.5, factor: float = 2.0) -> dict[str, float]:
+    """An atom's default threshold from scores on normal data, never from labels.
 
-    ``max(floor, factor × p99.9)``: the training data is mostly normal, so its 99.9th
-    percentile bounds normal surprise; the factor leaves headroom for held-out days.
+    ``max(floor, factor * p99)``: the 99th percentile is stable from a few hundred scores
+    (the 99.9th swings with single outliers), and the factor leaves headroom for days the
+    model has not seen.
     """
     if len(scores) == 0:
         return {"threshold": floor}
     q = torch.quantile(scores.float(), torch.tensor([0.5, 0.99, 0.999])).tolist()
-    return {"threshold": max(floor, factor * q[2]), "score_p50": q[0], "score_p99": q[1], "score_p999": q[2]}
+    return {"threshold": max(floor, factor * q[1]), "score_p50": q[0], "score_p99": q[1], "score_p999": q[2]}

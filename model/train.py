@@ -37,6 +37,9 @@ class TrainConfig:
     eps: float = 1e-8
     seed: int = 0
     context: int | None = None  # previous observations per window; None = as many as fit
+    # Fraction of windows (seeded, spread over the whole span) kept out of training and used
+    # to set the atom's default threshold: scores on data the model has not fitted, never labels.
+    holdout: float = 0.2
 
     def __post_init__(self) -> None:
         checks = [
@@ -46,6 +49,7 @@ class TrainConfig:
             (0 <= self.lr_floor <= 1, "lr_floor must be in [0, 1]"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
             (isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed must be a non-negative integer"),
+            (0 <= self.holdout < 1, "holdout must be in [0, 1)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -86,7 +90,15 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.k = resolve_context(self.schema, self.config.context)
-        self.windows = windows(self.ids, self.k) if self.examples is None else self.examples
+        self.held = torch.empty(0, dtype=torch.long)  # target indices kept for calibration
+        if self.examples is None:
+            all_w = windows(self.ids, self.k)
+            n_hold = int(len(all_w) * self.config.holdout) if len(all_w) >= 20 else 0
+            order = torch.randperm(len(all_w), generator=torch.Generator().manual_seed(self.config.seed + 2))
+            self.held = order[:n_hold].sort().values + self.k
+            self.windows = all_w[order[n_hold:].sort().values]
+        else:
+            self.windows = self.examples
         self.predict = self.predict or self.schema.width
         if len(self.windows) == 0:
             raise ValueError(
@@ -225,6 +237,11 @@ class Trainer:
             from kiri.model import score  # here: score depends on weights, not on training
 
             self.model.eval()
-            base.update(score.calibrate(score.Scorer.from_model(self.schema, self.model, self.k).score(self.ids).mean))
+            all_scores = score.Scorer.from_model(self.schema, self.model, self.k).score(self.ids).mean
+            # Held-out windows when there are enough for a stable p99; else all of them.
+            held = len(self.held) >= 200
+            scores = all_scores[self.held] if held else all_scores
+            base.update(score.calibrate(scores), calibrated_on="holdout" if held else "all",
+                        held_out=len(self.held))
             self.model.train()
         return save_weights(self.schema, self.model, {**base, **(info or {})})

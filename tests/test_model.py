@@ -18,7 +18,7 @@ from kiri.model.gpt import Atom
 from kiri.model.nerve import Label, Nerve
 from kiri.model.nerve import train as train_nerve
 from kiri.model.score import Scorer
-from kiri.model.train import Trainer, TrainConfig
+from kiri.model.train import TrainConfig, Trainer
 from kiri.model.weights import WeightsError, content_hash, load_weights
 from kiri.model.windows import encode_many, windows
 
@@ -234,7 +234,7 @@ def pulse_week():
     return load_weights(t.weights_bytes())
 
 
-def _obs(c, m, d, s, load, n):  # noqa: PLR0917
+def _obs(c, m, d, s, load, n):
     return {"C": c, "M": m, "D": d, "S": s, "L": load, "N": n}
 
 

@@ -1,0 +1,53 @@
+"""Scoring speed: observations scored per second, batched, each with its context window.
+
+    python bench/score.py [--n 200000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import _paths  # noqa: F401  (must come first: see bench/_paths.py)
+
+# isort: split
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import click
+import torch
+
+from kiri.model import schema as S
+from kiri.model import synth
+from kiri.model.score import Scorer
+from kiri.model.train import TrainConfig, Trainer
+from kiri.model.weights import load_weights
+from kiri.model.windows import encode_many
+
+
+@click.command()
+@click.option("--days", default=70.0, show_default=True, help="Days of 30 s pulse data to score (70 = 201,600).")
+@click.option("--repeat", default=3, show_default=True)
+@click.option("--threads", default=1, show_default=True)
+def main(days: float, repeat: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    train_ids = encode_many(S.PULSE, synth.generate("pulse", 2, seed=0).rows)
+    t = Trainer(S.PULSE, train_ids, TrainConfig(steps=50))
+    t.run()
+    scorer = Scorer(load_weights(t.weights_bytes()))
+    ids = encode_many(S.PULSE, synth.generate("pulse", days, seed=1).rows)
+    scorer.score(ids[:20000])
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        scorer.score(ids)
+        runs.append(time.perf_counter() - t0)
+    dt = statistics.median(runs)
+    print(f"pulse, context {scorer.k} previous observation(s), {threads} thread(s): "
+          f"{len(ids)} observations in {dt:.2f} s = {len(ids) / dt:,.0f} observations/s (median of {repeat})")
+
+
+if __name__ == "__main__":
+    main()
