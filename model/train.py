@@ -116,7 +116,7 @@ class Trainer:
         self.model.train()
         c = self.config
         self.opt = torch.optim.Adam(self.model.parameters(), lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
-                                    foreach=True)
+                                    fused=True)
         self.shuffle = torch.Generator().manual_seed(c.seed + 1)
         self.perm = torch.randperm(len(self.windows), generator=self.shuffle)
         self.pos = 0
