@@ -208,5 +208,73 @@ def stats(c: Ctx) -> None:
     c.out(res, "\n".join(parts))
 
 
+
+# --- atoms and synthetic data (local: no hub needed) ---------------------------------------
+
+
+def _anomaly_counts(_ctx: click.Context, _p: click.Parameter, values: tuple[str, ...]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in values:
+        name, sep, n = item.partition("=")
+        try:
+            out[name] = int(n) if sep else 1
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: expected CLASS or CLASS=COUNT", param_hint="--anomaly") from None
+        if out[name] < 0:
+            raise click.BadParameter(f"{item!r}: count must be >= 0", param_hint="--anomaly")
+    return out
+
+
+@main.command()
+@click.option("--file", "path", type=click.Path(dir_okay=False), help="Validate and show the atoms in this TOML file.")
+@pass_ctx
+def atoms(c: Ctx, path: str | None) -> None:
+    """List the preset atoms (or the atoms defined in a TOML file) with their fields."""
+    from kiri.model import schema as S
+
+    try:
+        found = S.load_toml(path) if path else list(S.PRESETS.values())
+    except S.SchemaError as e:
+        raise click.ClickException(str(e)) from None
+    if c.as_json:
+        c.out([a.to_dict() for a in found], "")
+        return
+    parts = []
+    for a in found:
+        z = a.size
+        parts.append(f"{a.name}: vocab {a.vocab_size}, {a.max_context()} previous observation(s) of context, "
+                     f"model {z.n_embd}d x {z.n_layer} layers, {z.n_head} heads, block {z.block_size}"
+                     + (f"\n  {a.description}" if a.description else ""))
+        parts.append(table(["LETTER", "FIELD", "LOW", "HIGH", "BUCKETS"],
+                           [(f.letter, f.name, f.low, f.high, f.buckets) for f in a.fields]))
+        if a.actions:
+            parts.append("  actions: " + ", ".join(a.actions))
+        parts.append("")
+    click.echo("\n".join(parts).rstrip())
+
+
+@main.command()
+@click.argument("atom", type=click.Choice(["pulse", "rhythm", "drift"]))
+@click.option("--days", default=7.0, show_default=True, type=click.FloatRange(0.01, 3650))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
+@click.option("--start", type=float, help="Start time, epoch seconds [default: Monday 2024-01-01 00:00 UTC].")
+@click.option("--anomaly", "anomalies", multiple=True, callback=_anomaly_counts, metavar="CLASS[=N]",
+              help="Inject labelled anomalies: spike, night_activity, overload, busy_idle_owner. Repeatable.")
+def synth(atom: str, days: float, seed: int, start: float | None, anomalies: dict[str, int]) -> None:
+    """Print seeded synthetic observations for ATOM as JSON lines (the same seed, the same bytes)."""
+    from kiri.model import synth as gen
+
+    try:
+        series = gen.generate(atom, days, seed, start if start is not None else gen.EPOCH, anomalies)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    out = click.get_text_stream("stdout")
+    for t, row, label in zip(series.times, series.rows, series.labels, strict=True):
+        rec = {"time": t, **{k: round(v, 4) for k, v in row.items()}}
+        if label:
+            rec["label"] = label
+        out.write(orjson.dumps(rec).decode() + "\n")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

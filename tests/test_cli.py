@@ -63,3 +63,29 @@ def test_cli_bad_hub_address():
     out = subprocess.run([sys.executable, "-m", "kiri.cli", "--hub", "localhost:notaport", "stats"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not a number" in out.stderr
+
+
+def test_synth_is_byte_reproducible_and_labels_anomalies():
+    a = kiri(None, "synth", "pulse", "--days", "1", "--seed", "4", "--anomaly", "spike=2").stdout
+    b = kiri(None, "synth", "pulse", "--days", "1", "--seed", "4", "--anomaly", "spike=2").stdout
+    assert a == b and len(a.splitlines()) == 2880
+    rows = [json.loads(line) for line in a.splitlines()]
+    assert sum(1 for r in rows if r.get("label") == "spike") == 20
+    assert set(rows[0]) >= {"time", "cpu", "mem", "disk", "swap", "load", "net"}
+    assert kiri(None, "synth", "pulse", "--days", "1", "--seed", "5").stdout != a
+    bad = kiri(None, "synth", "pulse", "--anomaly", "meteor", ok=False)
+    assert bad.returncode == 1 and "unknown anomaly class" in bad.stderr
+    bad = kiri(None, "synth", "pulse", "--anomaly", "spike=x", ok=False)
+    assert bad.returncode == 2
+
+
+def test_atoms_lists_presets_and_validates_custom_files(tmp_path):
+    out = kiri(None, "atoms").stdout
+    assert "pulse: vocab 43" in out and "rhythm: vocab 30" in out and "retrain" in out
+    good = tmp_path / "a.toml"
+    good.write_text('name = "tank"\nfields = [{letter = "L", name = "level", low = 0, high = 10, buckets = 4}]\n')
+    assert "tank: vocab 5" in kiri(None, "atoms", "--file", str(good)).stdout
+    bad = tmp_path / "b.toml"
+    bad.write_text('name = "tank"\nfields = [{letter = "L", name = "level", low = 10, high = 0, buckets = 4}]\n')
+    out = kiri(None, "atoms", "--file", str(bad), ok=False)
+    assert out.returncode == 1 and "must be below high" in out.stderr
