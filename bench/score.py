@@ -24,7 +24,7 @@ from kiri.model import synth
 from kiri.model.score import Scorer
 from kiri.model.train import TrainConfig, Trainer
 from kiri.model.weights import load_weights
-from kiri.model.windows import encode_many
+from kiri.model.windows import encode_many, windows
 
 
 @click.command()
@@ -45,8 +45,22 @@ def main(days: float, repeat: int, threads: int) -> None:
         scorer.score(ids)
         runs.append(time.perf_counter() - t0)
     dt = statistics.median(runs)
-    print(f"pulse, context {scorer.k} previous observation(s), {threads} thread(s): "
-          f"{len(ids)} observations in {dt:.2f} s = {len(ids) / dt:,.0f} observations/s (median of {repeat})")
+    distinct = len(torch.unique(windows(ids, scorer.k), dim=0))
+    print(f"pulse, context {scorer.k} previous observation(s), {threads} thread(s):")
+    print(f"  synthetic stream ({distinct:,} distinct windows): {len(ids):,} observations in {dt:.3f} s "
+          f"= {len(ids) / dt:,.0f} observations/s (median of {repeat})")
+    # worst case: every window distinct, so nothing can be shared
+    b = torch.tensor([f.buckets for f in S.PULSE.fields])
+    rand = (torch.rand(len(ids) // 4, S.PULSE.width, generator=torch.Generator().manual_seed(0)) * b).long()
+    rand += torch.tensor(S.PULSE.offsets())
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        scorer.score(rand)
+        runs.append(time.perf_counter() - t0)
+    dt = statistics.median(runs)
+    print(f"  random observations (all windows distinct): {len(rand):,} in {dt:.2f} s "
+          f"= {len(rand) / dt:,.0f} observations/s (median of {repeat})")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if level.lower() != "debug":
+        # Alembic narrates every start at INFO; the hub's own line says where it is.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def resolve_db(db: str | None, data_dir: Path | None) -> str:

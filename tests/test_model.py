@@ -329,3 +329,18 @@ def test_impossible_anomaly_placement_is_an_error():
         synth.events(0, 2, synth.EPOCH, {"night_activity": 1})  # Mon-Tue: no weekend night
     with pytest.raises(ValueError, match="unknown anomaly class"):
         synth.events(0, 7, synth.EPOCH, {"meteor": 1})
+
+
+def test_scoring_distinct_windows_once_is_exact(pulse_week):
+    from kiri.model.score import window_keys
+
+    sc = Scorer(pulse_week)
+    ids = _pulse_ids(1, seed=9)  # a day of 30 s data: a few dozen distinct windows
+    w = windows(ids, sc.k)
+    keys = window_keys(S.PULSE, w)
+    assert len(torch.unique(keys)) == len(torch.unique(w, dim=0)) < len(w) // 10  # no collisions, many repeats
+    assert torch.allclose(sc._surprise(w), sc._forward(w), atol=1e-6)
+    # an atom whose windows overflow one int64 key falls back to row-wise dedupe
+    big = S.AtomSchema("wide", tuple(S.Field(chr(65 + i), f"f{i}", 0, 1, 100) for i in range(6)),
+                       size=S.ModelSize(block_size=16))
+    assert window_keys(big, torch.zeros((3, 13), dtype=torch.long)) is None

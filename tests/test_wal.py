@@ -41,7 +41,10 @@ def test_wal_is_checkpointed_under_load_with_active_readers(hub_factory):
         for t in threads:
             t.join()
     assert reads["n"] > 50
-    # 3,000 single-task commits write ~60 MiB of WAL frames (index pages included); without
+    # 3,000 single-task commits write ~75 MiB of WAL frames (index pages included). Without
     # forced checkpoints the readers keep the WAL from ever restarting and it holds all of it
-    assert max(sizes) < 8 << 20, sizes
+    # (67 MiB measured before the fix). With them it is reset again and again: bounded by
+    # what a few ticks of writes add, however busy the machine (no timing assumed here).
+    assert any(b < a for a, b in zip(sizes, sizes[1:], strict=False)), f"WAL never truncated: {sizes}"
+    assert max(sizes) < 25 << 20, sizes
     assert "database is locked" not in h.log()
