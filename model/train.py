@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from kiri.model.gpt import Atom
 from kiri.model.schema import AtomSchema
+from kiri.model.score import window_keys
 from kiri.model.weights import WeightsError, load_weights, pack, save_weights, unpack
 from kiri.model.windows import resolve_context, windows
 
@@ -146,14 +147,34 @@ class Trainer:
                 self.perm = torch.randperm(len(self.windows), generator=self.shuffle)
         return self.windows[torch.cat(parts) if len(parts) > 1 else parts[0]]
 
+    def _loss(self, w: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the predicted tokens of a batch of windows.
+
+        Quantized streams repeat: a batch often holds the same window many times. The mean
+        over the batch equals the count-weighted mean over its distinct windows, so forward
+        and backward run only on those (same gradient, a fraction of the work).
+        """
+        f = self.predict
+        if self.examples is None and len(w) > 1:
+            keys = window_keys(self.schema, w)
+            uniq, inverse, counts = (torch.unique(keys, return_inverse=True, return_counts=True) if keys is not None
+                                     else torch.unique(w, dim=0, return_inverse=True, return_counts=True))
+            if len(uniq) < len(w):
+                rep = torch.empty(len(uniq), dtype=torch.long).scatter_(0, inverse, torch.arange(len(w)))
+                wu = w[rep]
+                logits = self.model(wu[:, :-1], last=f)
+                per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), wu[:, -f:].reshape(-1),
+                                      reduction="none").view(len(uniq), f)
+                return (per.sum(dim=1) * counts).sum() / (len(w) * f)
+        logits = self.model(w[:, :-1], last=f)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, -f:].reshape(-1))
+
     def step(self) -> float:
         w = self._next_batch()
-        f = self.predict
         lr = self.lr_at(self.step_no)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        logits = self.model(w[:, :-1], last=f)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, -f:].reshape(-1))
+        loss = self._loss(w)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -234,7 +255,7 @@ class Trainer:
                                 "config": asdict(self.config), "fingerprint": self.fingerprint,
                                 "observations": len(self.ids)}
         if calibrate and self.examples is None:
-            from kiri.model import score  # here: score depends on weights, not on training
+            from kiri.model import score
 
             self.model.eval()
             all_scores = score.Scorer.from_model(self.schema, self.model, self.k).score(self.ids).mean
