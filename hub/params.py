@@ -108,3 +108,34 @@ def describe(err: ValidationError) -> str:
         loc = ".".join(str(x) for x in e["loc"]) or "params"
         parts.append(f"{loc}: {e['msg']}")
     return "; ".join(parts)
+
+
+ImportId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
+
+
+class ObservationIn(Params):
+    time: Annotated[float, Field(ge=0, le=1e11)] | None = None
+    host: Annotated[str, StringConstraints(max_length=200)] | None = None
+    values: dict[str, Any]
+
+
+class Observe(Params):
+    atom: Name
+    observations: Annotated[list[ObservationIn], Field(min_length=1, max_length=10_000)]
+    import_id: ImportId | None = None  # stage for an all-or-nothing bulk import
+
+
+class ImportRef(Params):
+    import_id: ImportId
+
+
+class Observations(Params):
+    atom: Name
+    after_id: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    limit: Annotated[int, Field(ge=1, le=5000)] = 1000
+    since: float | None = None
+    until: float | None = None
+
+
+class DefineAtom(Params):
+    schema_: dict[str, Any] = Field(alias="schema")

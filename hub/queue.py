@@ -278,6 +278,11 @@ def ack(c: sa.Connection, p: P.Ack, env: Env) -> dict[str, Any]:
         return {"status": "done"}
     state = c.execute(_task_state, {"tid": p.task_id}).first()
     if state is not None and state.status == "done" and state.lease_token == p.lease_token:
+        # A resend after a lost reply. The next task leased with the lost reply will expire
+        # and be retried; lease a fresh one so this agent keeps working.
+        if p.next is not None:
+            nxt = lease(c, P.Lease(kinds=p.next.kinds, ttl=p.next.ttl), env)
+            return {"status": "already_done", "next": nxt or {"task": None}}
         return {"status": "already_done"}
     raise _lost(c, p.task_id)
 

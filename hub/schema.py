@@ -107,3 +107,41 @@ agents = sa.Table(
     sa.Column("first_seen", sa.Float, nullable=False),
     sa.Column("last_seen", sa.Float, nullable=False),
 )
+
+# User-defined atoms (presets live in code); the schema is the validated TOML as JSON.
+atoms = sa.Table(
+    "atoms",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("schema", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+observations = sa.Table(
+    "observations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("atom", sa.String(32), nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("host", sa.String(200), nullable=True),
+    sa.Column("data", sa.Text, nullable=False),  # {"field name": value} as JSON
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_observations_atom_id", "atom", "id"),
+    sa.Index("ix_observations_atom_ts", "atom", "ts"),
+)
+
+# Bulk imports land here chunk by chunk and move to `observations` in one transaction on
+# commit, so an import applies entirely or not at all even if the importer dies midway.
+staged_observations = sa.Table(
+    "staged_observations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("import_id", sa.String(64), nullable=False),
+    sa.Column("atom", sa.String(32), nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("host", sa.String(200), nullable=True),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_staged_observations_import_id", "import_id", "id"),
+)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from kiri import PROTOCOL_VERSION, __version__
 from kiri.hub import db as dbmod
+from kiri.hub import observations as O
 from kiri.hub import params as P
 from kiri.hub import queue as Q
 from kiri.protocol import (
@@ -191,6 +192,7 @@ class Hub:
         self.tick_task: asyncio.Task[None] | None = None
         self.last_wal_checkpoint = time.monotonic()
         self.stats_counters: dict[str, int] = {"batches": 0, "ops": 0, "leases": 0, "acks": 0}
+        self.atoms = O.AtomRegistry()
         self.methods: dict[str, tuple[type[BaseModel], Handler]] = {
             "enqueue": (P.Enqueue, Q.enqueue),
             "lease": (P.Lease, Q.lease),
@@ -203,6 +205,12 @@ class Hub:
             "task": (P.TaskRef, Q.get_task),
             "tasks": (P.Tasks, Q.list_tasks),
             "stats": (P.Empty, self._stats),
+            "atoms": (P.Empty, self.atoms.list),
+            "define_atom": (P.DefineAtom, self.atoms.define),
+            "observe": (P.Observe, lambda c, p, env: O.observe(self.atoms, c, p, env)),
+            "commit_import": (P.ImportRef, O.commit_import),
+            "abort_import": (P.ImportRef, O.abort_import),
+            "observations": (P.Observations, lambda c, p, env: O.list_observations(self.atoms, c, p, env)),
         }
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -210,6 +218,7 @@ class Hub:
     async def start(self) -> None:
         with self.db.begin():
             Q.disconnect_all(self.db)
+            self.atoms.load(self.db)
         self._arm_due(self._query(lambda c: Q.next_due(c, time.time())))
         self.server = await self.loop.create_server(
             lambda: Connection(self), self.settings.host, self.settings.port, reuse_address=True,
@@ -520,6 +529,7 @@ class Hub:
     def _tick(self) -> None:
         def reap(c: sa.Connection, _p: Any, env: Q.Env) -> None:
             reaped = Q.reap(c, env)
+            O.expire_staged(c, env.now)
             for task_id, status in reaped:
                 log.info("lease on task %s expired; task is now %s", task_id, status)
             self._flush_agents_in(c, env.now)

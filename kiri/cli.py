@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -274,6 +276,99 @@ def synth(atom: str, days: float, seed: int, start: float | None, anomalies: dic
         if label:
             rec["label"] = label
         out.write(orjson.dumps(rec).decode() + "\n")
+
+
+
+# --- observations --------------------------------------------------------------------------
+
+CHUNK = 2000
+
+
+def _hub_schema(c: Ctx, atom: str):  # type: ignore[no-untyped-def]
+    from kiri.model import schema as S
+
+    known = {a["name"]: a for a in c.call("atoms")["atoms"]}
+    if atom not in known:
+        raise click.ClickException(f"unknown atom {atom!r}; known atoms: {', '.join(sorted(known))}")
+    return S.AtomSchema.from_dict({k: v for k, v in known[atom].items() if k != "preset"})
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("atom")
+@click.argument("fields", nargs=-1, type=click.UNPROCESSED)
+@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Bulk import: JSON lines or CSV (by extension), one observation per line.")
+@click.option("--skip-bad", is_flag=True, help="With --file: import the good lines and report the bad ones.")
+@click.option("--time", "when", type=float, help="Observation time, epoch seconds [default: now].")
+@click.option("--host", help="Where it was observed [default: none].")
+@pass_ctx
+def observe(c: Ctx, atom: str, fields: tuple[str, ...], path: Path | None, skip_bad: bool, when: float | None,
+            host: str | None) -> None:
+    """Push observations for ATOM: `kiri observe drift --added 3 --completed 1 --switched 2`,
+    `kiri observe pulse cpu=52 mem=40 ...`, or `--file data.jsonl` / `data.csv`.
+
+    Hour and weekday fields, when an atom has them and they are not given, come from the
+    observation's local time. A file is all or nothing unless --skip-bad.
+    """
+    from kiri import importing
+    from kiri.model.schema import ObservationError
+
+    schema = _hub_schema(c, atom)
+    now = time.time() if when is None else when
+    if path is None:
+        if not fields:
+            raise click.UsageError("give field values (--added 3, cpu=52 ...) or --file")
+        try:
+            rec: dict[str, Any] = dict(importing.parse_pairs(fields))
+            if host:
+                rec["host"] = host
+            obs = importing.to_observation(schema, {**rec, "time": now}, now)
+        except (ObservationError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+        res = c.call("observe", {"atom": atom, "observations": [obs]})
+        c.out(res, f"stored observation {res['first_id']} for {atom}: "
+              + " ".join(schema.tokens(schema.encode(obs["values"]))))
+        return
+    if fields:
+        raise click.UsageError("give either field values or --file, not both")
+    try:
+        good, bad = importing.read_file(schema, path, now)
+    except importing.ImportFileError as e:
+        raise click.ClickException(str(e)) from None
+    if bad and not skip_bad:
+        shown = "\n".join(f"  line {b.line}: {b.message}" for b in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise click.ClickException(
+            f"{path}: {len(bad)} bad line(s); nothing was imported (use --skip-bad to import the rest)\n"
+            f"{shown}{more}")
+    if not good:
+        raise click.ClickException(f"{path}: no valid observations to import")
+    res = _upload(c, atom, good)
+    for b in bad:
+        click.echo(f"skipped line {b.line}: {b.message}", err=True)
+    summary = {**res, "skipped": [{"line": b.line, "error": b.message} for b in bad]}
+    c.out(summary, f"imported {res['stored']} observation(s) into {atom}"
+          + (f", skipped {len(bad)} bad line(s)" if bad else ""))
+
+
+def _upload(c: Ctx, atom: str, good: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stage in chunks, then commit once: the import applies entirely or not at all."""
+    import uuid
+
+    import_id = uuid.uuid4().hex
+    show = sys.stderr.isatty() and not c.as_json
+    try:
+        with click.progressbar(length=len(good), label="importing", file=sys.stderr,
+                               hidden=not show) as bar:
+            for i in range(0, len(good), CHUNK):
+                chunk = good[i: i + CHUNK]
+                c.call("observe", {"atom": atom, "observations": chunk, "import_id": import_id})
+                bar.update(len(chunk))
+        return c.call("commit_import", {"import_id": import_id})
+    except (click.ClickException, KeyboardInterrupt):
+        with contextlib.suppress(RpcError, HubUnreachable):  # else the hub expires it by itself
+            c.client().call("abort_import", {"import_id": import_id})
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

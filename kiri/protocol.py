@@ -129,6 +129,7 @@ _BY_CODE: dict[int, type[RpcError]] = {
 METHODS = (
     "hello", "ping", "enqueue", "lease", "heartbeat", "checkpoint", "ack", "fail",
     "cancel", "retry", "task", "tasks", "stats",
+    "atoms", "define_atom", "observe", "commit_import", "abort_import", "observations",
 )
 
 TASK_STATES = ("queued", "leased", "done", "dead", "cancelled")

@@ -19,7 +19,8 @@ json_values = st.recursive(
 )
 field_names = st.sampled_from(["kind", "atom", "params", "priority", "delay", "max_attempts", "dedupe_key",
                                "kinds", "wait", "ttl", "task_id", "lease_token", "step", "data", "result",
-                               "error", "retry", "release", "status", "limit", "parent_id"]) | st.text(max_size=6)
+                               "error", "retry", "release", "status", "limit", "parent_id", "observations",
+                               "import_id", "schema", "after_id", "since", "until"]) | st.text(max_size=6)
 requests = st.fixed_dictionaries(
     {"jsonrpc": st.sampled_from(["2.0", "1.0", 2]), "id": st.integers(1, 10**6) | st.text(max_size=5),
      "method": st.sampled_from([*METHODS, "nope", ""]) | st.text(max_size=10)},
@@ -33,7 +34,10 @@ lines = (
 
 
 def _db_digest(hub) -> str:
-    rows = hub.sql("select * from tasks order by id") + hub.sql("select * from checkpoints order by task_id")
+    rows = []
+    for table, key in (("tasks", "id"), ("checkpoints", "task_id"), ("observations", "id"),
+                       ("staged_observations", "id"), ("atoms", "name")):
+        rows += hub.sql(f"select * from {table} order by {key}")
     return hashlib.sha256(repr(rows).encode()).hexdigest()
 
 

@@ -249,3 +249,16 @@ def test_ack_and_lease_in_one_round_trip(hub):
                           "next": {"kinds": ["echo"]}})
     assert res2 == {"status": "done", "next": {"task": None}}  # never waits; the sleep task is not ours
     assert hub.sql("select status from tasks where id=?", b)[0][0] == "done"
+
+
+def test_resent_ack_and_lease_still_hands_out_work(hub):
+    c = hub.client()
+    a = c.enqueue("echo")["task_id"]
+    c.enqueue("echo")
+    c.enqueue("echo")
+    got = c.lease(["echo"])
+    first = c.call("ack", {"task_id": a, "lease_token": got["lease"]["token"], "next": {"kinds": ["echo"]}})
+    # pretend the reply was lost: the same ack again
+    again = c.call("ack", {"task_id": a, "lease_token": got["lease"]["token"], "next": {"kinds": ["echo"]}})
+    assert first["status"] == "done" and again["status"] == "already_done"
+    assert again["next"]["task"] is not None and again["next"]["task"]["id"] != first["next"]["task"]["id"]

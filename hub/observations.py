@@ -1,0 +1,150 @@
+"""Observations in and out: validated against the atom's schema before anything is written.
+
+Presets come from ``kiri.model.schema``; user-defined atoms are stored in the ``atoms``
+table and cached here. A batch with one bad row is refused whole, with every problem named
+(row index and field), so a client can report exactly what to fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from kiri.hub import params as P
+from kiri.hub.queue import Env
+from kiri.hub.schema import atoms, observations, staged_observations
+from kiri.model import schema as S
+from kiri.protocol import Conflict, InvalidParams, NotFound
+
+MAX_ERRORS = 50
+STAGED_TTL = 3600.0
+
+
+class AtomRegistry:
+    """Every atom the hub knows: the presets and the user's own, by name."""
+
+    def __init__(self) -> None:
+        self.custom: dict[str, S.AtomSchema] = {}
+
+    def load(self, c: sa.Connection) -> None:
+        self.custom = {
+            name: S.AtomSchema.from_dict(orjson.loads(text), f"stored atom {name!r}")
+            for name, text in c.execute(sa.select(atoms.c.name, atoms.c.schema))
+        }
+
+    def get(self, name: str) -> S.AtomSchema:
+        try:
+            return S.get(name, self.custom)
+        except S.SchemaError as e:
+            raise InvalidParams(str(e), {"atom": name}) from None
+
+    def all(self) -> list[S.AtomSchema]:
+        return [*S.PRESETS.values(), *sorted(self.custom.values(), key=lambda a: a.name)]
+
+    # --- protocol methods --------------------------------------------------------------
+
+    def list(self, c: sa.Connection, _p: P.Empty, env: Env) -> dict[str, Any]:
+        return {"atoms": [{**a.to_dict(), "preset": a.name in S.PRESETS} for a in self.all()]}
+
+    def define(self, c: sa.Connection, p: P.DefineAtom, env: Env) -> dict[str, Any]:
+        try:
+            schema = S.AtomSchema.from_dict(p.schema_)
+        except S.SchemaError as e:
+            raise InvalidParams(str(e)) from None
+        if schema.name in S.PRESETS:
+            raise Conflict(f"{schema.name!r} is a preset atom; give yours another name")
+        text = orjson.dumps(schema.to_dict(), option=orjson.OPT_SORT_KEYS).decode()
+        old = self.custom.get(schema.name)
+        if old is not None:
+            if old == schema:
+                return {"atom": schema.name, "created": False}
+            has_data = c.execute(
+                sa.select(observations.c.id).where(observations.c.atom == schema.name).limit(1)
+            ).first()
+            if has_data:
+                raise Conflict(
+                    f"atom {schema.name!r} already has observations under a different schema; "
+                    "define the new layout under a new name"
+                )
+            c.execute(atoms.update().where(atoms.c.name == schema.name).values(schema=text, updated_at=env.now))
+        else:
+            c.execute(atoms.insert().values(name=schema.name, schema=text, created_at=env.now, updated_at=env.now))
+        self.custom[schema.name] = schema
+        return {"atom": schema.name, "created": old is None}
+
+    def validate(self, p: P.Observe, env: Env) -> list[dict[str, Any]]:
+        """Rows ready to insert; raises InvalidParams naming every bad row and field."""
+        schema = self.get(p.atom)
+        rows, errors = [], []
+        for i, o in enumerate(p.observations):
+            try:
+                schema.encode(o.values)
+            except S.ObservationError as e:
+                errors.append({"index": i, "field": e.field, "message": str(e)})
+                if len(errors) >= MAX_ERRORS:
+                    break
+                continue
+            values = {}
+            for key, raw in o.values.items():
+                f = schema.field_by_key(key)
+                assert f is not None  # encode() accepted every key
+                values[f.name] = schema.check_value(f, raw)
+            rows.append({"atom": schema.name, "ts": env.now if o.time is None else o.time, "host": o.host,
+                         "data": orjson.dumps(values).decode(), "created_at": env.now})
+        if errors:
+            first = errors[0]
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise InvalidParams(f"observations[{first['index']}]: {first['message']}{more}; nothing was stored",
+                                {"errors": errors})
+        return rows
+
+
+def observe(reg: AtomRegistry, c: sa.Connection, p: P.Observe, env: Env) -> dict[str, Any]:
+    rows = reg.validate(p, env)
+    if p.import_id is not None:
+        c.execute(staged_observations.insert(), [{**r, "import_id": p.import_id} for r in rows])
+        return {"staged": len(rows), "import_id": p.import_id}
+    before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
+    c.execute(observations.insert(), rows)
+    return {"stored": len(rows), "first_id": before + 1, "last_id": before + len(rows)}
+
+
+def commit_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:
+    staged = staged_observations.c
+    n = c.execute(sa.select(sa.func.count()).where(staged.import_id == p.import_id)).scalar() or 0
+    if n == 0:
+        raise NotFound(f"no staged observations for import {p.import_id!r} (already committed, aborted or expired)")
+    before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
+    src = sa.select(staged.atom, staged.ts, staged.host, staged.data, sa.literal(env.now)).where(
+        staged.import_id == p.import_id).order_by(staged.id)
+    c.execute(observations.insert().from_select(["atom", "ts", "host", "data", "created_at"], src))
+    c.execute(staged_observations.delete().where(staged.import_id == p.import_id))
+    return {"stored": n, "first_id": before + 1, "last_id": before + n}
+
+
+def abort_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:
+    n = c.execute(staged_observations.delete().where(staged_observations.c.import_id == p.import_id)).rowcount
+    return {"discarded": n}
+
+
+def expire_staged(c: sa.Connection, now: float) -> int:
+    """Drop imports abandoned mid-way (the importer died before committing)."""
+    return c.execute(staged_observations.delete().where(staged_observations.c.created_at < now - STAGED_TTL)).rowcount
+
+
+def list_observations(reg: AtomRegistry, c: sa.Connection, p: P.Observations, env: Env) -> dict[str, Any]:
+    schema = reg.get(p.atom)
+    o = observations.c
+    q = sa.select(o.id, o.ts, o.host, o.data).where(o.atom == schema.name, o.id > p.after_id)
+    if p.since is not None:
+        q = q.where(o.ts >= p.since)
+    if p.until is not None:
+        q = q.where(o.ts < p.until)
+    rows = c.execute(q.order_by(o.id).limit(p.limit)).all()
+    return {
+        "atom": schema.name,
+        "observations": [{"id": r.id, "time": r.ts, "host": r.host, "values": orjson.Fragment(r.data)} for r in rows],
+        "next_after_id": rows[-1].id if len(rows) == p.limit else None,
+    }

@@ -1,0 +1,156 @@
+"""Observations in through the protocol and the CLI: validated, atomic, line-exact errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiri.protocol import Conflict, InvalidParams, NotFound
+from tests.test_cli import kiri
+
+PULSE_ROW = {"cpu": 50, "mem": 50, "disk": 40, "swap": 10, "load": 1, "net": 1}
+
+
+def _count(hub, atom: str = "pulse") -> int:
+    return hub.sql("select count(*) from observations where atom=?", atom)[0][0]
+
+
+def test_observe_drift_kiri_style_fills_the_clock(hub):
+    out = kiri(hub, "observe", "drift", "--added", "3", "--completed=1", "switched=2", "--time", "1704193200")
+    assert "stored observation 1 for drift" in out.stdout
+    (data,) = hub.sql("select data from observations where atom='drift'")[0]
+    values = json.loads(data)
+    assert values["added"] == 3 and values["completed"] == 1 and values["switched"] == 2
+    assert 0 <= values["hour"] < 24 and 0 <= values["weekday"] <= 6  # from the observation's local time
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["pulse", "cpu=abc", "mem=1", "disk=1", "swap=1", "load=1", "net=1"], "'cpu': 'abc' is not a number"),
+    (["pulse", "cpu=1"], "missing field 'mem'"),
+    (["pulse", "cpu=nan", "mem=1", "disk=1", "swap=1", "load=1", "net=1"], "not a finite number"),
+    (["pulse", "cpu=inf", "mem=1", "disk=1", "swap=1", "load=1", "net=1"], "not a finite number"),
+    (["pulse", "cpu=1", "mem=1", "disk=1", "swap=1", "load=1", "net=1", "gpu=3"], "unknown field 'gpu'"),
+    (["weather", "temp=3"], "unknown atom 'weather'"),
+    (["pulse", "--cpu"], "missing a value"),
+    (["pulse", "cpu=1", "cpu=2"], "given twice"),
+])
+def test_bad_single_observations_are_refused(hub, args, needle):
+    out = kiri(hub, "observe", *args, ok=False)
+    assert out.returncode in (1, 2) and needle in out.stderr, out.stderr
+    assert hub.sql("select count(*) from observations")[0][0] == 0
+
+
+def test_out_of_range_values_are_legal_and_land_in_the_edge_bucket(hub):
+    out = kiri(hub, "observe", "pulse", "cpu=250", "mem=-3", "disk=40", "swap=10", "load=99", "net=1")
+    assert "C9 M0 D4 S0 L4 N1" in out.stdout
+
+
+def _write(path, rows: list) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_bulk_jsonl_is_all_or_nothing_with_exact_lines(hub, tmp_path):
+    f = tmp_path / "data.jsonl"
+    good = [{**PULSE_ROW, "time": 1704067200 + 30 * i} for i in range(5000)]
+    rows = [*good[:10], "{broken json", {**PULSE_ROW, "cpu": "NaN"}, {"cpu": 1}, *good[10:]]
+    _write(f, rows)
+    out = kiri(hub, "observe", "pulse", "--file", str(f), ok=False)
+    assert out.returncode == 1
+    assert "line 11: not valid JSON" in out.stderr and "line 12: field 'cpu'" in out.stderr
+    assert "line 13: pulse: missing field 'mem'" in out.stderr and "nothing was imported" in out.stderr
+    assert _count(hub) == 0
+    res = json.loads(kiri(hub, "--json", "observe", "pulse", "--file", str(f), "--skip-bad").stdout)
+    assert res["stored"] == 5000 and [s["line"] for s in res["skipped"]] == [11, 12, 13]
+    assert _count(hub) == 5000  # several chunks, one commit
+    times = [r[0] for r in hub.sql("select ts from observations order by id")]
+    assert times == sorted(times) and times[0] == 1704067200
+
+
+def test_bulk_csv(hub, tmp_path):
+    f = tmp_path / "data.csv"
+    f.write_text("time,cpu,mem,disk,swap,load,net\n1704067200,50,50,40,10,1,1\n1704067230,55,50,40,10,1,1\n"
+                 "1704067260,x,50,40,10,1,1\n1704067290,1,2,3\n")
+    out = kiri(hub, "observe", "pulse", "--file", str(f), ok=False)
+    assert "line 4: field 'cpu': 'x'" in out.stderr and "line 5: pulse: missing field 'swap'" in out.stderr
+    res = json.loads(kiri(hub, "--json", "observe", "pulse", "--file", str(f), "--skip-bad").stdout)
+    assert res["stored"] == 2 and _count(hub) == 2
+
+
+def test_bad_files(hub, tmp_path):
+    out = kiri(hub, "observe", "pulse", "--file", str(tmp_path / "missing.jsonl"), ok=False)
+    assert out.returncode == 1 and "no such file" in out.stderr
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    out = kiri(hub, "observe", "pulse", "--file", str(binary), ok=False)
+    assert "not UTF-8" in out.stderr
+    assert _count(hub) == 0
+
+
+def test_protocol_batch_with_one_bad_row_stores_nothing_and_names_each_problem(hub):
+    c = hub.client()
+    rows = [{"values": PULSE_ROW}, {"values": {**PULSE_ROW, "load": "high"}}, {"values": {"cpu": 1}}]
+    with pytest.raises(InvalidParams) as e:
+        c.call("observe", {"atom": "pulse", "observations": rows})
+    assert "observations[1]" in e.value.message and "nothing was stored" in e.value.message
+    assert [(x["index"], x["field"]) for x in e.value.data["errors"]] == [(1, "load"), (2, "mem")]
+    assert _count(hub) == 0
+    res = c.call("observe", {"atom": "pulse", "observations": [{"values": PULSE_ROW, "time": 5.0}]})
+    assert res == {"stored": 1, "first_id": 1, "last_id": 1}
+
+
+def test_staged_import_is_invisible_until_committed(hub):
+    c = hub.client()
+    imp = "a" * 16
+    c.call("observe", {"atom": "pulse", "observations": [{"values": PULSE_ROW}] * 3, "import_id": imp})
+    c.call("observe", {"atom": "pulse", "observations": [{"values": PULSE_ROW}] * 2, "import_id": imp})
+    c.close()  # the importer "dies" here
+    c = hub.client()
+    assert _count(hub) == 0
+    assert c.call("observations", {"atom": "pulse"})["observations"] == []
+    assert c.call("commit_import", {"import_id": imp})["stored"] == 5
+    assert _count(hub) == 5
+    with pytest.raises(NotFound):
+        c.call("commit_import", {"import_id": imp})
+    other = "b" * 16
+    c.call("observe", {"atom": "pulse", "observations": [{"values": PULSE_ROW}], "import_id": other})
+    assert c.call("abort_import", {"import_id": other}) == {"discarded": 1}
+    assert _count(hub) == 5 and hub.sql("select count(*) from staged_observations")[0][0] == 0
+
+
+def test_observations_are_paged(hub):
+    c = hub.client()
+    c.call("observe", {"atom": "pulse", "observations": [{"values": PULSE_ROW, "time": float(i)}
+                                                          for i in range(25)]})
+    page = c.call("observations", {"atom": "pulse", "limit": 10})
+    assert [o["time"] for o in page["observations"]] == [float(i) for i in range(10)]
+    assert page["observations"][0]["values"]["cpu"] == 50
+    got = list(page["observations"])
+    while page["next_after_id"]:
+        page = c.call("observations", {"atom": "pulse", "limit": 10, "after_id": page["next_after_id"]})
+        got += page["observations"]
+    assert len(got) == 25
+    window = c.call("observations", {"atom": "pulse", "since": 5, "until": 8})["observations"]
+    assert [o["time"] for o in window] == [5.0, 6.0, 7.0]
+
+
+def test_custom_atoms_are_defined_once_and_guarded(hub):
+    c = hub.client()
+    tank = {"name": "tank", "fields": [{"letter": "L", "name": "level", "low": 0, "high": 10, "buckets": 4}]}
+    assert c.call("define_atom", {"schema": tank}) == {"atom": "tank", "created": True}
+    assert c.call("define_atom", {"schema": tank}) == {"atom": "tank", "created": False}
+    assert "tank" in [a["name"] for a in c.call("atoms")["atoms"]]
+    c.call("observe", {"atom": "tank", "observations": [{"values": {"level": 7}}]})
+    changed = {**tank, "fields": [{**tank["fields"][0], "buckets": 8}]}
+    with pytest.raises(Conflict, match="already has observations"):
+        c.call("define_atom", {"schema": changed})
+    with pytest.raises(Conflict, match="preset"):
+        c.call("define_atom", {"schema": {**tank, "name": "pulse"}})
+    with pytest.raises(InvalidParams, match="must be below high"):
+        c.call("define_atom", {"schema": {**tank, "name": "bad", "fields": [{**tank["fields"][0], "low": 20}]}})
+    # the definition survives a hub restart
+    hub.terminate()
+    hub.start()
+    c = hub.client()
+    assert kiri(hub, "observe", "tank", "level=9").returncode == 0
+    assert _count(hub, "tank") == 2
