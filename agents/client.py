@@ -36,7 +36,7 @@ log = logging.getLogger("kiri.client")
 # or refuses it without a change.
 IDEMPOTENT = frozenset({
     "hello", "ping", "heartbeat", "checkpoint", "ack", "fail", "task", "tasks", "stats", "cancel",
-    "atoms", "observations", "abort_import",
+    "atoms", "observations", "abort_import", "weights", "publish_weights", "activate_weights",
 })
 
 

@@ -43,6 +43,8 @@ class TaskContext:
     attempt: int
     checkpoint_in: Checkpoint | None
     save: Callable[[int, bytes], None]
+    hub: Any = None  # the agent's HubClient, for handlers that read or publish through the hub
+    lease_token: str = ""  # for calls fenced by the lease (publishing results)
     stop_event: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
     lease_lost: bool = False

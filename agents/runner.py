@@ -144,7 +144,7 @@ class Agent:
             task_id=task_id, kind=task["kind"], atom=task.get("atom"),
             params=task.get("params") or {}, attempt=task.get("attempt", 1),
             checkpoint_in=Checkpoint(ck["step"], base64.b64decode(ck["data"])) if ck else None,
-            save=save,
+            save=save, hub=self.client, lease_token=token,
         )
         self.current = ctx
         if self.stopping.is_set():

@@ -139,3 +139,31 @@ class Observations(Params):
 
 class DefineAtom(Params):
     schema_: dict[str, Any] = Field(alias="schema")
+
+
+class WeightsQuery(Params):
+    atom: Name | None = None
+    version: Annotated[int, Field(ge=1, le=2**31)] | None = None
+    weights_id: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
+    active: bool = False  # the atom's active version
+    blob: bool = False  # include the weights bytes (base64)
+    limit: Annotated[int, Field(ge=1, le=1000)] = 50
+
+
+class PublishWeights(Params):
+    task_id: TaskId
+    lease_token: Token
+    atom: Name
+    blob: str  # base64 safetensors
+    parent_id: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
+    obs_from: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    obs_to: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    loss: float | None = None
+    info: dict[str, Any] = Field(default_factory=dict)
+    activate: bool = True
+    reason: Annotated[str, StringConstraints(max_length=4000)] | None = None
+
+
+class ActivateWeights(Params):
+    atom: Name
+    version: Annotated[int, Field(ge=1, le=2**31)]

@@ -145,3 +145,30 @@ staged_observations = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Index("ix_staged_observations_import_id", "import_id", "id"),
 )
+
+# Every weights version names the task and data that made it and the version it started from.
+weights = sa.Table(
+    "weights",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("atom", sa.String(32), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("blob", sa.LargeBinary, nullable=False),
+    sa.Column("info", sa.Text, nullable=False),  # training facts, quality figures, gate verdict
+    sa.Column("task_id", sa.Integer, sa.ForeignKey("tasks.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("parent_id", sa.Integer, sa.ForeignKey("weights.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("obs_from", sa.Integer, nullable=True),
+    sa.Column("obs_to", sa.Integer, nullable=True),
+    sa.Column("loss", sa.Float, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("activated_at", sa.Float, nullable=True),
+    sa.CheckConstraint("status IN ('active', 'inactive', 'rejected')", name="status"),
+    sa.UniqueConstraint("atom", "version"),
+    sa.UniqueConstraint("task_id"),
+    # at most one active version per atom
+    sa.Index("ix_weights_active", "atom", unique=True,
+             sqlite_where=sa.text("status = 'active'"), postgresql_where=sa.text("status = 'active'")),
+)

@@ -26,6 +26,7 @@ from kiri.hub import db as dbmod
 from kiri.hub import observations as O
 from kiri.hub import params as P
 from kiri.hub import queue as Q
+from kiri.hub import weights as W
 from kiri.protocol import (
     InternalError,
     InvalidParams,
@@ -211,6 +212,9 @@ class Hub:
             "commit_import": (P.ImportRef, O.commit_import),
             "abort_import": (P.ImportRef, O.abort_import),
             "observations": (P.Observations, lambda c, p, env: O.list_observations(self.atoms, c, p, env)),
+            "weights": (P.WeightsQuery, W.query),
+            "publish_weights": (P.PublishWeights, W.publish),
+            "activate_weights": (P.ActivateWeights, W.activate),
         }
 
     # --- lifecycle ---------------------------------------------------------------------

@@ -130,6 +130,7 @@ METHODS = (
     "hello", "ping", "enqueue", "lease", "heartbeat", "checkpoint", "ack", "fail",
     "cancel", "retry", "task", "tasks", "stats",
     "atoms", "define_atom", "observe", "commit_import", "abort_import", "observations",
+    "weights", "publish_weights", "activate_weights",
 )
 
 TASK_STATES = ("queued", "leased", "done", "dead", "cancelled")

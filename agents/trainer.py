@@ -1,0 +1,134 @@
+"""The ``train`` task: train an atom on the hub's observations and publish a weights version.
+
+Observations come from the hub page by page (never the whole table in one message). The
+data window (last observation id) is fixed at the first attempt and carried in every
+checkpoint, so a resumed attempt trains on exactly the same data and, training being
+bitwise resumable, ends with exactly the weights an uninterrupted run would have.
+Checkpoints go to the hub at least every ``checkpoint_every`` seconds (default 30).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import struct
+import sys
+import time
+from typing import Any
+
+from kiri.agents.handlers import TaskContext, TaskError, handler
+
+log = logging.getLogger("kiri.trainer")
+
+PAGE = 5000
+TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "context", "holdout")
+
+
+def _pack(meta: dict[str, Any], state: bytes) -> bytes:
+    head = json.dumps(meta).encode()
+    return struct.pack("<I", len(head)) + head + state
+
+
+def _unpack(blob: bytes) -> tuple[dict[str, Any], bytes]:
+    (n,) = struct.unpack("<I", blob[:4])
+    return json.loads(blob[4: 4 + n]), blob[4 + n:]
+
+
+def load_ids(hub: Any, schema: Any, obs_to: int | None) -> tuple[Any, int, int]:
+    """Token ids of the atom's observations up to ``obs_to`` (all, if None), paged."""
+    import torch
+
+    rows: list[list[int]] = []
+    first = last = 0
+    after = 0
+    while True:
+        page = hub.call("observations", {"atom": schema.name, "after_id": after, "limit": PAGE})
+        for o in page["observations"]:
+            if obs_to is not None and o["id"] > obs_to:
+                page["next_after_id"] = None
+                break
+            rows.append(schema.encode(o["values"]))
+            first = first or o["id"]
+            last = o["id"]
+        if not page["next_after_id"]:
+            break
+        after = page["next_after_id"]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), schema.width), first, last
+
+
+@handler("train")
+def train(ctx: TaskContext) -> dict[str, Any]:
+    from kiri.model.schema import AtomSchema
+    from kiri.model.train import TrainConfig, Trainer
+
+    if not ctx.atom:
+        raise TaskError("a train task needs an atom (kiri enqueue train ATOM)", retry=False)
+    hub = ctx.hub
+    known = {a["name"]: a for a in hub.call("atoms")["atoms"]}
+    if ctx.atom not in known:
+        raise TaskError(f"unknown atom {ctx.atom!r}", retry=False)
+    schema = AtomSchema.from_dict({k: v for k, v in known[ctx.atom].items() if k != "preset"})
+    params = ctx.params
+    try:
+        config = TrainConfig.from_params({k: params[k] for k in TRAIN_KEYS if k in params})
+        every = float(params.get("checkpoint_every", 30.0))
+    except (TypeError, ValueError) as e:
+        raise TaskError(f"bad train parameters: {e}", retry=False) from None
+
+    if ctx.checkpoint_in is not None:
+        meta, state = _unpack(ctx.checkpoint_in.data)
+        ids, first, last = load_ids(hub, schema, meta["obs_to"])
+        trainer = Trainer.resume(schema, ids, state)
+        parent = meta["parent_id"]
+        log.info("task %s: resuming %s at step %d", ctx.task_id, schema.name, trainer.step_no)
+    else:
+        ids, first, last = load_ids(hub, schema, None)
+        if len(ids) < 2:
+            raise TaskError(f"atom {schema.name!r} has {len(ids)} observation(s); push more first", retry=False)
+        parent, init = None, None
+        if params.get("warm_start", False):
+            try:
+                active = hub.call("weights", {"atom": schema.name, "active": True, "blob": True})["weights"][0]
+                parent, init = active["id"], base64.b64decode(active["blob"])
+            except Exception:  # noqa: BLE001 - no active version yet: start fresh
+                parent, init = None, None
+        trainer = Trainer(schema, ids, config, init=init)
+        meta = {"obs_from": first, "obs_to": last, "parent_id": parent}
+
+    bar = _bar(trainer.config.steps, trainer.step_no)
+    last_ck = time.monotonic()
+
+    def progress(p: Any) -> None:
+        ctx.progress(step=p.step, steps=p.steps, loss=round(p.loss, 4), lr=p.lr)
+        if bar is not None:
+            bar.update(p.step - bar.pos)
+
+    while not trainer.finished:
+        slice_end = min(trainer.config.steps, trainer.step_no + 25)
+        trainer.run(until=slice_end, on_progress=progress, every=25)
+        if time.monotonic() - last_ck >= every and not trainer.finished:
+            ctx.checkpoint(trainer.step_no, _pack(meta, trainer.state_bytes()))
+            last_ck = time.monotonic()
+        ctx.raise_if_stopping()
+    if bar is not None:
+        bar.render_finish()
+    blob = trainer.weights_bytes({"task_id": ctx.task_id, "obs_from": meta["obs_from"], "obs_to": meta["obs_to"]})
+    res = hub.call("publish_weights", {
+        "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": schema.name,
+        "blob": base64.b64encode(blob).decode(), "parent_id": meta["parent_id"],
+        "obs_from": meta["obs_from"], "obs_to": meta["obs_to"], "loss": trainer.last_loss,
+    })["weights"]
+    return {"weights_id": res["id"], "version": res["version"], "status": res["status"],
+            "loss": trainer.last_loss, "observations": len(ids), "hash": res["hash"]}
+
+
+def _bar(total: int, start: int) -> Any:
+    """A progress bar on the terminal when there is one (never in logs or tests)."""
+    if not sys.stderr.isatty():
+        return None
+    import click
+
+    bar = click.progressbar(length=total, label="training", file=sys.stderr)
+    bar.pos = start
+    return bar

@@ -1,0 +1,113 @@
+"""Weights versions: published by the trainer holding the task's lease, activated or rejected.
+
+The hub checks a blob's safetensors header itself (format, atom) without loading tensors, so
+it needs no torch; agents load and use the weights.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import struct
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from kiri.hub import params as P
+from kiri.hub.queue import LEASED, Env, as_dict
+from kiri.hub.schema import tasks, weights
+from kiri.protocol import InvalidParams, LeaseLost, NotFound
+
+MAX_BLOB = 64 << 20
+_SUMMARY = [c for c in weights.c if c.name != "blob"]
+
+
+def blob_meta(blob: bytes) -> dict[str, Any]:
+    """The kiri metadata of a safetensors weights blob; InvalidParams if it is not one."""
+    try:
+        (n,) = struct.unpack("<Q", blob[:8])
+        if n > min(len(blob) - 8, 16 << 20):
+            raise ValueError("bad header length")
+        header = json.loads(blob[8: 8 + n])
+        meta = json.loads(header["__metadata__"]["kiri"])
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise InvalidParams(f"blob: not kiri weights in safetensors format ({e})") from None
+    if meta.get("format") != "kiri.weights/1":
+        raise InvalidParams(f"blob: format {meta.get('format')!r} is not kiri.weights/1")
+    return meta
+
+
+def _row(r: sa.Row, with_blob: bool = False) -> dict[str, Any]:
+    d = as_dict(r)
+    d["info"] = orjson.Fragment(d["info"])
+    if "blob" in d:
+        d["blob"] = base64.b64encode(d["blob"]).decode() if with_blob else None
+    return d
+
+
+def query(c: sa.Connection, p: P.WeightsQuery, env: Env) -> dict[str, Any]:
+    cols = list(weights.c) if p.blob else _SUMMARY
+    q = sa.select(*cols)
+    if p.weights_id is not None:
+        q = q.where(weights.c.id == p.weights_id)
+    if p.atom is not None:
+        q = q.where(weights.c.atom == p.atom)
+    if p.version is not None:
+        q = q.where(weights.c.version == p.version)
+    if p.active:
+        q = q.where(weights.c.status == "active")
+    rows = c.execute(q.order_by(weights.c.id.desc()).limit(p.limit)).all()
+    single = p.weights_id is not None or p.version is not None or p.active
+    if single and not rows:
+        raise NotFound("no such weights version" if not p.active else f"atom {p.atom!r} has no active weights")
+    return {"weights": [_row(r, p.blob) for r in rows]}
+
+
+def publish(c: sa.Connection, p: P.PublishWeights, env: Env) -> dict[str, Any]:
+    existing = c.execute(sa.select(*_SUMMARY).where(weights.c.task_id == p.task_id)).first()
+    if existing is not None:
+        return {"weights": _row(existing), "already": True}  # a resend after a lost reply
+    held = c.execute(sa.select(tasks.c.id).where(
+        tasks.c.id == p.task_id, tasks.c.status == LEASED, tasks.c.lease_token == p.lease_token)).first()
+    if held is None:
+        raise LeaseLost(f"task {p.task_id} is not leased to you; its weights are not published")
+    try:
+        blob = base64.b64decode(p.blob, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidParams("blob: must be standard base64") from None
+    if len(blob) > MAX_BLOB:
+        raise InvalidParams(f"blob is {len(blob)} bytes; the limit is {MAX_BLOB}")
+    meta = blob_meta(blob)
+    if meta.get("schema", {}).get("name") != p.atom:
+        raise InvalidParams(f"blob holds weights for {meta.get('schema', {}).get('name')!r}, not {p.atom!r}")
+    parent = c.execute(sa.select(weights.c.id).where(weights.c.id == p.parent_id)).first() if p.parent_id else True
+    if parent is None:
+        raise NotFound(f"parent weights {p.parent_id} do not exist")
+    version = (c.execute(sa.select(sa.func.max(weights.c.version)).where(weights.c.atom == p.atom)).scalar() or 0) + 1
+    status = "active" if p.activate else "rejected"
+    if p.activate:
+        c.execute(weights.update().where(weights.c.atom == p.atom, weights.c.status == "active")
+                  .values(status="inactive"))
+    wid = c.execute(weights.insert().values(
+        atom=p.atom, version=version, hash=hashlib.sha256(blob).hexdigest(), blob=blob,
+        info=orjson.dumps({**meta.get("info", {}), **p.info}).decode(), task_id=p.task_id,
+        parent_id=p.parent_id, obs_from=p.obs_from, obs_to=p.obs_to, loss=p.loss, status=status,
+        reason=p.reason, created_at=env.now, activated_at=env.now if p.activate else None,
+    ).returning(weights.c.id)).scalar_one()
+    row = c.execute(sa.select(*_SUMMARY).where(weights.c.id == wid)).one()
+    return {"weights": _row(row), "already": False}
+
+
+def activate(c: sa.Connection, p: P.ActivateWeights, env: Env) -> dict[str, Any]:
+    target = c.execute(sa.select(weights.c.id, weights.c.status).where(
+        weights.c.atom == p.atom, weights.c.version == p.version)).first()
+    if target is None:
+        raise NotFound(f"{p.atom} has no weights version {p.version}")
+    if target.status != "active":
+        c.execute(weights.update().where(weights.c.atom == p.atom, weights.c.status == "active")
+                  .values(status="inactive"))
+        c.execute(weights.update().where(weights.c.id == target.id).values(status="active", activated_at=env.now))
+    return {"atom": p.atom, "version": p.version, "status": "active"}

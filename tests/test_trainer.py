@@ -1,0 +1,129 @@
+"""Trainer agents over the hub: paged data, weights lineage, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import base64
+import signal
+
+import pytest
+import torch
+
+from kiri.model import schema as S
+from kiri.model import synth
+from kiri.model.train import TrainConfig, Trainer
+from kiri.model.weights import content_hash, load_weights
+from kiri.model.windows import encode_many
+from kiri.protocol import LeaseLost
+from tests.conftest import wait_until
+
+torch.set_num_threads(1)
+
+
+def _push(hub, days: float = 1.0, seed: int = 0) -> list[dict]:
+    rows = synth.generate("pulse", days, seed=seed).rows
+    c = hub.client()
+    for i in range(0, len(rows), 5000):
+        c.call("observe", {"atom": "pulse", "observations": [{"values": r, "time": 1704067200.0 + 30 * (i + j)}
+                                                              for j, r in enumerate(rows[i:i + 5000])]})
+    c.close()
+    return rows
+
+
+def _trainer(agents_factory, hub, *extra):
+    return agents_factory(hub, "train", "--lease-ttl", "2", *extra)
+
+
+def test_train_task_publishes_an_active_version_with_lineage(hub, agents_factory):
+    rows = _push(hub, 1.0)
+    agent = _trainer(agents_factory, hub)
+    c = hub.client()
+    tid = c.enqueue("train", "pulse", {"steps": 60, "batch_size": 16})["task_id"]
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 120,
+               what="training done")
+    result = c.call("task", {"task_id": tid})["task"]["result"]
+    (w,) = c.call("weights", {"atom": "pulse"})["weights"]
+    assert w["status"] == "active" and w["version"] == 1 and w["task_id"] == tid
+    assert (w["obs_from"], w["obs_to"]) == (1, len(rows)) and result["observations"] == len(rows)
+    full = c.call("weights", {"atom": "pulse", "active": True, "blob": True})["weights"][0]
+    blob = base64.b64decode(full["blob"])
+    assert content_hash(blob) == w["hash"] == result["hash"]
+    loaded = load_weights(blob)
+    assert loaded.info["task_id"] == tid and loaded.info["steps"] == 60 and loaded.info["threshold"] >= 1.5
+    # a second run makes version 2 and takes over; the owner can roll back
+    tid2 = c.enqueue("train", "pulse", {"steps": 20})["task_id"]
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid2)[0][0] == "done", 120)
+    assert [(x["version"], x["status"]) for x in c.call("weights", {"atom": "pulse"})["weights"]] == [
+        (2, "active"), (1, "inactive")]
+    c.call("activate_weights", {"atom": "pulse", "version": 1})
+    assert c.call("weights", {"atom": "pulse", "active": True})["weights"][0]["version"] == 1
+    agent.stop()
+
+
+def test_publishing_is_fenced_by_the_lease(hub):
+    c = hub.client()
+    tid = c.enqueue("train", "pulse")["task_id"]
+    got = c.lease(["train"])
+    t = Trainer(S.PULSE, encode_many(S.PULSE, synth.generate("pulse", 0.1).rows), TrainConfig(steps=2))
+    t.run()
+    blob = base64.b64encode(t.weights_bytes()).decode()
+    with pytest.raises(LeaseLost):
+        c.call("publish_weights", {"task_id": tid, "lease_token": "not-the-token", "atom": "pulse", "blob": blob})
+    body = {"task_id": tid, "lease_token": got["lease"]["token"], "atom": "pulse", "blob": blob}
+    first = c.call("publish_weights", body)
+    again = c.call("publish_weights", body)  # resent after a lost reply: the same version, once
+    assert again["already"] is True and again["weights"]["id"] == first["weights"]["id"]
+    from kiri.protocol import InvalidParams
+
+    drift_task = c.enqueue("train", "drift")["task_id"]
+    drift_lease = c.lease(["train"])
+    assert drift_lease["task"]["id"] == drift_task
+    with pytest.raises(InvalidParams, match="not 'drift'"):  # pulse weights offered as drift's
+        c.call("publish_weights", {**body, "task_id": drift_task, "lease_token": drift_lease["lease"]["token"],
+                                   "atom": "drift"})
+    with pytest.raises(InvalidParams, match="not kiri weights"):
+        c.call("publish_weights", {**body, "task_id": drift_task, "lease_token": drift_lease["lease"]["token"],
+                                   "atom": "drift", "blob": base64.b64encode(b"junk" * 10).decode()})
+    assert hub.sql("select count(*) from weights")[0][0] == 1
+
+
+def test_killed_trainer_resumes_from_checkpoint_with_bitwise_the_same_weights(hub, agents_factory):
+    rows = _push(hub, 2.0, seed=3)
+    cfg = {"steps": 1500, "batch_size": 32, "seed": 5}
+    c = hub.client()
+    tid = c.enqueue("train", "pulse", {**cfg, "checkpoint_every": 0.2})["task_id"]
+    first = _trainer(agents_factory, hub)
+
+    def ck_step() -> int:
+        r = hub.sql("select step from checkpoints where task_id=?", tid)
+        return r[0][0] if r else 0
+
+    wait_until(lambda: ck_step() >= 100, 120, what="a checkpoint at step >= 100")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    resumed_from = ck_step()
+    assert 0 < resumed_from < 1500
+    second = _trainer(agents_factory, hub)
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 180,
+               what="resumed training done")
+    task = c.call("task", {"task_id": tid})["task"]
+    assert task["attempts"] == 2 and task["expiries"] == 1
+    blob = base64.b64decode(c.call("weights", {"atom": "pulse", "active": True, "blob": True})["weights"][0]["blob"])
+    through_hub = load_weights(blob).model.state_dict()
+    # the same training, uninterrupted, in this process
+    ref = Trainer(S.PULSE, encode_many(S.PULSE, rows), TrainConfig(**cfg))
+    ref.run()
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, through_hub[k]), f"{k} differs after a kill and resume through the hub"
+    second.stop()
+
+
+def test_train_task_errors_are_permanent_and_clear(hub, agents_factory):
+    agent = _trainer(agents_factory, hub)
+    c = hub.client()
+    no_data = c.enqueue("train", "rhythm")["task_id"]
+    bad = c.enqueue("train", "pulse", {"steps": -3})["task_id"]
+    for tid, needle in ((no_data, "push more first"), (bad, "bad train parameters")):
+        wait_until(lambda tid=tid: hub.sql("select status from tasks where id=?", tid)[0][0] == "dead", 60)
+        t = c.call("task", {"task_id": tid})["task"]
+        assert needle in t["error"] and t["attempts"] == 1
+    agent.stop()
