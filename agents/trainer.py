@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from kiri.agents.handlers import TaskContext, TaskError, handler
+from kiri.protocol import RpcError
 
 log = logging.getLogger("kiri.trainer")
 
@@ -113,14 +114,49 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         ctx.raise_if_stopping()
     if bar is not None:
         bar.render_finish()
-    blob = trainer.weights_bytes({"task_id": ctx.task_id, "obs_from": meta["obs_from"], "obs_to": meta["obs_to"]})
+    gate = quality_gate(hub, schema, trainer, ids, float(params.get("gate_margin", 0.1)))
+    blob = trainer.weights_bytes({"task_id": ctx.task_id, "obs_from": meta["obs_from"], "obs_to": meta["obs_to"],
+                                  "quality": gate})
     res = hub.call("publish_weights", {
         "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": schema.name,
         "blob": base64.b64encode(blob).decode(), "parent_id": meta["parent_id"],
         "obs_from": meta["obs_from"], "obs_to": meta["obs_to"], "loss": trainer.last_loss,
+        "activate": gate["passed"], "reason": gate["reason"],
     })["weights"]
     return {"weights_id": res["id"], "version": res["version"], "status": res["status"],
             "loss": trainer.last_loss, "observations": len(ids), "hash": res["hash"]}
+
+
+def quality_gate(hub: Any, schema: Any, trainer: Any, ids: Any, margin: float) -> dict[str, Any]:
+    """Compare the new model with the active version on the new model's held-out windows.
+
+    The new version passes when its separation is at least the active one's times
+    (1 - margin). With no active version, or no held-out windows, it passes by default.
+    """
+    from kiri.model.score import Scorer, separation
+    from kiri.model.weights import WeightsError, load_weights
+
+    trainer.model.eval()
+    new = separation(Scorer.from_model(schema, trainer.model, trainer.k), ids, trainer.held)
+    trainer.model.train()
+    out: dict[str, Any] = {"new": new, "active": None, "margin": margin, "passed": True, "reason": None}
+    try:
+        active = hub.call("weights", {"atom": schema.name, "active": True, "blob": True})["weights"][0]
+    except RpcError:
+        out["reason"] = "no active version: accepted"
+        return out
+    try:
+        old = load_weights(base64.b64decode(active["blob"]))
+        out["active"] = separation(Scorer(old, context=trainer.k), ids, trainer.held) | {"version": active["version"]}
+    except (WeightsError, ValueError) as e:
+        out["reason"] = f"active version {active['version']} could not be evaluated ({e}): accepted"
+        return out
+    floor = out["active"]["separation"] * (1 - margin)
+    out["passed"] = new["separation"] >= floor
+    verdict = "passes" if out["passed"] else "fails"
+    out["reason"] = (f"separation {new['separation']:.3f} {verdict} the gate {floor:.3f} "
+                     f"(active v{active['version']}: {out['active']['separation']:.3f}, margin {margin:.0%})")
+    return out
 
 
 def _bar(total: int, start: int) -> Any:

@@ -371,5 +371,73 @@ def _upload(c: Ctx, atom: str, good: list[dict[str, Any]]) -> dict[str, Any]:
         raise
 
 
+
+# --- weights -------------------------------------------------------------------------------
+
+
+@main.group()
+def weights() -> None:
+    """Weights versions: lineage, quality, activation and rollback."""
+
+
+def _resolve(c: Ctx, ref: str) -> dict[str, Any]:
+    """A weights version by id (`12`) or by atom and version (`pulse:3`)."""
+    atom, sep, version = ref.partition(":")
+    try:
+        query = {"atom": atom, "version": int(version)} if sep else {"weights_id": int(ref)}
+    except ValueError:
+        raise click.BadParameter(f"{ref!r}: expected a weights id (12) or ATOM:VERSION (pulse:3)") from None
+    return c.call("weights", query)["weights"][0]
+
+
+@weights.command("list")
+@click.argument("atom")
+@click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@pass_ctx
+def weights_list(c: Ctx, atom: str, limit: int) -> None:
+    """Versions of ATOM, newest first."""
+    res = c.call("weights", {"atom": atom, "limit": limit})
+    now = time.time()
+    rows = [(w["id"], f"{w['atom']}:{w['version']}", w["status"], f"{w['loss']:.3f}" if w["loss"] is not None else None,
+             w["task_id"], w["parent_id"], f"{w['obs_from']}..{w['obs_to']}", w["hash"][:12], ago(w["created_at"], now))
+            for w in res["weights"]]
+    c.out(res, table(["ID", "VERSION", "STATUS", "LOSS", "TASK", "PARENT", "OBSERVATIONS", "HASH", "CREATED"], rows)
+          if rows else f"no weights for {atom}")
+
+
+@weights.command("show")
+@click.argument("ref")
+@pass_ctx
+def weights_show(c: Ctx, ref: str) -> None:
+    """One version (id or ATOM:VERSION): lineage, training facts, quality gate."""
+    w = _resolve(c, ref)
+    info = w["info"]
+    q = info.get("quality") or {}
+    lines = [
+        f"weights {w['id']}: {w['atom']} version {w['version']}  [{w['status']}]",
+        f"  hash         {w['hash']}",
+        f"  made by      task {w['task_id']}, from version id {w['parent_id'] or '-'} (warm start)",
+        f"  data         observations {w['obs_from']}..{w['obs_to']} ({info.get('observations', '?')} used)",
+        f"  training     {info.get('steps')} steps, final loss {w['loss']:.4f}, context {info.get('context')}"
+        if w["loss"] is not None else "  training     -",
+        f"  threshold    {info.get('threshold', 0):.3f} nats (p99 of held-out scores {info.get('score_p99', 0):.3f})",
+    ]
+    if q:
+        lines.append(f"  separation   {q['new']['separation']:.3f} nats on {q['new']['n']} held-out observations")
+    if w["reason"]:
+        lines.append(f"  gate         {w['reason']}")
+    c.out({"weights": w}, "\n".join(lines))
+
+
+@weights.command("activate")
+@click.argument("ref")
+@pass_ctx
+def weights_activate(c: Ctx, ref: str) -> None:
+    """Make a version (id or ATOM:VERSION) the active one: rollback, or overrule the gate."""
+    w = _resolve(c, ref)
+    res = c.call("activate_weights", {"atom": w["atom"], "version": w["version"]})
+    c.out(res, f"{w['atom']}:{w['version']} is now active")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

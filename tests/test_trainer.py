@@ -50,7 +50,7 @@ def test_train_task_publishes_an_active_version_with_lineage(hub, agents_factory
     loaded = load_weights(blob)
     assert loaded.info["task_id"] == tid and loaded.info["steps"] == 60 and loaded.info["threshold"] >= 1.5
     # a second run makes version 2 and takes over; the owner can roll back
-    tid2 = c.enqueue("train", "pulse", {"steps": 20})["task_id"]
+    tid2 = c.enqueue("train", "pulse", {"steps": 20, "gate_margin": 1.0})["task_id"]  # no gate here
     wait_until(lambda: hub.sql("select status from tasks where id=?", tid2)[0][0] == "done", 120)
     assert [(x["version"], x["status"]) for x in c.call("weights", {"atom": "pulse"})["weights"]] == [
         (2, "active"), (1, "inactive")]
@@ -126,4 +126,46 @@ def test_train_task_errors_are_permanent_and_clear(hub, agents_factory):
         wait_until(lambda tid=tid: hub.sql("select status from tasks where id=?", tid)[0][0] == "dead", 60)
         t = c.call("task", {"task_id": tid})["task"]
         assert needle in t["error"] and t["attempts"] == 1
+    agent.stop()
+
+
+def test_quality_gate_rejects_a_worse_version_and_keeps_it_with_the_reason(hub, agents_factory):
+    _push(hub, 1.0)
+    agent = _trainer(agents_factory, hub)
+    c = hub.client()
+    good = c.enqueue("train", "pulse", {"steps": 300})["task_id"]
+    wait_until(lambda: hub.sql("select status from tasks where id=?", good)[0][0] == "done", 120)
+    # two steps of training cannot tell normal from corrupted as well as three hundred
+    weak = c.enqueue("train", "pulse", {"steps": 2})["task_id"]
+    wait_until(lambda: hub.sql("select status from tasks where id=?", weak)[0][0] == "done", 120)
+    versions = {w["version"]: w for w in c.call("weights", {"atom": "pulse"})["weights"]}
+    assert versions[1]["status"] == "active"
+    assert versions[2]["status"] == "rejected" and "fails the gate" in versions[2]["reason"]
+    q = versions[2]["info"]["quality"]
+    assert q["new"]["separation"] < q["active"]["separation"] and q["active"]["version"] == 1
+    # a margin of 100% lets anything through
+    lax = c.enqueue("train", "pulse", {"steps": 2, "gate_margin": 1.0})["task_id"]
+    wait_until(lambda: hub.sql("select status from tasks where id=?", lax)[0][0] == "done", 120)
+    assert c.call("weights", {"atom": "pulse", "active": True})["weights"][0]["version"] == 3
+    agent.stop()
+
+
+def test_weights_cli_lists_shows_and_rolls_back(hub, agents_factory):
+    from tests.test_cli import kiri
+
+    _push(hub, 0.5)
+    agent = _trainer(agents_factory, hub)
+    for steps in (30, 30):
+        tid = kiri(hub, "enqueue", "train", "pulse", "--steps", str(steps), "-p", "gate_margin=1.0").stdout.strip()
+        wait_until(lambda tid=tid: hub.sql("select status from tasks where id=?", int(tid))[0][0] == "done", 120)
+    listed = kiri(hub, "weights", "list", "pulse").stdout
+    assert "pulse:2" in listed and "active" in listed and "inactive" in listed
+    shown = kiri(hub, "weights", "show", "pulse:1").stdout
+    assert "pulse version 1  [inactive]" in shown and "observations 1..1440" in shown and "separation" in shown
+    assert "pulse:1 is now active" in kiri(hub, "weights", "activate", "1").stdout
+    assert "[active]" in kiri(hub, "weights", "show", "pulse:1").stdout
+    out = kiri(hub, "weights", "show", "pulse:x", ok=False)
+    assert out.returncode == 2 and "ATOM:VERSION" in out.stderr
+    out = kiri(hub, "weights", "show", "pulse:9", ok=False)
+    assert out.returncode == 1 and "no such weights" in out.stderr
     agent.stop()
