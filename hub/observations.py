@@ -119,9 +119,10 @@ def commit_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:
     before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
     src = sa.select(staged.atom, staged.ts, staged.host, staged.data, sa.literal(env.now)).where(
         staged.import_id == p.import_id).order_by(staged.id)
+    atom_names = [r[0] for r in c.execute(sa.select(staged.atom).where(staged.import_id == p.import_id).distinct())]
     c.execute(observations.insert().from_select(["atom", "ts", "host", "data", "created_at"], src))
     c.execute(staged_observations.delete().where(staged.import_id == p.import_id))
-    return {"stored": n, "first_id": before + 1, "last_id": before + n}
+    return {"stored": n, "first_id": before + 1, "last_id": before + n, "atoms": atom_names}
 
 
 def abort_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:

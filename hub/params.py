@@ -167,3 +167,30 @@ class PublishWeights(Params):
 class ActivateWeights(Params):
     atom: Name
     version: Annotated[int, Field(ge=1, le=2**31)]
+
+
+class ScoringWork(Params):
+    atom: Name
+    limit: Annotated[int, Field(ge=1, le=5000)] = 2000
+    context: Annotated[int, Field(ge=0, le=64)] = 3
+
+
+class ScoreIn(Params):
+    observation_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    score: Annotated[float, Field(ge=0, le=1e6)]
+    surprise: Annotated[list[Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=64)]
+
+
+class RecordScores(Params):
+    task_id: TaskId
+    lease_token: Token
+    atom: Name
+    weights_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    threshold: Annotated[float, Field(ge=0, le=1e6)]
+    scores: Annotated[list[ScoreIn], Field(min_length=1, max_length=5000)]
+
+
+class History(Params):
+    atom: Name
+    n: Annotated[int, Field(ge=1, le=1000)] = 20
+    since: float | None = None

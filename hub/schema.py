@@ -172,3 +172,20 @@ weights = sa.Table(
     sa.Index("ix_weights_active", "atom", unique=True,
              sqlite_where=sa.text("status = 'active'"), postgresql_where=sa.text("status = 'active'")),
 )
+
+# Every score names the weights that produced it; one score per observation and version.
+scores = sa.Table(
+    "scores",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("observation_id", sa.Integer, sa.ForeignKey("observations.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("atom", sa.String(32), nullable=False),
+    sa.Column("weights_id", sa.Integer, sa.ForeignKey("weights.id"), nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("anomalous", sa.Boolean, nullable=False),
+    sa.Column("surprise", sa.Text, nullable=False),  # [[token, surprise nats], ...]
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("observation_id", "weights_id"),
+    sa.Index("ix_scores_atom_observation_id", "atom", "observation_id"),
+)

@@ -26,6 +26,7 @@ from kiri.hub import db as dbmod
 from kiri.hub import observations as O
 from kiri.hub import params as P
 from kiri.hub import queue as Q
+from kiri.hub import scoring as SC
 from kiri.hub import weights as W
 from kiri.protocol import (
     InternalError,
@@ -208,13 +209,16 @@ class Hub:
             "stats": (P.Empty, self._stats),
             "atoms": (P.Empty, self.atoms.list),
             "define_atom": (P.DefineAtom, self.atoms.define),
-            "observe": (P.Observe, lambda c, p, env: O.observe(self.atoms, c, p, env)),
-            "commit_import": (P.ImportRef, O.commit_import),
+            "observe": (P.Observe, self._observe),
+            "commit_import": (P.ImportRef, self._commit_import),
             "abort_import": (P.ImportRef, O.abort_import),
             "observations": (P.Observations, lambda c, p, env: O.list_observations(self.atoms, c, p, env)),
             "weights": (P.WeightsQuery, W.query),
-            "publish_weights": (P.PublishWeights, W.publish),
-            "activate_weights": (P.ActivateWeights, W.activate),
+            "publish_weights": (P.PublishWeights, self._publish_weights),
+            "activate_weights": (P.ActivateWeights, self._activate_weights),
+            "scoring_work": (P.ScoringWork, lambda c, p, env: SC.work(self.atoms, c, p, env)),
+            "record_scores": (P.RecordScores, SC.record),
+            "history": (P.History, lambda c, p, env: SC.history(self.atoms, c, p, env)),
         }
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -581,6 +585,30 @@ class Hub:
 
     def _checkpoint(self, c: sa.Connection, p: P.Checkpoint, env: Q.Env) -> dict[str, Any]:
         return Q.checkpoint(c, p, env, self.settings.max_checkpoint)
+
+    # New data, or new weights, mean there is scoring to do.
+    def _observe(self, c: sa.Connection, p: P.Observe, env: Q.Env) -> dict[str, Any]:
+        res = O.observe(self.atoms, c, p, env)
+        if p.import_id is None:
+            SC.ensure_score_task(c, p.atom, env)
+        return res
+
+    def _commit_import(self, c: sa.Connection, p: P.ImportRef, env: Q.Env) -> dict[str, Any]:
+        res = O.commit_import(c, p, env)
+        for atom in res["atoms"]:
+            SC.ensure_score_task(c, atom, env)
+        return res
+
+    def _publish_weights(self, c: sa.Connection, p: P.PublishWeights, env: Q.Env) -> dict[str, Any]:
+        res = W.publish(c, p, env)
+        if res["weights"]["status"] == "active" and not res["already"]:
+            SC.ensure_score_task(c, p.atom, env)
+        return res
+
+    def _activate_weights(self, c: sa.Connection, p: P.ActivateWeights, env: Q.Env) -> dict[str, Any]:
+        res = W.activate(c, p, env)
+        SC.ensure_score_task(c, p.atom, env)
+        return res
 
     def _stats(self, c: sa.Connection, _p: P.Empty, env: Q.Env) -> dict[str, Any]:
         agents = [

@@ -439,5 +439,27 @@ def weights_activate(c: Ctx, ref: str) -> None:
     c.out(res, f"{w['atom']}:{w['version']} is now active")
 
 
+
+@main.command()
+@click.argument("atom")
+@click.option("-n", "count", default=20, show_default=True, type=click.IntRange(1, 1000))
+@pass_ctx
+def history(c: Ctx, atom: str, count: int) -> None:
+    """Recent observations of ATOM: tokens, score, verdict, and per-token blame for anomalies."""
+    res = c.call("history", {"atom": atom, "n": count})
+    lines = []
+    for o in res["observations"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["time"]))
+        if o["score"] is None:
+            lines.append(f"{o['id']:>8}  {when}  {' '.join(o['tokens'])}   (not scored yet)")
+            continue
+        verdict = "ANOMALY" if o["anomalous"] else "ok"
+        lines.append(f"{o['id']:>8}  {when}  {' '.join(o['tokens'])}  {o['score']:6.2f}  {verdict}")
+        if o["anomalous"]:
+            blame = sorted(o["blame"], key=lambda b: -b["surprise"])
+            lines.append("            blame: " + ", ".join(f"{b['token']} {b['surprise']:.1f}" for b in blame[:4]))
+    c.out(res, "\n".join(lines) if lines else f"no observations for {atom}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,113 @@
+"""Scoring through the hub: work for scorer agents, their scores, and the history view.
+
+New observations enqueue a ``score`` task for their atom (at most one waiting per atom: the
+scorer takes every unscored observation, including ones that arrive while it works). A
+scorer asks for work (the active weights, unscored observations, and the ones just before
+them as context) and records scores under its lease; a resend after a lost reply finds
+the scores already there and stores nothing twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from kiri.hub import params as P
+from kiri.hub import queue as Q
+from kiri.hub.observations import AtomRegistry
+from kiri.hub.schema import observations, scores, tasks, weights
+from kiri.protocol import InvalidParams, LeaseLost, NotFound
+
+
+def ensure_score_task(c: sa.Connection, atom: str, env: Q.Env) -> None:
+    waiting = c.execute(sa.select(tasks.c.id).where(
+        tasks.c.status == Q.QUEUED, tasks.c.kind == "score", tasks.c.atom == atom).limit(1)).first()
+    if waiting is None:
+        Q.enqueue(c, P.Enqueue(kind="score", atom=atom, max_attempts=10), env)
+
+
+def _scored_to(c: sa.Connection, atom: str) -> int:
+    return c.execute(sa.select(sa.func.max(scores.c.observation_id)).where(scores.c.atom == atom)).scalar() or 0
+
+
+def _obs(r: sa.Row) -> dict[str, Any]:
+    return {"id": r.id, "time": r.ts, "host": r.host, "values": orjson.Fragment(r.data)}
+
+
+def work(reg: AtomRegistry, c: sa.Connection, p: P.ScoringWork, env: Q.Env) -> dict[str, Any]:
+    schema = reg.get(p.atom)
+    active = c.execute(sa.select(weights.c.id, weights.c.version, weights.c.hash, weights.c.info).where(
+        weights.c.atom == schema.name, weights.c.status == "active")).first()
+    if active is None:
+        return {"weights": None, "context": [], "observations": []}
+    done = _scored_to(c, schema.name)
+    o = observations.c
+    todo = c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.atom == schema.name, o.id > done)
+                     .order_by(o.id).limit(p.limit)).all()
+    ctx = c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.atom == schema.name, o.id <= done)
+                    .order_by(o.id.desc()).limit(p.context)).all() if todo and p.context else []
+    info = orjson.loads(active.info)
+    return {
+        "weights": {"id": active.id, "version": active.version, "hash": active.hash,
+                    "threshold": info.get("threshold")},
+        "context": [_obs(r) for r in reversed(ctx)],
+        "observations": [_obs(r) for r in todo],
+    }
+
+
+def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
+    held = c.execute(sa.select(tasks.c.id).where(
+        tasks.c.id == p.task_id, tasks.c.status == Q.LEASED, tasks.c.lease_token == p.lease_token)).first()
+    if held is None:
+        raise LeaseLost(f"task {p.task_id} is not leased to you; scores not recorded")
+    w = c.execute(sa.select(weights.c.atom).where(weights.c.id == p.weights_id)).first()
+    if w is None:
+        raise NotFound(f"weights {p.weights_id} do not exist")
+    if w.atom != p.atom:
+        raise InvalidParams(f"weights {p.weights_id} belong to {w.atom!r}, not {p.atom!r}")
+    ids = [s.observation_id for s in p.scores]
+    known = {r.id for r in c.execute(sa.select(observations.c.id).where(
+        observations.c.id.in_(ids), observations.c.atom == p.atom))}
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise InvalidParams(f"observation(s) {missing[:5]} are not {p.atom!r} observations")
+    already = {r.observation_id for r in c.execute(sa.select(scores.c.observation_id).where(
+        scores.c.weights_id == p.weights_id, scores.c.observation_id.in_(ids)))}
+    rows = [{"observation_id": s.observation_id, "atom": p.atom, "weights_id": p.weights_id, "score": s.score,
+             "threshold": p.threshold, "anomalous": s.score > p.threshold,
+             "surprise": orjson.dumps(s.surprise).decode(), "created_at": env.now}
+            for s in p.scores if s.observation_id not in already]
+    if rows:
+        c.execute(scores.insert(), rows)
+    return {"stored": len(rows), "already": len(already), "anomalous": sum(r["anomalous"] for r in rows)}
+
+
+def history(reg: AtomRegistry, c: sa.Connection, p: P.History, env: Q.Env) -> dict[str, Any]:
+    """The latest observations of an atom with tokens and their newest score and blame."""
+    schema = reg.get(p.atom)
+    o = observations.c
+    q = sa.select(o.id, o.ts, o.host, o.data).where(o.atom == schema.name)
+    if p.since is not None:
+        q = q.where(o.ts >= p.since)
+    obs = c.execute(q.order_by(o.id.desc()).limit(p.n)).all()
+    s = scores.c
+    latest: dict[int, sa.Row] = {}
+    if obs:
+        for r in c.execute(sa.select(s.observation_id, s.weights_id, s.score, s.threshold, s.anomalous, s.surprise)
+                           .where(s.observation_id.in_([r.id for r in obs])).order_by(s.weights_id)):
+            latest[r.observation_id] = r
+    out = []
+    for r in reversed(obs):
+        values = orjson.loads(r.data)
+        toks = schema.tokens(schema.encode(values))
+        item: dict[str, Any] = {"id": r.id, "time": r.ts, "host": r.host, "values": values, "tokens": toks,
+                                "score": None}
+        sc = latest.get(r.id)
+        if sc is not None:
+            surprise = orjson.loads(sc.surprise)
+            item.update(score=sc.score, threshold=sc.threshold, anomalous=bool(sc.anomalous), weights_id=sc.weights_id,
+                        blame=[{"token": t, "surprise": v} for t, v in zip(toks, surprise, strict=False)])
+        out.append(item)
+    return {"atom": schema.name, "observations": out}

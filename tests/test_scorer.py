@@ -1,0 +1,80 @@
+"""Scorer agents over the hub: every new observation scored once, naming its weights."""
+
+from __future__ import annotations
+
+import signal
+
+from kiri.model import synth
+from tests.conftest import wait_until
+from tests.test_cli import kiri
+
+
+def _push(hub, series, start: int = 0, end: int | None = None) -> None:
+    c = hub.client()
+    rows = series.rows[start:end]
+    times = series.times[start:end]
+    for i in range(0, len(rows), 5000):
+        c.call("observe", {"atom": series.atom, "observations": [
+            {"values": r, "time": t} for r, t in zip(rows[i:i + 5000], times[i:i + 5000], strict=True)]})
+    c.close()
+
+
+def _all_done(hub) -> bool:
+    return hub.sql("select count(*) from tasks where status in ('queued', 'leased')")[0][0] == 0
+
+
+def test_new_observations_are_scored_with_the_active_weights(hub, agents_factory):
+    train = synth.generate("pulse", 1, seed=0)
+    _push(hub, train)
+    trainer = agents_factory(hub, "train", "--lease-ttl", "2")
+    scorer = agents_factory(hub, "score", "--lease-ttl", "2")
+    kiri(hub, "enqueue", "train", "pulse", "--steps", "300")
+    wait_until(lambda: hub.sql("select count(*) from weights where status='active'")[0][0] == 1, 120)
+    wait_until(lambda: _all_done(hub), 120, what="the backlog scored")
+    n_train = len(train.rows)
+    assert hub.sql("select count(*), count(distinct observation_id) from scores")[0] == (n_train, n_train)
+    # a new day with anomalies arrives
+    test = synth.generate("pulse", 0.5, seed=1, start=synth.EPOCH + synth.DAY, anomalies={"spike": 2})
+    _push(hub, test)
+    wait_until(lambda: hub.sql("select count(*) from scores")[0][0] == n_train + len(test.rows), 120)
+    (wid,) = hub.sql("select id from weights where status='active'")[0]
+    assert hub.sql("select count(*) from scores where weights_id != ?", wid)[0][0] == 0
+    rows = hub.sql("select o.id, s.score, s.anomalous from scores s join observations o on o.id = s.observation_id "
+                   "where o.id > ? order by o.id", n_train)
+    spikes = [s for (oid, s, a), lab in zip(rows, test.labels, strict=True) if lab == "spike"]
+    normal = [s for (oid, s, a), lab in zip(rows, test.labels, strict=True) if lab is None]
+    assert min(spikes) > 3 * (sum(normal) / len(normal))
+    flagged = {oid for oid, s, a in rows if a}
+    assert sum(1 for (oid, _, _), lab in zip(rows, test.labels, strict=True) if lab == "spike" and oid in flagged) >= 15
+    # history shows tokens, score, verdict and blame
+    hist = hub.client().call("history", {"atom": "pulse", "n": 5})["observations"]
+    assert len(hist) == 5 and all(h["score"] is not None and len(h["blame"]) == 6 for h in hist)
+    first_spike = next(i for i, lab in enumerate(test.labels) if lab == "spike")
+    spike_id = n_train + 1 + first_spike
+    out = kiri(hub, "history", "pulse", "-n", str(n_train + len(test.rows) - spike_id + 1)).stdout
+    line = next(x for x in out.splitlines() if x.strip().startswith(str(spike_id)))
+    assert "ANOMALY" in line and "C9" in line
+    assert "blame:" in out.split(line, 1)[1].splitlines()[1]
+    trainer.stop()
+    scorer.stop()
+
+
+def test_scorer_killed_midway_loses_nothing_and_scores_nothing_twice(hub, agents_factory):
+    data = synth.generate("pulse", 1, seed=0)
+    _push(hub, data, 0, 1000)
+    trainer = agents_factory(hub, "train", "--lease-ttl", "2")
+    kiri(hub, "enqueue", "train", "pulse", "--steps", "20")
+    wait_until(lambda: hub.sql("select count(*) from weights where status='active'")[0][0] == 1, 120)
+    trainer.stop()
+    victim = agents_factory(hub, "score", "--lease-ttl", "1")
+    big = synth.generate("pulse", 20, seed=2, start=synth.EPOCH + synth.DAY)  # 57,600 observations
+    _push(hub, big)
+    wait_until(lambda: hub.sql("select count(*) from scores")[0][0] > 3000, 120, what="scoring under way")
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(10)
+    rescuer = agents_factory(hub, "score", "--lease-ttl", "1")
+    total = 1000 + len(big.rows)
+    wait_until(lambda: hub.sql("select count(*) from scores")[0][0] == total and _all_done(hub), 180,
+               what="all observations scored after the kill")
+    assert hub.sql("select count(distinct observation_id) from scores")[0][0] == total
+    rescuer.stop()
