@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from kiri import config
-from kiri.agents import scorer, trainer  # noqa: F401  (register the score and train handlers)
+from kiri.agents import collector, scorer, trainer  # noqa: F401  (register their handlers)
 from kiri.agents.client import HubClient
 from kiri.agents.runner import ROLE_KINDS, Agent
 

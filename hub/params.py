@@ -194,3 +194,14 @@ class History(Params):
     atom: Name
     n: Annotated[int, Field(ge=1, le=1000)] = 20
     since: float | None = None
+
+
+class ScheduleAdd(Params):
+    kind: Name
+    atom: Name | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    every: Annotated[float, Field(ge=1, le=366 * 86400)]
+
+
+class ScheduleRef(Params):
+    schedule_id: Annotated[int, Field(ge=1, le=2**63 - 1)]

@@ -189,3 +189,23 @@ scores = sa.Table(
     sa.UniqueConstraint("observation_id", "weights_id"),
     sa.Index("ix_scores_atom_observation_id", "atom", "observation_id"),
 )
+
+# Periodic work lives in the database, not in timers in agents: the hub fires each schedule
+# in the same transaction that moves its next_run, so it fires once per interval, across
+# restarts, never twice.
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("atom", sa.String(64), nullable=True),
+    sa.Column("params", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("every", sa.Float, nullable=False),
+    sa.Column("next_run", sa.Float, nullable=False),
+    sa.Column("last_run", sa.Float, nullable=True),
+    sa.Column("last_task_id", sa.Integer, nullable=True),
+    sa.Column("fired", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("kind", "atom"),
+    sa.Index("ix_schedules_next_run", "next_run"),
+)

@@ -26,6 +26,7 @@ from kiri.hub import db as dbmod
 from kiri.hub import observations as O
 from kiri.hub import params as P
 from kiri.hub import queue as Q
+from kiri.hub import schedules as SCH
 from kiri.hub import scoring as SC
 from kiri.hub import weights as W
 from kiri.protocol import (
@@ -82,6 +83,11 @@ class Op:
 def _raise(_c: sa.Connection, err: RpcError, _env: Q.Env) -> None:
     """An op that answers with a request's error, in its turn."""
     raise err
+
+
+def _min(*times: float | None) -> float | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
 
 
 def _pong(_c: sa.Connection, _p: None, env: Q.Env) -> dict[str, Any]:
@@ -219,6 +225,9 @@ class Hub:
             "scoring_work": (P.ScoringWork, lambda c, p, env: SC.work(self.atoms, c, p, env)),
             "record_scores": (P.RecordScores, SC.record),
             "history": (P.History, lambda c, p, env: SC.history(self.atoms, c, p, env)),
+            "schedule_add": (P.ScheduleAdd, SCH.add),
+            "schedule_rm": (P.ScheduleRef, SCH.remove),
+            "schedules": (P.Empty, SCH.list_all),
         }
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -227,7 +236,7 @@ class Hub:
         with self.db.begin():
             Q.disconnect_all(self.db)
             self.atoms.load(self.db)
-        self._arm_due(self._query(lambda c: Q.next_due(c, time.time())))
+        self._arm_due(self._query(lambda c: _min(Q.next_due(c, time.time()), SCH.next_run(c))))
         self.server = await self.loop.create_server(
             lambda: Connection(self), self.settings.host, self.settings.port, reuse_address=True,
             backlog=512,
@@ -520,6 +529,11 @@ class Hub:
             return
         if self.waiters:
             self._wake(None)
+
+        def fire(c: sa.Connection, _p: Any, env: Q.Env) -> None:
+            SCH.fire_due(c, env)
+
+        self._submit(Op(None, None, "schedules", None, fire, reply=False))  # its env.due re-arms the timer
         self._arm_due(self._query(lambda c: Q.next_due(c, time.time())))
 
     def _query(self, fn: Callable[[sa.Connection], Any]) -> Any:
@@ -538,6 +552,7 @@ class Hub:
         def reap(c: sa.Connection, _p: Any, env: Q.Env) -> None:
             reaped = Q.reap(c, env)
             O.expire_staged(c, env.now)
+            SCH.fire_due(c, env)
             for task_id, status in reaped:
                 log.info("lease on task %s expired; task is now %s", task_id, status)
             self._flush_agents_in(c, env.now)

@@ -461,5 +461,64 @@ def history(c: Ctx, atom: str, count: int) -> None:
     c.out(res, "\n".join(lines) if lines else f"no observations for {atom}")
 
 
+
+# --- schedules -----------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(_ctx: click.Context, _p: click.Parameter, value: str) -> float:
+    text = value.strip().lower()
+    unit = _UNITS.get(text[-1:])
+    number = text[:-1] if unit else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a duration like 30s, 5m, 1h or 1d") from None
+    if not 1 <= seconds <= 366 * 86400:
+        raise click.BadParameter(f"{value!r}: must be between 1 second and a year")
+    return seconds
+
+
+@main.group()
+def schedule() -> None:
+    """Periodic tasks fired by the hub (e.g. collect pulse every 30 s)."""
+
+
+@schedule.command("add")
+@click.argument("kind")
+@click.argument("atom", required=False)
+@click.option("--every", required=True, callback=_duration, help="Interval: 30s, 5m, 1h, 1d.")
+@click.option("-p", "--param", "params", multiple=True, callback=_param, metavar="KEY=VALUE")
+@pass_ctx
+def schedule_add(c: Ctx, kind: str, atom: str | None, every: float, params: dict[str, Any]) -> None:
+    """Run a KIND task (for ATOM) every interval, starting now."""
+    body: dict[str, Any] = {"kind": kind, "every": every, "params": params}
+    if atom:
+        body["atom"] = atom
+    res = c.call("schedule_add", body)
+    c.out(res, f"schedule {res['schedule_id']}: {kind} {atom or ''} every {every:g} s")
+
+
+@schedule.command("list")
+@pass_ctx
+def schedule_list(c: Ctx) -> None:
+    """Every schedule with its next run."""
+    res = c.call("schedules")
+    now = time.time()
+    rows = [(s["id"], s["kind"], s["atom"], f"{s['every']:g}s", ago(s["next_run"], now), ago(s["last_run"], now),
+             s["fired"], s["last_task_id"]) for s in res["schedules"]]
+    c.out(res, table(["ID", "KIND", "ATOM", "EVERY", "NEXT", "LAST", "FIRED", "LAST TASK"], rows)
+          if rows else "no schedules")
+
+
+@schedule.command("rm")
+@click.argument("schedule_id", type=click.IntRange(1))
+@pass_ctx
+def schedule_rm(c: Ctx, schedule_id: int) -> None:
+    """Remove a schedule."""
+    c.out(c.call("schedule_rm", {"schedule_id": schedule_id}), f"schedule {schedule_id} removed")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -131,6 +131,7 @@ METHODS = (
     "cancel", "retry", "task", "tasks", "stats",
     "atoms", "define_atom", "observe", "commit_import", "abort_import", "observations",
     "weights", "publish_weights", "activate_weights", "scoring_work", "record_scores", "history",
+    "schedule_add", "schedule_rm", "schedules",
 )
 
 TASK_STATES = ("queued", "leased", "done", "dead", "cancelled")
