@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from kiri import config
-from kiri.agents import collector, scorer, trainer  # noqa: F401  (register their handlers)
+from kiri.agents import alerts, collector, scorer, trainer  # noqa: F401  (register their handlers)
 from kiri.agents.client import HubClient
 from kiri.agents.runner import ROLE_KINDS, Agent
 
@@ -39,12 +39,24 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 @click.option("--max-tasks", type=click.IntRange(1), help="Exit after this many tasks (tests, batch jobs).")
 @click.option("--journal", type=click.Path(dir_okay=False, path_type=Path),
               help="Append one JSON line per finished task (ack/fail and the hub's answer) to this file.")
+@click.option("--alert-webhook", "webhooks", multiple=True, envvar="KIRI_ALERT_WEBHOOK", metavar="URL",
+              help="POST alerts as JSON here (repeatable; env KIRI_ALERT_WEBHOOK).")
+@click.option("--alert-command", envvar="KIRI_ALERT_COMMAND", help="Run this with the alert JSON on stdin.")
+@click.option("--telegram-token", envvar="KIRI_TELEGRAM_TOKEN", help="Telegram bot token for alerts.")
+@click.option("--telegram-chat", envvar="KIRI_TELEGRAM_CHAT", help="Telegram chat id for alerts.")
+@click.option("--telegram-url", envvar="KIRI_TELEGRAM_URL", default="https://api.telegram.org", show_default=True)
+@click.option("--alert-cooldown", default=600.0, show_default=True, type=click.FloatRange(0, 30 * 86400),
+              help="Seconds after an alert for an atom during which its alerts are held back.")
+@click.option("--alert-max-age", default=900.0, show_default=True, type=click.FloatRange(0, 365 * 86400),
+              help="Observations older than this many seconds (a backlog) are decided on but not alerted.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256),
               help="torch intra-op threads; parallelism comes from more agents.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None, name: str | None,
-         wait: float, lease_ttl: float | None, max_tasks: int | None, journal: Path | None, threads: int,
+         wait: float, lease_ttl: float | None, max_tasks: int | None, journal: Path | None,
+         webhooks: tuple[str, ...], alert_command: str | None, telegram_token: str | None,
+         telegram_chat: str | None, telegram_url: str, alert_cooldown: float, alert_max_age: float, threads: int,
          log_level: str) -> None:
     """Connect to the hub and work tasks for ROLE until SIGTERM/SIGINT."""
     logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
@@ -54,6 +66,10 @@ def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None,
         address = config.parse_address(hub) if hub else config.hub_address()
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--hub") from None
+    alerts.CONFIG = alerts.AlertConfig(
+        webhooks=[w for item in webhooks for w in item.split() if w], command=alert_command,
+        telegram_token=telegram_token, telegram_chat=telegram_chat, telegram_url=telegram_url,
+        cooldown=alert_cooldown, max_age=alert_max_age)
     serve = kinds or ROLE_KINDS[role]
     client = HubClient(address, token=token, agent=name, role=role, kinds=serve, reconnect_for=None)
     try:

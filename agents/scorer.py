@@ -9,6 +9,7 @@ task's lease with the weights version that produced it.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from typing import Any
 
@@ -39,6 +40,7 @@ def score(ctx: TaskContext) -> dict[str, Any]:
     hub = ctx.hub
     total = anomalous = 0
     weights_id = None
+    worst: dict[str, Any] | None = None  # the most surprising observation this task scored
     while True:
         ctx.raise_if_stopping()
         work = hub.call("scoring_work", {"atom": ctx.atom, "limit": 2000, "context": 16})
@@ -63,4 +65,58 @@ def score(ctx: TaskContext) -> dict[str, Any]:
         total += res["stored"]
         anomalous += res["anomalous"]
         ctx.progress(scored=total, anomalous=anomalous)
-    return {"scored": total, "anomalous": anomalous, "weights_id": weights_id}
+        i = max(range(len(means)), key=means.__getitem__)
+        if worst is None or means[i] > worst["score"]:
+            obs = work["observations"][i]
+            toks = sc.schema.tokens(ids[len(context) + i].tolist())
+            worst = {"observation_id": obs["id"], "time": obs["time"], "score": means[i], "threshold": sc.threshold,
+                     "blame": sorted(({"token": t, "surprise": v} for t, v in zip(toks, per[i], strict=True)),
+                                     key=lambda b: -b["surprise"])}
+    out: dict[str, Any] = {"scored": total, "anomalous": anomalous, "weights_id": weights_id}
+    if worst is not None:
+        out["decision"] = decide(ctx, worst)
+    return out
+
+
+def decide(ctx: TaskContext, worst: dict[str, Any]) -> dict[str, Any]:
+    """Run the nerve over every atom's latest score (this atom's worst new one) and act on it."""
+    import time
+
+    from kiri.agents import alerts
+    from kiri.model.nerve import Nerve
+
+    hub = ctx.hub
+    state = hub.call("nerve_inputs")
+    latest = {a: v["score"] for a, v in state["scores"].items()}
+    thresholds = {a: v["threshold"] for a, v in state["scores"].items()}
+    latest[ctx.atom] = worst["score"]
+    thresholds[ctx.atom] = worst["threshold"]
+    weights = None
+    if state["nerve"] is not None:
+        w = hub.call("weights", {"weights_id": state["nerve"]["weights_id"], "blob": True})["weights"][0]
+        weights = base64.b64decode(w["blob"])
+    lt = time.localtime(worst["time"])
+    hour, weekday = lt.tm_hour + lt.tm_min / 60, lt.tm_wday
+    d = Nerve(weights, thresholds=thresholds).decide(latest, hour, weekday)
+    scaled = {a: latest.get(a, 0.0) / max(thresholds.get(a, 1.0), 1e-9) for a in latest}
+    res = hub.call("record_decision", {
+        "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": ctx.atom,
+        "observation_id": worst["observation_id"], "inputs": d.inputs | {"thresholds": thresholds},
+        "action": d.action, "probs": d.probs, "policy": d.policy, "cooldown": alerts.CONFIG.cooldown,
+        "stale": time.time() - worst["time"] > alerts.CONFIG.max_age,
+        "retrain_atom": max(scaled, key=scaled.__getitem__) if scaled else ctx.atom,
+    })
+    summary = {"decision_id": res["decision_id"], "action": d.action, "policy": d.policy}
+    alert = res.get("alert")
+    if alert and alert["deliver"]:
+        payload = {"alert_id": alert["id"], "decision_id": res["decision_id"], "atom": ctx.atom,
+                   "observation_id": worst["observation_id"], "time": worst["time"], "score": worst["score"],
+                   "threshold": worst["threshold"], "blame": worst["blame"], "probs": d.probs, "policy": d.policy}
+        outcome = alerts.deliver(payload)
+        ok = any(v == "sent" for k, v in outcome.items() if k != "log") or len(outcome) == 1
+        hub.call("alert_result", {"alert_id": alert["id"], "status": "sent" if ok else "failed",
+                                  "detail": json.dumps(outcome)})
+        summary["alert"] = outcome
+    elif alert:
+        summary["alert"] = "not sent: cooling down (one incident, one alert) or a stale observation"
+    return summary

@@ -66,6 +66,8 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     if not ctx.atom:
         raise TaskError("a train task needs an atom (kiri enqueue train ATOM)", retry=False)
     hub = ctx.hub
+    if ctx.atom == "nerve":
+        return train_nerve(ctx)
     known = {a["name"]: a for a in hub.call("atoms")["atoms"]}
     if ctx.atom not in known:
         raise TaskError(f"unknown atom {ctx.atom!r}", retry=False)
@@ -125,6 +127,27 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     })["weights"]
     return {"weights_id": res["id"], "version": res["version"], "status": res["status"],
             "loss": trainer.last_loss, "observations": len(ids), "hash": res["hash"]}
+
+
+def train_nerve(ctx: TaskContext) -> dict[str, Any]:
+    """The nerve learns from the owner's labels only, never from its own decisions."""
+    from kiri.model.nerve import Label
+    from kiri.model.nerve import train as fit
+
+    rows = ctx.hub.call("labels", {"limit": 100_000})["labels"]
+    if not rows:
+        raise TaskError("the nerve has no human labels yet: give feedback with `kiri feedback`", retry=False)
+    labels = [Label(scores={a: r["inputs"].get(a, 0.0) for a in ("pulse", "rhythm", "drift")},
+                    hour=r["inputs"]["hour"], weekday=r["inputs"]["weekday"], action=r["action"]) for r in rows]
+    steps = int(ctx.params.get("steps", 300))
+    blob = fit(labels, steps=steps, seed=int(ctx.params.get("seed", 0)))
+    res = ctx.hub.call("publish_weights", {
+        "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": "nerve",
+        "blob": base64.b64encode(blob).decode(),
+        "info": {"labels": len(labels), "label_ids": [rows[0]["id"], rows[-1]["id"]]},
+        "activate": True, "reason": f"trained on {len(labels)} human labels",
+    })["weights"]
+    return {"weights_id": res["id"], "version": res["version"], "labels": len(labels)}
 
 
 def quality_gate(hub: Any, schema: Any, trainer: Any, ids: Any, margin: float) -> dict[str, Any]:

@@ -205,3 +205,40 @@ class ScheduleAdd(Params):
 
 class ScheduleRef(Params):
     schedule_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
+Action = Annotated[str, StringConstraints(pattern="^(ok|alert|suppress|retrain)$")]
+
+
+class RecordDecision(Params):
+    task_id: TaskId
+    lease_token: Token
+    atom: Name
+    observation_id: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
+    inputs: dict[str, Any]
+    action: Action
+    probs: dict[str, float]
+    policy: Annotated[str, StringConstraints(max_length=64)]
+    cooldown: Annotated[float, Field(ge=0, le=30 * 86400)] = 600.0
+    stale: bool = False  # the observation is old (a backlog): record, but do not alert
+    retrain_atom: Name | None = None
+
+
+class AlertResult(Params):
+    alert_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    status: Annotated[str, StringConstraints(pattern="^(sent|failed)$")]
+    detail: Annotated[str, StringConstraints(max_length=8000)] | None = None
+
+
+class Decisions(Params):
+    limit: Annotated[int, Field(ge=1, le=1000)] = 50
+    before_id: TaskId | None = None
+
+
+class Feedback(Params):
+    decision_id: TaskId
+    verdict: Annotated[str, StringConstraints(pattern="^(approve|dismiss|ok|alert|suppress|retrain)$")]
+
+
+class Labels(Params):
+    limit: Annotated[int, Field(ge=1, le=100_000)] = 10_000

@@ -209,3 +209,45 @@ schedules = sa.Table(
     sa.UniqueConstraint("kind", "atom"),
     sa.Index("ix_schedules_next_run", "next_run"),
 )
+
+# What the nerve decided, from which inputs, under which policy. Human labels live apart.
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("atom", sa.String(32), nullable=False),  # the atom whose new scores triggered it
+    sa.Column("observation_id", sa.Integer, sa.ForeignKey("observations.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("task_id", sa.Integer, sa.ForeignKey("tasks.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("inputs", sa.Text, nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("probs", sa.Text, nullable=False),
+    sa.Column("policy", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("task_id", "observation_id"),
+    sa.Index("ix_decisions_created_at", "created_at"),
+)
+
+labels = sa.Table(
+    "labels",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("decision_id", sa.Integer, sa.ForeignKey("decisions.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("verdict", sa.String(16), nullable=False),  # approve, dismiss, or an action set by hand
+    sa.Column("action", sa.String(16), nullable=False),  # the action the owner says was right
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_labels_decision_id", "decision_id"),
+)
+
+alerts = sa.Table(
+    "alerts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("decision_id", sa.Integer, sa.ForeignKey("decisions.id", ondelete="CASCADE"), nullable=False,
+              unique=True),
+    sa.Column("atom", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending, sent, failed, cooled, stale
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("sent_at", sa.Float, nullable=True),
+    sa.Index("ix_alerts_atom_created_at", "atom", "created_at"),
+)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from kiri import PROTOCOL_VERSION, __version__
 from kiri.hub import db as dbmod
+from kiri.hub import decisions as D
 from kiri.hub import observations as O
 from kiri.hub import params as P
 from kiri.hub import queue as Q
@@ -228,6 +229,12 @@ class Hub:
             "schedule_add": (P.ScheduleAdd, SCH.add),
             "schedule_rm": (P.ScheduleRef, SCH.remove),
             "schedules": (P.Empty, SCH.list_all),
+            "nerve_inputs": (P.Empty, D.nerve_inputs),
+            "record_decision": (P.RecordDecision, D.record),
+            "alert_result": (P.AlertResult, D.alert_result),
+            "decisions": (P.Decisions, D.list_decisions),
+            "feedback": (P.Feedback, D.feedback),
+            "labels": (P.Labels, D.list_labels),
         }
 
     # --- lifecycle ---------------------------------------------------------------------

@@ -520,5 +520,38 @@ def schedule_rm(c: Ctx, schedule_id: int) -> None:
     c.out(c.call("schedule_rm", {"schedule_id": schedule_id}), f"schedule {schedule_id} removed")
 
 
+
+# --- decisions and feedback ----------------------------------------------------------------
+
+
+@main.command()
+@click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@pass_ctx
+def decisions(c: Ctx, limit: int) -> None:
+    """Recent decisions of the nerve, with their inputs, alert outcome and your label."""
+    res = c.call("decisions", {"limit": limit})
+    now = time.time()
+    rows = []
+    for d in res["decisions"]:
+        inputs = d["inputs"]
+        scores = " ".join(f"{a[0].upper()}={inputs[a]:.2f}" for a in ("pulse", "rhythm", "drift") if a in inputs)
+        label = f"{d['label']['verdict']}->{d['label']['action']}" if d["label"] else None
+        rows.append((d["id"], ago(d["created_at"], now), d["atom"], d["action"], f"{d['probs'][d['action']]:.2f}",
+                     scores, d["policy"], d["alert"], label))
+    c.out(res, table(["ID", "WHEN", "ATOM", "ACTION", "P", "SCORES", "POLICY", "ALERT", "LABEL"], rows)
+          if rows else "no decisions yet")
+
+
+@main.command()
+@click.argument("decision_id", type=click.IntRange(1))
+@click.argument("verdict", type=click.Choice(["approve", "dismiss", "ok", "alert", "suppress", "retrain"]))
+@pass_ctx
+def feedback(c: Ctx, decision_id: int, verdict: str) -> None:
+    """Teach the nerve: approve or dismiss a decision, or say which action was right."""
+    res = c.call("feedback", {"decision_id": decision_id, "verdict": verdict})
+    extra = f"; nerve retraining as task {res['nerve_retrain_task_id']}" if "nerve_retrain_task_id" in res else ""
+    c.out(res, f"decision {decision_id}: labelled {res['action']}{extra}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

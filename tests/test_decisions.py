@@ -1,0 +1,136 @@
+"""The watch loop's end: the nerve decides, the owner is alerted once per incident and teaches it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+from kiri.model import synth
+from tests.conftest import wait_until
+from tests.test_cli import kiri
+from tests.test_scorer import _all_done, _push
+
+
+class Receiver:
+    """A local webhook endpoint (the third party we stand in for), over real HTTP."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.got: list[dict] = []
+        self.fail_first = fail_first
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.fail_first > 0:
+                    outer.fail_first -= 1
+                    self.send_response(503)
+                else:
+                    outer.got.append(body)
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def _trained(hub, agents_factory) -> None:
+    _push(hub, synth.generate("pulse", 1, seed=0))
+    trainer = agents_factory(hub, "train", "--lease-ttl", "2")
+    kiri(hub, "enqueue", "train", "pulse", "--steps", "300")
+    wait_until(lambda: hub.sql("select count(*) from weights where status='active'")[0][0] == 1, 120)
+    trainer.stop()
+
+
+SPIKE = {"cpu": 99, "mem": 97, "disk": 45, "swap": 95, "load": 19, "net": 1}
+CALM = {"cpu": 12, "mem": 48, "disk": 45, "swap": 26, "load": 1, "net": 1}
+
+
+def _observe(hub, values: dict, t: float) -> None:
+    c = hub.client()
+    c.call("observe", {"atom": "pulse", "observations": [{"values": values, "time": t}]})
+    c.close()
+
+
+def test_an_incident_alerts_the_webhook_exactly_once_and_calm_data_does_not(hub, agents_factory):
+    _trained(hub, agents_factory)
+    hook = Receiver(fail_first=1)  # the first POST fails: the sink retries
+    scorer = agents_factory(hub, "score", "--lease-ttl", "2", "--alert-webhook", hook.url, "--alert-cooldown", "3600")
+    wait_until(lambda: _all_done(hub), 60, what="backlog scored")
+    import time
+
+    base = time.time() - 300  # live data (the training backlog is from 2024: stale, never alerted)
+    for i in range(3):
+        _observe(hub, CALM, base + 30 * i)
+        wait_until(lambda: _all_done(hub), 60)
+    for i in range(4):  # one incident: four anomalous readings in a row
+        _observe(hub, SPIKE, base + 100 + 30 * i)
+        wait_until(lambda: _all_done(hub), 60)
+    wait_until(lambda: len(hook.got) >= 1, 30, what="the alert")
+    assert len(hook.got) == 1, hook.got
+    alert = hook.got[0]
+    assert alert["atom"] == "pulse" and alert["score"] > alert["threshold"]
+    assert {b["token"][0] for b in alert["blame"][:3]} <= {"C", "M", "S", "L"}
+    rows = hub.sql("select action from decisions order by id")
+    assert rows.count(("alert",)) >= 2  # the nerve kept deciding alert ...
+    statuses = [r[0] for r in hub.sql("select status from alerts order by id")]
+    live = [s for s in statuses if s != "stale"]  # the backlog's alarms were recorded, not sent
+    assert live[0] == "sent" and set(live[1:]) == {"cooled"}  # ... but the owner heard once
+    out = kiri(hub, "decisions").stdout
+    assert "alert" in out and "cooled" in out and "rule:" in out
+    scorer.stop()
+    hook.close()
+
+
+def test_retrain_decision_gives_one_train_task_and_feedback_teaches_the_nerve(hub, agents_factory):
+    _trained(hub, agents_factory)
+    c = hub.client()
+    # a retrain decision recorded twice (a burst) makes one deduplicated train job
+    tid = c.enqueue("score", "pulse")["task_id"]
+    got = c.lease(["score"])
+    assert got["task"]["id"] == tid or got["task"]["kind"] == "score"
+    tok, task_id = got["lease"]["token"], got["task"]["id"]
+    inputs = {"pulse": 3.0, "rhythm": 0.0, "drift": 0.0, "hour": 3.0, "weekday": 6}
+    probs = {"ok": 0.1, "alert": 0.1, "suppress": 0.1, "retrain": 0.7}
+    first = c.call("record_decision", {"task_id": task_id, "lease_token": tok, "atom": "pulse", "observation_id": 1,
+                                       "inputs": inputs, "action": "retrain", "probs": probs, "policy": "model:x"})
+    second = c.call("record_decision", {"task_id": task_id, "lease_token": tok, "atom": "pulse",
+                                        "observation_id": 2, "inputs": inputs, "action": "retrain", "probs": probs,
+                                        "policy": "model:x"})
+    assert first["retrain_task_id"] == second["retrain_task_id"]
+    assert hub.sql("select count(*) from tasks where kind='train' and status='queued'")[0][0] == 1
+    # the owner labels 20 night-time pulse alarms as "suppress" (backups) -> the nerve retrains on them
+    ids = []
+    for i in range(20):
+        r = c.call("record_decision", {"task_id": task_id, "lease_token": tok, "atom": "pulse",
+                                       "observation_id": 3 + i, "inputs": {**inputs, "pulse": 6.0 + i % 3},
+                                       "action": "alert", "probs": probs, "policy": "rule:scaled_sum>=1"})
+        ids.append(r["decision_id"])
+    for d in ids:
+        res = kiri(hub, "feedback", str(d), "suppress").stdout
+        assert "labelled suppress" in res
+    assert "nerve retraining" in res
+    day = c.call("record_decision", {"task_id": task_id, "lease_token": tok, "atom": "pulse", "observation_id": 30,
+                                     "inputs": {**inputs, "pulse": 0.2, "hour": 14.0, "weekday": 2}, "action": "ok",
+                                     "probs": probs, "policy": "rule:scaled_sum>=1"})["decision_id"]
+    assert "labelled ok" in kiri(hub, "feedback", str(day), "approve").stdout
+    trainer = agents_factory(hub, "train", "--lease-ttl", "2")
+    wait_until(lambda: hub.sql("select count(*) from weights where atom='nerve' and status='active'")[0][0] == 1,
+               120, what="the nerve trained on the labels")
+    # labels are kept apart from the model's decisions, and the nerve now suppresses night alarms
+    assert hub.sql("select count(*) from labels")[0][0] == 21
+    import base64
+
+    from kiri.model.nerve import Nerve
+
+    blob = base64.b64decode(c.call("weights", {"atom": "nerve", "active": True, "blob": True})["weights"][0]["blob"])
+    assert Nerve(blob).decide({"pulse": 7.0}, 3.0, 6).action == "suppress"
+    trainer.stop()
