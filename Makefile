@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiri-installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean tools
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/kiri-hub serve
+	$(BIN)/kiri demo
 
-test: $(STAMP)
+# docker-compose (Debian's) checks docker-compose.yml statically: there is no Docker engine here.
+tools:
+	@command -v docker-compose >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; \
+	  else echo "install docker-compose (Debian: sudo apt-get install docker-compose)" >&2; exit 1; fi; }
+
+test: $(STAMP) tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

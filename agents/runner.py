@@ -29,7 +29,7 @@ log = logging.getLogger("kiri.agent")
 ROLE_KINDS: dict[str, list[str]] = {
     "trainer": ["train"],
     "collector": ["collect"],
-    "scorer": ["score", "decide"],
+    "scorer": ["score"],  # scoring ends with the nerve's decision
 }
 
 

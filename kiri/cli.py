@@ -553,5 +553,59 @@ def feedback(c: Ctx, decision_id: int, verdict: str) -> None:
     c.out(res, f"decision {decision_id}: labelled {res['action']}{extra}")
 
 
+
+# --- the whole system ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the database and logs live [default: $KIRI_DATA_DIR or ~/.local/share/kiri].")
+@click.option("--port", default=7746, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--days", default=7.0, show_default=True, type=click.FloatRange(1, 90),
+              help="Days of synthetic history to seed on the first run.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31))
+@click.option("--no-collect", is_flag=True, help="Do not schedule collection of this machine.")
+@click.option("--once", is_flag=True, help="Set everything up, print one status line, stop (for scripts).")
+def demo(data_dir: Path | None, port: int, days: float, seed: int, no_collect: bool, once: bool) -> None:
+    """Run the whole watch loop here: hub, trainer, collector and scorer, with data."""
+    from kiri import demo as runner
+
+    try:
+        code = runner.run(data_dir or runner.default_dir(), port, days, seed, not no_collect, once, click.echo)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    sys.exit(code)
+
+
+@main.command()
+@pass_ctx
+def status(c: Ctx) -> None:
+    """Every atom's latest observation, score and verdict, its weights, and every agent."""
+    atoms_ = [a["name"] for a in c.call("atoms")["atoms"] if a["name"] != "nerve"]
+    now = time.time()
+    rows, out = [], {"atoms": {}, "agents": []}
+    for atom in atoms_:
+        hist = c.call("history", {"atom": atom, "n": 1})["observations"]
+        try:
+            w = c.call("weights", {"atom": atom, "active": True})["weights"][0]
+            version = f"v{w['version']}"
+        except click.ClickException:
+            w, version = None, "-"
+        h = hist[-1] if hist else None
+        out["atoms"][atom] = {"latest": h, "weights": w}
+        if h is None:
+            rows.append((atom, "-", "no observations", "-", "-", version))
+            continue
+        score = f"{h['score']:.2f}" if h["score"] is not None else "-"
+        verdict = "-" if h["score"] is None else "ANOMALY" if h["anomalous"] else "ok"
+        rows.append((atom, ago(h["time"], now), " ".join(h["tokens"]), score, verdict, version))
+    stats = c.call("stats")
+    out["agents"] = stats["agents"]
+    agents = [(a["name"], a["role"], ago(a["last_seen"], now)) for a in stats["agents"]]
+    text = table(["ATOM", "SEEN", "TOKENS", "SCORE", "VERDICT", "WEIGHTS"], rows)
+    text += "\n\n" + (table(["AGENT", "ROLE", "LAST SEEN"], agents) if agents else "no agents connected")
+    c.out(out, text)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
