@@ -38,7 +38,7 @@ IDEMPOTENT = frozenset({
     "hello", "ping", "heartbeat", "checkpoint", "ack", "fail", "task", "tasks", "stats", "cancel",
     "atoms", "observations", "abort_import", "weights", "publish_weights", "activate_weights",
     "scoring_work", "record_scores", "history", "schedules",
-    "nerve_inputs", "record_decision", "alert_result", "decisions", "labels",
+    "nerve_inputs", "record_decision", "alert_result", "decisions", "labels", "pending_alerts",
 })
 
 

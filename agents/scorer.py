@@ -38,9 +38,10 @@ def score(ctx: TaskContext) -> dict[str, Any]:
     if not ctx.atom:
         raise TaskError("a score task needs an atom", retry=False)
     hub = ctx.hub
+    redeliver(hub)
     total = anomalous = 0
     weights_id = None
-    worst: dict[str, Any] | None = None  # the most surprising observation this task scored
+    actions: dict[str, int] = {}
     while True:
         ctx.raise_if_stopping()
         work = hub.call("scoring_work", {"atom": ctx.atom, "limit": 2000, "context": 16})
@@ -56,30 +57,31 @@ def score(ctx: TaskContext) -> dict[str, Any]:
         result = sc.score(ids, start=len(context))
         means = result.mean.tolist()
         per = result.surprise.tolist()
+        i = max(range(len(means)), key=means.__getitem__)  # the batch's most surprising observation
+        obs = work["observations"][i]
+        toks = sc.schema.tokens(ids[len(context) + i].tolist())
+        worst = {"observation_id": obs["id"], "time": obs["time"], "score": means[i], "threshold": sc.threshold,
+                 "blame": sorted(({"token": t, "surprise": v} for t, v in zip(toks, per[i], strict=True)),
+                                 key=lambda b: -b["surprise"])}
+        decision, payload = decide(ctx, worst)
+        # scores and the decision on them are stored in one transaction: a kill loses neither
         res = hub.call("record_scores", {
             "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": ctx.atom, "weights_id": weights_id,
-            "threshold": sc.threshold,
+            "threshold": sc.threshold, "decision": decision,
             "scores": [{"observation_id": o["id"], "score": m, "surprise": s}
                        for o, m, s in zip(work["observations"], means, per, strict=True)],
         })
         total += res["stored"]
         anomalous += res["anomalous"]
+        actions[decision["action"]] = actions.get(decision["action"], 0) + 1
+        act(hub, res["decision"], payload)
         ctx.progress(scored=total, anomalous=anomalous)
-        i = max(range(len(means)), key=means.__getitem__)
-        if worst is None or means[i] > worst["score"]:
-            obs = work["observations"][i]
-            toks = sc.schema.tokens(ids[len(context) + i].tolist())
-            worst = {"observation_id": obs["id"], "time": obs["time"], "score": means[i], "threshold": sc.threshold,
-                     "blame": sorted(({"token": t, "surprise": v} for t, v in zip(toks, per[i], strict=True)),
-                                     key=lambda b: -b["surprise"])}
-    out: dict[str, Any] = {"scored": total, "anomalous": anomalous, "weights_id": weights_id}
-    if worst is not None:
-        out["decision"] = decide(ctx, worst)
-    return out
+    return {"scored": total, "anomalous": anomalous, "weights_id": weights_id, "decisions": actions}
 
 
-def decide(ctx: TaskContext, worst: dict[str, Any]) -> dict[str, Any]:
-    """Run the nerve over every atom's latest score (this atom's worst new one) and act on it."""
+def decide(ctx: TaskContext, worst: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The nerve over every atom's latest score (this atom's worst new one): the decision to
+    record, and what an alert about it would say."""
     import time
 
     from kiri.agents import alerts
@@ -96,27 +98,38 @@ def decide(ctx: TaskContext, worst: dict[str, Any]) -> dict[str, Any]:
         w = hub.call("weights", {"weights_id": state["nerve"]["weights_id"], "blob": True})["weights"][0]
         weights = base64.b64decode(w["blob"])
     lt = time.localtime(worst["time"])
-    hour, weekday = lt.tm_hour + lt.tm_min / 60, lt.tm_wday
-    d = Nerve(weights, thresholds=thresholds).decide(latest, hour, weekday)
+    d = Nerve(weights, thresholds=thresholds).decide(latest, lt.tm_hour + lt.tm_min / 60, lt.tm_wday)
     scaled = {a: latest.get(a, 0.0) / max(thresholds.get(a, 1.0), 1e-9) for a in latest}
-    res = hub.call("record_decision", {
-        "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": ctx.atom,
+    decision = {
         "observation_id": worst["observation_id"], "inputs": d.inputs | {"thresholds": thresholds},
         "action": d.action, "probs": d.probs, "policy": d.policy, "cooldown": alerts.CONFIG.cooldown,
         "stale": time.time() - worst["time"] > alerts.CONFIG.max_age,
         "retrain_atom": max(scaled, key=scaled.__getitem__) if scaled else ctx.atom,
-    })
-    summary = {"decision_id": res["decision_id"], "action": d.action, "policy": d.policy}
-    alert = res.get("alert")
+    }
+    payload = {"atom": ctx.atom, "observation_id": worst["observation_id"], "time": worst["time"],
+               "score": worst["score"], "threshold": worst["threshold"], "blame": worst["blame"], "probs": d.probs,
+               "policy": d.policy}
+    return decision, payload
+
+
+def act(hub: Any, recorded: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Deliver the alert the hub says to deliver (the hub applied the cool-down)."""
+    alert = recorded.get("alert")
     if alert and alert["deliver"]:
-        payload = {"alert_id": alert["id"], "decision_id": res["decision_id"], "atom": ctx.atom,
-                   "observation_id": worst["observation_id"], "time": worst["time"], "score": worst["score"],
-                   "threshold": worst["threshold"], "blame": worst["blame"], "probs": d.probs, "policy": d.policy}
-        outcome = alerts.deliver(payload)
-        ok = any(v == "sent" for k, v in outcome.items() if k != "log") or len(outcome) == 1
-        hub.call("alert_result", {"alert_id": alert["id"], "status": "sent" if ok else "failed",
-                                  "detail": json.dumps(outcome)})
-        summary["alert"] = outcome
-    elif alert:
-        summary["alert"] = "not sent: cooling down (one incident, one alert) or a stale observation"
-    return summary
+        send(hub, {"alert_id": alert["id"], "decision_id": recorded["decision_id"], **payload})
+
+
+def send(hub: Any, payload: dict[str, Any]) -> None:
+    from kiri.agents import alerts
+
+    outcome = alerts.deliver(payload)
+    ok = len(outcome) == 1 or any(v == "sent" for k, v in outcome.items() if k != "log")
+    hub.call("alert_result", {"alert_id": payload["alert_id"], "status": "sent" if ok else "failed",
+                              "detail": json.dumps(outcome)})
+
+
+def redeliver(hub: Any) -> None:
+    """Alerts whose scorer died between recording and delivering them: deliver them now."""
+    for payload in hub.call("pending_alerts", {"older_than": 30.0})["alerts"]:
+        log.warning("delivering alert %s left pending by a stopped scorer", payload["alert_id"])
+        send(hub, payload)

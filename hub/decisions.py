@@ -46,33 +46,66 @@ def nerve_inputs(c: sa.Connection, _p: P.Empty, env: Q.Env) -> dict[str, Any]:
 def record(c: sa.Connection, p: P.RecordDecision, env: Q.Env) -> dict[str, Any]:
     held = c.execute(sa.select(tasks.c.id).where(
         tasks.c.id == p.task_id, tasks.c.status == Q.LEASED, tasks.c.lease_token == p.lease_token)).first()
-    existing = c.execute(sa.select(decisions.c.id).where(
-        decisions.c.task_id == p.task_id, decisions.c.observation_id == p.observation_id)).first()
-    if existing is not None:  # a resend after a lost reply
-        alert = c.execute(sa.select(alerts.c.id, alerts.c.status).where(alerts.c.decision_id == existing.id)).first()
-        return {"decision_id": existing.id, "already": True,
-                "alert": {"id": alert.id, "deliver": alert.status == "pending"} if alert else None}
+    existing = find(c, p.task_id, p.observation_id)
+    if existing is not None:
+        return existing
     if held is None:
         raise LeaseLost(f"task {p.task_id} is not leased to you; decision not recorded")
+    return insert(c, p.task_id, p.atom, p, env)
+
+
+def find(c: sa.Connection, task_id: int, observation_id: int | None) -> dict[str, Any] | None:
+    """The decision already recorded for this task and observation (a resend), if any."""
+    existing = c.execute(sa.select(decisions.c.id).where(
+        decisions.c.task_id == task_id, decisions.c.observation_id == observation_id)).first()
+    if existing is None:
+        return None
+    alert = c.execute(sa.select(alerts.c.id, alerts.c.status).where(alerts.c.decision_id == existing.id)).first()
+    return {"decision_id": existing.id, "already": True,
+            "alert": {"id": alert.id, "deliver": alert.status == "pending"} if alert else None}
+
+
+def insert(c: sa.Connection, task_id: int, atom: str, p: P.RecordDecision | P.DecisionIn,
+           env: Q.Env) -> dict[str, Any]:
+    """Record a decision and act on it: alert (under the per-atom cool-down) or retrain."""
     did = c.execute(decisions.insert().values(
-        atom=p.atom, observation_id=p.observation_id, task_id=p.task_id, inputs=orjson.dumps(p.inputs).decode(),
+        atom=atom, observation_id=p.observation_id, task_id=task_id, inputs=orjson.dumps(p.inputs).decode(),
         action=p.action, probs=orjson.dumps(p.probs).decode(), policy=p.policy, created_at=env.now,
     ).returning(decisions.c.id)).scalar_one()
     out: dict[str, Any] = {"decision_id": did, "already": False, "alert": None}
     if p.action == "alert":
         recent = c.execute(sa.select(alerts.c.id).where(
-            alerts.c.atom == p.atom, alerts.c.status.in_(["pending", "sent"]),
+            alerts.c.atom == atom, alerts.c.status.in_(["pending", "sent"]),
             alerts.c.created_at > env.now - p.cooldown).limit(1)).first()
         status = "stale" if p.stale else "cooled" if recent is not None else "pending"
-        aid = c.execute(alerts.insert().values(decision_id=did, atom=p.atom, status=status, created_at=env.now)
+        aid = c.execute(alerts.insert().values(decision_id=did, atom=atom, status=status, created_at=env.now)
                         .returning(alerts.c.id)).scalar_one()
         out["alert"] = {"id": aid, "deliver": status == "pending"}
     elif p.action == "retrain":
-        target = p.retrain_atom or p.atom
+        target = p.retrain_atom or atom
         res = Q.enqueue(c, P.Enqueue(kind="train", atom=target, dedupe_key=f"retrain:{target}",
                                      params={"reason": f"decision {did}"}), env)
         out["retrain_task_id"] = res["task_id"]
     return out
+
+
+def pending_alerts(c: sa.Connection, p: P.PendingAlerts, env: Q.Env) -> dict[str, Any]:
+    """Alerts recorded but never reported delivered: their scorer died mid-way; deliver them."""
+    rows = c.execute(sa.select(alerts.c.id, alerts.c.atom, alerts.c.decision_id, decisions.c.observation_id,
+                               decisions.c.inputs, decisions.c.probs, decisions.c.policy, alerts.c.created_at)
+                     .join(decisions, decisions.c.id == alerts.c.decision_id)
+                     .where(alerts.c.status == "pending", alerts.c.created_at < env.now - p.older_than)
+                     .order_by(alerts.c.id).limit(100)).all()
+    out = []
+    for r in rows:
+        sc = c.execute(sa.select(scores.c.score, scores.c.threshold, observations.c.ts)
+                       .join(observations, observations.c.id == scores.c.observation_id)
+                       .where(scores.c.observation_id == r.observation_id).order_by(scores.c.id.desc())).first()
+        out.append({"alert_id": r.id, "decision_id": r.decision_id, "atom": r.atom,
+                    "observation_id": r.observation_id, "time": sc.ts if sc else r.created_at,
+                    "score": sc.score if sc else 0.0, "threshold": sc.threshold if sc else 0.0, "blame": [],
+                    "probs": orjson.Fragment(r.probs), "policy": r.policy, "redelivery": True})
+    return {"alerts": out}
 
 
 def alert_result(c: sa.Connection, p: P.AlertResult, env: Q.Env) -> dict[str, Any]:

@@ -181,6 +181,17 @@ class ScoreIn(Params):
     surprise: Annotated[list[Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=64)]
 
 
+class DecisionIn(Params):
+    observation_id: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
+    inputs: dict[str, Any]
+    action: Annotated[str, StringConstraints(pattern="^(ok|alert|suppress|retrain)$")]
+    probs: dict[str, float]
+    policy: Annotated[str, StringConstraints(max_length=64)]
+    cooldown: Annotated[float, Field(ge=0, le=30 * 86400)] = 600.0
+    stale: bool = False  # the observation is old (a backlog): record, but do not alert
+    retrain_atom: Name | None = None
+
+
 class RecordScores(Params):
     task_id: TaskId
     lease_token: Token
@@ -188,6 +199,12 @@ class RecordScores(Params):
     weights_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
     threshold: Annotated[float, Field(ge=0, le=1e6)]
     scores: Annotated[list[ScoreIn], Field(min_length=1, max_length=5000)]
+    # the nerve's decision on this batch, stored in the same transaction as the scores
+    decision: DecisionIn | None = None
+
+
+class PendingAlerts(Params):
+    older_than: Annotated[float, Field(ge=0, le=86400)] = 30.0
 
 
 class History(Params):

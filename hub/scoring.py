@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from kiri.hub import decisions as D
 from kiri.hub import params as P
 from kiri.hub import queue as Q
 from kiri.hub.observations import AtomRegistry
@@ -81,7 +82,12 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
             for s in p.scores if s.observation_id not in already]
     if rows:
         c.execute(scores.insert(), rows)
-    return {"stored": len(rows), "already": len(already), "anomalous": sum(r["anomalous"] for r in rows)}
+    out: dict[str, Any] = {"stored": len(rows), "already": len(already),
+                           "anomalous": sum(r["anomalous"] for r in rows)}
+    if p.decision is not None:
+        out["decision"] = (D.find(c, p.task_id, p.decision.observation_id)
+                           or D.insert(c, p.task_id, p.atom, p.decision, env))
+    return out
 
 
 def history(reg: AtomRegistry, c: sa.Connection, p: P.History, env: Q.Env) -> dict[str, Any]:

@@ -235,6 +235,7 @@ class Hub:
             "decisions": (P.Decisions, D.list_decisions),
             "feedback": (P.Feedback, D.feedback),
             "labels": (P.Labels, D.list_labels),
+            "pending_alerts": (P.PendingAlerts, D.pending_alerts),
         }
 
     # --- lifecycle ---------------------------------------------------------------------

@@ -132,7 +132,7 @@ METHODS = (
     "atoms", "define_atom", "observe", "commit_import", "abort_import", "observations",
     "weights", "publish_weights", "activate_weights", "scoring_work", "record_scores", "history",
     "schedule_add", "schedule_rm", "schedules",
-    "nerve_inputs", "record_decision", "alert_result", "decisions", "feedback", "labels",
+    "nerve_inputs", "record_decision", "alert_result", "decisions", "feedback", "labels", "pending_alerts",
 )
 
 TASK_STATES = ("queued", "leased", "done", "dead", "cancelled")

@@ -81,6 +81,8 @@ def test_an_incident_alerts_the_webhook_exactly_once_and_calm_data_does_not(hub,
     assert {b["token"][0] for b in alert["blame"][:3]} <= {"C", "M", "S", "L"}
     rows = hub.sql("select action from decisions order by id")
     assert rows.count(("alert",)) >= 2  # the nerve kept deciding alert ...
+    # every batch of scores has its decision, stored with it
+    assert hub.sql("select count(*) from decisions where observation_id is null")[0][0] == 0
     statuses = [r[0] for r in hub.sql("select status from alerts order by id")]
     live = [s for s in statuses if s != "stale"]  # the backlog's alarms were recorded, not sent
     assert live[0] == "sent" and set(live[1:]) == {"cooled"}  # ... but the owner heard once
@@ -134,3 +136,41 @@ def test_retrain_decision_gives_one_train_task_and_feedback_teaches_the_nerve(hu
     blob = base64.b64decode(c.call("weights", {"atom": "nerve", "active": True, "blob": True})["weights"][0]["blob"])
     assert Nerve(blob).decide({"pulse": 7.0}, 3.0, 6).action == "suppress"
     trainer.stop()
+
+
+def test_scores_and_their_decision_are_atomic_and_orphaned_alerts_are_redelivered(hub, agents_factory):
+    import time
+
+    _trained(hub, agents_factory)
+    c = hub.client()
+    wid = hub.sql("select id from weights where status='active'")[0][0]
+    _observe(hub, SPIKE, time.time())
+    oid = hub.sql("select max(id) from observations")[0][0]
+    task = c.lease(["score"])
+    while task["task"] is not None and task["task"]["atom"] != "pulse":
+        task = c.lease(["score"])
+    tok, tid = task["lease"]["token"], task["task"]["id"]
+    body = {"task_id": tid, "lease_token": tok, "atom": "pulse", "weights_id": wid, "threshold": 1.5,
+            "scores": [{"observation_id": oid, "score": 9.0, "surprise": [9.0] * 6}],
+            "decision": {"observation_id": oid, "inputs": {"pulse": 9.0, "hour": 3, "weekday": 1}, "action": "alert",
+                         "probs": {"ok": 0.0, "alert": 1.0}, "policy": "rule:scaled_sum>=1", "cooldown": 3600}}
+    first = c.call("record_scores", body)
+    again = c.call("record_scores", body)  # a resend after a lost reply
+    assert first["stored"] == 1 and again["stored"] == 0 and again["already"] == 1
+    assert again["decision"]["decision_id"] == first["decision"]["decision_id"]
+    assert hub.sql("select count(*) from decisions")[0][0] == 1 and hub.sql("select count(*) from alerts")[0][0] == 1
+    # the "scorer" dies here, before delivering: the alert stays pending ...
+    from kiri.hub.db import make_engine
+
+    eng = make_engine(f"sqlite:///{hub.db_path}")
+    with eng.begin() as conn:  # ... for longer than the redelivery grace
+        conn.exec_driver_sql("update alerts set created_at = created_at - 60")
+    eng.dispose()
+    hook = Receiver()
+    scorer = agents_factory(hub, "score", "--lease-ttl", "2", "--alert-webhook", hook.url)
+    c.call("fail", {"task_id": tid, "lease_token": tok, "release": True})
+    wait_until(lambda: len(hook.got) == 1, 60, what="the orphaned alert delivered")
+    assert hook.got[0]["alert_id"] == first["decision"]["alert"]["id"] and hook.got[0]["redelivery"] is True
+    wait_until(lambda: hub.sql("select status from alerts")[0][0] == "sent", 30)
+    scorer.stop()
+    hook.close()
