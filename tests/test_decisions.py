@@ -135,7 +135,22 @@ def test_retrain_decision_gives_one_train_task_and_feedback_teaches_the_nerve(hu
 
     blob = base64.b64decode(c.call("weights", {"atom": "nerve", "active": True, "blob": True})["weights"][0]["blob"])
     assert Nerve(blob).decide({"pulse": 7.0}, 3.0, 6).action == "suppress"
+    # and the live loop follows it: a later weekend-night spike, scored by a real scorer, is suppressed
+    c.call("cancel", {"task_id": task_id})
+    c.call("fail", {"task_id": task_id, "lease_token": tok, "error": "test done with it"})
+    import time
+
+    sunday_3am = time.mktime((2026, 11, 15, 3, 0, 0, 0, 0, -1))  # weekday 6 in local time
+    assert time.localtime(sunday_3am).tm_wday == 6
+    scorer = agents_factory(hub, "score", "--lease-ttl", "2")
+    _observe(hub, SPIKE, sunday_3am)
+    spike_id = hub.sql("select max(id) from observations")[0][0]
+    wait_until(lambda: hub.sql("select count(*) from decisions where observation_id=?", spike_id)[0][0] == 1, 60,
+               what="the scorer's decision on the new spike")
+    action, policy = hub.sql("select action, policy from decisions where observation_id=?", spike_id)[0]
+    assert policy.startswith("model:") and action == "suppress"
     trainer.stop()
+    scorer.stop()
 
 
 def test_scores_and_their_decision_are_atomic_and_orphaned_alerts_are_redelivered(hub, agents_factory):
