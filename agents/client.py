@@ -37,7 +37,7 @@ log = logging.getLogger("kiri.client")
 IDEMPOTENT = frozenset({
     "hello", "ping", "heartbeat", "checkpoint", "ack", "fail", "task", "tasks", "stats", "cancel",
     "atoms", "observations", "abort_import", "weights", "publish_weights", "activate_weights",
-    "scoring_work", "record_scores", "history", "schedules",
+    "scoring_work", "record_scores", "history", "schedules", "scores",
     "nerve_inputs", "record_decision", "alert_result", "decisions", "labels", "pending_alerts",
 })
 

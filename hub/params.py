@@ -259,3 +259,9 @@ class Feedback(Params):
 
 class Labels(Params):
     limit: Annotated[int, Field(ge=1, le=100_000)] = 10_000
+
+
+class Scores(Params):
+    atom: Name
+    after_id: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0  # a scores.id cursor
+    limit: Annotated[int, Field(ge=1, le=5000)] = 1000

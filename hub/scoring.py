@@ -117,3 +117,18 @@ def history(reg: AtomRegistry, c: sa.Connection, p: P.History, env: Q.Env) -> di
                         blame=[{"token": t, "surprise": v} for t, v in zip(toks, surprise, strict=False)])
         out.append(item)
     return {"atom": schema.name, "observations": out}
+
+
+def list_scores(c: sa.Connection, p: P.Scores, env: Q.Env) -> dict[str, Any]:
+    """Scores of an atom in the order they were recorded, each naming its observation and weights."""
+    s = scores.c
+    rows = c.execute(sa.select(s.id, s.observation_id, s.weights_id, s.score, s.threshold, s.anomalous, s.surprise,
+                               s.created_at).where(s.atom == p.atom, s.id > p.after_id)
+                     .order_by(s.id).limit(p.limit)).all()
+    out = []
+    for r in rows:
+        d = {str(k): v for k, v in r._mapping.items()}
+        d["surprise"] = orjson.Fragment(d["surprise"])
+        d["anomalous"] = bool(d["anomalous"])
+        out.append(d)
+    return {"scores": out, "next_after_id": rows[-1].id if len(rows) == p.limit else None}

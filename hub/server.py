@@ -226,6 +226,7 @@ class Hub:
             "scoring_work": (P.ScoringWork, lambda c, p, env: SC.work(self.atoms, c, p, env)),
             "record_scores": (P.RecordScores, SC.record),
             "history": (P.History, lambda c, p, env: SC.history(self.atoms, c, p, env)),
+            "scores": (P.Scores, SC.list_scores),
             "schedule_add": (P.ScheduleAdd, SCH.add),
             "schedule_rm": (P.ScheduleRef, SCH.remove),
             "schedules": (P.Empty, SCH.list_all),

@@ -130,7 +130,7 @@ METHODS = (
     "hello", "ping", "enqueue", "lease", "heartbeat", "checkpoint", "ack", "fail",
     "cancel", "retry", "task", "tasks", "stats",
     "atoms", "define_atom", "observe", "commit_import", "abort_import", "observations",
-    "weights", "publish_weights", "activate_weights", "scoring_work", "record_scores", "history",
+    "weights", "publish_weights", "activate_weights", "scoring_work", "record_scores", "history", "scores",
     "schedule_add", "schedule_rm", "schedules",
     "nerve_inputs", "record_decision", "alert_result", "decisions", "feedback", "labels", "pending_alerts",
 )

@@ -46,6 +46,10 @@ def test_new_observations_are_scored_with_the_active_weights(hub, agents_factory
     assert min(spikes) > 3 * (sum(normal) / len(normal))
     flagged = {oid for oid, s, a in rows if a}
     assert sum(1 for (oid, _, _), lab in zip(rows, test.labels, strict=True) if lab == "spike" and oid in flagged) >= 15
+    # the scores method pages them in order, each naming observation and weights
+    page = hub.client().call("scores", {"atom": "pulse", "limit": 1000})
+    assert len(page["scores"]) == 1000 and page["next_after_id"] == page["scores"][-1]["id"]
+    assert all(s["weights_id"] == wid and len(s["surprise"]) == 6 for s in page["scores"])
     # history shows tokens, score, verdict and blame
     hist = hub.client().call("history", {"atom": "pulse", "n": 5})["observations"]
     assert len(hist) == 5 and all(h["score"] is not None and len(h["blame"]) == 6 for h in hist)
