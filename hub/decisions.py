@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from kiri.hub import params as P
 from kiri.hub import queue as Q
 from kiri.hub.queue import as_dict
-from kiri.hub.schema import alerts, decisions, labels, observations, scores, tasks, weights
+from kiri.hub.schema import alerts, decisions, labels, observations, scores, weights
 from kiri.protocol import LeaseLost, NotFound
 
 INPUT_ATOMS = ("pulse", "rhythm", "drift")
@@ -44,12 +44,10 @@ def nerve_inputs(c: sa.Connection, _p: P.Empty, env: Q.Env) -> dict[str, Any]:
 
 
 def record(c: sa.Connection, p: P.RecordDecision, env: Q.Env) -> dict[str, Any]:
-    held = c.execute(sa.select(tasks.c.id).where(
-        tasks.c.id == p.task_id, tasks.c.status == Q.LEASED, tasks.c.lease_token == p.lease_token)).first()
     existing = find(c, p.task_id, p.observation_id)
     if existing is not None:
         return existing
-    if held is None:
+    if not Q.holds_lease(c, p.task_id, p.lease_token):
         raise LeaseLost(f"task {p.task_id} is not leased to you; decision not recorded")
     return insert(c, p.task_id, p.atom, p, env)
 

@@ -194,6 +194,14 @@ _fence = sa.and_(
 )
 
 
+_holds = sa.select(tasks.c.id).where(_fence)
+
+
+def holds_lease(c: sa.Connection, task_id: int, token: str) -> bool:
+    """Whether ``token`` is the live lease on the task: the fence every result write passes."""
+    return c.execute(_holds, {"tid": task_id, "tok": token}).first() is not None
+
+
 def _lost(c: sa.Connection, task_id: int) -> Exception:
     """The precise reason a fenced call matched nothing."""
     row = c.execute(_task_state, {"tid": task_id}).first()

@@ -59,9 +59,7 @@ def work(reg: AtomRegistry, c: sa.Connection, p: P.ScoringWork, env: Q.Env) -> d
 
 
 def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
-    held = c.execute(sa.select(tasks.c.id).where(
-        tasks.c.id == p.task_id, tasks.c.status == Q.LEASED, tasks.c.lease_token == p.lease_token)).first()
-    if held is None:
+    if not Q.holds_lease(c, p.task_id, p.lease_token):
         raise LeaseLost(f"task {p.task_id} is not leased to you; scores not recorded")
     w = c.execute(sa.select(weights.c.atom).where(weights.c.id == p.weights_id)).first()
     if w is None:

@@ -17,8 +17,9 @@ import orjson
 import sqlalchemy as sa
 
 from kiri.hub import params as P
-from kiri.hub.queue import LEASED, Env, as_dict
-from kiri.hub.schema import tasks, weights
+from kiri.hub import queue as Q
+from kiri.hub.queue import Env, as_dict
+from kiri.hub.schema import weights
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
 
 MAX_BLOB = 64 << 20
@@ -70,9 +71,7 @@ def publish(c: sa.Connection, p: P.PublishWeights, env: Env) -> dict[str, Any]:
     existing = c.execute(sa.select(*_SUMMARY).where(weights.c.task_id == p.task_id)).first()
     if existing is not None:
         return {"weights": _row(existing), "already": True}  # a resend after a lost reply
-    held = c.execute(sa.select(tasks.c.id).where(
-        tasks.c.id == p.task_id, tasks.c.status == LEASED, tasks.c.lease_token == p.lease_token)).first()
-    if held is None:
+    if not Q.holds_lease(c, p.task_id, p.lease_token):
         raise LeaseLost(f"task {p.task_id} is not leased to you; its weights are not published")
     try:
         blob = base64.b64decode(p.blob, validate=True)
