@@ -94,7 +94,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
             try:
                 active = hub.call("weights", {"atom": schema.name, "active": True, "blob": True})["weights"][0]
                 parent, init = active["id"], base64.b64decode(active["blob"])
-            except Exception:  # noqa: BLE001 - no active version yet: start fresh
+            except RpcError:  # no active version yet: start fresh
                 parent, init = None, None
         trainer = Trainer(schema, ids, config, init=init)
         meta = {"obs_from": first, "obs_to": last, "parent_id": parent}

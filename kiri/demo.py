@@ -20,6 +20,7 @@ from typing import Any
 
 from kiri.agents.client import HubClient
 from kiri.model import synth
+from kiri.protocol import NotFound
 
 ATOMS = ("pulse", "rhythm", "drift")
 
@@ -74,7 +75,7 @@ class Demo:
         for atom in ATOMS:
             try:
                 c.call("weights", {"atom": atom, "active": True})
-            except Exception:  # noqa: BLE001 - NotFound: no active weights yet
+            except NotFound:  # no active weights yet
                 c.enqueue("train", atom, {"steps": 500}, dedupe_key=f"demo-train:{atom}")
                 say(f"training {atom}")
         if self.collect:
