@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -59,6 +59,11 @@ def make_engine(url: str, synchronous: Synchronous = "NORMAL", busy_timeout_ms: 
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
+
+
+def as_dict(row: sa.Row) -> dict[str, Any]:
+    """A row as a plain dict (SQLAlchemy's key type is a str subclass orjson refuses)."""
+    return {str(k): v for k, v in row._mapping.items()}
 
 
 def redact(url: str) -> str:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from kiri.hub import params as P
 from kiri.hub import queue as Q
-from kiri.hub.queue import as_dict
+from kiri.hub.db import as_dict
 from kiri.hub.schema import alerts, decisions, labels, observations, scores, weights
 from kiri.protocol import LeaseLost, NotFound
 

@@ -14,6 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from kiri.hub.db import as_dict
+
 
 class Prepared:
     def __init__(self, stmt: sa.Executable) -> None:
@@ -35,7 +37,7 @@ class Prepared:
 
     def rows(self, conn: sa.Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
         if conn.dialect.name != "sqlite":
-            return [{str(k): v for k, v in r._mapping.items()} for r in conn.execute(self.stmt, params)]
+            return [as_dict(r) for r in conn.execute(self.stmt, params)]
         sql, names, consts, columns = self._sqlite or self._compile_sqlite(conn)
         cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:

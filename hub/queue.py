@@ -22,6 +22,7 @@ from sqlalchemy import bindparam as bp
 from sqlalchemy import literal_column
 
 from kiri.hub import params as P
+from kiri.hub.db import as_dict
 from kiri.hub.prepared import Prepared
 from kiri.hub.schema import agents, checkpoints, tasks
 from kiri.protocol import Conflict, InvalidParams, LeaseLost, NotFound
@@ -430,11 +431,6 @@ _SUMMARY = (tasks.c.id, tasks.c.kind, tasks.c.atom, tasks.c.status, tasks.c.prio
             tasks.c.lease_owner, tasks.c.run_after, tasks.c.created_at, tasks.c.updated_at,
             tasks.c.finished_at, tasks.c.error, tasks.c.progress, tasks.c.dedupe_key,
             tasks.c.parent_id)
-
-
-def as_dict(row: sa.Row) -> dict[str, Any]:
-    """A row as a plain dict (SQLAlchemy's key type is a str subclass orjson refuses)."""
-    return {str(k): v for k, v in row._mapping.items()}
 
 
 def _summary(row: sa.Row) -> dict[str, Any]:

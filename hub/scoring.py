@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from kiri.hub import decisions as D
 from kiri.hub import params as P
 from kiri.hub import queue as Q
+from kiri.hub.db import as_dict
 from kiri.hub.observations import AtomRegistry
 from kiri.hub.schema import observations, scores, tasks, weights
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
@@ -125,7 +126,7 @@ def list_scores(c: sa.Connection, p: P.Scores, env: Q.Env) -> dict[str, Any]:
                      .order_by(s.id).limit(p.limit)).all()
     out = []
     for r in rows:
-        d = {str(k): v for k, v in r._mapping.items()}
+        d = as_dict(r)
         d["surprise"] = orjson.Fragment(d["surprise"])
         d["anomalous"] = bool(d["anomalous"])
         out.append(d)

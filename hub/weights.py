@@ -18,7 +18,8 @@ import sqlalchemy as sa
 
 from kiri.hub import params as P
 from kiri.hub import queue as Q
-from kiri.hub.queue import Env, as_dict
+from kiri.hub.db import as_dict
+from kiri.hub.queue import Env
 from kiri.hub.schema import weights
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
 
