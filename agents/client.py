@@ -42,6 +42,16 @@ IDEMPOTENT = frozenset({
 })
 
 
+def schema_from_atoms(atoms: list[dict[str, Any]], name: str) -> Any:
+    """The named atom's schema out of the hub's ``atoms`` reply; SchemaError if unknown."""
+    from kiri.model.schema import AtomSchema, SchemaError
+
+    known = {a["name"]: a for a in atoms}
+    if name not in known:
+        raise SchemaError(f"unknown atom {name!r}; known atoms: {', '.join(sorted(known))}")
+    return AtomSchema.from_dict({k: v for k, v in known[name].items() if k != "preset"})
+
+
 class HubUnreachable(ConnectionError):
     """The hub could not be reached within the client's reconnect budget."""
 

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from kiri.agents.client import schema_from_atoms
 from kiri.agents.handlers import TaskContext, TaskError, handler
 from kiri.protocol import RpcError
 
@@ -60,7 +61,7 @@ def load_ids(hub: Any, schema: Any, obs_to: int | None) -> tuple[Any, int, int]:
 
 @handler("train")
 def train(ctx: TaskContext) -> dict[str, Any]:
-    from kiri.model.schema import AtomSchema
+    from kiri.model.schema import SchemaError
     from kiri.model.train import TrainConfig, Trainer
 
     if not ctx.atom:
@@ -68,10 +69,10 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     hub = ctx.hub
     if ctx.atom == "nerve":
         return train_nerve(ctx)
-    known = {a["name"]: a for a in hub.call("atoms")["atoms"]}
-    if ctx.atom not in known:
-        raise TaskError(f"unknown atom {ctx.atom!r}", retry=False)
-    schema = AtomSchema.from_dict({k: v for k, v in known[ctx.atom].items() if k != "preset"})
+    try:
+        schema = schema_from_atoms(hub.call("atoms")["atoms"], ctx.atom)
+    except SchemaError as e:
+        raise TaskError(str(e), retry=False) from None
     params = ctx.params
     try:
         config = TrainConfig.from_params({k: params[k] for k in TRAIN_KEYS if k in params})

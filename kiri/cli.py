@@ -285,12 +285,13 @@ CHUNK = 2000
 
 
 def _hub_schema(c: Ctx, atom: str):  # type: ignore[no-untyped-def]
-    from kiri.model import schema as S
+    from kiri.agents.client import schema_from_atoms
+    from kiri.model.schema import SchemaError
 
-    known = {a["name"]: a for a in c.call("atoms")["atoms"]}
-    if atom not in known:
-        raise click.ClickException(f"unknown atom {atom!r}; known atoms: {', '.join(sorted(known))}")
-    return S.AtomSchema.from_dict({k: v for k, v in known[atom].items() if k != "preset"})
+    try:
+        return schema_from_atoms(c.call("atoms")["atoms"], atom)
+    except SchemaError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
