@@ -17,18 +17,24 @@ from kiri.agents.handlers import TaskContext, TaskError, handler
 
 log = logging.getLogger("kiri.scorer")
 
-_CACHE: dict[int, Any] = {}  # weights id -> Scorer (weights never change under an id)
+_CACHE: dict[int, Any] = {}  # weights id -> loaded Weights (weights never change under an id)
+
+
+def _weights(hub: Any, weights_id: int) -> Any:
+    """Weights by id, downloaded and parsed once per agent process."""
+    from kiri.model.weights import load_weights
+
+    w = _CACHE.get(weights_id)
+    if w is None:
+        blob = hub.call("weights", {"weights_id": weights_id, "blob": True})["weights"][0]["blob"]
+        w = _CACHE[weights_id] = load_weights(base64.b64decode(blob))
+    return w
 
 
 def _scorer(hub: Any, weights_id: int) -> Any:
     from kiri.model.score import Scorer
-    from kiri.model.weights import load_weights
 
-    sc = _CACHE.get(weights_id)
-    if sc is None:
-        w = hub.call("weights", {"weights_id": weights_id, "blob": True})["weights"][0]
-        sc = _CACHE[weights_id] = Scorer(load_weights(base64.b64decode(w["blob"])))
-    return sc
+    return Scorer(_weights(hub, weights_id))
 
 
 @handler("score")
@@ -93,10 +99,7 @@ def decide(ctx: TaskContext, worst: dict[str, Any]) -> tuple[dict[str, Any], dic
     thresholds = {a: v["threshold"] for a, v in state["scores"].items()}
     latest[ctx.atom] = worst["score"]
     thresholds[ctx.atom] = worst["threshold"]
-    weights = None
-    if state["nerve"] is not None:
-        w = hub.call("weights", {"weights_id": state["nerve"]["weights_id"], "blob": True})["weights"][0]
-        weights = base64.b64decode(w["blob"])
+    weights = _weights(hub, state["nerve"]["weights_id"]) if state["nerve"] is not None else None
     lt = time.localtime(worst["time"])
     d = Nerve(weights, thresholds=thresholds).decide(latest, lt.tm_hour + lt.tm_min / 60, lt.tm_wday)
     scaled = {a: latest.get(a, 0.0) / max(thresholds.get(a, 1.0), 1e-9) for a in latest}
