@@ -119,14 +119,16 @@ def list_decisions(c: sa.Connection, p: P.Decisions, env: Q.Env) -> dict[str, An
     if p.before_id:
         q = q.where(decisions.c.id < p.before_id)
     rows = c.execute(q.order_by(decisions.c.id.desc()).limit(p.limit)).all()
+    latest_label: dict[int, dict[str, Any]] = {}  # the newest label of each decision on the page
+    for lab in c.execute(sa.select(labels.c.decision_id, labels.c.verdict, labels.c.action)
+                         .where(labels.c.decision_id.in_([r.id for r in rows])).order_by(labels.c.id)):
+        latest_label[lab.decision_id] = {"verdict": lab.verdict, "action": lab.action}
     out = []
     for r in rows:
         d = as_dict(r)
         d["inputs"] = orjson.Fragment(d["inputs"])
         d["probs"] = orjson.Fragment(d["probs"])
-        lab = c.execute(sa.select(labels.c.verdict, labels.c.action).where(labels.c.decision_id == r.id)
-                        .order_by(labels.c.id.desc()).limit(1)).first()
-        d["label"] = as_dict(lab) if lab else None
+        d["label"] = latest_label.get(r.id)
         out.append(d)
     return {"decisions": out}
 

@@ -120,15 +120,21 @@ def test_retrain_decision_gives_one_train_task_and_feedback_teaches_the_nerve(hu
         res = kiri(hub, "feedback", str(d), "suppress").stdout
         assert "labelled suppress" in res
     assert "nerve retraining" in res
+    listed = {d["id"]: d["label"] for d in c.call("decisions", {"limit": 100})["decisions"]}
+    assert all(listed[d] == {"verdict": "suppress", "action": "suppress"} for d in ids)
+
     day = c.call("record_decision", {"task_id": task_id, "lease_token": tok, "atom": "pulse", "observation_id": 30,
                                      "inputs": {**inputs, "pulse": 0.2, "hour": 14.0, "weekday": 2}, "action": "ok",
                                      "probs": probs, "policy": "rule:scaled_sum>=1"})["decision_id"]
     assert "labelled ok" in kiri(hub, "feedback", str(day), "approve").stdout
+    kiri(hub, "feedback", str(day), "ok")  # relabelled: the newest label is the one listed
+    listed = {d["id"]: d["label"] for d in c.call("decisions", {"limit": 100})["decisions"]}
+    assert listed[day] == {"verdict": "ok", "action": "ok"}
     trainer = agents_factory(hub, "train", "--lease-ttl", "2")
     wait_until(lambda: hub.sql("select count(*) from weights where atom='nerve' and status='active'")[0][0] == 1,
                120, what="the nerve trained on the labels")
     # labels are kept apart from the model's decisions, and the nerve now suppresses night alarms
-    assert hub.sql("select count(*) from labels")[0][0] == 21
+    assert hub.sql("select count(*) from labels")[0][0] == 22
     import base64
 
     from kiri.model.nerve import Nerve
