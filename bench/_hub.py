@@ -23,7 +23,7 @@ def running_hub(*extra: str) -> Iterator[tuple[int, Path]]:
     with tempfile.TemporaryDirectory(prefix="kiri-bench-") as tmp:
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kiri.hub.cli", "serve", "--data-dir", tmp, "--port", str(port),
+            [sys.executable, "-m", "kiri.hub.cli", "serve", "--data-dir", tmp, "--port", str(port), "--no-http",
              "--log-level", "warning", *extra],
         )
         try:

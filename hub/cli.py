@@ -60,6 +60,9 @@ def main() -> None:
 @click.option("--host", default=config.DEFAULT_HOST, show_default=True, help="Address to listen on.")
 @click.option("--port", default=config.DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--token", envvar="KIRI_TOKEN", help="Shared secret agents must present (env KIRI_TOKEN).")
+@click.option("--http-port", default=config.DEFAULT_HTTP_PORT, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of the dashboard, JSON API and /metrics (same address as --host; same token).")
+@click.option("--no-http", is_flag=True, help="Serve no HTTP at all (TCP protocol only).")
 @click.option("--synchronous", default="NORMAL", show_default=True,
               type=click.Choice(["NORMAL", "FULL"], case_sensitive=False),
               help="SQLite durability: NORMAL survives process crashes; FULL also power loss.")
@@ -76,7 +79,7 @@ def main() -> None:
               help="Seconds between reaper runs.")
 @log_option
 def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: str | None,
-          synchronous: str, lease_ttl: float, backoff_base: float, backoff_cap: float,
+          http_port: int, no_http: bool, synchronous: str, lease_ttl: float, backoff_base: float, backoff_cap: float,
           max_line: int, wal_limit: float, tick: float, log_level: str) -> None:
     """Run the hub until SIGTERM/SIGINT."""
     setup_logging(log_level)
@@ -88,7 +91,7 @@ def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: st
     url = resolve_db(db, data_dir)
     settings = HubSettings(
         db_url=url, host=host, port=port, token=token or None, max_line=max_line, tick=tick,
-        wal_max_bytes=int(wal_limit * (1 << 20)),
+        wal_max_bytes=int(wal_limit * (1 << 20)), http_port=None if no_http else http_port,
         queue=QueueSettings(lease_ttl=lease_ttl, backoff_base=backoff_base, backoff_cap=backoff_cap),
     )
     try:
@@ -112,9 +115,11 @@ def _run(settings: HubSettings, engine) -> None:  # type: ignore[no-untyped-def]
         try:
             await hub.start()
         except OSError as e:
-            raise click.ClickException(
-                f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}"
-            ) from e
+            await hub.stop()
+            where = f"{settings.host}:{settings.port}"
+            if settings.http_port is not None:
+                where += f" (TCP) or port {settings.http_port} (HTTP; --http-port, --no-http)"
+            raise click.ClickException(f"cannot listen on {where}: {e.strerror or e}") from e
         log.info("kiri hub listening on %s:%d (db %s)", settings.host, hub.bound_port,
                  redact(settings.db_url))
         stop = asyncio.Event()

@@ -61,6 +61,27 @@ def make_engine(url: str, synchronous: Synchronous = "NORMAL", busy_timeout_ms: 
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+def make_read_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
+    """An engine for readers: deferred transactions (a snapshot, no write lock) that cannot write."""
+    if not is_sqlite(url):
+        return sa.create_engine(url, pool_pre_ping=True, execution_options={"postgresql_readonly": True})
+    engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.execute("PRAGMA query_only=1")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+        conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
 def as_dict(row: sa.Row) -> dict[str, Any]:
     """A row as a plain dict (SQLAlchemy's key type is a str subclass orjson refuses)."""
     return {str(k): v for k, v in row._mapping.items()}

@@ -146,7 +146,7 @@ def _lease_stmt(n_kinds: int) -> sa.Update:
             updated_at=bp("now"),
         )
         .returning(tasks.c.id, tasks.c.kind, tasks.c.atom, tasks.c.params, tasks.c.attempts,
-                   tasks.c.max_attempts, tasks.c.priority, tasks.c.parent_id)
+                   tasks.c.max_attempts, tasks.c.priority, tasks.c.parent_id, tasks.c.run_after)
     )
 
 
@@ -176,7 +176,7 @@ def lease(c: sa.Connection, p: P.Lease, env: Env) -> dict[str, Any] | None:
         "task": {
             "id": row["id"], "kind": row["kind"], "atom": row["atom"], "params": _frag(row["params"]),
             "attempt": row["attempts"], "max_attempts": row["max_attempts"],
-            "priority": row["priority"], "parent_id": row["parent_id"],
+            "priority": row["priority"], "parent_id": row["parent_id"], "ready_at": row["run_after"],
             "checkpoint": (
                 {"step": ck["step"], "data": base64.b64encode(ck["data"]).decode()} if ck else None
             ),

@@ -30,6 +30,10 @@ from kiri.hub import queue as Q
 from kiri.hub import schedules as SCH
 from kiri.hub import scoring as SC
 from kiri.hub import weights as W
+from kiri.hub.events import EventBus, publish_batch
+from kiri.hub.reader import Reader
+from kiri.hub.web.app import HttpFace
+from kiri.hub.web.metrics import HubMetrics
 from kiri.protocol import (
     InternalError,
     InvalidParams,
@@ -61,12 +65,14 @@ class HubSettings:
     wal_checkpoint_every: float = 30.0
     wal_max_bytes: int = 8 << 20
     queue: Q.QueueSettings = field(default_factory=Q.QueueSettings)
+    http_port: int | None = None  # None: no HTTP face
+    http_host: str | None = None  # default: the same address as the TCP side
 
 
 class Op:
     """One request waiting for the next batch (or, for a lease, for work to arrive)."""
 
-    __slots__ = ("conn", "deadline", "func", "kinds", "method", "params", "reply", "req_id", "timer")
+    __slots__ = ("conn", "deadline", "func", "fut", "kinds", "method", "params", "reply", "req_id", "timer")
 
     def __init__(self, conn: Connection | None, req_id: Any, method: str, params: Any,
                  func: Callable[..., Any], reply: bool = True) -> None:
@@ -79,6 +85,8 @@ class Op:
         self.deadline = 0.0
         self.kinds: frozenset[str] = frozenset()
         self.timer: asyncio.TimerHandle | None = None
+        # set for calls made inside the hub process (the HTTP face): resolved after commit
+        self.fut: asyncio.Future[Any] | None = None
 
 
 def _raise(_c: sa.Connection, err: RpcError, _env: Q.Env) -> None:
@@ -202,6 +210,10 @@ class Hub:
         self.last_wal_checkpoint = time.monotonic()
         self.stats_counters: dict[str, int] = {"batches": 0, "ops": 0, "leases": 0, "acks": 0}
         self.atoms = O.AtomRegistry()
+        self.events = EventBus()
+        self.metrics = HubMetrics()
+        self.reader = Reader(settings.db_url)
+        self.http: HttpFace | None = None
         self.methods: dict[str, tuple[type[BaseModel], Handler]] = {
             "enqueue": (P.Enqueue, Q.enqueue),
             "lease": (P.Lease, Q.lease),
@@ -251,6 +263,9 @@ class Hub:
             backlog=512,
         )
         self.tick_task = self.loop.create_task(self._ticker())
+        if self.settings.http_port is not None:
+            self.http = HttpFace(self)
+            await self.http.start(self.settings.http_host or self.settings.host, self.settings.http_port)
 
     @property
     def bound_port(self) -> int:
@@ -262,6 +277,9 @@ class Hub:
         self.closing = True
         if self.server is not None:
             self.server.close()
+        self.events.close()
+        if self.http is not None:
+            await self.http.stop()
         if self.tick_task:
             self.tick_task.cancel()
         if self.pending:
@@ -273,6 +291,7 @@ class Hub:
             conn.close()
         await asyncio.sleep(0)
         self._flush_agents()
+        self.reader.close()
         dbmod.wal_checkpoint(self.db, "TRUNCATE")
         self.db.close()
         self.engine.dispose()
@@ -368,6 +387,36 @@ class Hub:
 
         self._submit(Op(conn, req_id, "hello", p, register))
 
+    async def call(self, method: str, raw: dict[str, Any]) -> Any:
+        """Run one protocol method from inside the hub (the HTTP face) in the next batch.
+
+        Same validation, same transaction and group commit as a TCP request: the HTTP face
+        adds no second way to write.
+        """
+        entry = self.methods.get(method)
+        if entry is None or method == "lease":
+            raise MethodNotFound(f"unknown method {method!r}")
+        if self.closing:
+            raise Unavailable("hub is shutting down; retry shortly")
+        model, func = entry
+        try:
+            params = model.model_validate(raw)
+        except ValidationError as e:
+            raise InvalidParams(P.describe(e)) from None
+        op = Op(None, None, method, params, func, reply=False)
+        op.fut = self.loop.create_future()
+        self._submit(op)
+        return await op.fut
+
+    async def ping(self, timeout: float = 5.0) -> dict[str, Any]:
+        """A round trip through the batch loop and a database transaction (for /healthz)."""
+        if self.closing:
+            raise Unavailable("hub is shutting down")
+        op = Op(None, None, "ping", None, _pong, reply=False)
+        op.fut = self.loop.create_future()
+        self._submit(op)
+        return await asyncio.wait_for(op.fut, timeout)
+
     def _submit(self, op: Op) -> None:
         self.pending.append(op)
         if not self.batch_scheduled:
@@ -412,6 +461,8 @@ class Hub:
             self._finish(op, result, err, out)
         for conn, chunks in out.items():
             conn.send(b"".join(chunks))
+        if self.events.subscribers:
+            publish_batch(self.events, results)
         for t in env.due:
             self._arm_due(t)
         if env.available and self.waiters:
@@ -427,6 +478,11 @@ class Hub:
     def _finish(self, op: Op, result: Any, err: RpcError | None, out: dict[Connection, list[bytes]]) -> None:
         """Turn one op's outcome into its reply (buffered per connection in ``out``)."""
         conn = op.conn
+        if op.fut is not None and not op.fut.done():
+            if err is not None:
+                op.fut.set_exception(err)
+            else:
+                op.fut.set_result(result)
         if op.method == "lease" and err is None:
             if result is None:
                 if op.deadline > time.time() and conn is not None and not conn.closed and not self.closing:
@@ -438,11 +494,13 @@ class Hub:
                 self._release_orphan(result)
                 return
             self.stats_counters["leases"] += 1
+            self.metrics.leased(result["task"], time.time())
         if op.method == "ack" and err is None:
             self.stats_counters["acks"] += 1
             nxt = result.get("next")
             if nxt and nxt.get("task") is not None:
                 self.stats_counters["leases"] += 1
+                self.metrics.leased(nxt["task"], time.time())
                 if conn is None or conn.closed:
                     self._release_orphan(nxt)
         if conn is None or not op.reply or conn.closed:
@@ -558,7 +616,7 @@ class Hub:
                 log.exception("hub tick failed; will try again")
 
     def _tick(self) -> None:
-        def reap(c: sa.Connection, _p: Any, env: Q.Env) -> None:
+        def reap(c: sa.Connection, _p: Any, env: Q.Env) -> list[tuple[int, str]]:
             reaped = Q.reap(c, env)
             O.expire_staged(c, env.now)
             SCH.fire_due(c, env)
@@ -567,6 +625,7 @@ class Hub:
             self._flush_agents_in(c, env.now)
             if self.waiters and not env.available and Q.any_ready(c, env.now):
                 env.available.extend(k for w in self.waiters for k in w.kinds)
+            return reaped
 
         self._submit(Op(None, None, "reap", None, reap, reply=False))
         self._maybe_checkpoint_wal()

@@ -562,17 +562,21 @@ def feedback(c: Ctx, decision_id: int, verdict: str) -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the database and logs live [default: $KIRI_DATA_DIR or ~/.local/share/kiri].")
 @click.option("--port", default=7746, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--http-port", default=7745, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of the dashboard and JSON API.")
 @click.option("--days", default=7.0, show_default=True, type=click.FloatRange(1, 90),
               help="Days of synthetic history to seed on the first run.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31))
 @click.option("--no-collect", is_flag=True, help="Do not schedule collection of this machine.")
 @click.option("--once", is_flag=True, help="Set everything up, print one status line, stop (for scripts).")
-def demo(data_dir: Path | None, port: int, days: float, seed: int, no_collect: bool, once: bool) -> None:
+def demo(data_dir: Path | None, port: int, http_port: int, days: float, seed: int, no_collect: bool,
+         once: bool) -> None:
     """Run the whole watch loop here: hub, trainer, collector and scorer, with data."""
     from kiri import demo as runner
 
     try:
-        code = runner.run(data_dir or runner.default_dir(), port, days, seed, not no_collect, once, click.echo)
+        code = runner.run(data_dir or runner.default_dir(), port, days, seed, not no_collect, once, click.echo,
+                          http_port=http_port)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     sys.exit(code)

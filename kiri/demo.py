@@ -26,9 +26,10 @@ ATOMS = ("pulse", "rhythm", "drift")
 
 
 class Demo:
-    def __init__(self, data_dir: Path, port: int, days: float, seed: int, collect: bool) -> None:
+    def __init__(self, data_dir: Path, port: int, days: float, seed: int, collect: bool, http_port: int) -> None:
         self.data_dir = data_dir
         self.port = port
+        self.http_port = http_port
         self.days = days
         self.seed = seed
         self.collect = collect
@@ -42,7 +43,8 @@ class Demo:
                                             start_new_session=True)
 
     def start(self) -> HubClient:
-        self._spawn("hub", ["kiri.hub.cli", "serve", "--data-dir", str(self.data_dir), "--port", str(self.port)])
+        self._spawn("hub", ["kiri.hub.cli", "serve", "--data-dir", str(self.data_dir), "--port", str(self.port),
+                            "--http-port", str(self.http_port)])
         deadline = time.monotonic() + 60
         while True:
             if self.procs["hub"].poll() is not None:
@@ -115,8 +117,9 @@ class Demo:
                     p.kill()
 
 
-def run(data_dir: Path, port: int, days: float, seed: int, collect: bool, once: bool, say: Any) -> int:
-    demo = Demo(data_dir, port, days, seed, collect)
+def run(data_dir: Path, port: int, days: float, seed: int, collect: bool, once: bool, say: Any,
+        http_port: int = 7745) -> int:
+    demo = Demo(data_dir, port, days, seed, collect, http_port)
     stopping = False
 
     def on_signal(_sig: int, _frame: Any) -> None:
@@ -127,7 +130,7 @@ def run(data_dir: Path, port: int, days: float, seed: int, collect: bool, once: 
     try:
         c = demo.start()
         say(f"hub on 127.0.0.1:{port}, database {data_dir / 'kiri.db'}, logs in {demo.logs}")
-        say("dashboard and JSON API: http://127.0.0.1:7745/ once the HTTP face lands; meanwhile `kiri status`")
+        say(f"dashboard: http://127.0.0.1:{http_port}/  (JSON API under /api/v1, metrics at /metrics)")
         demo.seed_and_train(c, say)
         tty = sys.stdout.isatty()
         while not stopping:

@@ -40,17 +40,24 @@ def wait_until(pred, timeout: float = 20.0, interval: float = 0.02, what: str = 
 class HubProc:
     """A `kiri-hub serve` child process on a fixed port and data dir (so it can restart)."""
 
-    def __init__(self, data_dir: Path, port: int, *extra: str, token: str | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int, *extra: str, token: str | None = None, http: bool = False) -> None:
         self.data_dir = data_dir
         self.port = port
         self.extra = list(extra)
         self.token = token
+        # the HTTP face on its own free port, or none (many hubs run side by side in tests)
+        self.http_port: int | None = free_port() if http else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "hub.log"
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "kiri.db"
+
+    @property
+    def url(self) -> str:
+        assert self.http_port is not None, "start the hub with http=True"
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def address(self) -> tuple[str, int]:
@@ -60,6 +67,7 @@ class HubProc:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [PY, "-m", "kiri.hub.cli", "serve", "--data-dir", str(self.data_dir),
                 "--port", str(self.port), *self.extra]
+        args += ["--http-port", str(self.http_port)] if self.http_port else ["--no-http"]
         if self.token:
             args += ["--token", self.token]
         log = self.log_path.open("ab")
@@ -73,9 +81,14 @@ class HubProc:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"hub exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError), socket.create_connection(self.address, timeout=0.2):
-                return True
-            return False
+            for port in (self.port, self.http_port):
+                if port is None:
+                    continue
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                except OSError:
+                    return False
+            return True
 
         wait_until(ready, timeout, what="hub to listen")
 

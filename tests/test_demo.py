@@ -11,7 +11,7 @@ from tests.conftest import free_port
 
 def _demo(tmp_path, port: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kiri.cli", "demo", "--data-dir", str(tmp_path), "--port", str(port),
-                           "--days", "1", "--once", "--no-collect"], capture_output=True, text=True, timeout=180)
+                           "--http-port", str(free_port()), "--days", "1", "--once", "--no-collect"], capture_output=True, text=True, timeout=180)
 
 
 def test_demo_sets_up_everything_stops_cleanly_and_resumes(tmp_path):
@@ -24,7 +24,9 @@ def test_demo_sets_up_everything_stops_cleanly_and_resumes(tmp_path):
     for name in ("hub", "trainer", "collector", "scorer"):
         log = (tmp_path / "logs" / f"{name}.log").read_text()
         assert "Traceback" not in log, f"{name}.log:\n{log}"
-    assert "hub stopped cleanly" in (tmp_path / "logs" / "hub.log").read_text()
+    hub_log = (tmp_path / "logs" / "hub.log").read_text()
+    assert "hub stopped cleanly" in hub_log and "dashboard and JSON API on http://127.0.0.1:" in hub_log
+    assert "dashboard: http://127.0.0.1:" in out
     again = _demo(tmp_path, port)
     assert again.returncode == 0, again.stderr
     assert "seeding" not in again.stdout  # the same database, resumed

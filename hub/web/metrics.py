@@ -1,0 +1,132 @@
+"""``/metrics`` in Prometheus text format, built with prometheus_client.
+
+Two sources: what the hub counts as it runs (leases and how long tasks waited for one) and
+what the database says at scrape time (queue depth, outcomes, agents, every atom's latest
+score and verdict, training progress, file sizes). Counts that live in the database survive
+hub restarts, so ``kiri_task_outcomes_total`` is a true counter across them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kiri import __version__
+
+VERDICTS = ("normal", "anomaly", "unscored")
+ACTIONS = ("ok", "alert", "suppress", "retrain")
+LEASE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0)
+
+
+class _Snapshot(Collector):
+    """Yields the metrics of the last database snapshot handed to it."""
+
+    def __init__(self) -> None:
+        self.snap: dict[str, Any] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snap
+        if s is None:
+            return
+        depth = GaugeMetricFamily("kiri_tasks", "Tasks by kind and state (queued and leased are the queue depth)",
+                                  labels=["kind", "state"])
+        for row in s["tasks"]:
+            depth.add_metric([row["kind"], row["status"]], row["count"])
+        yield depth
+        outcomes = CounterMetricFamily("kiri_task_outcomes", "How tasks ended or stumbled, since the database began",
+                                       labels=["kind", "outcome"])
+        for row in s["tasks"]:
+            if row["status"] in ("done", "dead", "cancelled"):
+                outcomes.add_metric([row["kind"], row["status"]], row["count"])
+        for row in s["outcomes"]:
+            outcomes.add_metric([row["kind"], "failed_attempt"], row["failures"])
+            outcomes.add_metric([row["kind"], "lease_expired"], row["expiries"])
+        yield outcomes
+        agents = GaugeMetricFamily("kiri_agents_connected", "Agents connected now, by role", labels=["role"])
+        for role, n in s["agents"]:
+            agents.add_metric([role], n)
+        yield agents
+        score = GaugeMetricFamily("kiri_atom_score", "The latest observation's anomaly score (mean surprise, nats)",
+                                  labels=["atom"])
+        thr = GaugeMetricFamily("kiri_atom_threshold", "The score above which the atom's observation is an anomaly",
+                                labels=["atom"])
+        anomalous = GaugeMetricFamily("kiri_atom_anomalous", "1 when the latest observation is an anomaly",
+                                      labels=["atom"])
+        verdict = GaugeMetricFamily("kiri_atom_verdict", "The latest observation's verdict (1 for the current one)",
+                                    labels=["atom", "verdict"])
+        seen = GaugeMetricFamily("kiri_atom_last_observation_timestamp_seconds",
+                                 "When the atom's latest observation was taken", labels=["atom"])
+        for a in s["atoms"]:
+            name = a["atom"]
+            seen.add_metric([name], a["time"])
+            for v in VERDICTS:
+                verdict.add_metric([name, v], 1.0 if a["verdict"] == v else 0.0)
+            if a["score"] is not None:
+                score.add_metric([name], a["score"])
+                thr.add_metric([name], a["threshold"])
+                anomalous.add_metric([name], 1.0 if a["anomalous"] else 0.0)
+        yield from (score, thr, anomalous, verdict, seen)
+        nerve = GaugeMetricFamily("kiri_nerve_decision", "The nerve's latest action (1 for the current one)",
+                                  labels=["action"])
+        if s["nerve"] is not None:
+            for act in ACTIONS:
+                nerve.add_metric([act], 1.0 if s["nerve"]["action"] == act else 0.0)
+        yield nerve
+        step = GaugeMetricFamily("kiri_train_step", "Training step reached by a running train task",
+                                 labels=["task_id", "atom"])
+        steps = GaugeMetricFamily("kiri_train_steps", "Steps a running train task will take",
+                                  labels=["task_id", "atom"])
+        loss = GaugeMetricFamily("kiri_train_loss", "Latest training loss of a running train task",
+                                 labels=["task_id", "atom"])
+        ratio = GaugeMetricFamily("kiri_train_progress_ratio", "Fraction of a running train task done (0..1)",
+                                  labels=["task_id", "atom"])
+        for t in s["training"]:
+            labels = [str(t["task_id"]), t["atom"]]
+            p = t["progress"]
+            if isinstance(p.get("step"), int | float):
+                step.add_metric(labels, p["step"])
+                if isinstance(p.get("steps"), int | float) and p["steps"] > 0:
+                    steps.add_metric(labels, p["steps"])
+                    ratio.add_metric(labels, min(1.0, p["step"] / p["steps"]))
+            if isinstance(p.get("loss"), int | float):
+                loss.add_metric(labels, p["loss"])
+        yield from (step, steps, loss, ratio)
+        files = s["files"]
+        if files:
+            yield GaugeMetricFamily("kiri_db_bytes", "Size of the SQLite database file",
+                                    value=files.get("db_bytes", 0))
+            yield GaugeMetricFamily("kiri_wal_bytes", "Size of the SQLite write-ahead log",
+                                    value=files.get("wal_bytes", 0))
+
+
+class HubMetrics:
+    """The hub's own registry (not the global one, so several hubs in one process stay apart)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.leases = Counter("kiri_leases", "Tasks handed to agents", ["kind"], registry=self.registry)
+        self.lease_wait = Histogram("kiri_lease_wait_seconds",
+                                    "How long a task was ready before an agent leased it", ["kind"],
+                                    buckets=LEASE_BUCKETS, registry=self.registry)
+        Info("kiri_build", "The hub's version", registry=self.registry).info({"version": __version__})
+        self._snapshot = _Snapshot()
+        self.registry.register(self._snapshot)
+
+    def leased(self, task: dict[str, Any], now: float) -> None:
+        kind = task.get("kind") or ""
+        self.leases.labels(kind).inc()
+        ready = task.get("ready_at")
+        if isinstance(ready, int | float):
+            self.lease_wait.labels(kind).observe(max(0.0, now - ready))
+
+    def render(self, snapshot: dict[str, Any]) -> bytes:
+        """The exposition text for one scrape, from a database snapshot taken just before."""
+        self._snapshot.snap = snapshot
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._snapshot.snap = None
