@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -147,8 +146,8 @@ class AgentProc:
 def hub_factory(tmp_path: Path) -> Iterator:
     hubs: list[HubProc] = []
 
-    def make(*extra: str, token: str | None = None, start: bool = True) -> HubProc:
-        h = HubProc(tmp_path / f"hub{len(hubs)}", free_port(), *extra, token=token)
+    def make(*extra: str, token: str | None = None, start: bool = True, http: bool = False) -> HubProc:
+        h = HubProc(tmp_path / f"hub{len(hubs)}", free_port(), *extra, token=token, http=http)
         hubs.append(h)
         return h.start() if start else h
 
@@ -179,3 +178,63 @@ def agents_factory(tmp_path: Path) -> Iterator:
         if a.proc.poll() is None:
             a.proc.kill()
             a.proc.wait(10)
+
+
+def push(hub: HubProc, atom: str, rows: list, times: list, host: str | None = None) -> None:
+    """Store observations through the protocol, in the largest batches it takes."""
+    c = hub.client()
+    try:
+        for i in range(0, len(rows), 5000):
+            c.call("observe", {"atom": atom, "observations": [
+                {"values": r, "time": t, **({"host": host} if host else {})}
+                for r, t in zip(rows[i:i + 5000], times[i:i + 5000], strict=True)]})
+    finally:
+        c.close()
+
+
+class Watched:
+    """A hub with its HTTP face, a trainer and a scorer, trained atoms and scored anomalies."""
+
+    def __init__(self, hub: HubProc, agents: list[AgentProc], spike_ids: list[int]) -> None:
+        self.hub = hub
+        self.agents = agents
+        self.spike_ids = spike_ids
+
+
+@pytest.fixture(scope="session")
+def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
+    """Shared by the HTTP API and browser tests: setting it up trains real atoms (~30 s)."""
+    from kiri.model import synth
+
+    root = tmp_path_factory.mktemp("watched")
+    hub = HubProc(root / "hub", free_port(), "--lease-ttl", "3", "--tick", "0.1", http=True).start()
+    agents = [AgentProc(hub, "train", "trainer-0", root / "trainer.jsonl", "--lease-ttl", "2"),
+              AgentProc(hub, "score", "scorer-0", root / "scorer.jsonl", "--lease-ttl", "2")]
+    try:
+        start = time.time() - 2 * synth.DAY
+        train = synth.generate("pulse", 1.5, seed=0, start=start)
+        push(hub, "pulse", train.rows, train.times, host="synthetic")
+        drift = synth.generate("drift", 2, seed=0, start=start)
+        push(hub, "drift", drift.rows, drift.times)
+        c = hub.client()
+        for atom in ("pulse", "drift"):
+            c.enqueue("train", atom, {"steps": 200})
+        c.close()
+        wait_until(lambda: hub.sql("select count(*) from weights where status='active'")[0][0] == 2, 180,
+                   what="pulse and drift trained")
+        test = synth.generate("pulse", 0.4, seed=1, start=start + 1.5 * synth.DAY, anomalies={"spike": 2})
+        first = hub.sql("select coalesce(max(id), 0) from observations")[0][0] + 1
+        push(hub, "pulse", test.rows, test.times, host="synthetic")
+        spike_ids = [first + i for i, lab in enumerate(test.labels) if lab == "spike"]
+        wait_until(lambda: hub.sql("select count(*) from tasks where status in ('queued', 'leased')")[0][0] == 0
+                   and hub.sql("select count(*) from scores where observation_id = ?", spike_ids[-1])[0][0] == 1,
+                   180, what="the new day scored")
+        yield Watched(hub, agents, spike_ids)
+    finally:
+        for a in agents:
+            if a.proc.poll() is None:
+                a.proc.kill()
+                a.proc.wait(10)
+        if hub.proc and hub.proc.poll() is None:
+            hub.proc.kill()
+            hub.proc.wait(10)

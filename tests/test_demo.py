@@ -10,8 +10,9 @@ from tests.conftest import free_port
 
 
 def _demo(tmp_path, port: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kiri.cli", "demo", "--data-dir", str(tmp_path), "--port", str(port),
-                           "--http-port", str(free_port()), "--days", "1", "--once", "--no-collect"], capture_output=True, text=True, timeout=180)
+    return subprocess.run([sys.executable, "-m", "kiri.cli", "demo", "--data-dir", str(tmp_path),
+                           "--port", str(port), "--http-port", str(free_port()), "--days", "1",
+                           "--once", "--no-collect"], capture_output=True, text=True, timeout=180)
 
 
 def test_demo_sets_up_everything_stops_cleanly_and_resumes(tmp_path):
