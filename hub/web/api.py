@@ -22,6 +22,7 @@ from kiri.hub.decisions import list_decisions
 from kiri.hub.web import streams
 from kiri.hub.web.common import NoQuery, Query, Route, body, hub_of, ok, path_int, query, read
 from kiri.hub.web.streams import ProgressQuery
+from kiri.importing import clock_fields
 from kiri.protocol import InvalidParams, NotFound
 
 PREFIX = "/api/v1"
@@ -153,6 +154,13 @@ async def post_observations(req: web.Request) -> web.Response:
         if b.host is not None:
             one["host"] = b.host
         obs = [one]
+    # like `kiri observe`: hour and weekday fields left out are the observation's local time
+    schema = hub_of(req).atoms.get(b.atom)
+    now = time.time()
+    for o in obs:
+        t = o.get("time", now)
+        if isinstance(o.get("values"), dict) and isinstance(t, int | float) and 0 <= t <= 1e11:
+            o["values"] = clock_fields(schema, o["values"], float(t))
     return ok(await hub_of(req).call("observe", {"atom": b.atom, "observations": obs}), status=201)
 
 

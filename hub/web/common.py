@@ -110,7 +110,7 @@ def query(req: web.Request, model: type[M], **path: Any) -> M:
     allowed = {f.alias or name for name, f in model.model_fields.items()}
     raw: dict[str, Any] = {}
     for key in req.query:
-        if key in raw:
+        if key in raw or len(req.query.getall(key)) > 1:
             raise InvalidParams(f"query parameter {key!r} is given more than once")
         if key not in allowed or key in path:
             raise InvalidParams(f"unknown query parameter {key!r}; this endpoint takes: "
