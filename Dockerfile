@@ -20,5 +20,7 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constr
 
 USER kiri
 VOLUME ["/data"]
-EXPOSE 7746
+EXPOSE 7746 7745
+HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7745/healthz', timeout=4)"
 CMD ["kiri-hub", "serve", "--host", "0.0.0.0"]

@@ -17,11 +17,15 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/kiri demo
 
-# docker-compose (Debian's) checks docker-compose.yml statically: there is no Docker engine here.
+# Debian packages the tests need: docker-compose checks docker-compose.yml statically (there is
+# no Docker engine here); chromium runs the dashboard's browser test (never downloaded at run time).
+APT_TOOLS := docker-compose:docker-compose chromium:chromium
 tools:
-	@command -v docker-compose >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; \
-	  else echo "install docker-compose (Debian: sudo apt-get install docker-compose)" >&2; exit 1; fi; }
+	@missing=""; for pair in $(APT_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "install:$$missing (Debian: sudo apt-get install$$missing)" >&2; exit 1; fi; fi
 
 test: $(STAMP) tools
 	$(BIN)/ruff check .

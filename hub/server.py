@@ -458,7 +458,10 @@ class Hub:
         self.stats_counters["ops"] += len(ops)
         out: dict[Connection, list[bytes]] = {}
         for op, result, err in results:
-            self._finish(op, result, err, out)
+            try:
+                self._finish(op, result, err, out)
+            except Exception:  # one bad reply must not cost the batch's other replies
+                log.exception("could not answer %s", op.method)
         for conn, chunks in out.items():
             conn.send(b"".join(chunks))
         if self.events.subscribers:
@@ -493,8 +496,9 @@ class Hub:
                 # The asker is gone: hand the task straight back rather than wait for expiry.
                 self._release_orphan(result)
                 return
-            self.stats_counters["leases"] += 1
-            self.metrics.leased(result["task"], time.time())
+            if result.get("task") is not None:
+                self.stats_counters["leases"] += 1
+                self.metrics.leased(result["task"], time.time())
         if op.method == "ack" and err is None:
             self.stats_counters["acks"] += 1
             nxt = result.get("next")

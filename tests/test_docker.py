@@ -26,6 +26,7 @@ def test_compose_file_is_valid_and_runs_hub_and_each_role():
     for service in ("hub:", "trainer:", "collector:", "scorer:"):
         assert service in out.stdout
     assert "kiri-data" in out.stdout and "--role" in out.stdout
+    assert "7745:7745" in out.stdout and "/healthz" in out.stdout  # the HTTP face, and health from it
 
 
 def test_compose_refuses_to_run_without_a_token():

@@ -159,7 +159,20 @@ def test_metrics_parse_and_carry_the_series(watched):
     assert len(verdicts) == 1 and verdicts[0].labels["verdict"] in ("normal", "anomaly")
     assert samples("kiri_db_bytes")[0].value > 0 and "kiri_wal_bytes" in fams
     assert sum(s.value for s in samples("kiri_nerve_decision")) == 1
-    assert "kiri_train_step" in fams and "kiri_leases" in fams
+    assert "kiri_leases" in fams
+    # a running training shows its progress
+    tid = post(watched.hub, "/api/v1/tasks", {"kind": "train", "atom": "drift", "params": {"steps": 100000}}).json
+    try:
+        def training():
+            text = get(watched.hub, "/metrics").raw.decode()
+            fams = {f.name: f for f in text_string_to_metric_families(text)}
+            return [s for s in fams["kiri_train_step"].samples if s.labels == {"task_id": str(tid["task_id"]),
+                                                                              "atom": "drift"} and s.value > 0]
+        wait_until(training, 60, interval=0.2, what="training progress in /metrics")
+    finally:
+        assert post(watched.hub, f"/api/v1/tasks/{tid['task_id']}/cancel").status == 200
+    wait_until(lambda: watched.hub.sql("select status from tasks where id = ?", tid["task_id"])[0][0] == "cancelled",
+               60, what="the long training cancelled")
 
 
 def test_training_progress_streams_as_ndjson_and_sse(watched):
@@ -238,7 +251,7 @@ def _db_digest(path) -> str:
     try:
         h = hashlib.sha256()
         for (name,) in con.execute("select name from sqlite_master where type='table' order by name"):
-            for row in con.execute(f'select * from "{name}" order by rowid'):  # noqa: S608 - our own table names
+            for row in con.execute(f'select * from "{name}" order by rowid'):
                 h.update(repr(row).encode())
         return h.hexdigest()
     finally:
@@ -251,7 +264,8 @@ def test_observations_and_tasks_through_http(web_hub, agents_factory):
                                            "time": 1_700_000_000.0, "host": "laptop"})
     assert r.status == 201 and r.json["stored"] == 1
     r = post(hub, "/api/v1/observations", {"atom": "drift", "observations": [
-        {"values": {"added": 1, "completed": 0, "switched": 0}}, {"values": {"added": 2, "completed": 2, "switched": 1}}]})
+        {"values": {"added": 1, "completed": 0, "switched": 0}},
+        {"values": {"added": 2, "completed": 2, "switched": 1}}]})
     assert r.status == 201 and r.json["stored"] == 2
     hist = get(hub, "/api/v1/history?atom=drift&n=10").json["observations"]
     assert [o["values"]["added"] for o in hist] == [3, 1, 2] and hist[0]["host"] == "laptop"
