@@ -25,7 +25,7 @@ from kiri.hub.web.common import (
     Handler,
     NoQuery,
     Route,
-    _MediaType,
+    UnsupportedMediaType,
     http_error,
     hub_of,
     ok,
@@ -60,7 +60,7 @@ async def _answer(req: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(req)
     except RpcError as e:
         return rpc_error_response(e)
-    except _MediaType as e:
+    except UnsupportedMediaType as e:
         return http_error(415, str(e))
     except web.HTTPException as e:
         if e.status < 400:

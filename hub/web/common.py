@@ -127,7 +127,7 @@ async def body(req: web.Request) -> dict[str, Any]:
     """The request's JSON object; an empty body is an empty object."""
     ctype = req.content_type
     if req.can_read_body and ctype not in ("application/json", "application/octet-stream", ""):
-        raise _MediaType(f"send JSON (Content-Type: application/json), not {ctype}")
+        raise UnsupportedMediaType(f"send JSON (Content-Type: application/json), not {ctype}")
     data = await req.read()
     if not data.strip():
         return {}
@@ -140,7 +140,7 @@ async def body(req: web.Request) -> dict[str, Any]:
     return value
 
 
-class _MediaType(Exception):
+class UnsupportedMediaType(Exception):
     """A body that is not JSON."""
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import orjson
@@ -75,7 +74,10 @@ async def task_progress(req: web.Request) -> web.StreamResponse:
         task = await task_state(req, task_id)  # 404 before any byte is sent
         sse = _wants_sse(req, p.format)
         resp = await _open(req, sse)
-        send: Callable[[str, Any], Awaitable[None]] = lambda ev, data: resp.write(_frame(sse, ev, data))  # noqa: E731
+
+        async def send(event: str, data: Any) -> None:
+            await resp.write(_frame(sse, event, data))
+
         with contextlib.suppress(ConnectionError):
             await send("state", {"type": "state", "task": _summary(task)})
             while task["status"] not in ENDED:
