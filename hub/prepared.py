@@ -49,6 +49,18 @@ class Prepared:
         finally:
             cur.close()
 
+    def tuples(self, conn: sa.Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Rows as plain tuples in the statement's column order: the cheapest way to read many."""
+        if conn.dialect.name != "sqlite":
+            return [tuple(r) for r in conn.execute(self.stmt, params)]
+        sql, names, consts, _columns = self._sqlite or self._compile_sqlite(conn)
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute(sql, [params[n] if n in params else consts[n] for n in names])
+            return cur.fetchall()
+        finally:
+            cur.close()
+
     def first(self, conn: sa.Connection, params: dict[str, Any]) -> dict[str, Any] | None:
         rows = self.rows(conn, params)
         return rows[0] if rows else None

@@ -32,6 +32,7 @@ from kiri.hub import scoring as SC
 from kiri.hub import weights as W
 from kiri.hub.events import EventBus, publish_batch
 from kiri.hub.reader import Reader
+from kiri.hub.series import SeriesCache
 from kiri.hub.web.app import HttpFace
 from kiri.hub.web.metrics import HubMetrics
 from kiri.protocol import (
@@ -213,6 +214,7 @@ class Hub:
         self.events = EventBus()
         self.metrics = HubMetrics()
         self.reader = Reader(settings.db_url)
+        self.series = SeriesCache()  # chart columns, kept by the reader's threads
         self.http: HttpFace | None = None
         self.methods: dict[str, tuple[type[BaseModel], Handler]] = {
             "enqueue": (P.Enqueue, Q.enqueue),

@@ -6,7 +6,6 @@ Every function here only reads. They run on the reader's query-only connections 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ from kiri.hub import db as dbmod
 from kiri.hub.observations import AtomRegistry
 from kiri.hub.queue import counts
 from kiri.hub.schema import agents, decisions, observations, scores, tasks, weights
+from kiri.hub.series import SeriesCache, downsample
 from kiri.model.schema import AtomSchema
 from kiri.protocol import NotFound
 
@@ -130,84 +130,16 @@ def observation(c: sa.Connection, reg: AtomRegistry, obs_id: int) -> dict[str, A
     return {"observation": _observation(reg.get(row.atom), row, _latest_score(c, row.id))}
 
 
-def series(c: sa.Connection, reg: AtomRegistry, atom: str, since: float | None, until: float | None,
-           points: int) -> dict[str, Any]:
-    """An atom's values and scores over a time range, column by column, for a chart.
-
-    Longer ranges are cut into ``points`` equal time buckets. Each bucket keeps its highest
-    score (and that observation's id and time), so an anomaly never disappears when the
-    view zooms out; field values are averaged.
-    """
+def series(c: sa.Connection, reg: AtomRegistry, cache: SeriesCache, atom: str, since: float | None,
+           until: float | None, points: int) -> dict[str, Any]:
+    """An atom's values and scores over a time range, column by column, for a chart."""
     schema = reg.get(atom)
-    names = [f.name for f in schema.fields]
-    o, s = observations.c, scores.c
-    q = sa.select(o.id, o.ts, o.data).where(o.atom == schema.name)
-    if since is not None:
-        q = q.where(o.ts >= since)
-    if until is not None:
-        q = q.where(o.ts <= until)
-    rows = c.execute(q.order_by(o.ts, o.id)).all()
+    cols = cache.columns(c, schema)
     out: dict[str, Any] = {"atom": schema.name, "fields": [
         {"name": f.name, "letter": f.letter, "low": f.low, "high": f.high, "buckets": f.buckets}
-        for f in schema.fields], "since": since, "until": until, "count": len(rows), "bucket": None,
-        "t": [], "id": [], "score": [], "threshold": [], "anomalous": [], "n": [], "values": {n: [] for n in names}}
-    if not rows:
-        return out
-    ids = np.fromiter((r.id for r in rows), dtype=np.int64, count=len(rows))
-    ts = np.fromiter((r.ts for r in rows), dtype=np.float64, count=len(rows))
-    vals = np.full((len(rows), len(names)), np.nan)
-    for i, r in enumerate(rows):
-        d = orjson.loads(r.data)
-        for j, n in enumerate(names):
-            v = d.get(n)
-            if v is not None:
-                vals[i, j] = v
-    score = np.full(len(rows), np.nan)
-    thr = np.full(len(rows), np.nan)
-    anom = np.zeros(len(rows), dtype=bool)
-    pos = {int(x): i for i, x in enumerate(ids)}
-    # the newest weights' score of each observation (rows come in weights order; the last wins)
-    for r in c.execute(sa.select(s.observation_id, s.score, s.threshold, s.anomalous)
-                       .where(s.atom == schema.name, s.observation_id >= int(ids.min()),
-                              s.observation_id <= int(ids.max())).order_by(s.weights_id)):
-        i = pos.get(r.observation_id)
-        if i is not None:
-            score[i], thr[i], anom[i] = r.score, r.threshold, bool(r.anomalous)
-    lo = since if since is not None else float(ts[0])
-    hi = until if until is not None else float(ts[-1])
-    if len(rows) > points and hi > lo:
-        width = (hi - lo) / points
-        b = np.minimum(((ts - lo) / width).astype(np.int64), points - 1)
-        starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
-        ends = np.r_[starts[1:], len(rows)]
-        keep = np.empty(len(starts), dtype=np.int64)
-        for k, (a, e) in enumerate(zip(starts, ends, strict=True)):
-            seg = score[a:e]
-            keep[k] = a + (int(np.nanargmax(seg)) if not np.all(np.isnan(seg)) else 0)
-        n = ends - starts
-        with np.errstate(invalid="ignore"):
-            sums = np.add.reduceat(np.nan_to_num(vals), starts, axis=0)
-            cnt = np.add.reduceat(~np.isnan(vals), starts, axis=0)
-            means = np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
-        any_anom = np.logical_or.reduceat(anom, starts)
-        out.update(bucket=width, t=ts[keep], id=ids[keep], score=score[keep], threshold=thr[keep],
-                   anomalous=any_anom, n=n)
-        out["values"] = {name: means[:, j] for j, name in enumerate(names)}
-    else:
-        out.update(t=ts, id=ids, score=score, threshold=thr, anomalous=anom, n=np.ones(len(rows), dtype=np.int64))
-        out["values"] = {name: vals[:, j] for j, name in enumerate(names)}
-    for key in ("t", "id", "score", "threshold", "n"):
-        out[key] = _column(out[key])
-    out["anomalous"] = [bool(x) for x in out["anomalous"]]
-    out["values"] = {k: _column(v) for k, v in out["values"].items()}
+        for f in schema.fields], "since": since, "until": until}
+    out.update(downsample(cols, since, until, points))
     return out
-
-
-def _column(a: np.ndarray) -> list[Any]:
-    """A numpy column as JSON-ready values, missing ones as null."""
-    if a.dtype.kind == "f":
-        return [None if math.isnan(x) else x for x in a.tolist()]
-    return a.tolist()
 
 
 def metrics_snapshot(c: sa.Connection, reg: AtomRegistry, db_url: str, now: float) -> dict[str, Any]:

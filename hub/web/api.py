@@ -91,7 +91,7 @@ async def get_series(req: web.Request) -> web.Response:
     if p.since is not None and p.until is not None and p.until < p.since:
         raise InvalidParams("until must not be before since")
     hub = hub_of(req)
-    return ok(await read(req, V.series, hub.atoms, p.atom, p.since, p.until, p.points))
+    return ok(await read(req, V.series, hub.atoms, hub.series, p.atom, p.since, p.until, p.points))
 
 
 async def get_observation(req: web.Request) -> web.Response:
