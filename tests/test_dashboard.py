@@ -156,6 +156,19 @@ def test_dashboard_draws_explains_records_feedback_and_retrains(watched, browser
     wait_until(lambda: hub.sql("select status from tasks where id = ?", task_id)[0][0] == "done", 180,
                what="the retrain finished")
     page.wait_for_selector(bar, state="detached", timeout=20_000)
+
+    # the new version is listed with its lineage; activating the other one is a click
+    page.wait_for_selector('tr[data-weights="pulse:2"]', timeout=20_000)
+    parent = hub.sql("select p.version from weights w left join weights p on p.id = w.parent_id "
+                     "where w.atom = 'pulse' and w.version = 2")[0][0]
+    assert page.text_content('tr[data-weights="pulse:2"] td:nth-child(4)') == (f"v{parent}" if parent else "scratch")
+    target = page.query_selector('button[data-activate^="pulse:"]')
+    version = int(target.get_attribute("data-activate").split(":")[1])
+    target.click()
+    wait_until(lambda: hub.sql("select status from weights where atom = 'pulse' and version = ?", version)[0][0]
+               == "active", 10, what=f"pulse v{version} active")
+    page.wait_for_function("v => document.querySelector(`tr[data-weights='pulse:${v}'] td:nth-child(3)`)"
+                           "?.textContent === 'active'", arg=version, timeout=10_000)
     assert not pg.foreign, f"the page reached outside the hub: {pg.foreign}"
     assert not pg.errors, f"console errors: {pg.errors}"
     page.close()
