@@ -45,7 +45,9 @@ def test_wal_is_checkpointed_under_load_with_active_readers(hub_factory):
     # 3,000 single-task commits write ~75 MiB of WAL frames (index pages included). Without
     # forced checkpoints the readers keep the WAL from ever restarting and it holds all of it
     # (67 MiB measured before the fix). With them it is reset again and again: bounded by
-    # what a few ticks of writes add, however busy the machine (no timing assumed here).
+    # what a few ticks of writes add. A machine busy with other I/O can delay checkpoints for
+    # several rounds (30 MiB once seen in CI beside a browser test), so the bound is generous:
+    # well under the ~75 MiB a WAL that never restarts reaches.
     assert any(b < a for a, b in itertools.pairwise(sizes)), f"WAL never truncated: {sizes}"
-    assert max(sizes) < 25 << 20, sizes
+    assert max(sizes) < 50 << 20, sizes
     assert "database is locked" not in h.log()
