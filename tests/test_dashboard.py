@@ -123,7 +123,7 @@ def test_dashboard_draws_explains_records_feedback_and_retrains(watched, browser
     page.wait_for_selector('button[data-feedback="approve"]', timeout=20_000)
     button = page.query_selector('button[data-feedback="approve"]')
     decision = int(button.get_attribute("data-decision"))
-    before = hub.sql("select count(*) from labels where decision_id = ?", decision)[0][0]
+    before = hub.sql("select count(*) from labels where decision_id = ? and verdict = 'approve'", decision)[0][0]
     button.click()
     wait_until(lambda: hub.sql("select count(*) from labels where decision_id = ? and verdict = 'approve'",
                                decision)[0][0] == before + 1, 10, what="the label stored")
