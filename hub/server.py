@@ -345,16 +345,7 @@ class Hub:
         if method == "ping":
             self._submit(Op(conn, req_id, "ping", None, _pong, reply=has_id))
             return
-        entry = self.methods.get(method)
-        if entry is None:
-            raise MethodNotFound(f"unknown method {method!r}; see DESIGN.md for the method list")
-        if self.closing:
-            raise Unavailable("hub is shutting down; reconnect and retry")
-        model, func = entry
-        try:
-            params = model.model_validate(raw)
-        except ValidationError as e:
-            raise InvalidParams(P.describe(e)) from None
+        params, func = self._validated(method, raw)
         op = Op(conn, req_id, method, params, func, reply=has_id)
         if method == "lease":
             op.kinds = frozenset(params.kinds)
@@ -395,29 +386,35 @@ class Hub:
         Same validation, same transaction and group commit as a TCP request: the HTTP face
         adds no second way to write.
         """
-        entry = self.methods.get(method)
-        if entry is None or method == "lease":
-            raise MethodNotFound(f"unknown method {method!r}")
-        if self.closing:
-            raise Unavailable("hub is shutting down; retry shortly")
-        model, func = entry
-        try:
-            params = model.model_validate(raw)
-        except ValidationError as e:
-            raise InvalidParams(P.describe(e)) from None
-        op = Op(None, None, method, params, func, reply=False)
-        op.fut = self.loop.create_future()
-        self._submit(op)
-        return await op.fut
+        if method == "lease":  # a lease needs a connection to hand the task to
+            raise MethodNotFound("lease is only served over the TCP protocol")
+        params, func = self._validated(method, raw)
+        return await self._await(Op(None, None, method, params, func, reply=False))
 
     async def ping(self, timeout: float = 5.0) -> dict[str, Any]:
         """A round trip through the batch loop and a database transaction (for /healthz)."""
         if self.closing:
             raise Unavailable("hub is shutting down")
-        op = Op(None, None, "ping", None, _pong, reply=False)
+        return await asyncio.wait_for(self._await(Op(None, None, "ping", None, _pong, reply=False)), timeout)
+
+    def _validated(self, method: str, raw: dict[str, Any]) -> tuple[Any, Handler]:
+        """A method's checked parameters and its handler, or the error to answer with."""
+        entry = self.methods.get(method)
+        if entry is None:
+            raise MethodNotFound(f"unknown method {method!r}; see DESIGN.md for the method list")
+        if self.closing:
+            raise Unavailable("hub is shutting down; reconnect and retry")
+        model, func = entry
+        try:
+            return model.model_validate(raw), func
+        except ValidationError as e:
+            raise InvalidParams(P.describe(e)) from None
+
+    def _await(self, op: Op) -> asyncio.Future[Any]:
+        """Queue an op from inside the hub; the future resolves after its batch commits."""
         op.fut = self.loop.create_future()
         self._submit(op)
-        return await asyncio.wait_for(op.fut, timeout)
+        return op.fut
 
     def _submit(self, op: Op) -> None:
         self.pending.append(op)
