@@ -38,26 +38,14 @@ def make_engine(url: str, synchronous: Synchronous = "NORMAL", busy_timeout_ms: 
         path = sqlite_path(url)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
-            # Take transaction control away from pysqlite so BEGIN IMMEDIATE is ours.
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-            cur.execute("PRAGMA foreign_keys=ON")
+        return _sqlite_engine(url, "BEGIN IMMEDIATE", [
+            "PRAGMA journal_mode=WAL",
+            f"PRAGMA synchronous={synchronous}",
+            f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
+            "PRAGMA foreign_keys=ON",
             # Keep the WAL file from staying huge after a burst; it is reset on checkpoint.
-            cur.execute("PRAGMA journal_size_limit=67108864")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
+            "PRAGMA journal_size_limit=67108864",
+        ])
     return sa.create_engine(url, pool_pre_ping=True)
 
 
@@ -65,19 +53,25 @@ def make_read_engine(url: str, busy_timeout_ms: int = 10_000) -> Engine:
     """An engine for readers: deferred transactions (a snapshot, no write lock) that cannot write."""
     if not is_sqlite(url):
         return sa.create_engine(url, pool_pre_ping=True, execution_options={"postgresql_readonly": True})
+    return _sqlite_engine(url, "BEGIN", [f"PRAGMA busy_timeout={int(busy_timeout_ms)}", "PRAGMA query_only=1"])
+
+
+def _sqlite_engine(url: str, begin: str, pragmas: list[str]) -> Engine:
+    """A SQLite engine whose connections run ``pragmas`` and whose transactions start with ``begin``."""
     engine = sa.create_engine(url, connect_args={"check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        # Take transaction control away from pysqlite so the BEGIN is ours.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        cur.execute("PRAGMA query_only=1")
+        for pragma in pragmas:
+            cur.execute(pragma)
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql(begin)
 
     return engine
 

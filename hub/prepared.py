@@ -35,31 +35,29 @@ class Prepared:
         self._sqlite = (compiled.string, names, consts, columns)
         return self._sqlite
 
-    def rows(self, conn: sa.Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
-        if conn.dialect.name != "sqlite":
-            return [as_dict(r) for r in conn.execute(self.stmt, params)]
+    def _fetch_sqlite(self, conn: sa.Connection, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Column names and rows, straight from the driver cursor."""
         sql, names, consts, columns = self._sqlite or self._compile_sqlite(conn)
         cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             cur.execute(sql, [params[n] if n in params else consts[n] for n in names])
             if cur.description is None:
-                return []
-            cols = columns or [d[0] for d in cur.description]
-            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+                return [], []
+            return columns or [d[0] for d in cur.description], cur.fetchall()
         finally:
             cur.close()
+
+    def rows(self, conn: sa.Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
+        if conn.dialect.name != "sqlite":
+            return [as_dict(r) for r in conn.execute(self.stmt, params)]
+        cols, rows = self._fetch_sqlite(conn, params)
+        return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def tuples(self, conn: sa.Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Rows as plain tuples in the statement's column order: the cheapest way to read many."""
         if conn.dialect.name != "sqlite":
             return [tuple(r) for r in conn.execute(self.stmt, params)]
-        sql, names, consts, _columns = self._sqlite or self._compile_sqlite(conn)
-        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cur.execute(sql, [params[n] if n in params else consts[n] for n in names])
-            return cur.fetchall()
-        finally:
-            cur.close()
+        return self._fetch_sqlite(conn, params)[1]
 
     def first(self, conn: sa.Connection, params: dict[str, Any]) -> dict[str, Any] | None:
         rows = self.rows(conn, params)
