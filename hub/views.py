@@ -6,9 +6,9 @@ Every function here only reads. They run on the reader's query-only connections 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-import numpy as np
 import orjson
 import sqlalchemy as sa
 
@@ -44,7 +44,7 @@ def _observation(schema: AtomSchema, row: sa.Row, score: sa.Row | None) -> dict[
                            "verdict": _verdict(score), "blame": [], "weights_id": None}
     if score is not None:
         surprise = orjson.loads(score.surprise)
-        probs = [float(np.exp(-v)) for v in surprise]
+        probs = [math.exp(-v) for v in surprise]
         out.update(score=score.score, threshold=score.threshold, anomalous=bool(score.anomalous),
                    weights_id=score.weights_id,
                    blame=[{"token": t, "surprise": v, "probability": p}

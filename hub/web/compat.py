@@ -28,7 +28,7 @@ from kiri.hub import scoring as SC
 from kiri.hub import views as V
 from kiri.hub.schema import decisions, observations, tasks, weights
 from kiri.hub.web.common import NoQuery, Query, Route, body, hub_of, ok, query, read
-from kiri.hub.web.streams import ENDED, KEEPALIVE, task_state
+from kiri.hub.web.streams import ENDED, follow
 from kiri.protocol import InvalidParams, NotFound
 
 COLLECT_ATOMS = ("pulse", "rhythm")
@@ -161,31 +161,25 @@ async def train(req: web.Request) -> web.StreamResponse:
     res = await hub.call("enqueue", {"kind": "train", "atom": atom, "params": {"steps": p.steps},
                                      "dedupe_key": f"retrain:{atom}", "priority": 10})
     task_id = res["task_id"]
-    sub = hub.events.subscribe(task_id)
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
     await resp.prepare(req)
 
     async def line(d: dict[str, Any]) -> None:
         await resp.write(orjson.dumps(d) + b"\n")
 
-    try:
+    async with contextlib.aclosing(follow(req, task_id)) as story:
         with contextlib.suppress(ConnectionError):
             note = "joined the training already queued" if res.get("deduplicated") else "queued"
             await line({"info": f"task {task_id} {note}; waiting for a trainer agent", "task_id": task_id})
             last: dict[str, Any] = {}
-            task = await task_state(req, task_id)
-            while task["status"] not in ENDED:
-                ev = await sub.next(KEEPALIVE)
-                if ev is None:
-                    break
-                if ev["type"] == "progress":
-                    prog = ev["progress"]
-                    if "step" in prog:
-                        last = prog
-                        await line({"step": prog.get("step"), "loss": prog.get("loss"), "lr": prog.get("lr"),
-                                    "total": prog.get("steps")})
-                    continue
-                task = await task_state(req, task_id)
+            task: dict[str, Any] = {"status": "queued"}
+            async for kind, data in story:
+                if kind == "progress" and "step" in data:
+                    last = data
+                    await line({"step": data.get("step"), "loss": data.get("loss"), "lr": data.get("lr"),
+                                "total": data.get("steps")})
+                elif kind in ("state", "end"):
+                    task = data
             if task["status"] == "done":
                 result = task.get("result") if isinstance(task.get("result"), dict) else {}
                 await line({"done": True, "final_loss": result.get("loss", last.get("loss")),
@@ -194,8 +188,6 @@ async def train(req: web.Request) -> web.StreamResponse:
             elif task["status"] in ENDED:
                 await line({"error": task.get("error") or f"training {task['status']}", "task_id": task_id})
             await resp.write_eof()
-    finally:
-        hub.events.unsubscribe(sub)
     return resp
 
 

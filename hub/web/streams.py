@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
@@ -64,40 +65,56 @@ def _summary(task: dict[str, Any]) -> dict[str, Any]:
     return {k: task.get(k) for k in keys}
 
 
+async def follow(req: web.Request, task_id: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """A task as it happens: ``("state", task)`` now and when it changes, ``("progress", p)``
+    per heartbeat, ``("idle", {})`` after a quiet while, ``("end", task)`` once it has ended.
+
+    The first item is read before anything else is sent, so an unknown task raises NotFound
+    in time for a proper 404. If the hub stops first, the story ends without ``end``.
+    """
+    hub = hub_of(req)
+    sub = hub.events.subscribe(task_id)  # before the first read, so nothing falls in between
+    try:
+        task = await task_state(req, task_id)
+        yield "state", task
+        while task["status"] not in ENDED:
+            ev = await sub.next(KEEPALIVE)
+            if ev is None:  # the hub is stopping
+                return
+            if ev["type"] == "progress":
+                yield "progress", ev["progress"]
+                continue
+            if ev["type"] == "idle":
+                yield "idle", {}
+            task = await task_state(req, task_id)
+            if ev["type"] in ("task", "resync") or task["status"] in ENDED:
+                yield "state", task
+        yield "end", task
+    finally:
+        hub.events.unsubscribe(sub)
+
+
 async def task_progress(req: web.Request) -> web.StreamResponse:
     """Stream one task: its state now, each progress report, then how it ended."""
     p = query(req, ProgressQuery)
     task_id = path_int(req, "id")
-    hub = hub_of(req)
-    sub = hub.events.subscribe(task_id)  # before the first read, so nothing falls in between
-    try:
-        task = await task_state(req, task_id)  # 404 before any byte is sent
+    story = follow(req, task_id)
+    async with contextlib.aclosing(story):
+        _, task = await anext(story)  # 404 before any byte is sent
         sse = _wants_sse(req, p.format)
         resp = await _open(req, sse)
-
-        async def send(event: str, data: Any) -> None:
-            await resp.write(_frame(sse, event, data))
-
         with contextlib.suppress(ConnectionError):
-            await send("state", {"type": "state", "task": _summary(task)})
-            while task["status"] not in ENDED:
-                ev = await sub.next(KEEPALIVE)
-                if ev is None:  # the hub is stopping
-                    break
-                if ev["type"] == "progress":
-                    await send("progress", {"type": "progress", "task_id": task_id, "progress": ev["progress"]})
-                    continue
-                if ev["type"] == "idle" and sse:
-                    await resp.write(b": keepalive\n\n")
-                task = await task_state(req, task_id)
-                if ev["type"] in ("task", "resync") or task["status"] in ENDED:
-                    await send("state", {"type": "state", "task": _summary(task)})
-            if task["status"] in ENDED:
-                await send("end", {"type": "end", "task": _summary(task)})
+            await resp.write(_frame(sse, "state", {"type": "state", "task": _summary(task)}))
+            async for kind, data in story:
+                if kind == "progress":
+                    await resp.write(_frame(sse, kind, {"type": kind, "task_id": task_id, "progress": data}))
+                elif kind == "idle":
+                    if sse:
+                        await resp.write(b": keepalive\n\n")
+                else:
+                    await resp.write(_frame(sse, kind, {"type": kind, "task": _summary(data)}))
             await resp.write_eof()
         return resp
-    finally:
-        hub.events.unsubscribe(sub)
 
 
 async def events(req: web.Request) -> web.StreamResponse:
