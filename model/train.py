@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kiri.model.gpt import Atom
 from kiri.model.schema import AtomSchema
 from kiri.model.score import window_keys
+from kiri.model.train_step import TrainStep
 from kiri.model.weights import WeightsError, load_weights, pack, save_weights, unpack
 from kiri.model.windows import resolve_context, windows
 
@@ -116,8 +116,8 @@ class Trainer:
             self.model.load_state_dict(warm.model.state_dict())
         self.model.train()
         c = self.config
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
-                                    fused=True)
+        # Hand-derived forward/backward and fused Adam over flat buffers (see train_step.py).
+        self.fast = TrainStep(self.model, betas=(c.beta1, c.beta2), eps=c.eps)
         self.shuffle = torch.Generator().manual_seed(c.seed + 1)
         self.perm = torch.randperm(len(self.windows), generator=self.shuffle)
         self.pos = 0
@@ -147,39 +147,30 @@ class Trainer:
                 self.perm = torch.randperm(len(self.windows), generator=self.shuffle)
         return self.windows[torch.cat(parts) if len(parts) > 1 else parts[0]]
 
-    def _loss(self, w: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the predicted tokens of a batch of windows.
+    def _distinct(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch as its distinct windows and each one's share of the mean loss per token.
 
         Quantized streams repeat: a batch often holds the same window many times. The mean
         over the batch equals the count-weighted mean over its distinct windows, so forward
         and backward run only on those (same gradient, a fraction of the work).
         """
-        f = self.predict
-        if self.examples is None and len(w) > 1:
+        n, f = len(w), self.predict
+        if self.examples is None and n > 1:
             keys = window_keys(self.schema, w)
             uniq, inverse, counts = (torch.unique(keys, return_inverse=True, return_counts=True) if keys is not None
                                      else torch.unique(w, dim=0, return_inverse=True, return_counts=True))
-            if len(uniq) < len(w):
-                rep = torch.empty(len(uniq), dtype=torch.long).scatter_(0, inverse, torch.arange(len(w)))
-                wu = w[rep]
-                logits = self.model(wu[:, :-1], last=f)
-                per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), wu[:, -f:].reshape(-1),
-                                      reduction="none").view(len(uniq), f)
-                return (per.sum(dim=1) * counts).sum() / (len(w) * f)
-        logits = self.model(w[:, :-1], last=f)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, -f:].reshape(-1))
+            if len(uniq) < n:
+                rep = torch.empty(len(uniq), dtype=torch.long).scatter_(0, inverse, torch.arange(n))
+                return w[rep], counts.to(torch.float32).div_(n * f)
+        return w, torch.full((n,), 1.0 / (n * f))
 
     def step(self) -> float:
-        w = self._next_batch()
-        lr = self.lr_at(self.step_no)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        loss = self._loss(w)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        w, weight = self._distinct(self._next_batch())
+        f = self.predict
+        loss = self.fast.loss_and_grad(w[:, :-1], w[:, -f:], weight)
+        self.fast.adam(self.lr_at(self.step_no))
         self.step_no += 1
-        self.last_loss = float(loss.detach())
+        self.last_loss = loss.item()
         return self.last_loss
 
     def run(self, until: int | None = None, on_progress: Callable[[Progress], None] | None = None,
@@ -209,13 +200,12 @@ class Trainer:
     def state_bytes(self) -> bytes:
         """The complete training state (weights, Adam, RNG, data order) as safetensors bytes."""
         tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        names = [n for n, _ in self.model.named_parameters()]
-        osd = self.opt.state_dict()
-        for i, name in enumerate(names):
-            st = osd["state"].get(i)
-            if st:
-                for key, val in st.items():
-                    tensors[f"adam.{name}.{key}"] = torch.as_tensor(val)
+        if self.step_no:  # per-parameter Adam state, as torch.optim.Adam's state_dict holds it
+            fast = self.fast
+            for name, m, v in zip(fast.names, fast.views(fast.exp_avg).values(), fast.views(fast.exp_avg_sq).values(),
+                                  strict=True):
+                tensors.update({f"adam.{name}.step": fast.steps.clone(), f"adam.{name}.exp_avg": m,
+                                f"adam.{name}.exp_avg_sq": v})
         tensors["rng.shuffle"] = self.shuffle.get_state()
         tensors["data.perm"] = self.perm
         meta = {
@@ -236,13 +226,7 @@ class Trainer:
         if meta.get("fingerprint") != t.fingerprint:
             raise WeightsError("training state was made from different data; restart training instead")
         t.model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-        names = [n for n, _ in t.model.named_parameters()]
-        osd = t.opt.state_dict()
-        for i, name in enumerate(names):
-            st = {key.rsplit(".", 1)[1]: v for key, v in tensors.items() if key.startswith(f"adam.{name}.")}
-            if st:
-                osd["state"][i] = st
-        t.opt.load_state_dict(osd)
+        t.fast.load_adam({k.removeprefix("adam."): v for k, v in tensors.items() if k.startswith("adam.")})
         t.shuffle.set_state(tensors["rng.shuffle"])
         t.perm = tensors["data.perm"].clone()
         t.pos, t.epoch, t.step_no = int(meta["pos"]), int(meta["epoch"]), int(meta["step"])
