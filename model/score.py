@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kiri.model.forward import Forward
 from kiri.model.gpt import Atom
 from kiri.model.schema import AtomSchema
 from kiri.model.weights import Weights
 from kiri.model.windows import resolve_context, short_window, windows
 
-CHUNK = 8192
+CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,17 @@ class Scorer:
         return self._forward(w)
 
     def _forward(self, w: torch.Tensor) -> torch.Tensor:
+        """Surprise at each window's last F tokens, in chunks small enough to stay in cache."""
         f = self.schema.width
-        out = []
+        fwd = Forward({n: p.detach() for n, p in self.model.named_parameters()}, self.model.size)
+        out = torch.empty((len(w), f))
+        table = fwd.first_layer_table(w.shape[1] - 1)
         for i in range(0, len(w), CHUNK):
             chunk = w[i: i + CHUNK]
-            logp = torch.log_softmax(self.model(chunk[:, :-1], last=f), dim=-1)
-            out.append(-logp.gather(-1, chunk[:, -f:].unsqueeze(-1)).squeeze(-1))
-        return torch.cat(out) if out else torch.empty((0, f))
+            x = fwd.hidden(chunk[:, :-1], f, table=table)[0]
+            logp = torch.log_softmax(torch.mm(x.view(-1, x.shape[-1]), fwd.lm_head.t()), dim=-1)
+            torch.gather(logp, 1, chunk[:, -f:].reshape(-1, 1), out=out[i: i + len(chunk)].view(-1, 1)).neg_()
+        return out
 
     def score(self, ids: torch.Tensor, start: int = 0) -> Scores:
         """Score observations ``start`` … N-1 of ``ids`` [N, F], each given up to k predecessors."""

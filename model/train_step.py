@@ -5,41 +5,26 @@ arithmetic: through autograd and ``torch.optim.Adam`` a batch-1 step is ~300 dis
 at a few microseconds each plus the autograd graph's bookkeeping. Here the same math is
 written out once, forward then backward, with no graph: every parameter and every gradient
 is a view into one flat buffer, so Adam updates the whole model in one fused op and no
-gradient is ever zeroed or gathered. ``Atom`` (``gpt.py``) stays the definition;
-``tests/test_train_step.py`` holds this file to autograd on it.
+gradient is ever zeroed or gathered. The forward pass is ``forward.Forward``, shared with
+scoring; ``Atom`` (``gpt.py``) stays the definition, and ``tests/test_train_step.py`` holds
+this file to autograd on it.
 
 Notation: B windows of t input tokens, of which the last f are predicted; d = n_embd,
-h heads of size hd. The last block computes queries, MLP and logits for the last f
-positions only (keys and values still cover all t), exactly as ``Atom.forward(last=f)``.
+h heads of size hd.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from kiri.model.forward import NAMES, Forward
 from kiri.model.gpt import Atom
 from kiri.model.weights import WeightsError
-
-EPS = 1e-5  # F.rms_norm's eps in gpt.rms_norm
-
-
-def _rms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm without a scale, returning the normalised x and 1/rms (what backward needs)."""
-    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(EPS).rsqrt_()
-    return x * r, r
 
 
 def _rms_back(n: torch.Tensor, r: torch.Tensor, dn: torch.Tensor) -> torch.Tensor:
     """d/dx of n = x·r(x): r·(dn - n·mean(dn·n))."""
-    return torch.addcmul(dn, n, (dn * n).mean(-1, keepdim=True), value=-1).mul_(r)
-
-
-def _softmax(s: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis, spelled out: torch's fused kernel is ~3x slower on rows of 12."""
-    e = (s - s.amax(-1, keepdim=True)).exp_()
-    return e.div_(e.sum(-1, keepdim=True))
+    return torch.addcmul(dn, n, (dn * n).sum(-1, keepdim=True), value=-1.0 / n.shape[-1]).mul_(r)
 
 
 class TrainStep:
@@ -71,15 +56,9 @@ class TrainStep:
                 off += k
         self.p = dict(zip(self.names, (self.view(self.flat, i) for i in range(len(params))), strict=True))
         self.g = dict(zip(self.names, (self.view(self.grad, i) for i in range(len(params))), strict=True))
-        size = model.size
-        self.d, self.h = size.n_embd, size.n_head
-        self.n_layer = size.n_layer
-        self.scale = 1.0 / math.sqrt(self.d // self.h)
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.fwd = Forward(self.p, model.size)
+        self.layer_grads = [tuple(self.g[f"blocks.{i}.{n}.weight"] for n in NAMES) for i in range(self.fwd.n_layer)]
         self._zero = torch.zeros(())
-        names = ("qkv", "proj", "fc1", "fc2")
-        self.layers = [tuple(self.p[f"blocks.{i}.{n}.weight"] for n in names) for i in range(self.n_layer)]
-        self.layer_grads = [tuple(self.g[f"blocks.{i}.{n}.weight"] for n in names) for i in range(self.n_layer)]
 
     def view(self, buf: torch.Tensor, i: int) -> torch.Tensor:
         off, k, shape = self.spans[i]
@@ -88,14 +67,6 @@ class TrainStep:
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """``buf`` (a flat buffer like ``exp_avg``) split per parameter name."""
         return {name: self.view(buf, i) for i, name in enumerate(self.names)}
-
-    def _mask(self, q: int, t: int) -> torch.Tensor:
-        """Additive causal mask for the last q queries over t keys (0 = may attend, -inf = may not)."""
-        m = self._masks.get((q, t))
-        if m is None:
-            allowed = torch.ones(t, t, dtype=torch.bool).tril()[t - q:]
-            m = self._masks[(q, t)] = torch.zeros(q, t).masked_fill_(~allowed, float("-inf"))
-        return m
 
     # --- forward + backward -----------------------------------------------------------------
 
@@ -106,33 +77,13 @@ class TrainStep:
         ``weight`` [B] is each window's share of the loss per predicted token (1/(B·f) for a
         plain mean; count/(N·f) when a window stands for ``count`` identical ones).
         """
-        p, g = self.p, self.g
+        p, g, fwd = self.p, self.g, self.fwd
         b, t = idx.shape
         f = targets.shape[1]
-        d, h = self.d, self.h
+        d, h = fwd.d, fwd.h
         hd, nh = d // h, b * h
-        e = torch.embedding(p["wte.weight"], idx).add_(p["wpe.weight"][:t])
-        n0, r0 = _rms(e)
-        x = n0
-        saved = []
-        for layer, (w_qkv, w_proj, w_fc1, w_fc2) in enumerate(self.layers):
-            tq = f if layer == self.n_layer - 1 else t
-            n1, r1 = _rms(x)
-            if tq == t:  # [3, b·h, t, hd]: one copy puts every head's q, k and v in contiguous blocks
-                q, k, v = torch.mm(n1.view(-1, d), w_qkv.t()).view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4) \
-                    .reshape(3, nh, t, hd)
-            else:  # the last block: queries for the predicted positions only
-                k, v = torch.mm(n1.view(-1, d), w_qkv[d:].t()).view(b, t, 2, h, hd).permute(2, 0, 3, 1, 4) \
-                    .reshape(2, nh, t, hd)
-                q = torch.mm(n1[:, t - tq:].reshape(-1, d), w_qkv[:d].t()).view(b, tq, h, hd).transpose(1, 2) \
-                    .reshape(nh, tq, hd)
-            a = _softmax(torch.baddbmm(self._mask(tq, t), q, k.transpose(1, 2), alpha=self.scale))
-            o = torch.bmm(a, v).view(b, h, tq, hd).transpose(1, 2).reshape(b * tq, d)
-            xm = torch.mm(o, w_proj.t()).view(b, tq, d).add_(x[:, t - tq:])
-            n2, r2 = _rms(xm)
-            u = torch.relu_(torch.mm(n2.view(-1, d), w_fc1.t()))
-            x = torch.mm(u, w_fc2.t()).view(b, tq, d).add_(xm)
-            saved.append((n1, r1, q, k, v, a, o, n2, r2, u, tq))
+        saved: list = []
+        x, n0, r0 = self.fwd.hidden(idx, f, saved)
         xf = x.reshape(-1, d)
         logits = torch.mm(xf, p["lm_head.weight"].t())
         logp = torch.log_softmax(logits, dim=-1)
@@ -144,8 +95,8 @@ class TrainStep:
         dlogits = logp.exp_().mul_(w).scatter_add_(1, tgt, w.neg())
         torch.mm(dlogits.t(), xf, out=g["lm_head.weight"])
         dx = torch.mm(dlogits, p["lm_head.weight"]).view(b, f, d)
-        for layer in reversed(range(self.n_layer)):
-            w_qkv, w_proj, w_fc1, w_fc2 = self.layers[layer]
+        for layer in reversed(range(fwd.n_layer)):
+            w_qkv, w_proj, w_fc1, w_fc2 = fwd.layers[layer]
             g_qkv, g_proj, g_fc1, g_fc2 = self.layer_grads[layer]
             n1, r1, q, k, v, a, o, n2, r2, u, tq = saved[layer]
             dxf = dx.reshape(-1, d)
@@ -160,8 +111,8 @@ class TrainStep:
             dv = torch.bmm(a.transpose(1, 2), do)
             ad = torch.bmm(do, v.transpose(1, 2)).mul_(a)  # softmax backward: a·da - a·Σ(a·da)
             ds = torch.addcmul(ad, a, ad.sum(-1, keepdim=True), value=-1)
-            dq = torch.baddbmm(self._zero, ds, k, beta=0, alpha=self.scale)
-            dk = torch.baddbmm(self._zero, ds.transpose(1, 2), q, beta=0, alpha=self.scale)
+            dq = torch.baddbmm(self._zero, ds, k, beta=0, alpha=fwd.scale)
+            dk = torch.baddbmm(self._zero, ds.transpose(1, 2), q, beta=0, alpha=fwd.scale)
             n1f = n1.view(-1, d)
             if tq == t:
                 dqkv = torch.stack((dq, dk, dv)).view(3, b, h, t, hd).permute(1, 3, 0, 2, 4).reshape(b * t, 3 * d)

@@ -1,4 +1,4 @@
-"""The hand-derived training step against autograd and torch.optim.Adam on the reference Atom."""
+"""The spelled-out forward (scoring) and hand-derived training step against the reference Atom."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from kiri.model import schema as S
 from kiri.model.gpt import Atom
+from kiri.model.score import Scorer
 from kiri.model.train_step import TrainStep
 from kiri.model.weights import WeightsError
 
@@ -89,3 +90,24 @@ def test_adam_state_must_be_whole():
         step.load_adam({k: v for k, v in full.items() if k != "lm_head.weight.exp_avg_sq"})
     with pytest.raises(WeightsError, match="wrong shape"):
         step.load_adam({**full, "wte.weight.exp_avg": torch.zeros(3)})
+
+
+@pytest.mark.parametrize(("schema", "context"), [(S.PULSE, 1), (S.PULSE, 0), (S.RHYTHM, 2), (SMALL, 1), (DEEP, 1)])
+def test_scoring_equals_the_reference_atom(schema, context):
+    """Scorer's forward (first-layer table, chunks, spelled-out attention) = Atom's log-probs."""
+    model = Atom.for_schema(schema)
+    model.init_weights(torch.Generator().manual_seed(5))
+    scorer = Scorer.from_model(schema, model.eval(), context)
+    f = schema.width
+    n = 1 + (context + 1) * f
+    gen = torch.Generator().manual_seed(context)
+    offsets = torch.tensor(schema.offsets() * (context + 1))
+    buckets = torch.tensor([fl.buckets for fl in schema.fields] * (context + 1))
+    body = (torch.rand(1300, n - 1, generator=gen) * buckets).long() + offsets  # > one chunk of windows
+    w = torch.cat([torch.zeros((len(body), 1), dtype=torch.long), body], dim=1)
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(w[:, :-1], last=f), dim=-1)
+        expected = -logp.gather(-1, w[:, -f:].unsqueeze(-1)).squeeze(-1)
+        got = scorer._forward(w)
+    assert got.shape == expected.shape == (len(w), f)
+    assert torch.allclose(got, expected, atol=2e-5, rtol=1e-5)

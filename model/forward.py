@@ -1,0 +1,120 @@
+"""The atom's forward pass spelled out over plain tensors: one definition for training and scoring.
+
+``Atom`` (``gpt.py``) is the readable definition, and autograd's reference. This is the same
+math written for speed on a model this small, where the cost is the number of dispatched
+operations and how torch's CPU kernels treat rows of a dozen elements, not arithmetic:
+
+- attention runs as 3-D batched matmuls over (window, head), scale and causal mask fused
+  into the first one (``baddbmm``);
+- softmax is spelled out, because torch's fused kernel is ~3x slower on rows of 12;
+- the last block computes queries, MLP and output only for the f predicted positions (keys
+  and values still cover all t), exactly as ``Atom.forward(last=f)``.
+
+``TrainStep`` (``train_step.py``) adds the hand-derived backward, which needs the
+intermediates this pass can save; scoring (``score.py``) runs it without saving.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from kiri.model.schema import ModelSize
+
+EPS = 1e-5  # F.rms_norm's eps in gpt.rms_norm
+NAMES = ("qkv", "proj", "fc1", "fc2")
+
+
+def rms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm without a scale, returning the normalised x and 1/rms (what backward needs)."""
+    # (float scalars throughout: an int operand costs a dtype conversion per call)
+    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(1.0 / x.shape[-1]).add_(EPS).rsqrt_()
+    return x * r, r
+
+
+def softmax(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis (in place on ``s``)."""
+    e = s.sub_(s.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
+
+
+class Forward:
+    """An atom's weights, by role, and the forward pass over them.
+
+    ``params`` maps ``Atom``'s parameter names to tensors (views of the module's own storage,
+    so an update to the module is an update here).
+    """
+
+    def __init__(self, params: Mapping[str, torch.Tensor], size: ModelSize) -> None:
+        self.wte, self.wpe, self.lm_head = params["wte.weight"], params["wpe.weight"], params["lm_head.weight"]
+        self.n_layer, self.d, self.h = size.n_layer, size.n_embd, size.n_head
+        self.layers = [tuple(params[f"blocks.{i}.{n}.weight"] for n in NAMES) for i in range(self.n_layer)]
+        self.scale = 1.0 / math.sqrt(self.d // self.h)
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def mask(self, q: int, t: int) -> torch.Tensor:
+        """Additive causal mask for the last q queries over t keys (0 = may attend, -inf = may not)."""
+        m = self._masks.get((q, t))
+        if m is None:
+            allowed = torch.ones(t, t, dtype=torch.bool).tril()[t - q:]
+            m = self._masks[(q, t)] = torch.zeros(q, t).masked_fill_(~allowed, float("-inf"))
+        return m
+
+    def first_layer_table(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding output and first-block q·k·v for every (position, token): [t·V, d], [t·V, 3d].
+
+        Until the first attention mixes positions, a token's vector depends on nothing but the
+        token and its position, so with fixed weights (scoring) those rows are computed once
+        per (position, token) and gathered, instead of once per window.
+        """
+        v = self.wte.shape[0]
+        n0 = rms((self.wte.unsqueeze(0) + self.wpe[:t].unsqueeze(1)).reshape(t * v, self.d))[0]
+        return n0, torch.mm(rms(n0)[0], self.layers[0][0].t())
+
+    def hidden(self, idx: torch.Tensor, f: int, saved: list | None = None,
+               table: tuple[torch.Tensor, torch.Tensor] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The final hidden states [B, f, d] of the last f positions of ``idx`` [B, t].
+
+        Also returns the embedding's normalised output and 1/rms; with ``saved``, appends
+        each block's intermediates for the backward pass. ``table`` is
+        ``first_layer_table(t)``, for scoring with fixed weights (it leaves 1/rms empty).
+        """
+        b, t = idx.shape
+        d, h = self.d, self.h
+        hd, nh = d // h, b * h
+        qkv0 = None
+        if table is None:
+            n0, r0 = rms(torch.embedding(self.wte, idx).add_(self.wpe[:t]))
+        else:
+            rows = idx + torch.arange(0, t * self.wte.shape[0], self.wte.shape[0])
+            n0, r0 = torch.embedding(table[0], rows), torch.empty(0)
+            if f == t or self.n_layer > 1:  # the first block is a full block
+                qkv0 = torch.embedding(table[1], rows)
+        x = n0
+        for layer, (w_qkv, w_proj, w_fc1, w_fc2) in enumerate(self.layers):
+            tq = f if layer == self.n_layer - 1 else t
+            if layer == 0 and qkv0 is not None:
+                n1 = r1 = torch.empty(0)
+                q, k, v = qkv0.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4).reshape(3, nh, t, hd)
+            elif tq == t:  # [3, b·h, t, hd]: one copy puts every head's q, k and v in contiguous blocks
+                n1, r1 = rms(x)
+                q, k, v = torch.mm(n1.view(-1, d), w_qkv.t()).view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4) \
+                    .reshape(3, nh, t, hd)
+            else:  # the last block: queries for the predicted positions only
+                n1, r1 = rms(x)
+                k, v = torch.mm(n1.view(-1, d), w_qkv[d:].t()).view(b, t, 2, h, hd).permute(2, 0, 3, 1, 4) \
+                    .reshape(2, nh, t, hd)
+                q = torch.mm(n1[:, t - tq:].reshape(-1, d), w_qkv[:d].t()).view(b, tq, h, hd).transpose(1, 2) \
+                    .reshape(nh, tq, hd)
+            a = softmax(torch.baddbmm(self.mask(tq, t), q, k.transpose(1, 2), alpha=self.scale))
+            o = torch.bmm(a, v).view(b, h, tq, hd).transpose(1, 2).reshape(b * tq, d)
+            xm = torch.mm(o, w_proj.t()).view(b, tq, d).add_(x[:, t - tq:])
+            n2, r2 = rms(xm)
+            u = torch.relu_(torch.mm(n2.view(-1, d), w_fc1.t()))
+            x = torch.mm(u, w_fc2.t()).view(b, tq, d).add_(xm)
+            if saved is not None:
+                saved.append((n1, r1, q, k, v, a, o, n2, r2, u, tq))
+        return x, n0, r0
