@@ -31,12 +31,13 @@ from kiri.model.windows import encode_many, windows
 @click.option("--days", default=70.0, show_default=True, help="Days of 30 s pulse data to score (70 = 201,600).")
 @click.option("--repeat", default=3, show_default=True)
 @click.option("--threads", default=1, show_default=True)
-def main(days: float, repeat: int, threads: int) -> None:
+@click.option("--context", type=int, default=None, help="Previous observations per window (default: as many as fit).")
+def main(days: float, repeat: int, threads: int, context: int | None) -> None:
     torch.set_num_threads(threads)
     train_ids = encode_many(S.PULSE, synth.generate("pulse", 2, seed=0).rows)
     t = Trainer(S.PULSE, train_ids, TrainConfig(steps=50))
     t.run()
-    scorer = Scorer(load_weights(t.weights_bytes()))
+    scorer = Scorer(load_weights(t.weights_bytes()), context=context)
     ids = encode_many(S.PULSE, synth.generate("pulse", days, seed=1).rows)
     scorer.score(ids[:20000])
     runs = []

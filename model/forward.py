@@ -69,9 +69,11 @@ class Forward:
         token and its position, so with fixed weights (scoring) those rows are computed once
         per (position, token) and gathered, instead of once per window.
         """
-        v = self.wte.shape[0]
+        v, h = self.wte.shape[0], self.h
         n0 = rms((self.wte.unsqueeze(0) + self.wpe[:t].unsqueeze(1)).reshape(t * v, self.d))[0]
-        return n0, torch.mm(rms(n0)[0], self.layers[0][0].t())
+        qkv = torch.mm(rms(n0)[0], self.layers[0][0].t())
+        # head-major [3·h, t·V, hd]: one gather then yields q, k, v as contiguous (head, window) batches
+        return n0, qkv.view(t * v, 3 * h, self.d // h).transpose(0, 1).contiguous()
 
     def hidden(self, idx: torch.Tensor, f: int, saved: list | None = None,
                table: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -92,13 +94,14 @@ class Forward:
             rows = idx + torch.arange(0, t * self.wte.shape[0], self.wte.shape[0])
             n0, r0 = torch.embedding(table[0], rows), torch.empty(0)
             if f == t or self.n_layer > 1:  # the first block is a full block
-                qkv0 = torch.embedding(table[1], rows)
+                qkv0 = torch.index_select(table[1], 1, rows.view(-1))
         x = n0
         for layer, (w_qkv, w_proj, w_fc1, w_fc2) in enumerate(self.layers):
             tq = f if layer == self.n_layer - 1 else t
-            if layer == 0 and qkv0 is not None:
+            head_major = layer == 0 and qkv0 is not None  # batches ordered (head, window), not (window, head)
+            if head_major:
                 n1 = r1 = torch.empty(0)
-                q, k, v = qkv0.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4).reshape(3, nh, t, hd)
+                q, k, v = qkv0.view(3, nh, t, hd)
             elif tq == t:  # [3, b·h, t, hd]: one copy puts every head's q, k and v in contiguous blocks
                 n1, r1 = rms(x)
                 q, k, v = torch.mm(n1.view(-1, d), w_qkv.t()).view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4) \
@@ -110,7 +113,9 @@ class Forward:
                 q = torch.mm(n1[:, t - tq:].reshape(-1, d), w_qkv[:d].t()).view(b, tq, h, hd).transpose(1, 2) \
                     .reshape(nh, tq, hd)
             a = softmax(torch.baddbmm(self.mask(tq, t), q, k.transpose(1, 2), alpha=self.scale))
-            o = torch.bmm(a, v).view(b, h, tq, hd).transpose(1, 2).reshape(b * tq, d)
+            o = torch.bmm(a, v)
+            o = (o.view(h, b, tq, hd).permute(1, 2, 0, 3) if head_major else o.view(b, h, tq, hd).transpose(1, 2)) \
+                .reshape(b * tq, d)
             xm = torch.mm(o, w_proj.t()).view(b, tq, d).add_(x[:, t - tq:])
             n2, r2 = rms(xm)
             u = torch.relu_(torch.mm(n2.view(-1, d), w_fc1.t()))
