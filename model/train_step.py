@@ -6,7 +6,7 @@ at a few microseconds each plus the autograd graph's bookkeeping. Here the same 
 written out once, forward then backward, with no graph: every parameter and every gradient
 is a view into one flat buffer, so Adam updates the whole model in one fused op and no
 gradient is ever zeroed or gathered. The forward pass is ``forward.Forward``, shared with
-scoring; ``Atom`` (``gpt.py``) stays the definition, and ``tests/test_train_step.py`` holds
+scoring; ``Atom`` (``gpt.py``) stays the definition, and ``tests/test_forward.py`` holds
 this file to autograd on it.
 
 Notation: B windows of t input tokens, of which the last f are predicted; d = n_embd,

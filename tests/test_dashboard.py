@@ -8,6 +8,7 @@ queues a train task whose progress bar moves. A screenshot lands in the test out
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -133,6 +134,10 @@ def test_dashboard_draws_explains_records_feedback_and_retrains(watched, browser
 
     # retrain: a train task appears, its progress bar moves, and it finishes
     last_train = hub.sql("select coalesce(max(id), 0) from tasks where kind = 'train'")[0][0]
+    # The button's default run (500 steps) ends in about a second, before the trainer's
+    # heartbeats (every 2 s) can move a bar; the page's own request asks for a longer one.
+    page.route("**/api/v1/atoms/pulse/retrain",
+               lambda route: route.continue_(post_data=json.dumps({"steps": 6000})), times=1)
     page.click('button[data-retrain="pulse"]')
     task_id = wait_until(lambda: (hub.sql("select max(id) from tasks where kind = 'train' and atom = 'pulse' "
                                           "and id > ?", last_train)[0][0]), 10, what="a train task")
