@@ -63,7 +63,7 @@ class Forward:
         return m
 
     def first_layer_table(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedding output and first-block q·k·v for every (position, token): [t·V, d], [t·V, 3d].
+        """Embedding output [t·V, d] and first-block q·k·v [3·h, t·V, hd] of every (position, token).
 
         Until the first attention mixes positions, a token's vector depends on nothing but the
         token and its position, so with fixed weights (scoring) those rows are computed once
@@ -84,6 +84,8 @@ class Forward:
         each block's intermediates for the backward pass. ``table`` is
         ``first_layer_table(t)``, for scoring with fixed weights (it leaves 1/rms empty).
         """
+        if table is not None and saved is not None:
+            raise ValueError("the first-layer table is for scoring: training needs the intermediates it skips")
         b, t = idx.shape
         d, h = self.d, self.h
         hd, nh = d // h, b * h
