@@ -1,6 +1,10 @@
 """Training speed: 500 steps of the pulse atom at batch 1, the default batch (32) and 64, one thread.
 
-    python bench/train.py [--steps 500] [--repeat 3]
+    python bench/train.py [--steps 500] [--repeat 3] [--data week|random]
+
+``week`` is a synthetic week of pulse; ``random`` is random observations, whose windows
+never repeat, so a batch's distinct windows are all of it (the worst case for the trainer's
+count-weighted dedupe).
 """
 
 from __future__ import annotations
@@ -29,11 +33,16 @@ from kiri.model.windows import encode_many
 @click.option("--steps", default=500, show_default=True)
 @click.option("--repeat", default=3, show_default=True)
 @click.option("--threads", default=1, show_default=True)
-def main(steps: int, repeat: int, threads: int) -> None:
+@click.option("--data", type=click.Choice(["week", "random"]), default="week", show_default=True)
+def main(steps: int, repeat: int, threads: int, data: str) -> None:
     torch.set_num_threads(threads)
     ids = encode_many(S.PULSE, synth.generate("pulse", 7, seed=0).rows)
+    if data == "random":
+        buckets = torch.tensor([f.buckets for f in S.PULSE.fields])
+        ids = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) * buckets).long() \
+            + torch.tensor(S.PULSE.offsets())
     print(f"pulse atom, {sum(p.numel() for p in Trainer(S.PULSE, ids).model.parameters())} parameters, "
-          f"{threads} thread(s), {steps} steps, median of {repeat}")
+          f"{threads} thread(s), {steps} steps, {data} data, median of {repeat}")
     for batch in (1, 32, 64):
         runs = []
         for r in range(repeat):
