@@ -39,46 +39,26 @@ def main(days: float, repeat: int, threads: int, context: int | None) -> None:
     t.run()
     scorer = Scorer(load_weights(t.weights_bytes()), context=context)
     ids = encode_many(S.PULSE, synth.generate("pulse", days, seed=1).rows)
-    scorer.score(ids[:20000])
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        scorer.score(ids)
-        runs.append(time.perf_counter() - t0)
-    dt = statistics.median(runs)
-    distinct = len(torch.unique(windows(ids, scorer.k), dim=0))
-    print(f"pulse, context {scorer.k} previous observation(s), {threads} thread(s):")
-    print(f"  synthetic stream ({distinct:,} distinct windows): {len(ids):,} observations in {dt:.3f} s "
-          f"= {len(ids) / dt:,.0f} observations/s (median of {repeat})")
+    scorer.score(ids[:20000])  # warm-up
+    print(f"pulse, context {scorer.k} previous observation(s), {threads} thread(s), median of {repeat}:")
     # a noisier stream: each reading moves one bucket up or down with probability 0.25, as
     # a jittery sensor near bucket edges would; far more distinct windows to compute
     gen = torch.Generator().manual_seed(2)
     step = torch.randint(-1, 2, ids.shape, generator=gen) * (torch.rand(ids.shape, generator=gen) < 0.25)
-    lo = torch.tensor(S.PULSE.offsets())
-    noisy = torch.minimum(torch.maximum(ids + step, lo), lo + torch.tensor([f.buckets for f in S.PULSE.fields]) - 1)
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        scorer.score(noisy)
-        runs.append(time.perf_counter() - t0)
-    dt = statistics.median(runs)
-    distinct = len(torch.unique(windows(noisy, scorer.k), dim=0))
-    print(f"  jittery stream ({distinct:,} distinct windows): {len(noisy):,} observations in {dt:.3f} s "
-          f"= {len(noisy) / dt:,.0f} observations/s (median of {repeat})")
+    lo, buckets = torch.tensor(S.PULSE.offsets()), torch.tensor([f.buckets for f in S.PULSE.fields])
+    noisy = torch.minimum(torch.maximum(ids + step, lo), lo + buckets - 1)
     # worst case: random observations; with context, every window is distinct and nothing is shared
-    b = torch.tensor([f.buckets for f in S.PULSE.fields])
-    rand = (torch.rand(len(ids) // 4, S.PULSE.width, generator=torch.Generator().manual_seed(0)) * b).long()
-    rand += torch.tensor(S.PULSE.offsets())
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        scorer.score(rand)
-        runs.append(time.perf_counter() - t0)
-    dt = statistics.median(runs)
-    distinct = len(torch.unique(windows(rand, scorer.k), dim=0))
-    print(f"  random observations ({distinct:,} distinct windows): {len(rand):,} in {dt:.2f} s "
-          f"= {len(rand) / dt:,.0f} observations/s (median of {repeat})")
-
+    rand = (torch.rand(len(ids) // 4, S.PULSE.width, generator=torch.Generator().manual_seed(0)) * buckets).long() + lo
+    for name, stream in (("synthetic stream", ids), ("jittery stream", noisy), ("random observations", rand)):
+        runs = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            scorer.score(stream)
+            runs.append(time.perf_counter() - t0)
+        dt = statistics.median(runs)
+        distinct = len(torch.unique(windows(stream, scorer.k), dim=0))
+        print(f"  {name} ({distinct:,} distinct windows): {len(stream):,} observations in {dt:.3f} s "
+              f"= {len(stream) / dt:,.0f} observations/s")
 
 if __name__ == "__main__":
     main()
