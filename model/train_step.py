@@ -1,7 +1,7 @@
 """One training step of an atom, forward and backward derived by hand, over flat buffers.
 
 An atom is so small that a training step's cost is the number of operations, not their
-arithmetic: through autograd and ``torch.optim.Adam`` a batch-1 step is ~300 dispatched ops
+arithmetic: through autograd and ``torch.optim.Adam`` a batch-1 step is hundreds of dispatched ops
 at a few microseconds each plus the autograd graph's bookkeeping. Here the same math is
 written out once, forward then backward, with no graph: every parameter and every gradient
 is a view into one flat buffer, so Adam updates the whole model in one fused op and no
