@@ -63,7 +63,7 @@ def find(c: sa.Connection, task_id: int, observation_id: int | None) -> dict[str
             "alert": {"id": alert.id, "deliver": alert.status == "pending"} if alert else None}
 
 
-def insert(c: sa.Connection, task_id: int, atom: str, p: P.RecordDecision | P.DecisionIn,
+def insert(c: sa.Connection, task_id: int, atom: str, p: P.DecisionIn,
            env: Q.Env) -> dict[str, Any]:
     """Record a decision and act on it: alert (under the per-atom cool-down) or retrain."""
     did = c.execute(decisions.insert().values(

@@ -181,10 +181,15 @@ class ScoreIn(Params):
     surprise: Annotated[list[Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=64)]
 
 
+Action = Annotated[str, StringConstraints(pattern="^(ok|alert|suppress|retrain)$")]
+
+
 class DecisionIn(Params):
+    """The nerve's decision on one observation (inside ``record_scores``, or its own call)."""
+
     observation_id: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
     inputs: dict[str, Any]
-    action: Annotated[str, StringConstraints(pattern="^(ok|alert|suppress|retrain)$")]
+    action: Action
     probs: dict[str, float]
     policy: Annotated[str, StringConstraints(max_length=64)]
     cooldown: Annotated[float, Field(ge=0, le=30 * 86400)] = 600.0
@@ -224,21 +229,10 @@ class ScheduleRef(Params):
     schedule_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
 
 
-Action = Annotated[str, StringConstraints(pattern="^(ok|alert|suppress|retrain)$")]
-
-
-class RecordDecision(Params):
+class RecordDecision(DecisionIn):
     task_id: TaskId
     lease_token: Token
     atom: Name
-    observation_id: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
-    inputs: dict[str, Any]
-    action: Action
-    probs: dict[str, float]
-    policy: Annotated[str, StringConstraints(max_length=64)]
-    cooldown: Annotated[float, Field(ge=0, le=30 * 86400)] = 600.0
-    stale: bool = False  # the observation is old (a backlog): record, but do not alert
-    retrain_atom: Name | None = None
 
 
 class AlertResult(Params):

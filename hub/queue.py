@@ -246,13 +246,19 @@ _touch_stmt = (
 )
 
 
-def checkpoint(c: sa.Connection, p: P.Checkpoint, env: Env, max_bytes: int) -> dict[str, Any]:
+def decode_base64(text: str, field: str, what: str, limit: int) -> bytes:
+    """A base64 parameter as bytes, refused before any write if malformed or over ``limit``."""
     try:
-        data = base64.b64decode(p.data, validate=True)
+        data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidParams("data: must be standard base64 (RFC 4648)") from None
-    if len(data) > max_bytes:
-        raise InvalidParams(f"checkpoint is {len(data)} bytes; the limit is {max_bytes}")
+        raise InvalidParams(f"{field}: must be standard base64 (RFC 4648)") from None
+    if len(data) > limit:
+        raise InvalidParams(f"{what} is {len(data)} bytes; the limit is {limit}")
+    return data
+
+
+def checkpoint(c: sa.Connection, p: P.Checkpoint, env: Env, max_bytes: int) -> dict[str, Any]:
+    data = decode_base64(p.data, "data", "checkpoint", max_bytes)
     row = c.execute(_touch_stmt, {"tid": p.task_id, "tok": p.lease_token, "now": env.now}).first()
     if row is None:
         raise _lost(c, p.task_id)

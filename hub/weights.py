@@ -7,7 +7,6 @@ it needs no torch; agents load and use the weights.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import struct
@@ -74,12 +73,7 @@ def publish(c: sa.Connection, p: P.PublishWeights, env: Env) -> dict[str, Any]:
         return {"weights": _row(existing), "already": True}  # a resend after a lost reply
     if not Q.holds_lease(c, p.task_id, p.lease_token):
         raise LeaseLost(f"task {p.task_id} is not leased to you; its weights are not published")
-    try:
-        blob = base64.b64decode(p.blob, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidParams("blob: must be standard base64") from None
-    if len(blob) > MAX_BLOB:
-        raise InvalidParams(f"blob is {len(blob)} bytes; the limit is {MAX_BLOB}")
+    blob = Q.decode_base64(p.blob, "blob", "blob", MAX_BLOB)
     meta = blob_meta(blob)
     if meta.get("schema", {}).get("name") != p.atom:
         raise InvalidParams(f"blob holds weights for {meta.get('schema', {}).get('name')!r}, not {p.atom!r}")
