@@ -26,7 +26,7 @@ import torch
 from kiri.model import schema as S
 from kiri.model import synth
 from kiri.model.train import TrainConfig, Trainer
-from kiri.model.windows import encode_many
+from kiri.model.windows import encode_many, random_ids
 
 
 @click.command()
@@ -38,9 +38,7 @@ def main(steps: int, repeat: int, threads: int, data: str) -> None:
     torch.set_num_threads(threads)
     ids = encode_many(S.PULSE, synth.generate("pulse", 7, seed=0).rows)
     if data == "random":
-        buckets = torch.tensor([f.buckets for f in S.PULSE.fields])
-        ids = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) * buckets).long() \
-            + torch.tensor(S.PULSE.offsets())
+        ids = random_ids(S.PULSE, len(ids), torch.Generator().manual_seed(0))
     print(f"pulse atom, {sum(p.numel() for p in Trainer(S.PULSE, ids).model.parameters())} parameters, "
           f"{threads} thread(s), {steps} steps, {data} data, median of {repeat}")
     for batch in (1, 32, 64):

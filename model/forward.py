@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
+from kiri.model.gpt import tail_mask
 from kiri.model.schema import ModelSize
 
 EPS = 1e-5  # F.rms_norm's eps in gpt.rms_norm
@@ -64,8 +65,7 @@ class Forward:
         """Additive causal mask for the last q queries over t keys (0 = may attend, -inf = may not)."""
         m = self._masks.get((q, t))
         if m is None:
-            allowed = torch.ones(t, t, dtype=torch.bool).tril()[t - q:]
-            m = self._masks[(q, t)] = torch.zeros(q, t).masked_fill_(~allowed, float("-inf"))
+            m = self._masks[(q, t)] = torch.zeros(q, t).masked_fill_(~tail_mask(q, t), float("-inf"))
         return m
 
     def first_layer_table(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:

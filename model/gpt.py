@@ -42,7 +42,7 @@ class Block(nn.Module):
             n = rms_norm(x)
             k, v = F.linear(n, w_kv).view(b, t, 2, h, d // h).permute(2, 0, 3, 1, 4)
             q = F.linear(n[:, -last:], w_q).view(b, last, h, d // h).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=_tail_mask(last, t))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=tail_mask(last, t))
             x = x[:, -last:] + self.proj(a.transpose(1, 2).reshape(b, last, d))
         return x + self.fc2(F.relu(self.fc1(rms_norm(x))))
 
@@ -50,7 +50,7 @@ class Block(nn.Module):
 _MASKS: dict[tuple[int, int], torch.Tensor] = {}
 
 
-def _tail_mask(last: int, t: int) -> torch.Tensor:
+def tail_mask(last: int, t: int) -> torch.Tensor:
     """Causal mask for the last ``last`` queries of a length-t sequence (True = may attend)."""
     m = _MASKS.get((last, t))
     if m is None:

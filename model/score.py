@@ -16,7 +16,7 @@ from kiri.model.forward import Forward
 from kiri.model.gpt import Atom
 from kiri.model.schema import AtomSchema
 from kiri.model.weights import Weights
-from kiri.model.windows import resolve_context, short_window, windows
+from kiri.model.windows import random_ids, resolve_context, short_window, windows
 
 CHUNK = 512
 
@@ -143,11 +143,8 @@ def separation(scorer: Scorer, ids: torch.Tensor, targets: torch.Tensor, seed: i
         return {"separation": 0.0, "normal_mean": 0.0, "corrupt_mean": 0.0, "n": 0}
     normal = scorer.score(ids).mean[targets]
     gen = torch.Generator().manual_seed(seed)
-    schema = scorer.schema
-    buckets = torch.tensor([f.buckets for f in schema.fields])
     corrupt = ids.clone()
-    corrupt[targets] = (torch.rand(len(targets), schema.width, generator=gen) * buckets).long() + torch.tensor(
-        schema.offsets())
+    corrupt[targets] = random_ids(scorer.schema, len(targets), gen)
     bad = scorer.score(corrupt).mean[targets]
     n_mean, c_mean = float(normal.mean()), float(bad.mean())
     return {"separation": c_mean - n_mean, "normal_mean": n_mean, "corrupt_mean": c_mean, "n": len(targets)}

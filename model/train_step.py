@@ -77,15 +77,15 @@ class TrainStep:
         ``weight`` [B] is each window's share of the loss per predicted token (1/(B·f) for a
         plain mean; count/(N·f) when a window stands for ``count`` identical ones).
         """
-        p, g, fwd = self.p, self.g, self.fwd
+        g, fwd = self.g, self.fwd
         b, t = idx.shape
         f = targets.shape[1]
         d, h = fwd.d, fwd.h
         hd, nh = d // h, b * h
         saved: list = []
-        x, n0, r0 = self.fwd.hidden(idx, f, saved)
+        x, n0, r0 = fwd.hidden(idx, f, saved)
         xf = x.reshape(-1, d)
-        logits = torch.mm(xf, p["lm_head.weight"].t())
+        logits = torch.mm(xf, fwd.lm_head.t())
         logp = torch.log_softmax(logits, dim=-1)
         tgt = targets.reshape(-1, 1)
         w = weight.repeat_interleave(f).unsqueeze(1)  # [B·f, 1]
@@ -94,7 +94,7 @@ class TrainStep:
         # backward: d loss / d logits = weight · (softmax - onehot)
         dlogits = logp.exp_().mul_(w).scatter_add_(1, tgt, w.neg())
         torch.mm(dlogits.t(), xf, out=g["lm_head.weight"])
-        dx = torch.mm(dlogits, p["lm_head.weight"]).view(b, f, d)
+        dx = torch.mm(dlogits, fwd.lm_head).view(b, f, d)
         for layer in reversed(range(fwd.n_layer)):
             w_qkv, w_proj, w_fc1, w_fc2 = fwd.layers[layer]
             g_qkv, g_proj, g_fc1, g_fc2 = self.layer_grads[layer]

@@ -36,6 +36,12 @@ def encode_many(schema: AtomSchema, observations: list[dict]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long).reshape(len(rows), schema.width)
 
 
+def random_ids(schema: AtomSchema, n: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, F] token ids of uniformly random valid observations: corrupted data, worst-case benches."""
+    buckets = torch.tensor([f.buckets for f in schema.fields])
+    return (torch.rand(n, schema.width, generator=generator) * buckets).long() + torch.tensor(schema.offsets())
+
+
 def windows(ids: torch.Tensor, k: int, start: int | None = None) -> torch.Tensor:
     """Windows with exactly k context observations for targets ``max(k, start)`` … N-1.
 

@@ -11,6 +11,7 @@ from kiri.model.gpt import Atom
 from kiri.model.score import Scorer
 from kiri.model.train_step import TrainStep
 from kiri.model.weights import WeightsError
+from kiri.model.windows import random_ids
 
 SMALL = S.AtomSchema("tiny", S.PULSE.fields[:3], size=S.ModelSize(n_embd=16, n_head=2, n_layer=1, block_size=10))
 DEEP = S.AtomSchema("deep", S.PULSE.fields[:4], size=S.ModelSize(n_embd=24, n_head=3, n_layer=3, block_size=13))
@@ -101,9 +102,7 @@ def test_scoring_equals_the_reference_atom(schema, context):
     f = schema.width
     n = 1 + (context + 1) * f
     gen = torch.Generator().manual_seed(context)
-    offsets = torch.tensor(schema.offsets() * (context + 1))
-    buckets = torch.tensor([fl.buckets for fl in schema.fields] * (context + 1))
-    body = (torch.rand(1300, n - 1, generator=gen) * buckets).long() + offsets  # > one chunk of windows
+    body = random_ids(schema, 1300 * (context + 1), gen).view(1300, n - 1)  # > one chunk of windows
     w = torch.cat([torch.zeros((len(body), 1), dtype=torch.long), body], dim=1)
     with torch.inference_mode():
         logp = torch.log_softmax(model(w[:, :-1], last=f), dim=-1)
