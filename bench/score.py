@@ -24,7 +24,7 @@ from kiri.model import synth
 from kiri.model.score import Scorer
 from kiri.model.train import TrainConfig, Trainer
 from kiri.model.weights import load_weights
-from kiri.model.windows import encode_many, windows
+from kiri.model.windows import encode_many, random_ids, resolve_context, windows
 
 
 @click.command()
@@ -33,6 +33,10 @@ from kiri.model.windows import encode_many, windows
 @click.option("--threads", default=1, show_default=True)
 @click.option("--context", type=int, default=None, help="Previous observations per window (default: as many as fit).")
 def main(days: float, repeat: int, threads: int, context: int | None) -> None:
+    try:
+        resolve_context(S.PULSE, context)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--context") from None
     torch.set_num_threads(threads)
     train_ids = encode_many(S.PULSE, synth.generate("pulse", 2, seed=0).rows)
     t = Trainer(S.PULSE, train_ids, TrainConfig(steps=50))
@@ -48,7 +52,7 @@ def main(days: float, repeat: int, threads: int, context: int | None) -> None:
     lo, buckets = torch.tensor(S.PULSE.offsets()), torch.tensor([f.buckets for f in S.PULSE.fields])
     noisy = torch.minimum(torch.maximum(ids + step, lo), lo + buckets - 1)
     # worst case: random observations; with context, every window is distinct and nothing is shared
-    rand = (torch.rand(len(ids) // 4, S.PULSE.width, generator=torch.Generator().manual_seed(0)) * buckets).long() + lo
+    rand = random_ids(S.PULSE, len(ids) // 4, torch.Generator().manual_seed(0))
     for name, stream in (("synthetic stream", ids), ("jittery stream", noisy), ("random observations", rand)):
         runs = []
         for _ in range(repeat):
