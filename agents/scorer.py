@@ -39,7 +39,7 @@ def _scorer(hub: Any, weights_id: int) -> Any:
 
 @handler("score")
 def score(ctx: TaskContext) -> dict[str, Any]:
-    import torch
+    from kiri.model.codec import values_of
 
     if not ctx.atom:
         raise TaskError("a score task needs an atom", retry=False)
@@ -57,16 +57,22 @@ def score(ctx: TaskContext) -> dict[str, Any]:
             break
         weights_id = work["weights"]["id"]
         sc = _scorer(hub, weights_id)
-        context = work["context"][len(work["context"]) - sc.k:] if sc.k else []
-        rows = [sc.schema.encode(o["values"]) for o in context + work["observations"]]
-        ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), sc.schema.width)
-        result = sc.score(ids, start=len(context))
-        means = result.mean.tolist()
-        per = result.surprise.tolist()
-        i = max(range(len(means)), key=means.__getitem__)  # the batch's most surprising observation
+        # the context rows are scored too: their scores start the sustained-unusualness mean
+        context = work["context"]
+        ids = sc.encode(values_of(sc.schema, [o["values"] for o in context + work["observations"]]))
+        result = sc.score(ids)
+        n_ctx = len(context)
+        means = result.value.tolist()
+        tail = sc.tail_p(result.value[n_ctx:], prefix=result.value[:n_ctx].numpy())
+        tail_ps = tail.tolist() if tail is not None else [None] * (len(means) - n_ctx)
+        means, per = means[n_ctx:], result.surprise[n_ctx:].tolist()
+        # the batch's most unusual observation: lowest tail probability, else highest score
+        i = (min(range(len(means)), key=lambda j: (tail_ps[j], -means[j])) if tail is not None
+             else max(range(len(means)), key=means.__getitem__))
         obs = work["observations"][i]
-        toks = sc.schema.tokens(ids[len(context) + i].tolist())
+        toks = sc.schema.tokens(ids[n_ctx + i].tolist())
         worst = {"observation_id": obs["id"], "time": obs["time"], "score": means[i], "threshold": sc.threshold,
+                 "tail_p": tail_ps[i], "alarm_rate": sc.alarm_rate,
                  "blame": sorted(({"token": t, "surprise": v} for t, v in zip(toks, per[i], strict=True)),
                                  key=lambda b: -b["surprise"])}
         decision, payload = decide(ctx, worst)
@@ -74,8 +80,10 @@ def score(ctx: TaskContext) -> dict[str, Any]:
         res = hub.call("record_scores", {
             "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": ctx.atom, "weights_id": weights_id,
             "threshold": sc.threshold, "decision": decision,
-            "scores": [{"observation_id": o["id"], "score": m, "surprise": s}
-                       for o, m, s in zip(work["observations"], means, per, strict=True)],
+            **({"alarm_rate": sc.alarm_rate} if tail is not None and sc.alarm_rate is not None else {}),
+            "scores": [{"observation_id": o["id"], "score": m, "surprise": s,
+                        **({"tail_p": p} if p is not None else {})}
+                       for o, m, s, p in zip(work["observations"], means, per, tail_ps, strict=True)],
         })
         total += res["stored"]
         anomalous += res["anomalous"]
@@ -97,11 +105,14 @@ def decide(ctx: TaskContext, worst: dict[str, Any]) -> tuple[dict[str, Any], dic
     state = hub.call("nerve_inputs")
     latest = {a: v["score"] for a, v in state["scores"].items()}
     thresholds = {a: v["threshold"] for a, v in state["scores"].items()}
+    tail_ps = {a: v.get("tail_p") for a, v in state["scores"].items()}
     latest[ctx.atom] = worst["score"]
     thresholds[ctx.atom] = worst["threshold"]
+    tail_ps[ctx.atom] = worst.get("tail_p")
     weights = _weights(hub, state["nerve"]["weights_id"]) if state["nerve"] is not None else None
     lt = time.localtime(worst["time"])
-    d = Nerve(weights, thresholds=thresholds).decide(latest, lt.tm_hour + lt.tm_min / 60, lt.tm_wday)
+    d = Nerve(weights, thresholds=thresholds).decide(latest, lt.tm_hour + lt.tm_min / 60, lt.tm_wday,
+                                                     tail_ps=tail_ps, alarm_rate=worst.get("alarm_rate"))
     scaled = {a: latest.get(a, 0.0) / max(thresholds.get(a, 1.0), 1e-9) for a in latest}
     decision = {
         "observation_id": worst["observation_id"], "inputs": d.inputs | {"thresholds": thresholds},

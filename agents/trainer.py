@@ -100,7 +100,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         trainer = Trainer(schema, ids, config, init=init)
         meta = {"obs_from": first, "obs_to": last, "parent_id": parent}
 
-    bar = _bar(trainer.config.steps, trainer.step_no)
+    bar = _bar(trainer.total_steps, trainer.step_no)
     last_ck = time.monotonic()
 
     def progress(p: Any) -> None:
@@ -109,7 +109,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
             bar.update(p.step - bar.pos)
 
     while not trainer.finished:
-        slice_end = min(trainer.config.steps, trainer.step_no + 25)
+        slice_end = min(trainer.total_steps, trainer.step_no + 25)
         trainer.run(until=slice_end, on_progress=progress, every=25)
         if time.monotonic() - last_ck >= every and not trainer.finished:
             ctx.checkpoint(trainer.step_no, _pack(meta, trainer.state_bytes()))

@@ -29,13 +29,13 @@ def nerve_inputs(c: sa.Connection, _p: P.Empty, env: Q.Env) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for atom in INPUT_ATOMS:
         row = c.execute(
-            sa.select(scores.c.score, scores.c.threshold, scores.c.observation_id, observations.c.ts)
+            sa.select(scores.c.score, scores.c.threshold, scores.c.tail_p, scores.c.observation_id, observations.c.ts)
             .join(observations, observations.c.id == scores.c.observation_id)
             .where(scores.c.atom == atom).order_by(scores.c.observation_id.desc(), scores.c.id.desc()).limit(1)
         ).first()
         if row is not None:
-            out[atom] = {"score": row.score, "threshold": row.threshold, "observation_id": row.observation_id,
-                         "time": row.ts}
+            out[atom] = {"score": row.score, "threshold": row.threshold, "tail_p": row.tail_p,
+                         "observation_id": row.observation_id, "time": row.ts}
     nerve = c.execute(sa.select(weights.c.id, weights.c.info).where(
         weights.c.atom == "nerve", weights.c.status == "active")).first()
     n_labels = c.execute(sa.select(sa.func.count()).select_from(labels)).scalar() or 0

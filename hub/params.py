@@ -179,6 +179,8 @@ class ScoreIn(Params):
     observation_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
     score: Annotated[float, Field(ge=0, le=1e6)]
     surprise: Annotated[list[Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=64)]
+    # calibrated tail probability; with the batch's alarm_rate it is the verdict
+    tail_p: Annotated[float, Field(ge=0, le=1)] | None = None
 
 
 Action = Annotated[str, StringConstraints(pattern="^(ok|alert|suppress|retrain)$")]
@@ -203,6 +205,8 @@ class RecordScores(Params):
     atom: Name
     weights_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
     threshold: Annotated[float, Field(ge=0, le=1e6)]
+    # alarms per observation the atom's budget allows: a score with tail_p below it is anomalous
+    alarm_rate: Annotated[float, Field(gt=0, le=0.5)] | None = None
     scores: Annotated[list[ScoreIn], Field(min_length=1, max_length=5000)]
     # the nerve's decision on this batch, stored in the same transaction as the scores
     decision: DecisionIn | None = None

@@ -185,6 +185,7 @@ scores = sa.Table(
     sa.Column("threshold", sa.Float, nullable=False),
     sa.Column("anomalous", sa.Boolean, nullable=False),
     sa.Column("surprise", sa.Text, nullable=False),  # [[token, surprise nats], ...]
+    sa.Column("tail_p", sa.Float, nullable=True),  # calibrated tail probability (NULL: uncalibrated weights)
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("observation_id", "weights_id"),
     sa.Index("ix_scores_atom_observation_id", "atom", "observation_id"),

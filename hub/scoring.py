@@ -59,6 +59,13 @@ def work(reg: AtomRegistry, c: sa.Connection, p: P.ScoringWork, env: Q.Env) -> d
     }
 
 
+def verdict(s: P.ScoreIn, p: P.RecordScores) -> bool:
+    """Anomalous: the tail probability under the alarm rate (calibrated weights), else score over threshold."""
+    if s.tail_p is not None and p.alarm_rate is not None:
+        return s.tail_p < p.alarm_rate
+    return s.score > p.threshold
+
+
 def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     if not Q.holds_lease(c, p.task_id, p.lease_token):
         raise LeaseLost(f"task {p.task_id} is not leased to you; scores not recorded")
@@ -76,7 +83,7 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     already = {r.observation_id for r in c.execute(sa.select(scores.c.observation_id).where(
         scores.c.weights_id == p.weights_id, scores.c.observation_id.in_(ids)))}
     rows = [{"observation_id": s.observation_id, "atom": p.atom, "weights_id": p.weights_id, "score": s.score,
-             "threshold": p.threshold, "anomalous": s.score > p.threshold,
+             "threshold": p.threshold, "anomalous": verdict(s, p), "tail_p": s.tail_p,
              "surprise": orjson.dumps(s.surprise).decode(), "created_at": env.now}
             for s in p.scores if s.observation_id not in already]
     if rows:
@@ -100,7 +107,8 @@ def history(reg: AtomRegistry, c: sa.Connection, p: P.History, env: Q.Env) -> di
     s = scores.c
     latest: dict[int, sa.Row] = {}
     if obs:
-        for r in c.execute(sa.select(s.observation_id, s.weights_id, s.score, s.threshold, s.anomalous, s.surprise)
+        for r in c.execute(sa.select(s.observation_id, s.weights_id, s.score, s.threshold, s.anomalous, s.surprise,
+                                     s.tail_p)
                            .where(s.observation_id.in_([r.id for r in obs])).order_by(s.weights_id)):
             latest[r.observation_id] = r
     out = []
@@ -113,6 +121,7 @@ def history(reg: AtomRegistry, c: sa.Connection, p: P.History, env: Q.Env) -> di
         if sc is not None:
             surprise = orjson.loads(sc.surprise)
             item.update(score=sc.score, threshold=sc.threshold, anomalous=bool(sc.anomalous), weights_id=sc.weights_id,
+                        tail_p=sc.tail_p,
                         blame=[{"token": t, "surprise": v} for t, v in zip(toks, surprise, strict=False)])
         out.append(item)
     return {"atom": schema.name, "observations": out}
@@ -122,7 +131,7 @@ def list_scores(c: sa.Connection, p: P.Scores, env: Q.Env) -> dict[str, Any]:
     """Scores of an atom in the order they were recorded, each naming its observation and weights."""
     s = scores.c
     rows = c.execute(sa.select(s.id, s.observation_id, s.weights_id, s.score, s.threshold, s.anomalous, s.surprise,
-                               s.created_at).where(s.atom == p.atom, s.id > p.after_id)
+                               s.tail_p, s.created_at).where(s.atom == p.atom, s.id > p.after_id)
                      .order_by(s.id).limit(p.limit)).all()
     out = []
     for r in rows:

@@ -423,6 +423,13 @@ def weights_show(c: Ctx, ref: str) -> None:
         if w["loss"] is not None else "  training     -",
         f"  threshold    {info.get('threshold', 0):.3f} nats (p99 of held-out scores {info.get('score_p99', 0):.3f})",
     ]
+    if "calibration" in info:  # weights made since calibrated scoring
+        lines.append(f"  calibrated   on {info.get('calibrated_on')} scores; alarm rate "
+                     f"{info.get('alarm_rate', 0):.2e} per observation; "
+                     f"{100 * info.get('judged_anomalous', 0):.1f}% of the training data judged anomalous")
+    if info.get("best_step") is not None:
+        lines.append(f"  stopped      early: best held-out loss {info.get('held_out_loss', 0):.4f} at step "
+                     f"{info['best_step']}")
     if q:
         lines.append(f"  separation   {q['new']['separation']:.3f} nats on {q['new']['n']} held-out observations")
     if w["reason"]:

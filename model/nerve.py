@@ -11,6 +11,15 @@ summed scores, each scaled by its atom's own threshold:
 so one atom past its threshold alerts, and so do several atoms each part of the way there.
 An atom with no known threshold uses ``alert_sum`` (4.0 nats). Missing scores count as 0
 (nothing surprising seen yet).
+
+That rule is what weights from before calibration get. When every atom with a score also
+has a calibrated tail probability, the rule is instead
+
+    alert   if  combine(p_pulse, p_rhythm, p_drift) < alarm rate
+
+(``calibrate.combine``: Fisher's method for several atoms each somewhat unusual, Bonferroni
+on the smallest for one very unusual): two ordinary highs, which the scaled sum added up
+to an alarm, stay ordinary.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiri.model.calibrate import combine
 from kiri.model.schema import NERVE, NERVE_ACTIONS
 from kiri.model.train import TrainConfig, Trainer
 from kiri.model.weights import Weights, load_weights
@@ -88,8 +98,16 @@ class Nerve:
     def learned(self) -> bool:
         return self.weights is not None and int(self.weights.info.get("labels", 0)) >= self.min_labels
 
-    def decide(self, scores: Mapping[str, float], hour: float, weekday: float) -> Decision:
+    def decide(self, scores: Mapping[str, float], hour: float, weekday: float,
+               tail_ps: Mapping[str, float | None] | None = None, alarm_rate: float | None = None) -> Decision:
         inputs = {a: float(scores.get(a, 0.0)) for a in INPUT_ATOMS} | {"hour": hour, "weekday": weekday}
+        ps = [tail_ps.get(a) for a in INPUT_ATOMS if a in scores] if tail_ps else []
+        if not self.learned and alarm_rate and ps and all(p is not None for p in ps):
+            combined = combine([float(p) for p in ps if p is not None])
+            p_alert = alarm_rate / (alarm_rate + combined)
+            probs = {"ok": 1.0 - p_alert, "alert": p_alert, "suppress": 0.0, "retrain": 0.0}
+            action = "alert" if combined < alarm_rate else "ok"
+            return Decision(action, probs, "rule:combined_tail_p<rate", inputs | {"tail_p": combined})
         if not self.learned:
             total = sum(inputs[a] / self.thresholds[a] for a in INPUT_ATOMS)
             p_alert = 1.0 / (1.0 + math.exp(-(total - 1.0) * 16.0))

@@ -3,15 +3,26 @@
 Each target observation is scored with the previous observations of the same atom as
 context (the windows training used) and only its own tokens count. Scoring is batched: a
 whole stream of observations goes through the model in large chunks under inference mode.
+
+Buckets are ordered, so surprise is too (weights made since codecs, ``scoring: ordinal/1``):
+a fitted field's token probability is read through a kernel over its neighbouring buckets,
+``p~(b) = sum_j p(j)·exp(-|b-j| / (0.05·B))``, so landing one bucket off a confident
+prediction costs little (0.6 nats at 32 buckets) while a jump across the range costs what an
+unseen token does; the two beyond-the-seen-range buckets stand alone. Older weights score
+exactly as before.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from kiri.model.calibrate import Calibration
+from kiri.model.codec import Codec
 from kiri.model.forward import Forward
 from kiri.model.gpt import Atom
 from kiri.model.schema import AtomSchema
@@ -19,6 +30,43 @@ from kiri.model.weights import Weights
 from kiri.model.windows import random_ids, resolve_context, short_window, windows
 
 CHUNK = 512
+ORDINAL = "ordinal/1"
+
+
+KERNEL_WIDTH = 0.05  # of a field's bucket count: a neighbour counts 0.54 at 32 buckets, 0.14 at 10
+AGGREGATE = "mean"  # "max" and "top2" measured worse on bench/detect.py
+
+
+def aggregate(surprise: torch.Tensor, how: str) -> torch.Tensor:
+    """[M] scores from per-token surprise [M, F]."""
+    if how == "mean" or surprise.shape[1] == 1:
+        return surprise.mean(dim=1)
+    if how == "max":
+        return surprise.amax(dim=1)
+    if how == "top2":
+        return surprise.topk(min(2, surprise.shape[1]), dim=1).values.mean(dim=1)
+    raise ValueError(f"unknown score aggregate {how!r}")
+
+
+def ordinal_kernels(codec: Codec) -> list[torch.Tensor]:
+    """Per field, [B, B] weights exp(-|b - j| / (KERNEL_WIDTH·B)) of bucket j's probability at bucket b.
+
+    Only fitted fields are ordinal here, and their two beyond-the-seen-range buckets stand
+    alone: "above anything seen" is not one step from the highest normal bucket, however
+    close their numbers are. Other fields keep plain surprise.
+    """
+    out = []
+    for f, edges, fitted in zip(codec.schema.fields, codec.edges, codec.fitted, strict=True):
+        k = torch.eye(f.buckets)
+        if fitted:
+            d = (torch.arange(f.buckets)[:, None] - torch.arange(f.buckets)[None, :]).abs().float()
+            k = torch.exp(-d / (KERNEL_WIDTH * f.buckets))
+            for b in (0, len(edges)):
+                k[b, :] = 0.0
+                k[:, b] = 0.0
+                k[b, b] = 1.0
+        out.append(k)
+    return out
 
 
 @dataclass(frozen=True)
@@ -28,10 +76,19 @@ class Scores:
     schema: AtomSchema
     token_ids: torch.Tensor  # [M, F]
     surprise: torch.Tensor  # [M, F]  -log p(token)
+    how: str = "mean"  # how per-token surprise becomes one score: "mean" (old weights) or AGGREGATE
+    # [M, F] the surprise the model expected at each token (its predictive entropy under the
+    # ordinal reading), for ordinal weights: how sure it was, shown beside how wrong it was
+    expected: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
         return self.surprise.mean(dim=1)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The observation's score: what calibration and verdicts use."""
+        return aggregate(self.surprise, self.how)
 
     def breakdown(self, i: int) -> list[dict[str, float | str]]:
         """Per-token blame for one scored observation: token, surprise, probability."""
@@ -43,18 +100,50 @@ class Scores:
 
 
 class Scorer:
+    """Scores observations with one weights version: its codec, context, surprise and calibration."""
+
     def __init__(self, weights: Weights, context: int | None = None) -> None:
+        info = weights.info
         self.schema = weights.schema
         self.model = weights.model.eval()
-        default = weights.info.get("context")
+        default = info.get("context")
         self.k = resolve_context(self.schema, context if context is not None else default)
-        self.threshold = float(weights.info.get("threshold", 1.5))
+        self.threshold = float(info.get("threshold", 1.5))
+        self.codec = Codec.from_dict(self.schema, info.get("codec"))
+        self.ordinal = info.get("scoring") == ORDINAL
+        self.calibration = Calibration.from_dict(info.get("calibration"))
+        self.alarm_rate = float(info["alarm_rate"]) if "alarm_rate" in info else None
+        self.how = str(info.get("aggregate", "mean"))
+        self._kernels = ordinal_kernels(self.codec) if self.ordinal else None
 
     @classmethod
-    def from_model(cls, schema: AtomSchema, model: Atom, context: int) -> Scorer:
+    def from_model(cls, schema: AtomSchema, model: Atom, context: int, ordinal: bool = False,
+                   codec: Codec | None = None) -> Scorer:
         self = cls.__new__(cls)
         self.schema, self.model, self.k, self.threshold = schema, model, context, 1.5
+        self.codec = codec or Codec.fixed(schema)
+        self.ordinal, self.calibration, self.alarm_rate = ordinal, None, None
+        self.how = AGGREGATE if ordinal else "mean"
+        self._kernels = ordinal_kernels(self.codec) if ordinal else None
         return self
+
+    def encode(self, values: np.ndarray) -> torch.Tensor:
+        """[N, F] token ids of raw values [N, F], with this version's codec."""
+        return self.codec.encode(values)
+
+    def tail_p(self, scores: torch.Tensor | np.ndarray, prefix: np.ndarray | None = None) -> np.ndarray | None:
+        """Calibrated tail probabilities of scores (None for weights made before calibration)."""
+        if self.calibration is None:
+            return None
+        return self.calibration.tail_p(np.asarray(scores, dtype=np.float64), prefix=prefix)
+
+    def verdicts(self, scores: torch.Tensor | np.ndarray, tail_p: np.ndarray | None,
+                 alarm_rate: float | None = None) -> np.ndarray:
+        """Anomalous or not: tail probability under the alarm rate, or (old weights) score over threshold."""
+        rate = alarm_rate if alarm_rate is not None else self.alarm_rate
+        if tail_p is not None and rate is not None:
+            return np.asarray(tail_p) < rate
+        return np.asarray(scores) > self.threshold
 
     @torch.inference_mode()
     def _surprise(self, w: torch.Tensor) -> torch.Tensor:
@@ -76,20 +165,46 @@ class Scorer:
         return self._forward(w)
 
     def _forward(self, w: torch.Tensor) -> torch.Tensor:
-        """Surprise at each window's last F tokens, in chunks small enough to stay in cache."""
+        """Surprise at each window's last F tokens, in chunks small enough to stay in cache.
+
+        [M, F]; for ordinal weights [M, 2F]: the surprise, then the surprise expected there.
+        """
         f = self.schema.width
         fwd = Forward({n: p.detach() for n, p in self.model.named_parameters()}, self.model.size)
-        out = torch.empty((len(w), f))
+        out = torch.empty((len(w), f if self._kernels is None else 2 * f))
         table = fwd.first_layer_table(w.shape[1] - 1)
         for i in range(0, len(w), CHUNK):
             chunk = w[i: i + CHUNK]
             x = fwd.hidden(chunk[:, :-1], f, table=table)[0]
             logp = torch.log_softmax(torch.mm(x.view(-1, x.shape[-1]), fwd.lm_head.t()), dim=-1)
-            torch.gather(logp, 1, chunk[:, -f:].reshape(-1, 1), out=out[i: i + len(chunk)].view(-1, 1)).neg_()
+            if self._kernels is None:
+                torch.gather(logp, 1, chunk[:, -f:].reshape(-1, 1), out=out[i: i + len(chunk)].view(-1, 1)).neg_()
+            else:
+                self._ordinal(logp.view(len(chunk), f, -1), chunk[:, -f:], out[i: i + len(chunk)])
         return out
 
-    def score(self, ids: torch.Tensor, start: int = 0) -> Scores:
-        """Score observations ``start`` … N-1 of ``ids`` [N, F], each given up to k predecessors."""
+    def _ordinal(self, logp: torch.Tensor, targets: torch.Tensor, out: torch.Tensor) -> None:
+        """Ordinal surprise (module doc) of targets [n, f] under log-probabilities [n, f, V] into
+        out[:, :f], and its expectation under the model's own prediction into out[:, f:]."""
+        assert self._kernels is not None
+        f = targets.shape[1]
+        for j, (off, kern) in enumerate(zip(self.schema.offsets(), self._kernels, strict=True)):
+            nb = kern.shape[0]
+            p = logp[:, j, off: off + nb].exp()  # [n, B]
+            s = torch.mm(p, kern).clamp_min_(1e-30).log_().neg_()  # [n, B]: ordinal surprise of every bucket
+            b = (targets[:, j] - off).clamp_(0, nb - 1).unsqueeze(1)
+            out[:, j] = s.gather(1, b).squeeze(1)
+            out[:, f + j] = (p * s).sum(1) / p.sum(1).clamp_min_(1e-30)
+
+    def score(self, ids: torch.Tensor, start: int = 0, flagged: Sequence[bool] | None = None) -> Scores:
+        """Score observations ``start`` … N-1 of ``ids`` [N, F], each given up to k predecessors.
+
+        Calibrated weights (and ``k > 0``) also look past anomalies in the context: an
+        observation right after a spike is scored against what came before the spike too,
+        and keeps the lower of the two surprises. Otherwise the return to normal after every
+        anomaly reads as a second anomaly ("the model expected the spike to go on").
+        ``flagged`` marks context rows (before ``start``) already judged anomalous.
+        """
         n = len(ids)
         if not 0 <= start <= n:
             raise ValueError(f"start {start} outside 0..{n}")
@@ -99,8 +214,51 @@ class Scorer:
         full = windows(ids, self.k, start)
         if len(full):
             parts.append(self._surprise(full))
-        surprise = torch.cat(parts) if parts else torch.empty((0, f))
-        return Scores(self.schema, ids[start:], surprise)
+        width = f if self._kernels is None else 2 * f
+        raw = torch.cat(parts) if parts else torch.empty((0, width))
+        if self.calibration is not None and self.k and n > start:
+            raw = self._past_anomalies(ids, start, raw, flagged)
+        if self._kernels is None:
+            return Scores(self.schema, ids[start:], raw, self.how)
+        return Scores(self.schema, ids[start:], raw[:, :f], self.how, expected=raw[:, f:])
+
+    def _value(self, raw: torch.Tensor) -> torch.Tensor:
+        """Scores of raw ``_forward`` rows (surprise, or surprise and expected)."""
+        return aggregate(raw[:, : self.schema.width], self.how)
+
+    def _past_anomalies(self, ids: torch.Tensor, start: int, surprise: torch.Tensor,
+                        flagged: Sequence[bool] | None) -> torch.Tensor:
+        assert self.calibration is not None
+        n = len(ids)
+        bad = np.zeros(n, dtype=bool)
+        if flagged is not None:
+            given = np.asarray(flagged, dtype=bool)[-start:] if start else np.zeros(0, dtype=bool)
+            bad[start - len(given): start] = given
+        rate = self.alarm_rate if self.alarm_rate is not None else 1e-3
+        bad[start:] = self.calibration.point_p(self._value(surprise).numpy()) < rate / 2
+        if not bad.any():
+            return surprise
+        # each row's stand-in: itself if normal, else the nearest earlier normal row
+        last_ok = np.where(~bad, np.arange(n), -1)
+        last_ok = np.maximum.accumulate(last_ok)
+        targets = [t for t in range(start, n) if bad[max(0, t - self.k): t].any()]
+        if not targets:
+            return surprise
+        rows = []
+        for t in targets:
+            ctx = [last_ok[j] if last_ok[j] >= 0 else j for j in range(max(0, t - self.k), t)]
+            rows.append(torch.cat([torch.zeros(1, dtype=torch.long), ids[[*ctx, t]].reshape(-1)]))
+        by_len: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_len.setdefault(len(r), []).append(i)
+        out = surprise.clone()
+        for idx in by_len.values():
+            clean = self._surprise(torch.stack([rows[i] for i in idx]))
+            better = self._value(clean) < self._value(out[[targets[i] - start for i in idx]])
+            for j, i in enumerate(idx):
+                if better[j]:
+                    out[targets[i] - start] = clean[j]
+        return out
 
 
 def window_keys(schema: AtomSchema, w: torch.Tensor) -> torch.Tensor | None:
@@ -116,19 +274,6 @@ def window_keys(schema: AtomSchema, w: torch.Tensor) -> torch.Tensor | None:
             return None
     digits = w[:, 1:] - torch.tensor(schema.offsets() * (n // f))
     return (digits * torch.tensor(mult)).sum(dim=1)
-
-
-def calibrate(scores: torch.Tensor, floor: float = 1.5, factor: float = 2.0) -> dict[str, float]:
-    """An atom's default threshold from scores on normal data, never from labels.
-
-    ``max(floor, factor * p99)``: the 99th percentile is stable from a few hundred scores
-    (the 99.9th swings with single outliers), and the factor leaves headroom for days the
-    model has not seen.
-    """
-    if len(scores) == 0:
-        return {"threshold": floor}
-    q = torch.quantile(scores.float(), torch.tensor([0.5, 0.99, 0.999])).tolist()
-    return {"threshold": max(floor, factor * q[1]), "score_p50": q[0], "score_p99": q[1], "score_p999": q[2]}
 
 
 def separation(scorer: Scorer, ids: torch.Tensor, targets: torch.Tensor, seed: int = 0) -> dict[str, float]:

@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from kiri.model.calibrate import Calibration
+from kiri.model.codec import Codec
 from kiri.model.gpt import Atom
 from kiri.model.schema import AtomSchema
-from kiri.model.score import window_keys
+from kiri.model.score import ORDINAL, window_keys
 from kiri.model.train_step import TrainStep
 from kiri.model.weights import WeightsError, load_weights, pack, save_weights, unpack
 from kiri.model.windows import resolve_context, windows
@@ -29,7 +31,9 @@ STATE_FORMAT = "kiri.train-state/1"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 500
+    # None: sized to the data (see ``auto_steps``) and stopped early when held-out windows,
+    # later in time than the training ones, stop improving. A number: exactly that many steps.
+    steps: int | None = None
     batch_size: int = 32
     lr: float = 0.01
     lr_floor: float = 0.1  # linear decay stops at 10% of lr
@@ -37,20 +41,30 @@ class TrainConfig:
     beta2: float = 0.99
     eps: float = 1e-8
     seed: int = 0
-    context: int | None = None  # previous observations per window; None = as many as fit
-    # Fraction of windows (seeded, spread over the whole span) kept out of training and used
-    # to set the atom's default threshold: scores on data the model has not fitted, never labels.
+    context: int | None = None  # previous observations per window; None = sized to the data
+    # Fraction of windows kept out of training, in contiguous blocks spread over the span and
+    # ending with the newest (``held_blocks``): early stopping watches their loss and the
+    # calibration is fitted on their scores (data the model has not fitted, never labels).
     holdout: float = 0.2
+    # Share of each batch's loss, its most surprising windows', left out once training has
+    # warmed up (at 32 windows a batch, 5% is its single worst window): a few percent of
+    # anomalies in the history then pull the model towards themselves far less (a trimmed
+    # likelihood), and on clean data it regularises (measured in bench/detect.py).
+    trim: float = 0.05
+    patience: int = 4  # evaluations without a better held-out loss before stopping (auto steps)
 
     def __post_init__(self) -> None:
         checks = [
-            (isinstance(self.steps, int) and 1 <= self.steps <= 10_000_000, "steps must be 1..10,000,000"),
+            (self.steps is None or (isinstance(self.steps, int) and not isinstance(self.steps, bool)
+                                    and 1 <= self.steps <= 10_000_000), "steps must be 1..10,000,000"),
             (isinstance(self.batch_size, int) and 1 <= self.batch_size <= 65536, "batch_size must be 1..65536"),
             (0 < self.lr <= 10 and math.isfinite(self.lr), "lr must be in (0, 10]"),
             (0 <= self.lr_floor <= 1, "lr_floor must be in [0, 1]"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
             (isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed must be a non-negative integer"),
             (0 <= self.holdout < 1, "holdout must be in [0, 1)"),
+            (0 <= self.trim < 0.5, "trim must be in [0, 0.5)"),
+            (isinstance(self.patience, int) and 1 <= self.patience <= 1000, "patience must be 1..1000"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -78,6 +92,41 @@ def data_fingerprint(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:32]
 
 
+HOLD_BLOCKS = 4
+
+
+def held_blocks(n: int, n_hold: int) -> torch.Tensor:
+    """Window indices held out: ``HOLD_BLOCKS`` contiguous blocks spread over the span, the last
+    one ending at the newest window.
+
+    Contiguous, so a held-out window's context is held out too (a random window shares all
+    but one of its context rows with training windows, and so cannot show overfitting);
+    spread, so the calibration sees every kind of day (the last 20% of a week is a weekend);
+    and always the newest data, which is what the model will meet next.
+    """
+    if n_hold <= 0:
+        return torch.empty(0, dtype=torch.long)
+    size = max(1, n_hold // HOLD_BLOCKS)
+    ends = [round(n * (i + 1) / HOLD_BLOCKS) for i in range(HOLD_BLOCKS)]
+    idx = torch.cat([torch.arange(max(0, e - size), e) for e in ends])
+    return torch.unique(idx)
+
+
+def auto_context(schema: AtomSchema, n_obs: int) -> int:
+    """Context rows that a history of ``n_obs`` observations can teach: about log2(n/100).
+
+    Each context row multiplies the patterns a model can tell apart; with a few hundred
+    observations, a long context only lets it memorise them (held-out surprise explodes).
+    """
+    want = max(1, int(math.log2(max(n_obs, 2) / 100))) if n_obs >= 200 else 1
+    return min(schema.max_context(), want)
+
+
+def auto_steps(n_windows: int, batch_size: int) -> int:
+    """The step budget of a sized run: about 30 passes over the data, 300 to 3,000 steps."""
+    return int(min(3000, max(300, math.ceil(30 * n_windows / max(1, batch_size)))))
+
+
 @dataclass
 class Trainer:
     schema: AtomSchema
@@ -88,26 +137,48 @@ class Trainer:
     # and how many final tokens each is scored on.
     examples: torch.Tensor | None = None
     predict: int | None = None
+    codec: Codec | None = None  # how raw values became ``ids`` (None: the schema's fixed buckets)
+    split: str = "time"  # held-out windows: the latest ("time"), or seeded spread ("random", old states)
 
     def __post_init__(self) -> None:
-        self.k = resolve_context(self.schema, self.config.context)
-        self.held = torch.empty(0, dtype=torch.long)  # target indices kept for calibration
+        c = self.config
+        n_obs = len(self.ids)
+        self.k = resolve_context(self.schema, c.context if c.context is not None or self.examples is not None
+                                 else auto_context(self.schema, n_obs))
+        self.held = torch.empty(0, dtype=torch.long)  # target indices kept out: early stopping, calibration
         if self.examples is None:
             all_w = windows(self.ids, self.k)
-            n_hold = int(len(all_w) * self.config.holdout) if len(all_w) >= 20 else 0
-            order = torch.randperm(len(all_w), generator=torch.Generator().manual_seed(self.config.seed + 2))
-            self.held = order[:n_hold].sort().values + self.k
-            self.windows = all_w[order[n_hold:].sort().values]
+            n_hold = int(len(all_w) * c.holdout) if len(all_w) >= 20 else 0
+            if self.split == "time":
+                held = held_blocks(len(all_w), n_hold)
+                mask = torch.ones(len(all_w), dtype=torch.bool)
+                mask[held] = False
+                keep = mask.nonzero().view(-1)
+                self.held = held + self.k
+            else:
+                order = torch.randperm(len(all_w), generator=torch.Generator().manual_seed(c.seed + 2))
+                keep = order[n_hold:].sort().values
+                self.held = order[:n_hold].sort().values + self.k
+            self.windows = all_w[keep]
+            self.val_windows = all_w[self.held[-2048:] - self.k] if len(self.held) else all_w[:0]
         else:
             self.windows = self.examples
+            self.val_windows = self.examples[:0]
         self.predict = self.predict or self.schema.width
         if len(self.windows) == 0:
             raise ValueError(
                 f"atom {self.schema.name!r}: need at least {self.k + 1} observations to train, have {len(self.ids)}"
             )
+        # Sized runs stop early on held-out loss; an explicit step count runs exactly that long.
+        self.auto = c.steps is None
+        self.total_steps = c.steps if c.steps is not None else auto_steps(len(self.windows), c.batch_size)
+        self.early = self.auto and len(self.val_windows) >= 10
+        self.eval_every = max(10, self.total_steps // 40)
+        self.trim_from = self.total_steps // 10 if self.examples is None else self.total_steps + 1
+        self.active = torch.arange(len(self.windows))
         self.fingerprint = data_fingerprint(self.ids)
         self.model = Atom.for_schema(self.schema)
-        gen = torch.Generator().manual_seed(self.config.seed)
+        gen = torch.Generator().manual_seed(c.seed)
         self.model.init_weights(gen)
         if self.init is not None:
             warm = load_weights(self.init)
@@ -115,22 +186,27 @@ class Trainer:
                 raise WeightsError("warm-start weights were trained for a different schema")
             self.model.load_state_dict(warm.model.state_dict())
         self.model.train()
-        c = self.config
         # Hand-derived forward/backward and fused Adam over flat buffers (see train_step.py).
         self.fast = TrainStep(self.model, betas=(c.beta1, c.beta2), eps=c.eps)
         self.shuffle = torch.Generator().manual_seed(c.seed + 1)
-        self.perm = torch.randperm(len(self.windows), generator=self.shuffle)
+        self.perm = torch.randperm(len(self.active), generator=self.shuffle)
         self.pos = 0
         self.epoch = 0
         self.step_no = 0
         self.last_loss = float("nan")
         self.elapsed = 0.0
+        # early stopping: the best held-out loss so far, the weights that had it, and since when
+        self.best_loss = math.inf
+        self.best_step = 0
+        self.best_flat: torch.Tensor | None = None
+        self.bad_evals = 0
+        self.stopped = False
 
     # --- one step --------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
         c = self.config
-        return c.lr * max(c.lr_floor, 1.0 - step / c.steps)
+        return c.lr * max(c.lr_floor, 1.0 - step / self.total_steps)
 
     def _next_batch(self) -> torch.Tensor:
         b = self.config.batch_size
@@ -144,8 +220,8 @@ class Trainer:
             if self.pos >= len(self.perm):
                 self.epoch += 1
                 self.pos = 0
-                self.perm = torch.randperm(len(self.windows), generator=self.shuffle)
-        return self.windows[torch.cat(parts) if len(parts) > 1 else parts[0]]
+                self.perm = torch.randperm(len(self.active), generator=self.shuffle)
+        return self.windows[self.active[torch.cat(parts) if len(parts) > 1 else parts[0]]]
 
     def _distinct(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch as its distinct windows and each one's share of the mean loss per token.
@@ -167,18 +243,42 @@ class Trainer:
     def step(self) -> float:
         w, weight = self._distinct(self._next_batch())
         f = self.predict
-        loss = self.fast.loss_and_grad(w[:, :-1], w[:, -f:], weight)
+        trim = self.config.trim if self.step_no >= self.trim_from else 0.0
+        loss = self.fast.loss_and_grad(w[:, :-1], w[:, -f:], weight, trim=trim)
         self.fast.adam(self.lr_at(self.step_no))
         self.step_no += 1
         self.last_loss = loss.item()
+
+        if self.early and (self.step_no % self.eval_every == 0 or self.step_no >= self.total_steps):
+            self._evaluate()
         return self.last_loss
+
+    def held_out_loss(self) -> float:
+        """Mean surprise (nats per token) of the held-out windows under the current weights."""
+        from kiri.model.score import Scorer
+
+        return float(Scorer.from_model(self.schema, self.model, self.k, ordinal=False)
+                     ._surprise(self.val_windows).mean())
+
+    def _evaluate(self) -> None:
+        """Early stopping: keep the best weights; stop after ``patience`` evaluations without better."""
+        val = self.held_out_loss()
+        if val < self.best_loss - 1e-4:
+            self.best_loss, self.best_step, self.bad_evals = val, self.step_no, 0
+            self.best_flat = self.fast.flat.clone()
+        else:
+            self.bad_evals += 1
+        if self.bad_evals >= self.config.patience or self.step_no >= self.total_steps:
+            self.stopped = True
+            if self.best_flat is not None:
+                self.fast.flat.copy_(self.best_flat)
 
     def run(self, until: int | None = None, on_progress: Callable[[Progress], None] | None = None,
             every: int = 10, should_stop: Callable[[], bool] | None = None) -> Progress:
         """Train up to step ``until`` (default: the configured steps), reporting progress."""
-        end = min(self.config.steps, until if until is not None else self.config.steps)
+        end = min(self.total_steps, until if until is not None else self.total_steps)
         t0 = time.perf_counter()
-        while self.step_no < end:
+        while self.step_no < end and not self.stopped:
             self.step()
             if on_progress and (self.step_no % every == 0 or self.step_no == end):
                 on_progress(self.progress(t0))
@@ -188,12 +288,12 @@ class Trainer:
         return self.progress(time.perf_counter())
 
     def progress(self, t0: float) -> Progress:
-        return Progress(self.step_no, self.config.steps, self.last_loss, self.lr_at(self.step_no),
+        return Progress(self.step_no, self.total_steps, self.last_loss, self.lr_at(self.step_no),
                         self.elapsed + time.perf_counter() - t0)
 
     @property
     def finished(self) -> bool:
-        return self.step_no >= self.config.steps
+        return self.stopped or self.step_no >= self.total_steps
 
     # --- state -----------------------------------------------------------------------------
 
@@ -208,12 +308,25 @@ class Trainer:
                                 f"adam.{name}.exp_avg_sq": v})
         tensors["rng.shuffle"] = self.shuffle.get_state()
         tensors["data.perm"] = self.perm
+        tensors["data.active"] = self.active
+        if self.best_flat is not None:
+            tensors["early.best"] = self.best_flat
         meta = {
             "format": STATE_FORMAT, "schema": self.schema.to_dict(), "config": asdict(self.config),
             "step": self.step_no, "pos": self.pos, "epoch": self.epoch, "loss": self.last_loss,
-            "elapsed": self.elapsed, "fingerprint": self.fingerprint,
+            "elapsed": self.elapsed, "fingerprint": self.fingerprint, "split": self.split,
+            "codec": self.codec.to_dict() if self.codec is not None else None,
+            "early": {"best_loss": self.best_loss if math.isfinite(self.best_loss) else None,
+                      "best_step": self.best_step, "bad_evals": self.bad_evals, "stopped": self.stopped},
         }
         return pack(tensors, meta)
+
+    @staticmethod
+    def state_codec(schema: AtomSchema, state: bytes) -> Codec | None:
+        """The codec a training state's data was encoded with (to encode the same raw values again)."""
+        _, meta = unpack(state)
+        d = meta.get("codec")
+        return Codec.from_dict(schema, d) if d else None
 
     @classmethod
     def resume(cls, schema: AtomSchema, ids: torch.Tensor, state: bytes) -> Trainer:
@@ -222,31 +335,60 @@ class Trainer:
             raise WeightsError(f"not a kiri training state (format {meta.get('format')!r})")
         if meta.get("schema") != schema.to_dict():
             raise WeightsError("training state belongs to a different atom schema")
-        t = cls(schema, ids, TrainConfig(**meta["config"]))
+        # states written before sized training had no trimming and a seeded random hold-out
+        config = TrainConfig(**{"trim": 0.0, **meta["config"]})
+        codec = Codec.from_dict(schema, meta["codec"]) if meta.get("codec") else None
+        t = cls(schema, ids, config, codec=codec, split=meta.get("split", "random"))
         if meta.get("fingerprint") != t.fingerprint:
             raise WeightsError("training state was made from different data; restart training instead")
         t.model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
         t.fast.load_adam({k.removeprefix("adam."): v for k, v in tensors.items() if k.startswith("adam.")})
         t.shuffle.set_state(tensors["rng.shuffle"])
         t.perm = tensors["data.perm"].clone()
+        if "data.active" in tensors:
+            t.active = tensors["data.active"].clone()
         t.pos, t.epoch, t.step_no = int(meta["pos"]), int(meta["epoch"]), int(meta["step"])
         t.last_loss, t.elapsed = float(meta["loss"]), float(meta["elapsed"])
+        early = meta.get("early") or {}
+        t.best_loss = math.inf if early.get("best_loss") is None else float(early["best_loss"])
+        t.best_step, t.bad_evals = int(early.get("best_step", 0)), int(early.get("bad_evals", 0))
+        t.stopped = bool(early.get("stopped", False))
+        t.best_flat = tensors["early.best"].clone() if "early.best" in tensors else None
         return t
 
-    def weights_bytes(self, info: dict[str, Any] | None = None, calibrate: bool = True) -> bytes:
-        """Weights with their lineage facts and, for observation atoms, a default threshold."""
+    def weights_bytes(self, info: dict[str, Any] | None = None, calibrate: bool = True,
+                      alarm_rate: float | None = None) -> bytes:
+        """Weights with their lineage facts and, for observation atoms, codec and calibration.
+
+        The calibration is fitted on the held-out windows' scores (the latest data, which the
+        model has not fitted) when there are enough of them, else on every window's. The
+        threshold is the point score that alone spends the alarm budget (``alarm_rate``
+        alarms per observation); ``judged_anomalous`` is the share of the training data whose
+        own tail probability falls under it: how much of its history kiri found anomalous.
+        """
+        from kiri.model import calibrate as cal
+
         base: dict[str, Any] = {"steps": self.step_no, "loss": self.last_loss, "context": self.k,
                                 "config": asdict(self.config), "fingerprint": self.fingerprint,
                                 "observations": len(self.ids)}
+        if self.early:
+            base.update(best_step=self.best_step, held_out_loss=self.best_loss)
         if calibrate and self.examples is None:
             from kiri.model import score
 
+            rate = alarm_rate if alarm_rate is not None else cal.alarm_rate(cal.DEFAULT_ALARMS_PER_WEEK, 300.0)
             self.model.eval()
-            all_scores = score.Scorer.from_model(self.schema, self.model, self.k).score(self.ids).mean
-            # Held-out windows when there are enough for a stable p99; else all of them.
-            held = len(self.held) >= 200
-            scores = all_scores[self.held] if held else all_scores
-            base.update(score.calibrate(scores), calibrated_on="holdout" if held else "all",
-                        held_out=len(self.held))
+            scorer = score.Scorer.from_model(self.schema, self.model, self.k, ordinal=True)
+            all_scores = scorer.score(self.ids).value.numpy()
+            held = len(self.held) >= 50
+            ref = all_scores[self.held.numpy()] if held else all_scores
+            calib = Calibration.fit(ref)
+            p = calib.tail_p(all_scores)
+            q = [float(x) for x in torch.quantile(torch.from_numpy(ref).float(), torch.tensor([0.5, 0.99, 0.999]))]
+            base.update(threshold=calib.threshold(rate), alarm_rate=rate, calibration=calib.to_dict(),
+                        calibrated_on="holdout" if held else "all", held_out=len(self.held),
+                        score_p50=q[0], score_p99=q[1], score_p999=q[2], scoring=ORDINAL,
+                        judged_anomalous=float((p < rate).mean()) if len(p) else 0.0, aggregate=scorer.how,
+                        codec=(self.codec or Codec.fixed(self.schema)).to_dict())
             self.model.train()
         return save_weights(self.schema, self.model, {**base, **(info or {})})

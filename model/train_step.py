@@ -27,6 +27,20 @@ def _rms_back(n: torch.Tensor, r: torch.Tensor, dn: torch.Tensor) -> torch.Tenso
     return torch.addcmul(dn, n, (dn * n).sum(-1, keepdim=True), value=-1.0 / n.shape[-1]).mul_(r)
 
 
+def trimmed(logp: torch.Tensor, weight: torch.Tensor, share: float) -> torch.Tensor:
+    """``weight`` with the least likely windows (by ``logp`` [B]) worth up to ``share`` of it zeroed,
+    the rest scaled back to the same total."""
+    order = torch.argsort(logp, stable=True)  # most surprising first
+    cum = torch.cumsum(weight[order], 0)
+    total = cum[-1]
+    drop = order[cum <= share * total]
+    if len(drop) == 0:
+        return weight
+    out = weight.clone()
+    out[drop] = 0.0
+    return out.mul_(total / out.sum())
+
+
 class TrainStep:
     """Forward, backward and Adam for an ``Atom`` whose parameters it moves into one buffer.
 
@@ -71,11 +85,15 @@ class TrainStep:
     # --- forward + backward -----------------------------------------------------------------
 
     @torch.no_grad()
-    def loss_and_grad(self, idx: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def loss_and_grad(self, idx: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                      trim: float = 0.0) -> torch.Tensor:
         """Weighted cross-entropy of ``targets`` [B, f] after inputs ``idx`` [B, t]; fills ``self.grad``.
 
         ``weight`` [B] is each window's share of the loss per predicted token (1/(B·f) for a
-        plain mean; count/(N·f) when a window stands for ``count`` identical ones).
+        plain mean; count/(N·f) when a window stands for ``count`` identical ones). With
+        ``trim``, the most surprising windows holding up to that share of the weight are left
+        out and the rest re-weighted to the same total (a trimmed likelihood: anomalies in
+        the training data do not pull the model towards themselves).
         """
         g, fwd = self.g, self.fwd
         b, t = idx.shape
@@ -88,6 +106,8 @@ class TrainStep:
         logits = torch.mm(xf, fwd.lm_head.t())
         logp = torch.log_softmax(logits, dim=-1)
         tgt = targets.reshape(-1, 1)
+        if trim > 0.0 and b > 1:
+            weight = trimmed(logp.gather(1, tgt).view(b, f).sum(1), weight, trim)
         w = weight.repeat_interleave(f).unsqueeze(1)  # [B·f, 1]
         loss = -torch.dot(logp.gather(1, tgt).view(-1), w.view(-1))
 

@@ -97,7 +97,9 @@ def test_retrain_decision_gives_one_train_task_and_feedback_teaches_the_nerve(hu
     c = hub.client()
     # a retrain decision recorded twice (a burst) makes one deduplicated train job
     tid = c.enqueue("score", "pulse")["task_id"]
-    got = c.lease(["score"])
+    # this lease is held while 22 CLI processes run below: a TTL that fits that work (the
+    # hub's 2 s default expired under a loaded CPU)
+    got = c.lease(["score"], ttl=600)
     assert got["task"]["id"] == tid or got["task"]["kind"] == "score"
     tok, task_id = got["lease"]["token"], got["task"]["id"]
     inputs = {"pulse": 3.0, "rhythm": 0.0, "drift": 0.0, "hour": 3.0, "weekday": 6}

@@ -212,7 +212,7 @@ def test_weights_round_trip_and_refuse_tampering():
     blob = t.weights_bytes()
     w = load_weights(blob)
     assert w.hash == hashlib.sha256(blob).hexdigest() and w.info["steps"] == 5
-    assert w.info["threshold"] >= 1.5 and w.info["held_out"] > 0
+    assert w.info["threshold"] > 0 and w.info["held_out"] > 0 and w.info["calibration"]["kind"] == "tail/1"
     with pytest.raises(WeightsError):
         load_weights(blob[:-100])
     with pytest.raises(WeightsError):

@@ -1,0 +1,228 @@
+"""Detection quality at kiri's own thresholds (its defaults, no labels), beside the best threshold.
+
+Two parts, each over several seeds:
+
+1. **Single streams** (``kiri.model.streams``: seasonal, level shifts, slow drift, heavy
+   tails, plateaus, integer counts; point, contextual and collective anomalies). A detector
+   learns from the first 15% (at most 750 rows), which holds 0/2/5/10% anomalies, and then
+   scores the rest as a running hub would (retraining daily). An event is caught when an
+   alarm falls inside it or within ``--late`` observations after; precision is the share of
+   alarms that fall there. The anomaly-free alarm rate comes from the same streams with no
+   anomalies at all, against the alarm budget.
+2. **Composition**: pulse and rhythm over a week of 5-minute observations, one atom each,
+   trained on a week (clean, or with anomalies left in), judged on the next with 150
+   injected anomalies: pulse wildly off, rhythm off (activity when the owner sleeps), and
+   both mildly off (daytime load and some activity at night: each plausible alone). The
+   decision is the nerve's fallback rule (``calibrate.combine`` of both atoms' tail
+   probabilities against the nerve's budget); the old rule (sum of score/threshold >= 1)
+   is printed beside it.
+
+"best F1" sweeps every threshold over the same scores: the gap between it and F1 is what
+kiri's own threshold gives away ("separates" versus "decides").
+
+    python bench/detect.py [--seeds 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import _paths  # noqa: F401  (must come first: see bench/_paths.py)
+
+# isort: split
+
+import time
+from collections import defaultdict
+
+import click
+import numpy as np
+import torch
+
+from kiri.model import calibrate as cal
+from kiri.model import schema as S
+from kiri.model import streams, synth
+from kiri.model.codec import values_of
+from kiri.model.detect import Detector
+
+WEEK = 7 * 86400.0
+
+
+def prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def event_scores(flag: np.ndarray, events: list[tuple[int, int, str]], late: int) -> dict[str, list[int]]:
+    """Per class [caught, total], and overall [alarms inside events, alarms] (index "alarms")."""
+    inside = np.zeros(len(flag), dtype=bool)
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for s, e, kind in events:
+        inside[s: min(len(flag), e + late)] = True
+        caught = bool(flag[s: min(len(flag), e + late)].any())
+        out[kind][0] += caught
+        out[kind][1] += 1
+    out["alarms"] = [int((flag & inside).sum()), int(flag.sum())]
+    return out
+
+
+def f1_of(counts: dict[str, list[int]], cls: str | None = None) -> tuple[float, float, float]:
+    good, alarms = counts["alarms"]
+    keys = [k for k in counts if k != "alarms" and (cls is None or k == cls)]
+    caught = sum(counts[k][0] for k in keys)
+    total = sum(counts[k][1] for k in keys)
+    p = good / alarms if alarms else (1.0 if total == 0 else 0.0)
+    r = caught / total if total else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def best_f1(stat: np.ndarray, events: list[tuple[int, int, str]], late: int) -> float:
+    """The best event F1 over every threshold on ``stat`` (higher = more anomalous)."""
+    cands = np.unique(np.quantile(stat, np.linspace(0.9, 1.0, 60)))
+    best = 0.0
+    for c in cands:
+        best = max(best, f1_of(event_scores(stat >= c, events, late))[2])
+    return best
+
+
+def single_streams(seeds: int, contaminations: list[float], n: int, late: int, kinds: list[str]) -> None:
+    print(f"\n== single streams: {len(kinds)} kinds x {seeds} seeds, {n} observations at 5 min, "
+          f"learning on the first {streams.learn_size(n)}; budget {cal.DEFAULT_ALARMS_PER_WEEK:g} alarms/week ==")
+    print(f"{'training':>12s} {'class':>11s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'best F1':>8s}")
+    learn = streams.learn_size(n)
+    for c in contaminations:
+        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        bests = []
+        for seed in range(seeds):
+            for kind in kinds:
+                st = streams.generate(kind, n=n, seed=seed, learn=learn, contamination=c)
+                det = Detector(interval=st.interval, seed=seed).fit(st.values[:learn])
+                r = det.score(st.values[learn:])
+                ev = [(s - learn, e - learn, k) for s, e, k in st.events() if s >= learn]
+                counts = event_scores(r.anomalous, ev, late)
+                for k, v in counts.items():
+                    totals[k][0] += v[0]
+                    totals[k][1] += v[1]
+                bests.append(best_f1(-np.log(r.tail_p), ev, late))
+        label = f"{c:.0%} anom."
+        for cls in [*streams.ANOMALIES, None]:
+            p, rr, f = f1_of(totals, cls)
+            extra = f"{np.mean(bests):8.3f}" if cls is None else ""
+            print(f"{label:>12s} {cls or 'overall':>11s} {p:9.3f} {rr:7.3f} {f:6.3f} {extra}")
+    # anomaly-free alarm rate against the budget
+    alarms = weeks = 0.0
+    for seed in range(seeds):
+        for kind in kinds:
+            st = streams.generate(kind, n=n, seed=100 + seed, anomalies=0)
+            det = Detector(interval=st.interval, seed=seed).fit(st.values[:learn])
+            r = det.score(st.values[learn:])
+            alarms += int(r.anomalous.sum())
+            weeks += (n - learn) * st.interval / WEEK
+    print(f"anomaly-free: {alarms / weeks:.2f} alarms/week (budget {cal.DEFAULT_ALARMS_PER_WEEK:g}; "
+          f"{int(alarms)} alarms in {weeks:.1f} stream-weeks)")
+
+
+# --- composition --------------------------------------------------------------------------
+
+COMPOSITION = ("pulse_wild", "rhythm_off", "both_mild")
+
+
+def _asleep(t: float) -> bool:
+    """The synthetic owner's sleeping hours (synth's rhythm: awake 8-23 on workdays, 10-24 at weekends)."""
+    h, w = synth._clock(t)
+    return not ((8 <= h < 23) if w < 5 else (10 <= h < 24))
+
+
+def compose(seed: int, n_each: int, start: float) -> tuple[dict[str, synth.Series], list[str | None]]:
+    """A week of pulse and rhythm at 5 minutes, with n_each single-reading anomalies per class."""
+    pulse = synth.generate("pulse", 7, seed=seed, start=start, interval=300.0, event_list=[])
+    rhythm = synth.generate("rhythm", 7, seed=seed, start=start, interval=300.0, event_list=[])
+    rng = np.random.default_rng([seed, 99])
+    n = len(pulse.rows)
+    labels: list[str | None] = [None] * n
+    nights = [i for i in range(n) if _asleep(pulse.times[i])]
+    for cls in COMPOSITION:
+        pool = nights if cls != "pulse_wild" else list(range(n))
+        placed = tries = 0
+        while placed < n_each:
+            tries += 1
+            if tries > 100_000:
+                raise RuntimeError(f"cannot place {n_each} {cls} anomalies apart in a week")
+            i = int(pool[rng.integers(0, len(pool))])
+            if any(labels[j] for j in range(max(0, i - 1), min(n, i + 2))):
+                continue
+            labels[i] = cls
+            placed += 1
+            p, r = pulse.rows[i], rhythm.rows[i]
+            if cls == "pulse_wild":
+                p.update(cpu=rng.uniform(95, 100), mem=rng.uniform(92, 99), swap=rng.uniform(85, 100),
+                         load=rng.uniform(17, 20))
+            elif cls == "rhythm_off":
+                r.update(activity=rng.uniform(40, 60), idle=rng.uniform(0, 30))
+            else:  # each plausible alone (afternoon load; an evening's light use), never together at night
+                p.update(cpu=rng.uniform(40, 50), load=rng.uniform(3.5, 4.5))
+                r.update(activity=rng.uniform(8, 16), idle=rng.uniform(400, 900))
+    return {"pulse": pulse, "rhythm": rhythm}, labels
+
+
+def composition(seeds: int, contaminations: list[float]) -> None:
+    print("\n== composition: pulse + rhythm, a week at 5 min, 150 anomalies in the judged week ==")
+    print(f"{'training':>12s} {'rule':>8s} {'class':>11s} {'precision':>9s} {'recall':>7s} {'F1':>6s} "
+          f"{'best F1':>8s}")
+    for c in contaminations:
+        rows: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for seed in range(seeds):
+            n_train = round(c * 2016 / 3)
+            train, _ = compose(seed, n_train, synth.EPOCH)
+            test, labels = compose(seed + 50, 50, synth.EPOCH + 7 * synth.DAY)
+            ps, old = [], []
+            for atom in ("pulse", "rhythm"):
+                schema = S.get(atom)
+                det = Detector(schema, interval=300.0, seed=seed).fit(values_of(schema, train[atom].rows))
+                r = det.score(values_of(schema, test[atom].rows))
+                ps.append(r.tail_p)
+                old.append(r.surprise / det.scorer.threshold)
+            rate = cal.alarm_rate(cal.DEFAULT_ALARMS_PER_WEEK, 300.0)
+            combined = np.array([cal.combine([a, b]) for a, b in zip(ps[0], ps[1], strict=True)])
+            rules = {"nerve": (combined < rate, -np.log(combined)), "old": (old[0] + old[1] >= 1.0, old[0] + old[1])}
+            lab = np.array([x or "" for x in labels])
+            for name, (flag, stat) in rules.items():
+                for cls in [*COMPOSITION, "overall"]:
+                    pos = lab != "" if cls == "overall" else lab == cls
+                    keep = pos | (lab == "")
+                    tp = float((flag & pos).sum())
+                    fp = float((flag & (lab == "")).sum())
+                    fn = float((~flag & pos).sum())
+                    p, r, f = prf(tp, fp, fn)
+                    best = 0.0
+                    if cls == "overall":
+                        for q in np.unique(np.quantile(stat[keep], np.linspace(0.8, 1.0, 80))):
+                            fl = stat >= q
+                            best = max(best, prf(float((fl & pos).sum()), float((fl & (lab == "")).sum()),
+                                                 float((~fl & pos).sum()))[2])
+                    rows[(name, cls)].append((p, r, f, best))
+        for (name, cls), vals in rows.items():
+            m = np.mean(np.array(vals), axis=0)
+            extra = f"{m[3]:8.3f}" if cls == "overall" else ""
+            print(f"{f'{c:.0%} anom.':>12s} {name:>8s} {cls:>11s} {m[0]:9.3f} {m[1]:7.3f} {m[2]:6.3f} {extra}")
+
+
+@click.command()
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(1, 20))
+@click.option("--quick", is_flag=True, help="Clean and 5% training only, two stream kinds fewer.")
+@click.option("--n", "n", default=4000, show_default=True, type=click.IntRange(1000, 50000),
+              help="Observations per single stream.")
+@click.option("--late", default=6, show_default=True, help="Observations after an event that still catch it.")
+@click.option("--part", type=click.Choice(["all", "streams", "composition"]), default="all", show_default=True)
+def main(seeds: int, quick: bool, n: int, late: int, part: str) -> None:
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    cont = [0.0, 0.05] if quick else [0.0, 0.02, 0.05, 0.10]
+    kinds = list(streams.KINDS[:4]) if quick else list(streams.KINDS)
+    if part in ("all", "streams"):
+        single_streams(seeds, cont, n, late, kinds)
+    if part in ("all", "composition"):
+        composition(seeds, [0.0, 0.05] if quick else [0.0, 0.05, 0.10])
+    print(f"\n({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

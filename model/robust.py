@@ -1,0 +1,96 @@
+"""Training on a real history: one that holds anomalies nobody labelled.
+
+A machine's past week is what kiri learns "normal" from, and it is never clean: an outage,
+a runaway job, a backup that overran. Learned as normal, they silence the atom on their
+next occurrence. Three defences, each cheap:
+
+- the trimmed likelihood in training (``TrainConfig.trim``) keeps the most surprising
+  windows of each batch from pulling the model towards themselves;
+- ``calibrate.Tail.fit`` sets far outliers aside before measuring the tail;
+- here: **fit twice**. The first model judges its own training data; readings it finds
+  anomalous (tail probability under the alarm rate) are left out of the codec's edges and
+  the second model's training. Readings flagged in a run longer than ``persist``
+  observations are kept: a change that lasts is the new normal, and a model that never
+  learns it alarms forever.
+
+Retraining does the same with the verdicts already recorded for the window it retrains on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiri.model.codec import Codec
+from kiri.model.schema import AtomSchema
+from kiri.model.score import Scorer
+from kiri.model.train import TrainConfig, Trainer
+from kiri.model.weights import load_weights
+
+
+@dataclass
+class Fitted:
+    trainer: Trainer
+    blob: bytes
+    kept: np.ndarray  # [N] bool: rows trained on
+    flagged: np.ndarray  # [N] bool: rows the model judged anomalous
+
+
+def keep_mask(flagged: np.ndarray, persist: int) -> np.ndarray:
+    """Rows to learn from: all but flagged ones, except flagged runs longer than ``persist``."""
+    flagged = np.asarray(flagged, dtype=bool)
+    keep = ~flagged
+    i, n = 0, len(flagged)
+    while i < n:
+        if not flagged[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and flagged[j]:
+            j += 1
+        if j - i > persist:
+            keep[i:j] = True
+        i = j
+    return keep
+
+
+def train_once(schema: AtomSchema, values: np.ndarray, config: TrainConfig, init: bytes | None,
+               alarm_rate: float, info: dict | None = None) -> tuple[Trainer, bytes]:
+    codec = Codec.fit(schema, values)
+    trainer = Trainer(schema, codec.encode(values), config, init=init, codec=codec)
+    trainer.run()
+    return trainer, trainer.weights_bytes(info, alarm_rate=alarm_rate)
+
+
+def judge(blob: bytes, values: np.ndarray) -> np.ndarray:
+    """[N] bool: which rows the weights find anomalous, each in its own context."""
+    sc = Scorer(load_weights(blob))
+    mean = sc.score(sc.encode(values)).value.numpy()
+    p = sc.tail_p(mean)
+    assert p is not None and sc.alarm_rate is not None
+    return p < sc.alarm_rate
+
+
+def fit(schema: AtomSchema, values: np.ndarray, config: TrainConfig, alarm_rate: float, *,
+        init: bytes | None = None, flagged: np.ndarray | None = None, persist: int = 288,
+        info: dict | None = None) -> Fitted:
+    """Weights for ``values`` [N, F] that its own anomalies did not teach (module doc).
+
+    ``flagged``: verdicts already known for these rows (a retrain); without them, a first
+    model is trained to give them.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if flagged is None:
+        trainer, blob = train_once(schema, values, config, init, alarm_rate, info)
+        flagged = judge(blob, values)
+        if not flagged.any():
+            return Fitted(trainer, blob, np.ones(n, dtype=bool), flagged)
+    keep = keep_mask(flagged, persist)
+    if keep.sum() < max(2 * (schema.max_context() + 1), 0.5 * n):  # most of it "anomalous": trust none of that
+        keep = np.ones(n, dtype=bool)
+    trainer, blob = train_once(schema, values[keep], config, init, alarm_rate,
+                               {**(info or {}), "left_out": int(n - keep.sum()),
+                                "judged_anomalous": float(np.mean(flagged)) if n else 0.0})
+    return Fitted(trainer, blob, keep, np.asarray(flagged, dtype=bool))

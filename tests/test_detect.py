@@ -1,0 +1,176 @@
+"""Detection: fitted tokens, calibrated tail probabilities, robust training, the library API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kiri.model import calibrate as cal
+from kiri.model import schema as S
+from kiri.model import streams
+from kiri.model.codec import Codec, values_of
+from kiri.model.detect import Detector
+from kiri.model.gpt import Atom
+from kiri.model.score import Scorer
+from kiri.model.train import TrainConfig, Trainer
+from kiri.model.weights import load_weights, save_weights
+
+ONE = S.AtomSchema("level", (S.Field("V", "value", 0, 100, 32),))
+
+
+# --- codec ------------------------------------------------------------------------------------
+
+def test_fitted_codec_keeps_outer_buckets_for_levels_never_seen() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.normal(40, 2, (500, 1))
+    codec = Codec.fit(ONE, values)
+    b = codec.buckets(np.array([[40.0], [10.0], [90.0], [values.min()], [values.max()]]))[:, 0]
+    top = len(codec.edges[0])
+    assert b[1] == 0 and b[2] == top  # far below / above anything seen: their own buckets
+    assert 0 < b[3] < top and 0 < b[4] < top  # the seen extremes are inside
+    used = len(np.unique(codec.buckets(values)[:, 0]))
+    fixed = len(np.unique(Codec.fixed(ONE).buckets(values)[:, 0]))
+    assert used >= 12 and used >= 2 * fixed  # resolution where the data lives (down to a quarter declared bucket)
+
+
+def test_discrete_field_gets_a_bucket_per_value_and_codec_round_trips() -> None:
+    values = np.array([[v] for v in [0, 1, 2, 3, 2, 1, 0, 3, 2, 1, 1, 2]], dtype=float)
+    codec = Codec.fit(ONE, values)
+    b = codec.buckets(np.array([[0.0], [1.0], [2.0], [3.0]]))[:, 0]
+    assert len(set(b.tolist())) == 4
+    again = Codec.from_dict(ONE, codec.to_dict())
+    assert again.edges == codec.edges and again.fitted == codec.fitted
+    with pytest.raises(ValueError, match="edges"):
+        Codec.from_dict(ONE, {"kind": "fitted/1", "fields": {"value": {"edges": [3.0, 1.0]}}})
+    with pytest.raises(ValueError, match="unknown codec"):
+        Codec.from_dict(ONE, {"kind": "nope"})
+
+
+def test_fixed_codec_is_the_schemas_own_buckets() -> None:
+    rows = [{"cpu": c, "mem": 50, "disk": 40, "swap": 5, "load": 1, "net": 1} for c in (0, 9.99, 10, 55, 100, 250)]
+    ids = Codec.fixed(S.PULSE).encode(values_of(S.PULSE, rows))
+    assert ids.tolist() == [S.PULSE.encode(r) for r in rows]
+
+
+# --- calibration --------------------------------------------------------------------------------
+
+def test_tail_probabilities_are_uniform_on_fresh_normal_scores() -> None:
+    rng = np.random.default_rng(1)
+    ref = rng.gamma(2.0, 0.5, 3000)
+    fresh = rng.gamma(2.0, 0.5, 20000)
+    p = cal.Tail.fit(ref).sf(fresh)
+    for level in (0.5, 0.2, 0.1, 0.05, 0.01):
+        assert (p < level).mean() == pytest.approx(level, rel=0.35, abs=0.004)
+
+
+def test_a_few_percent_of_far_anomalies_do_not_move_the_threshold() -> None:
+    rng = np.random.default_rng(2)
+    clean = rng.gamma(2.0, 0.5, 3000)
+    dirty = np.concatenate([clean, rng.uniform(8, 12, 150)])  # 5% far out
+    t_clean = cal.Tail.fit(clean).isf(1e-3)
+    t_dirty = cal.Tail.fit(dirty).isf(1e-3)
+    assert t_dirty == pytest.approx(t_clean, rel=0.15)
+    assert t_dirty < 8  # the anomalies stay above it: contamination does not silence
+
+
+def test_sustained_unusualness_alarms_where_no_single_reading_does() -> None:
+    rng = np.random.default_rng(3)
+    ref = rng.gamma(2.0, 0.5, 3000)
+    c = cal.Calibration.fit(ref)
+    stretch = np.full(12, np.quantile(ref, 0.97))  # each reading alone: p ~ 0.03
+    p = c.tail_p(stretch, prefix=rng.gamma(2.0, 0.5, 10))
+    assert c.point_p(stretch).min() > 0.01
+    assert p[-1] < 1e-3
+
+
+def test_nerve_rule_two_ordinary_highs_are_not_an_alarm_one_extreme_is() -> None:
+    rate = cal.alarm_rate(cal.DEFAULT_ALARMS_PER_WEEK, 300.0)
+    assert cal.combine([0.1, 0.1]) > 0.1
+    assert cal.combine([0.02, 0.02, 0.5]) > rate
+    assert cal.combine([1e-6, 0.9]) < rate
+    assert cal.combine([1e-3, 1e-3]) < cal.combine([1e-3, 0.5])  # both mildly off beats one
+    assert cal.fisher([0.5]) == pytest.approx(0.5)
+
+
+def test_alarm_budget_is_checked() -> None:
+    assert cal.alarm_rate(2, 300) == pytest.approx(2 * 300 / (7 * 86400))
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="alarms per week"):
+            cal.alarm_rate(bad, 300)
+
+
+# --- training sized to its data ------------------------------------------------------------------
+
+def test_sized_training_stops_early_and_resumes_bitwise() -> None:
+    torch.set_num_threads(1)
+    st = streams.generate("seasonal", n=700, seed=0, anomalies=0)
+    codec = Codec.fit(ONE, st.values.reshape(-1, 1))
+    ids = codec.encode(st.values.reshape(-1, 1))
+    whole = Trainer(ONE, ids, TrainConfig(), codec=codec)
+    whole.run()
+    assert whole.finished and whole.stopped and whole.step_no < whole.total_steps  # early stopping ran
+    assert whole.k == 2  # 700 observations: a short context, not the 15 that fit
+    half = Trainer(ONE, ids, TrainConfig(), codec=codec)
+    half.run(until=whole.step_no // 2)
+    resumed = Trainer.resume(ONE, ids, half.state_bytes())
+    assert Trainer.state_codec(ONE, half.state_bytes()).edges == codec.edges
+    resumed.run()
+    assert resumed.step_no == whole.step_no
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_weights_carry_codec_and_calibration_and_say_what_they_judged_anomalous() -> None:
+    st = streams.generate("seasonal", n=900, seed=1, anomalies=0)
+    det = Detector(interval=300.0).fit(st.values)
+    info = load_weights(det.blob).info
+    assert info["codec"]["kind"] == "fitted/1" and info["calibration"]["kind"] == "tail/1"
+    assert info["scoring"] == "ordinal/1" and 0 <= info["judged_anomalous"] < 0.02
+    assert info["threshold"] == pytest.approx(det.scorer.calibration.threshold(info["alarm_rate"]))
+
+
+# --- the detector as a user calls it ------------------------------------------------------------
+
+def test_detector_catches_spikes_and_stays_within_budget_on_clean_data() -> None:
+    st = streams.generate("seasonal", n=3000, seed=4, anomalies=0)
+    values = st.values.copy()
+    spikes = [1200, 1700, 2300, 2800]
+    values[spikes] += 60
+    det = Detector(interval=300.0).fit(values[:600])
+    out = det.score(values[600:])
+    flagged = set((np.nonzero(out.anomalous)[0] + 600).tolist())
+    assert len(set(spikes) & flagged) >= 3
+    weeks = 2400 * 300 / (7 * 86400)
+    false = len(flagged - set(spikes))
+    assert false <= 4 * cal.DEFAULT_ALARMS_PER_WEEK * weeks + 2
+    assert det.retrains >= 7  # retrained daily while scoring
+    blame = out.blame(spikes[0] - 600)
+    assert blame[0]["field"] == "x0" and blame[0]["surprise"] > 3
+
+
+def test_a_drifting_stream_is_refitted_and_keeps_being_scored() -> None:
+    st = streams.generate("drift", n=2400, seed=0, anomalies=0)
+    det = Detector(interval=300.0).fit(st.values[:600])
+    top_before = det.scorer.codec.edges[0][-1]
+    out = det.score(st.values[600:])
+    assert det.scorer.codec.edges[0][-1] > top_before + 50  # the edges moved with the level
+    last_day = out.anomalous[-288:]
+    assert last_day.mean() < 0.5  # still telling normal from not, not one long alarm
+
+
+def test_old_weights_without_codec_or_calibration_score_as_before() -> None:
+    model = Atom.for_schema(S.PULSE)
+    model.init_weights(torch.Generator().manual_seed(0))
+    blob = save_weights(S.PULSE, model, {"threshold": 2.0, "context": 1})
+    sc = Scorer(load_weights(blob))
+    assert sc.calibration is None and not sc.ordinal and sc.codec.fitted == (False,) * 6
+    rows = [{"cpu": 10 * i % 100, "mem": 50, "disk": 40, "swap": 5, "load": 1, "net": 1} for i in range(20)]
+    ids = sc.encode(values_of(S.PULSE, rows))
+    r = sc.score(ids)
+    w = torch.cat([torch.zeros(1, dtype=torch.long), ids[4:6].reshape(-1)]).unsqueeze(0)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(w[:, :-1], last=6), dim=-1)[0]
+    want = -logp.gather(1, ids[5].view(-1, 1)).view(-1)
+    assert torch.allclose(r.surprise[5], want, atol=1e-5)
+    assert sc.verdicts(r.mean, sc.tail_p(r.mean)).tolist() == (r.mean > 2.0).tolist()
