@@ -37,30 +37,43 @@ def _unpack(blob: bytes) -> tuple[dict[str, Any], bytes]:
     return json.loads(blob[4: 4 + n]), blob[4 + n:]
 
 
-def load_ids(hub: Any, schema: Any, obs_to: int | None) -> tuple[Any, int, int]:
-    """Token ids of the atom's observations up to ``obs_to`` (all, if None), paged."""
-    import torch
+def load_values(hub: Any, schema: Any, obs_to: int | None) -> tuple[Any, list[float], int, int]:
+    """Raw values [N, F] and times of the atom's observations up to ``obs_to`` (all, if None), paged.
 
-    rows: list[list[int]] = []
+    Raw, not tokens: the codec that turns them into tokens is fitted to them (``Codec.fit``).
+    """
+    import numpy as np
+
+    from kiri.model.codec import values_of
+
+    rows: list[Any] = []
+    times: list[float] = []
     first = last = 0
     after = 0
     while True:
         page = hub.call("observations", {"atom": schema.name, "after_id": after, "limit": PAGE})
+        batch = []
         for o in page["observations"]:
             if obs_to is not None and o["id"] > obs_to:
                 page["next_after_id"] = None
                 break
-            rows.append(schema.encode(o["values"]))
+            batch.append(o["values"])
+            times.append(o["time"])
             first = first or o["id"]
             last = o["id"]
+        if batch:
+            rows.append(values_of(schema, batch))
         if not page["next_after_id"]:
             break
         after = page["next_after_id"]
-    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), schema.width), first, last
+    values = np.concatenate(rows) if rows else np.empty((0, schema.width))
+    return values, times, first, last
 
 
 @handler("train")
 def train(ctx: TaskContext) -> dict[str, Any]:
+    from kiri.model.calibrate import DEFAULT_ALARMS_PER_WEEK, alarm_rate, typical_interval
+    from kiri.model.codec import Codec
     from kiri.model.schema import SchemaError
     from kiri.model.train import TrainConfig, Trainer
 
@@ -77,19 +90,24 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     try:
         config = TrainConfig.from_params({k: params[k] for k in TRAIN_KEYS if k in params})
         every = float(params.get("checkpoint_every", 30.0))
+        alarm_rate(float(params.get("alarms_per_week", DEFAULT_ALARMS_PER_WEEK)), 300.0)  # checked before training
     except (TypeError, ValueError) as e:
         raise TaskError(f"bad train parameters: {e}", retry=False) from None
 
     if ctx.checkpoint_in is not None:
         meta, state = _unpack(ctx.checkpoint_in.data)
-        ids, first, last = load_ids(hub, schema, meta["obs_to"])
+        values, times, first, last = load_values(hub, schema, meta["obs_to"])
+        codec = Trainer.state_codec(schema, state) or Codec.fixed(schema)
+        ids = codec.encode(values)
         trainer = Trainer.resume(schema, ids, state)
         parent = meta["parent_id"]
         log.info("task %s: resuming %s at step %d", ctx.task_id, schema.name, trainer.step_no)
     else:
-        ids, first, last = load_ids(hub, schema, None)
-        if len(ids) < 2:
-            raise TaskError(f"atom {schema.name!r} has {len(ids)} observation(s); push more first", retry=False)
+        values, times, first, last = load_values(hub, schema, None)
+        if len(values) < 2:
+            raise TaskError(f"atom {schema.name!r} has {len(values)} observation(s); push more first", retry=False)
+        codec = Codec.fit(schema, values)  # edges from this data: a retrain follows a stream that moved
+        ids = codec.encode(values)
         parent, init = None, None
         if params.get("warm_start", False):
             try:
@@ -97,7 +115,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
                 parent, init = active["id"], base64.b64decode(active["blob"])
             except RpcError:  # no active version yet: start fresh
                 parent, init = None, None
-        trainer = Trainer(schema, ids, config, init=init)
+        trainer = Trainer(schema, ids, config, init=init, codec=codec)
         meta = {"obs_from": first, "obs_to": last, "parent_id": parent}
 
     bar = _bar(trainer.total_steps, trainer.step_no)
@@ -117,9 +135,10 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         ctx.raise_if_stopping()
     if bar is not None:
         bar.render_finish()
-    gate = quality_gate(hub, schema, trainer, ids, float(params.get("gate_margin", 0.1)))
+    gate = quality_gate(hub, schema, trainer, values, float(params.get("gate_margin", 0.1)))
+    rate = alarm_rate(float(params.get("alarms_per_week", DEFAULT_ALARMS_PER_WEEK)), typical_interval(times))
     blob = trainer.weights_bytes({"task_id": ctx.task_id, "obs_from": meta["obs_from"], "obs_to": meta["obs_to"],
-                                  "quality": gate})
+                                  "quality": gate}, alarm_rate=rate)
     res = hub.call("publish_weights", {
         "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": schema.name,
         "blob": base64.b64encode(blob).decode(), "parent_id": meta["parent_id"],
@@ -151,16 +170,19 @@ def train_nerve(ctx: TaskContext) -> dict[str, Any]:
     return {"weights_id": res["id"], "version": res["version"], "labels": len(labels)}
 
 
-def quality_gate(hub: Any, schema: Any, trainer: Any, ids: Any, margin: float) -> dict[str, Any]:
+def quality_gate(hub: Any, schema: Any, trainer: Any, values: Any, margin: float) -> dict[str, Any]:
     """Compare the new model with the active version on the new model's held-out windows.
 
     The new version passes when its separation is at least the active one's times
     (1 - margin). With no active version, or no held-out windows, it passes by default.
+    Each model reads the raw values through its own codec (the edges it was trained with).
     """
     from kiri.model.score import Scorer, separation
     from kiri.model.weights import WeightsError, load_weights
 
     trainer.model.eval()
+    ids = (trainer.codec.encode(values) if trainer.codec is not None else Scorer.from_model(
+        schema, trainer.model, trainer.k).encode(values))
     new = separation(Scorer.from_model(schema, trainer.model, trainer.k), ids, trainer.held)
     trainer.model.train()
     out: dict[str, Any] = {"new": new, "active": None, "margin": margin, "passed": True, "reason": None}
@@ -170,8 +192,8 @@ def quality_gate(hub: Any, schema: Any, trainer: Any, ids: Any, margin: float) -
         out["reason"] = "no active version: accepted"
         return out
     try:
-        old = load_weights(base64.b64decode(active["blob"]))
-        out["active"] = separation(Scorer(old, context=trainer.k), ids, trainer.held) | {"version": active["version"]}
+        old = Scorer(load_weights(base64.b64decode(active["blob"])), context=trainer.k)
+        out["active"] = separation(old, old.encode(values), trainer.held) | {"version": active["version"]}
     except (WeightsError, ValueError) as e:
         out["reason"] = f"active version {active['version']} could not be evaluated ({e}): accepted"
         return out

@@ -110,7 +110,12 @@ def test_killed_trainer_resumes_from_checkpoint_with_bitwise_the_same_weights(hu
     blob = base64.b64decode(c.call("weights", {"atom": "pulse", "active": True, "blob": True})["weights"][0]["blob"])
     through_hub = load_weights(blob).model.state_dict()
     # the same training, uninterrupted, in this process
-    ref = Trainer(S.PULSE, encode_many(S.PULSE, rows), TrainConfig(**cfg))
+    from kiri.model.codec import Codec, values_of
+
+    values = values_of(S.PULSE, rows)
+    codec = Codec.fit(S.PULSE, values)  # the trainer fits its tokens' edges to the data
+    assert Codec.from_dict(S.PULSE, load_weights(blob).info["codec"]).edges == codec.edges
+    ref = Trainer(S.PULSE, codec.encode(values), TrainConfig(**cfg), codec=codec)
     ref.run()
     for k, v in ref.model.state_dict().items():
         assert torch.equal(v, through_hub[k]), f"{k} differs after a kill and resume through the hub"
