@@ -24,7 +24,7 @@ from kiri.protocol import RpcError
 log = logging.getLogger("kiri.trainer")
 
 PAGE = 5000
-TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "context", "holdout")
+TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "context", "holdout", "trim", "patience")
 
 
 def _pack(meta: dict[str, Any], state: bytes) -> bytes:

@@ -14,8 +14,10 @@ Two parts, each over several seeds:
    injected anomalies: pulse wildly off, rhythm off (activity when the owner sleeps), and
    both mildly off (daytime load and some activity at night: each plausible alone). The
    decision is the nerve's fallback rule (``calibrate.combine`` of both atoms' tail
-   probabilities against the nerve's budget); the old rule (sum of score/threshold >= 1)
-   is printed beside it.
+   probabilities against the nerve's budget).
+
+"before" is kiri's defaults before calibrated detection (``before()``: equal-width buckets,
+500 steps, threshold max(1.5, 2·p99), the scaled-sum nerve rule), run in the same process.
 
 "best F1" sweeps every threshold over the same scores: the gap between it and F1 is what
 kiri's own threshold gives away ("separates" versus "decides").
@@ -39,10 +41,32 @@ import torch
 from kiri.model import calibrate as cal
 from kiri.model import schema as S
 from kiri.model import streams, synth
-from kiri.model.codec import values_of
-from kiri.model.detect import Detector
+from kiri.model.codec import Codec, values_of
+from kiri.model.detect import Detector, schema_for
+from kiri.model.score import Scorer
+from kiri.model.train import TrainConfig, Trainer
 
 WEEK = 7 * 86400.0
+
+
+def before(schema: S.AtomSchema, learn: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """kiri's defaults before calibrated detection, for the before/after columns: the schema's
+    equal-width buckets, 500 steps, the longest context that fits, a random 20% hold-out,
+    threshold max(1.5, 2 x p99 of held-out scores), verdict score > threshold, no retraining.
+
+    Returns (score / threshold, flags).
+    """
+    k = schema.max_context()
+    codec = Codec.fixed(schema)
+    t = Trainer(schema, codec.encode(learn), TrainConfig(steps=500, trim=0.0, context=k), split="random")
+    t.run()
+    sc = Scorer.from_model(schema, t.model, k)
+    held = sc.score(codec.encode(learn)).mean[t.held] if len(t.held) >= 200 else sc.score(codec.encode(learn)).mean
+    p99 = float(torch.quantile(held.float(), 0.99)) if len(held) else 0.0
+    threshold = max(1.5, 2.0 * p99)
+    ids = codec.encode(np.concatenate([learn[len(learn) - k:], test])) if k else codec.encode(test)
+    score = sc.score(ids, start=k if k else 0).mean.numpy()
+    return score / threshold, score > threshold
 
 
 def prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
@@ -86,38 +110,50 @@ def best_f1(stat: np.ndarray, events: list[tuple[int, int, str]], late: int) -> 
 def single_streams(seeds: int, contaminations: list[float], n: int, late: int, kinds: list[str]) -> None:
     print(f"\n== single streams: {len(kinds)} kinds x {seeds} seeds, {n} observations at 5 min, "
           f"learning on the first {streams.learn_size(n)}; budget {cal.DEFAULT_ALARMS_PER_WEEK:g} alarms/week ==")
-    print(f"{'training':>12s} {'class':>11s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'best F1':>8s}")
+    print(f"{'training':>12s} {'kiri':>6s} {'class':>11s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'best F1':>8s}")
     learn = streams.learn_size(n)
     for c in contaminations:
-        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        bests = []
+        totals: dict[str, dict[str, list[int]]] = {w: defaultdict(lambda: [0, 0]) for w in ("before", "now")}
+        bests: dict[str, list[float]] = {"before": [], "now": []}
         for seed in range(seeds):
             for kind in kinds:
                 st = streams.generate(kind, n=n, seed=seed, learn=learn, contamination=c)
                 det = Detector(interval=st.interval, seed=seed).fit(st.values[:learn])
                 r = det.score(st.values[learn:])
                 ev = [(s - learn, e - learn, k) for s, e, k in st.events() if s >= learn]
-                counts = event_scores(r.anomalous, ev, late)
-                for k, v in counts.items():
-                    totals[k][0] += v[0]
-                    totals[k][1] += v[1]
-                bests.append(best_f1(-np.log(r.tail_p), ev, late))
+                ratio, old_flags = before(schema_for(st.values[:learn].reshape(-1, 1)),
+                                          st.values[:learn].reshape(-1, 1), st.values[learn:].reshape(-1, 1))
+                for who, flags, stat in (("now", r.anomalous, -np.log(r.tail_p)), ("before", old_flags, ratio)):
+                    for k, v in event_scores(flags, ev, late).items():
+                        totals[who][k][0] += v[0]
+                        totals[who][k][1] += v[1]
+                    bests[who].append(best_f1(stat, ev, late))
         label = f"{c:.0%} anom."
-        for cls in [*streams.ANOMALIES, None]:
-            p, rr, f = f1_of(totals, cls)
-            extra = f"{np.mean(bests):8.3f}" if cls is None else ""
-            print(f"{label:>12s} {cls or 'overall':>11s} {p:9.3f} {rr:7.3f} {f:6.3f} {extra}")
+        for who in ("before", "now"):
+            for cls in [*streams.ANOMALIES, None]:
+                p, rr, f = f1_of(totals[who], cls)
+                extra = f"{np.mean(bests[who]):8.3f}" if cls is None else ""
+                print(f"{label:>12s} {who:>6s} {cls or 'overall':>11s} {p:9.3f} {rr:7.3f} {f:6.3f} {extra}")
     # anomaly-free alarm rate against the budget
-    alarms = weeks = 0.0
+    alarms: dict[str, float] = defaultdict(float)
+    per_kind: dict[str, float] = defaultdict(float)
+    weeks = 0.0
     for seed in range(seeds):
         for kind in kinds:
             st = streams.generate(kind, n=n, seed=100 + seed, anomalies=0)
             det = Detector(interval=st.interval, seed=seed).fit(st.values[:learn])
             r = det.score(st.values[learn:])
-            alarms += int(r.anomalous.sum())
+            _, old_flags = before(schema_for(st.values[:learn].reshape(-1, 1)), st.values[:learn].reshape(-1, 1),
+                                  st.values[learn:].reshape(-1, 1))
+            alarms["now"] += int(r.anomalous.sum())
+            alarms["before"] += int(old_flags.sum())
+            per_kind[kind] += int(r.anomalous.sum())
             weeks += (n - learn) * st.interval / WEEK
-    print(f"anomaly-free: {alarms / weeks:.2f} alarms/week (budget {cal.DEFAULT_ALARMS_PER_WEEK:g}; "
-          f"{int(alarms)} alarms in {weeks:.1f} stream-weeks)")
+    for who in ("before", "now"):
+        print(f"anomaly-free, {who}: {alarms[who] / weeks:.2f} alarms/week (budget {cal.DEFAULT_ALARMS_PER_WEEK:g}; "
+              f"{int(alarms[who])} alarms in {weeks:.1f} stream-weeks)")
+    print("  now, per kind (alarms/week): " + ", ".join(f"{k} {v / (weeks / len(kinds)):.1f}"
+                                                       for k, v in per_kind.items()))
 
 
 # --- composition --------------------------------------------------------------------------
@@ -176,13 +212,14 @@ def composition(seeds: int, contaminations: list[float]) -> None:
             ps, old = [], []
             for atom in ("pulse", "rhythm"):
                 schema = S.get(atom)
-                det = Detector(schema, interval=300.0, seed=seed).fit(values_of(schema, train[atom].rows))
-                r = det.score(values_of(schema, test[atom].rows))
+                learn_v, test_v = values_of(schema, train[atom].rows), values_of(schema, test[atom].rows)
+                det = Detector(schema, interval=300.0, seed=seed).fit(learn_v)
+                r = det.score(test_v)
                 ps.append(r.tail_p)
-                old.append(r.surprise / det.scorer.threshold)
+                old.append(before(schema, learn_v, test_v)[0])
             rate = cal.alarm_rate(cal.DEFAULT_ALARMS_PER_WEEK, 300.0)
             combined = np.array([cal.combine([a, b]) for a, b in zip(ps[0], ps[1], strict=True)])
-            rules = {"nerve": (combined < rate, -np.log(combined)), "old": (old[0] + old[1] >= 1.0, old[0] + old[1])}
+            rules = {"before": (old[0] + old[1] >= 1.0, old[0] + old[1]), "now": (combined < rate, -np.log(combined))}
             lab = np.array([x or "" for x in labels])
             for name, (flag, stat) in rules.items():
                 for cls in [*COMPOSITION, "overall"]:

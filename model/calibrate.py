@@ -83,7 +83,7 @@ class Tail:
         k = np.asarray(self.knots)
         log_surv = np.log1p(-np.asarray(BODY))  # log S at each knot
         body = np.exp(np.interp(x, k, log_surv, left=0.0))
-        beyond = (1.0 - BODY[-1]) * np.exp(-(x - k[-1]) / self.beta)
+        beyond = (1.0 - BODY[-1]) * np.exp(np.minimum(0.0, -(x - k[-1]) / self.beta))  # used where x > k[-1]
         return np.clip(np.where(x > k[-1], beyond, body), MIN_P, 1.0)
 
     def isf(self, p: float) -> float:

@@ -34,6 +34,7 @@ from kiri.model.train import TrainConfig
 from kiri.model.weights import load_weights
 
 DEFAULT_BUCKETS = 32
+MIN_RECENT = 500  # out-of-sample scores needed before they replace a training run's calibration
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,24 @@ def as_values(schema: AtomSchema | None, data: Any) -> tuple[np.ndarray, list[st
     return (arr.reshape(-1, 1) if arr.ndim <= 1 else arr), None
 
 
+def regime_aware(flagged: np.ndarray, persist: int) -> np.ndarray:
+    """Verdicts from raw flags: within a run of consecutive flags only the first ``persist`` alarm.
+
+    A level never seen before, holding, is anomalous at its start and a new regime after a
+    while; alarming on every reading until a retrain learns it buries the one alert that
+    mattered under dozens that do not.
+    """
+    f = np.asarray(flagged, dtype=bool)
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], f.astype(np.int8)])) == 1)
+    run_pos = np.zeros(len(f), dtype=np.int64)
+    for s0 in starts:
+        e = s0
+        while e < len(f) and f[e]:
+            e += 1
+        run_pos[s0:e] = np.arange(e - s0)
+    return f & (run_pos < persist)
+
+
 class Detector:
     """Fit on history, score new observations (module doc). Defaults are kiri's defaults."""
 
@@ -112,8 +131,11 @@ class Detector:
         self.buckets = buckets
         self.scorer: Scorer | None = None
         self.history = np.empty((0, 0))
-        self.flags = np.zeros(0, dtype=bool)  # verdict of each history row
+        self.flags = np.zeros(0, dtype=bool)  # each history row: judged anomalous (left out of retraining)?
+        self.alarmed = np.zeros(0, dtype=bool)  # the latest rows' raw alarm flags (for regime_aware)
         self.past_scores = np.empty(0)
+        self.scores = np.empty(0)  # scores given while watching (out of sample), newest last
+        self.score_alarms = np.zeros(0, dtype=bool)  # and whether each was an alarm
         self.blob: bytes | None = None
         self.retrains = 0
 
@@ -135,16 +157,21 @@ class Detector:
         return self
 
     @property
+    def window_size(self) -> int:
+        """Observations a retrain learns from: the latest week (at least the history fitted on)."""
+        return min(20000, self.window or max(len(self.history), int(7 * 86400.0 / (self.interval or 300.0)), 500))
+
+    @property
     def every(self) -> int:
         """Observations between retrains: a day's worth (at least 100)."""
         return self.retrain_every or max(100, int(86400.0 / (self.interval or 300.0)))
 
     @property
     def persist(self) -> int:
-        """A flagged run longer than a quarter of the retrain interval (6 hours of a day) is a
-        change to learn, not an anomaly to leave out; shorter than the interval, so that the
-        next retrain already sees it as one."""
-        return max(12, self.every // 4)
+        """A run of alarms longer than this (an hour of a day's retrain interval) is a change of
+        regime: it stops alarming (the owner heard at its start) and the next retrain learns
+        it as the new normal instead of leaving it out."""
+        return max(6, self.every // 24)
 
     def _train(self, values: np.ndarray, init: bytes | None, flagged: np.ndarray | None) -> None:
         assert self.schema is not None
@@ -157,6 +184,13 @@ class Detector:
         self.scorer = Scorer(load_weights(self.blob))
         if flagged is None:
             self.flags = fitted.flagged
+        # Recalibrate on this stream's recent normal: the scores it got while being watched
+        # (each from a model that had not seen it) that were not judged anomalous. Far more
+        # of them than a training run holds out, and they hold every kind of day it has had.
+        ref = self.scores[~self.score_alarms]
+        if len(ref) >= MIN_RECENT:
+            self.scorer.calibration = cal.Calibration.fit(ref)
+            self.scorer.threshold = self.scorer.calibration.threshold(self.alarm_rate)
 
     # --- scoring ----------------------------------------------------------------------------
 
@@ -171,8 +205,7 @@ class Detector:
         values, _ = as_values(self.schema, data)
         n = len(values)
         every = self.every
-        window = self.window or max(len(self.history), int(7 * 86400.0 / (self.interval or 300.0)), 500)
-        window = min(window, 20000)
+        window = self.window_size
         parts: list[tuple[np.ndarray, ...]] = []
         at = 0
         while at < n:
@@ -182,9 +215,8 @@ class Detector:
             if self.learn and at < n:
                 self._train(self.history[-window:], init=self.blob, flagged=self.flags[-window:])
                 self.retrains += 1
-        surprise, tail_p, tok_s, toks = (np.concatenate([p[i] for p in parts]) for i in range(4))
-        rate = self.alarm_rate
-        return Detection(self.schema, surprise, tail_p, tail_p < rate, tok_s, toks, rate)
+        surprise, tail_p, verdict, tok_s, toks = (np.concatenate([p[i] for p in parts]) for i in range(5))
+        return Detection(self.schema, surprise, tail_p, verdict, tok_s, toks, self.alarm_rate)
 
     def _score_chunk(self, values: np.ndarray) -> tuple[np.ndarray, ...]:
         sc = self.scorer
@@ -196,6 +228,11 @@ class Detector:
         tail_p = sc.tail_p(mean, prefix=self.past_scores)
         assert tail_p is not None
         self.history = np.concatenate([self.history, values]) if len(self.history) else values
-        self.flags = np.concatenate([self.flags, tail_p < self.alarm_rate])
+        flags = tail_p < self.alarm_rate
+        self.flags = np.concatenate([self.flags, flags])
+        verdict = regime_aware(np.concatenate([self.alarmed, flags]), self.persist)[-len(values):]
+        self.alarmed = np.concatenate([self.alarmed[-self.persist:], flags])
         self.past_scores = np.concatenate([self.past_scores[-64:], mean])
-        return mean, tail_p, result.surprise.numpy(), result.token_ids.numpy()
+        self.scores = np.concatenate([self.scores, mean])[-self.window_size:]
+        self.score_alarms = np.concatenate([self.score_alarms, flags])[-self.window_size:]
+        return mean, tail_p, verdict, result.surprise.numpy(), result.token_ids.numpy()

@@ -47,10 +47,10 @@ class TrainConfig:
     # calibration is fitted on their scores (data the model has not fitted, never labels).
     holdout: float = 0.2
     # Share of each batch's loss, its most surprising windows', left out once training has
-    # warmed up (at 32 windows a batch, 5% is its single worst window): a few percent of
-    # anomalies in the history then pull the model towards themselves far less (a trimmed
-    # likelihood), and on clean data it regularises (measured in bench/detect.py).
-    trim: float = 0.05
+    # warmed up (a trimmed likelihood). Off by default: at 5% (a batch's single worst
+    # window) bench/detect.py measured worse detection, clean and contaminated alike,
+    # since anomalies that recur are learned before they are ever the worst of a batch.
+    trim: float = 0.0
     patience: int = 4  # evaluations without a better held-out loss before stopping (auto steps)
 
     def __post_init__(self) -> None:

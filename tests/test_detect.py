@@ -174,3 +174,11 @@ def test_old_weights_without_codec_or_calibration_score_as_before() -> None:
     want = -logp.gather(1, ids[5].view(-1, 1)).view(-1)
     assert torch.allclose(r.surprise[5], want, atol=1e-5)
     assert sc.verdicts(r.mean, sc.tail_p(r.mean)).tolist() == (r.mean > 2.0).tolist()
+
+
+def test_a_run_of_alarms_stops_alarming_after_persist_readings() -> None:
+    from kiri.model.detect import regime_aware
+
+    flags = np.array([0, 1, 1, 1, 1, 1, 0, 1, 1, 0], dtype=bool)
+    assert regime_aware(flags, 3).tolist() == [False, True, True, True, False, False, False, True, True, False]
+    assert regime_aware(np.zeros(0, dtype=bool), 3).tolist() == []
