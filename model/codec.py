@@ -59,8 +59,14 @@ class Codec:
         return cls(schema, tuple(edges), (False,) * schema.width)
 
     @classmethod
-    def fit(cls, schema: AtomSchema, values: np.ndarray) -> Codec:
-        """Edges learned from ``values`` [N, F] (see the module doc); fields too small keep fixed edges."""
+    def fit(cls, schema: AtomSchema, values: np.ndarray, horizon: int = 0) -> Codec:
+        """Edges learned from ``values`` [N, F] (see the module doc); fields too small keep fixed edges.
+
+        ``horizon``: readings these edges must serve before the next fit. A field that is
+        trending gets its beyond-range edge on that side pushed out by the distance the
+        trend covers in twice that time, so steady growth (a disk filling) is not a new
+        level every day.
+        """
         values = np.asarray(values, dtype=np.float64).reshape(-1, schema.width)
         base = cls.fixed(schema)
         edges, fitted = list(base.edges), [False] * schema.width
@@ -68,7 +74,7 @@ class Codec:
             col = values[:, i]
             if f.buckets < FIT_MIN_BUCKETS or len(col) < FIT_MIN_VALUES:
                 continue
-            edges[i] = fit_edges(col, f.buckets, (f.high - f.low) / f.buckets)
+            edges[i] = fit_edges(col, f.buckets, (f.high - f.low) / f.buckets, trend_reach(col, horizon))
             fitted[i] = True
         return cls(schema, tuple(edges), tuple(fitted))
 
@@ -124,7 +130,23 @@ class Codec:
         return cls(schema, tuple(edges), tuple(fitted))
 
 
-def fit_edges(col: np.ndarray, buckets: int, declared: float = 0.0) -> tuple[float, ...]:
+def trend_reach(col: np.ndarray, horizon: int) -> tuple[float, float]:
+    """How far (down, up) a steady trend in ``col`` (time-ordered) carries it in 2·horizon readings.
+
+    The slope is the change between the medians of the first and last fifths, over the
+    readings between them: robust to spikes, and zero for a stream that only wanders.
+    """
+    n = len(col)
+    if horizon <= 0 or n < 50:
+        return 0.0, 0.0
+    fifth = n // 5
+    slope = (float(np.median(col[-fifth:])) - float(np.median(col[:fifth]))) / (n - fifth)
+    reach = abs(slope) * 2 * horizon
+    return (reach, 0.0) if slope < 0 else (0.0, reach)
+
+
+def fit_edges(col: np.ndarray, buckets: int, declared: float = 0.0,
+              reach: tuple[float, float] = (0.0, 0.0)) -> tuple[float, ...]:
     """Inner edges for one field: [beyond-min | quantile buckets of the seen values | beyond-max].
 
     ``declared`` is the schema's own bucket width: the resolution its author said matters.
@@ -153,10 +175,10 @@ def fit_edges(col: np.ndarray, buckets: int, declared: float = 0.0) -> tuple[flo
             if not cuts or q - cuts[-1] >= max(declared / 4, 1e-9 * span):
                 cuts.append(q)
         margin = max(MARGIN * span, declared / 2)
-    low_edge, high_edge = lo - margin, hi + margin
+    low_edge, high_edge = lo - max(margin, reach[0]), hi + max(margin, reach[1])
     if high_edge <= low_edge:  # a constant field: any change leaves the middle bucket
         margin = max(abs(lo) * 1e-6, 1e-9)
-        low_edge, high_edge = lo - margin, hi + margin
+        low_edge, high_edge = lo - max(margin, reach[0]), hi + max(margin, reach[1])
     inner_cuts = [c for c in cuts if low_edge < c < high_edge]
     edges = [low_edge, *inner_cuts, high_edge]
     return tuple(float(e) for e in edges)

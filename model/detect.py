@@ -179,7 +179,7 @@ class Detector:
         if init is not None and config.steps is None:  # a warm start needs a fraction of a fresh run
             config = replace(config, patience=2)
         fitted = robust.fit(self.schema, values, config, self.alarm_rate, init=init, flagged=flagged,
-                            persist=self.persist)
+                            persist=self.persist, horizon=self.every if self.learn else 0)
         self.blob = fitted.blob
         self.scorer = Scorer(load_weights(self.blob))
         if flagged is None:

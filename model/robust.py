@@ -56,8 +56,8 @@ def keep_mask(flagged: np.ndarray, persist: int) -> np.ndarray:
 
 
 def train_once(schema: AtomSchema, values: np.ndarray, config: TrainConfig, init: bytes | None,
-               alarm_rate: float, info: dict | None = None) -> tuple[Trainer, bytes]:
-    codec = Codec.fit(schema, values)
+               alarm_rate: float, info: dict | None = None, horizon: int = 0) -> tuple[Trainer, bytes]:
+    codec = Codec.fit(schema, values, horizon)
     trainer = Trainer(schema, codec.encode(values), config, init=init, codec=codec)
     trainer.run()
     return trainer, trainer.weights_bytes(info, alarm_rate=alarm_rate)
@@ -78,16 +78,16 @@ def judge(blob: bytes, values: np.ndarray) -> np.ndarray:
 
 def fit(schema: AtomSchema, values: np.ndarray, config: TrainConfig, alarm_rate: float, *,
         init: bytes | None = None, flagged: np.ndarray | None = None, persist: int = 288,
-        info: dict | None = None) -> Fitted:
+        info: dict | None = None, horizon: int = 0) -> Fitted:
     """Weights for ``values`` [N, F] that its own anomalies did not teach (module doc).
 
     ``flagged``: verdicts already known for these rows (a retrain); without them, a first
-    model is trained to give them.
+    model is trained to give them. ``horizon``: readings until the next retrain (``Codec.fit``).
     """
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
     if flagged is None:
-        trainer, blob = train_once(schema, values, config, init, alarm_rate, info)
+        trainer, blob = train_once(schema, values, config, init, alarm_rate, info, horizon)
         flagged = judge(blob, values)
         if not flagged.any():
             return Fitted(trainer, blob, np.ones(n, dtype=bool), flagged)
@@ -96,5 +96,5 @@ def fit(schema: AtomSchema, values: np.ndarray, config: TrainConfig, alarm_rate:
         keep = np.ones(n, dtype=bool)
     trainer, blob = train_once(schema, values[keep], config, init, alarm_rate,
                                {**(info or {}), "left_out": int(n - keep.sum()),
-                                "judged_anomalous": float(np.mean(flagged)) if n else 0.0})
+                                "judged_anomalous": float(np.mean(flagged)) if n else 0.0}, horizon)
     return Fitted(trainer, blob, keep, np.asarray(flagged, dtype=bool))
