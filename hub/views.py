@@ -32,7 +32,7 @@ def _verdict(score: sa.Row | None) -> str:
 
 def _latest_score(c: sa.Connection, obs_id: int) -> sa.Row | None:
     s = scores.c
-    return c.execute(sa.select(s.score, s.threshold, s.anomalous, s.surprise, s.weights_id)
+    return c.execute(sa.select(s.score, s.threshold, s.anomalous, s.surprise, s.weights_id, s.tail_p)
                      .where(s.observation_id == obs_id).order_by(s.weights_id.desc()).limit(1)).first()
 
 
@@ -40,13 +40,13 @@ def _observation(schema: AtomSchema, row: sa.Row, score: sa.Row | None) -> dict[
     values = orjson.loads(row.data)
     toks = schema.tokens(schema.encode(values))
     out: dict[str, Any] = {"id": row.id, "atom": schema.name, "time": row.ts, "host": row.host, "values": values,
-                           "tokens": toks, "score": None, "threshold": None, "anomalous": None,
+                           "tokens": toks, "score": None, "threshold": None, "anomalous": None, "tail_p": None,
                            "verdict": _verdict(score), "blame": [], "weights_id": None}
     if score is not None:
         surprise = orjson.loads(score.surprise)
         probs = [math.exp(-v) for v in surprise]
         out.update(score=score.score, threshold=score.threshold, anomalous=bool(score.anomalous),
-                   weights_id=score.weights_id,
+                   weights_id=score.weights_id, tail_p=score.tail_p,
                    blame=[{"token": t, "surprise": v, "probability": p}
                           for t, v, p in zip(toks, surprise, probs, strict=False)])
     return out

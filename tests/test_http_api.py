@@ -156,6 +156,8 @@ def test_metrics_parse_and_carry_the_series(watched):
     score = {s.labels["atom"]: s.value for s in samples("kiri_atom_score")}
     assert score["pulse"] > 0 and score["drift"] >= 0
     assert {s.labels["atom"] for s in samples("kiri_atom_threshold")} == {"pulse", "drift"}
+    tail = {s.labels["atom"]: s.value for s in samples("kiri_atom_tail_probability")}
+    assert set(tail) == {"pulse", "drift"} and all(0 < p <= 1 for p in tail.values())  # calibrated weights
     verdicts = [s for s in samples("kiri_atom_verdict") if s.labels["atom"] == "pulse" and s.value == 1]
     assert len(verdicts) == 1 and verdicts[0].labels["verdict"] in ("normal", "anomaly")
     assert samples("kiri_db_bytes")[0].value > 0 and "kiri_wal_bytes" in fams

@@ -58,6 +58,9 @@ class _Snapshot(Collector):
                                       labels=["atom"])
         verdict = GaugeMetricFamily("kiri_atom_verdict", "The latest observation's verdict (1 for the current one)",
                                     labels=["atom", "verdict"])
+        tail = GaugeMetricFamily("kiri_atom_tail_probability",
+                                 "P(normal data looks at least as unusual as the latest observation); "
+                                 "absent for weights from before calibration", labels=["atom"])
         seen = GaugeMetricFamily("kiri_atom_last_observation_timestamp_seconds",
                                  "When the atom's latest observation was taken", labels=["atom"])
         for a in s["atoms"]:
@@ -69,7 +72,9 @@ class _Snapshot(Collector):
                 score.add_metric([name], a["score"])
                 thr.add_metric([name], a["threshold"])
                 anomalous.add_metric([name], 1.0 if a["anomalous"] else 0.0)
-        yield from (score, thr, anomalous, verdict, seen)
+                if a.get("tail_p") is not None:
+                    tail.add_metric([name], a["tail_p"])
+        yield from (score, thr, anomalous, tail, verdict, seen)
         nerve = GaugeMetricFamily("kiri_nerve_decision", "The nerve's latest action (1 for the current one)",
                                   labels=["action"])
         if s["nerve"] is not None:
