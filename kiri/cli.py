@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -75,22 +76,35 @@ def _param(ctx: click.Context, _p: click.Parameter, values: tuple[str, ...]) -> 
     return out
 
 
+def _finite(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+    """FloatRange lets NaN through (every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 @main.command()
 @click.argument("kind")
 @click.argument("atom", required=False)
 @click.option("-p", "--param", "params", multiple=True, callback=_param, metavar="KEY=VALUE",
               help="A task parameter (value parsed as JSON when it can be). Repeatable.")
 @click.option("--steps", type=click.IntRange(1, 10**9), help="Training steps (sets param steps).")
+@click.option("--alarms-per-week", type=click.FloatRange(0, 10_000, min_open=True), callback=_finite,
+              help="A train task's alarm budget: how often normal data may alarm (sets param alarms_per_week; "
+                   "default 2).")
 @click.option("--priority", default=0, show_default=True, type=click.IntRange(-1000, 1000))
 @click.option("--delay", default=0.0, show_default=True, type=click.FloatRange(0), help="Seconds to wait first.")
 @click.option("--max-attempts", default=5, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--dedupe-key", help="Skip if an unfinished task with this key exists.")
 @pass_ctx
 def enqueue(c: Ctx, kind: str, atom: str | None, params: dict[str, Any], steps: int | None,
-            priority: int, delay: float, max_attempts: int, dedupe_key: str | None) -> None:
+            alarms_per_week: float | None, priority: int, delay: float, max_attempts: int,
+            dedupe_key: str | None) -> None:
     """Queue a task of KIND (train, collect, score, ...) for ATOM; prints its id."""
     if steps is not None:
         params["steps"] = steps
+    if alarms_per_week is not None:
+        params["alarms_per_week"] = alarms_per_week
     body: dict[str, Any] = {"kind": kind, "params": params, "priority": priority, "delay": delay,
                             "max_attempts": max_attempts}
     if atom:

@@ -32,6 +32,8 @@ def test_enqueue_list_show_cancel_retry_stats(hub):
     assert "queued" in kiri(hub, "retry", tid).stdout
     listed = json.loads(kiri(hub, "--json", "tasks", "--status", "queued", "--kind", "train").stdout)
     assert {t["id"] for t in listed["tasks"]} == {1, 2}
+    budget = kiri(hub, "enqueue", "train", "drift", "--alarms-per-week", "0.5").stdout.strip()
+    assert json.loads(kiri(hub, "--json", "task", budget).stdout)["task"]["params"] == {"alarms_per_week": 0.5}
     stats = kiri(hub, "stats").stdout
     assert "QUEUED" in stats and "train" in stats
     assert json.loads(kiri(hub, "--json", "stats").stdout)["tasks"]
@@ -50,6 +52,9 @@ def test_cli_errors_are_clear_and_change_nothing(hub):
     assert out.returncode == 2
     out = kiri(hub, "cancel", "0", ok=False)
     assert out.returncode == 2
+    for bad in ("0", "-1", "abc", "nan"):
+        out = kiri(hub, "enqueue", "train", "pulse", "--alarms-per-week", bad, ok=False)
+        assert out.returncode == 2 and "--alarms-per-week" in out.stderr
     assert hub.sql("select count(*) from tasks")[0][0] == 0
 
 
