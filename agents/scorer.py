@@ -62,8 +62,9 @@ def score(ctx: TaskContext) -> dict[str, Any]:
         ids = sc.encode(values_of(sc.schema, [o["values"] for o in context + work["observations"]]))
         result = sc.score(ids)
         n_ctx = len(context)
-        means = result.value.tolist()
-        tail = sc.tail_p(result.value[n_ctx:], prefix=result.value[:n_ctx].numpy())
+        mean = result.mean
+        means = mean.tolist()
+        tail = sc.tail_p(mean[n_ctx:], prefix=mean[:n_ctx].numpy())
         tail_ps = tail.tolist() if tail is not None else [None] * (len(means) - n_ctx)
         means, per = means[n_ctx:], result.surprise[n_ctx:].tolist()
         # the batch's most unusual observation: lowest tail probability, else highest score

@@ -177,12 +177,12 @@ def quality_gate(hub: Any, schema: Any, trainer: Any, values: Any, margin: float
     (1 - margin). With no active version, or no held-out windows, it passes by default.
     Each model reads the raw values through its own codec (the edges it was trained with).
     """
+    from kiri.model.codec import Codec
     from kiri.model.score import Scorer, separation
     from kiri.model.weights import WeightsError, load_weights
 
     trainer.model.eval()
-    ids = (trainer.codec.encode(values) if trainer.codec is not None else Scorer.from_model(
-        schema, trainer.model, trainer.k).encode(values))
+    ids = (trainer.codec or Codec.fixed(schema)).encode(values)
     new = separation(Scorer.from_model(schema, trainer.model, trainer.k), ids, trainer.held)
     trainer.model.train()
     out: dict[str, Any] = {"new": new, "active": None, "margin": margin, "passed": True, "reason": None}

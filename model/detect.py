@@ -103,15 +103,10 @@ def regime_aware(flagged: np.ndarray, persist: int) -> np.ndarray:
     while; alarming on every reading until a retrain learns it buries the one alert that
     mattered under dozens that do not.
     """
-    f = np.asarray(flagged, dtype=bool)
-    starts = np.flatnonzero(np.diff(np.concatenate([[0], f.astype(np.int8)])) == 1)
-    run_pos = np.zeros(len(f), dtype=np.int64)
-    for s0 in starts:
-        e = s0
-        while e < len(f) and f[e]:
-            e += 1
-        run_pos[s0:e] = np.arange(e - s0)
-    return f & (run_pos < persist)
+    out = np.asarray(flagged, dtype=bool).copy()
+    for start, end in robust.runs(out):
+        out[start + persist: end] = False
+    return out
 
 
 class Detector:
@@ -224,7 +219,7 @@ class Detector:
         ctx = self.history[len(self.history) - sc.k:] if sc.k else self.history[:0]
         ids = sc.encode(np.concatenate([ctx, values]) if len(ctx) else values)
         result = sc.score(ids, start=len(ctx), flagged=self.flags[len(self.flags) - len(ctx):])
-        mean = result.value.numpy().astype(np.float64)
+        mean = result.mean.numpy().astype(np.float64)
         tail_p = sc.tail_p(mean, prefix=self.past_scores)
         assert tail_p is not None
         self.history = np.concatenate([self.history, values]) if len(self.history) else values

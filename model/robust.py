@@ -37,21 +37,19 @@ class Fitted:
     flagged: np.ndarray  # [N] bool: rows the model judged anomalous
 
 
+def runs(flagged: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end exclusive) of each run of consecutive True values."""
+    f = np.concatenate([[False], np.asarray(flagged, dtype=bool), [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(f))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
 def keep_mask(flagged: np.ndarray, persist: int) -> np.ndarray:
     """Rows to learn from: all but flagged ones, except flagged runs longer than ``persist``."""
-    flagged = np.asarray(flagged, dtype=bool)
-    keep = ~flagged
-    i, n = 0, len(flagged)
-    while i < n:
-        if not flagged[i]:
-            i += 1
-            continue
-        j = i
-        while j < n and flagged[j]:
-            j += 1
-        if j - i > persist:
-            keep[i:j] = True
-        i = j
+    keep = ~np.asarray(flagged, dtype=bool)
+    for start, end in runs(flagged):
+        if end - start > persist:
+            keep[start:end] = True
     return keep
 
 
@@ -70,7 +68,7 @@ def judge(blob: bytes, values: np.ndarray) -> np.ndarray:
     measured worse on bench/detect.py: clean streams then alarm more.)
     """
     sc = Scorer(load_weights(blob))
-    mean = sc.score(sc.encode(values)).value.numpy()
+    mean = sc.score(sc.encode(values)).mean.numpy()
     p = sc.tail_p(mean)
     assert p is not None and sc.alarm_rate is not None
     return p < sc.alarm_rate

@@ -31,21 +31,7 @@ from kiri.model.windows import random_ids, resolve_context, short_window, window
 
 CHUNK = 512
 ORDINAL = "ordinal/1"
-
-
 KERNEL_WIDTH = 0.05  # of a field's bucket count: a neighbour counts 0.54 at 32 buckets, 0.14 at 10
-AGGREGATE = "mean"  # "max" and "top2" measured worse on bench/detect.py
-
-
-def aggregate(surprise: torch.Tensor, how: str) -> torch.Tensor:
-    """[M] scores from per-token surprise [M, F]."""
-    if how == "mean" or surprise.shape[1] == 1:
-        return surprise.mean(dim=1)
-    if how == "max":
-        return surprise.amax(dim=1)
-    if how == "top2":
-        return surprise.topk(min(2, surprise.shape[1]), dim=1).values.mean(dim=1)
-    raise ValueError(f"unknown score aggregate {how!r}")
 
 
 def ordinal_kernels(codec: Codec) -> list[torch.Tensor]:
@@ -76,19 +62,10 @@ class Scores:
     schema: AtomSchema
     token_ids: torch.Tensor  # [M, F]
     surprise: torch.Tensor  # [M, F]  -log p(token)
-    how: str = "mean"  # how per-token surprise becomes one score: "mean" (old weights) or AGGREGATE
-    # [M, F] the surprise the model expected at each token (its predictive entropy under the
-    # ordinal reading), for ordinal weights: how sure it was, shown beside how wrong it was
-    expected: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
         return self.surprise.mean(dim=1)
-
-    @property
-    def value(self) -> torch.Tensor:
-        """The observation's score: what calibration and verdicts use."""
-        return aggregate(self.surprise, self.how)
 
     def breakdown(self, i: int) -> list[dict[str, float | str]]:
         """Per-token blame for one scored observation: token, surprise, probability."""
@@ -113,7 +90,6 @@ class Scorer:
         self.ordinal = info.get("scoring") == ORDINAL
         self.calibration = Calibration.from_dict(info.get("calibration"))
         self.alarm_rate = float(info["alarm_rate"]) if "alarm_rate" in info else None
-        self.how = str(info.get("aggregate", "mean"))
         self._kernels = ordinal_kernels(self.codec) if self.ordinal else None
 
     @classmethod
@@ -123,7 +99,6 @@ class Scorer:
         self.schema, self.model, self.k, self.threshold = schema, model, context, 1.5
         self.codec = codec or Codec.fixed(schema)
         self.ordinal, self.calibration, self.alarm_rate = ordinal, None, None
-        self.how = AGGREGATE if ordinal else "mean"
         self._kernels = ordinal_kernels(self.codec) if ordinal else None
         return self
 
@@ -165,13 +140,10 @@ class Scorer:
         return self._forward(w)
 
     def _forward(self, w: torch.Tensor) -> torch.Tensor:
-        """Surprise at each window's last F tokens, in chunks small enough to stay in cache.
-
-        [M, F]; for ordinal weights [M, 2F]: the surprise, then the surprise expected there.
-        """
+        """Surprise at each window's last F tokens, in chunks small enough to stay in cache."""
         f = self.schema.width
         fwd = Forward({n: p.detach() for n, p in self.model.named_parameters()}, self.model.size)
-        out = torch.empty((len(w), f if self._kernels is None else 2 * f))
+        out = torch.empty((len(w), f))
         table = fwd.first_layer_table(w.shape[1] - 1)
         for i in range(0, len(w), CHUNK):
             chunk = w[i: i + CHUNK]
@@ -184,17 +156,14 @@ class Scorer:
         return out
 
     def _ordinal(self, logp: torch.Tensor, targets: torch.Tensor, out: torch.Tensor) -> None:
-        """Ordinal surprise (module doc) of targets [n, f] under log-probabilities [n, f, V] into
-        out[:, :f], and its expectation under the model's own prediction into out[:, f:]."""
+        """Ordinal surprise (module doc) of targets [n, f] under log-probabilities [n, f, V], into out [n, f]."""
         assert self._kernels is not None
-        f = targets.shape[1]
         for j, (off, kern) in enumerate(zip(self.schema.offsets(), self._kernels, strict=True)):
             nb = kern.shape[0]
             p = logp[:, j, off: off + nb].exp()  # [n, B]
-            s = torch.mm(p, kern).clamp_min_(1e-30).log_().neg_()  # [n, B]: ordinal surprise of every bucket
+            smooth = torch.mm(p, kern)  # [n, B]: p~ at every bucket
             b = (targets[:, j] - off).clamp_(0, nb - 1).unsqueeze(1)
-            out[:, j] = s.gather(1, b).squeeze(1)
-            out[:, f + j] = (p * s).sum(1) / p.sum(1).clamp_min_(1e-30)
+            out[:, j] = smooth.gather(1, b).squeeze(1).clamp_min_(1e-30).log_().neg_()
 
     def score(self, ids: torch.Tensor, start: int = 0, flagged: Sequence[bool] | None = None) -> Scores:
         """Score observations ``start`` … N-1 of ``ids`` [N, F], each given up to k predecessors.
@@ -214,17 +183,10 @@ class Scorer:
         full = windows(ids, self.k, start)
         if len(full):
             parts.append(self._surprise(full))
-        width = f if self._kernels is None else 2 * f
-        raw = torch.cat(parts) if parts else torch.empty((0, width))
+        surprise = torch.cat(parts) if parts else torch.empty((0, f))
         if self.calibration is not None and self.k and n > start:
-            raw = self._past_anomalies(ids, start, raw, flagged)
-        if self._kernels is None:
-            return Scores(self.schema, ids[start:], raw, self.how)
-        return Scores(self.schema, ids[start:], raw[:, :f], self.how, expected=raw[:, f:])
-
-    def _value(self, raw: torch.Tensor) -> torch.Tensor:
-        """Scores of raw ``_forward`` rows (surprise, or surprise and expected)."""
-        return aggregate(raw[:, : self.schema.width], self.how)
+            surprise = self._past_anomalies(ids, start, surprise, flagged)
+        return Scores(self.schema, ids[start:], surprise)
 
     def _past_anomalies(self, ids: torch.Tensor, start: int, surprise: torch.Tensor,
                         flagged: Sequence[bool] | None) -> torch.Tensor:
@@ -235,7 +197,7 @@ class Scorer:
             given = np.asarray(flagged, dtype=bool)[-start:] if start else np.zeros(0, dtype=bool)
             bad[start - len(given): start] = given
         rate = self.alarm_rate if self.alarm_rate is not None else 1e-3
-        bad[start:] = self.calibration.point_p(self._value(surprise).numpy()) < rate / 2
+        bad[start:] = self.calibration.point_p(surprise.mean(dim=1).numpy()) < rate / 2
         if not bad.any():
             return surprise
         # each row's stand-in: itself if normal, else the nearest earlier normal row
@@ -254,7 +216,7 @@ class Scorer:
         out = surprise.clone()
         for idx in by_len.values():
             clean = self._surprise(torch.stack([rows[i] for i in idx]))
-            better = self._value(clean) < self._value(out[[targets[i] - start for i in idx]])
+            better = clean.mean(dim=1) < out[[targets[i] - start for i in idx]].mean(dim=1)
             for j, i in enumerate(idx):
                 if better[j]:
                     out[targets[i] - start] = clean[j]

@@ -175,7 +175,6 @@ class Trainer:
         self.early = self.auto and len(self.val_windows) >= 10
         self.eval_every = max(10, self.total_steps // 40)
         self.trim_from = self.total_steps // 10 if self.examples is None else self.total_steps + 1
-        self.active = torch.arange(len(self.windows))
         self.fingerprint = data_fingerprint(self.ids)
         self.model = Atom.for_schema(self.schema)
         gen = torch.Generator().manual_seed(c.seed)
@@ -189,7 +188,7 @@ class Trainer:
         # Hand-derived forward/backward and fused Adam over flat buffers (see train_step.py).
         self.fast = TrainStep(self.model, betas=(c.beta1, c.beta2), eps=c.eps)
         self.shuffle = torch.Generator().manual_seed(c.seed + 1)
-        self.perm = torch.randperm(len(self.active), generator=self.shuffle)
+        self.perm = torch.randperm(len(self.windows), generator=self.shuffle)
         self.pos = 0
         self.epoch = 0
         self.step_no = 0
@@ -220,8 +219,8 @@ class Trainer:
             if self.pos >= len(self.perm):
                 self.epoch += 1
                 self.pos = 0
-                self.perm = torch.randperm(len(self.active), generator=self.shuffle)
-        return self.windows[self.active[torch.cat(parts) if len(parts) > 1 else parts[0]]]
+                self.perm = torch.randperm(len(self.windows), generator=self.shuffle)
+        return self.windows[torch.cat(parts) if len(parts) > 1 else parts[0]]
 
     def _distinct(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch as its distinct windows and each one's share of the mean loss per token.
@@ -308,7 +307,6 @@ class Trainer:
                                 f"adam.{name}.exp_avg_sq": v})
         tensors["rng.shuffle"] = self.shuffle.get_state()
         tensors["data.perm"] = self.perm
-        tensors["data.active"] = self.active
         if self.best_flat is not None:
             tensors["early.best"] = self.best_flat
         meta = {
@@ -345,8 +343,6 @@ class Trainer:
         t.fast.load_adam({k.removeprefix("adam."): v for k, v in tensors.items() if k.startswith("adam.")})
         t.shuffle.set_state(tensors["rng.shuffle"])
         t.perm = tensors["data.perm"].clone()
-        if "data.active" in tensors:
-            t.active = tensors["data.active"].clone()
         t.pos, t.epoch, t.step_no = int(meta["pos"]), int(meta["epoch"]), int(meta["step"])
         t.last_loss, t.elapsed = float(meta["loss"]), float(meta["elapsed"])
         early = meta.get("early") or {}
@@ -379,7 +375,7 @@ class Trainer:
             rate = alarm_rate if alarm_rate is not None else cal.alarm_rate(cal.DEFAULT_ALARMS_PER_WEEK, 300.0)
             self.model.eval()
             scorer = score.Scorer.from_model(self.schema, self.model, self.k, ordinal=True)
-            all_scores = scorer.score(self.ids).value.numpy()
+            all_scores = scorer.score(self.ids).mean.numpy()
             held = len(self.held) >= 50
             ref = all_scores[self.held.numpy()] if held else all_scores
             calib = Calibration.fit(ref)
@@ -388,7 +384,7 @@ class Trainer:
             base.update(threshold=calib.threshold(rate), alarm_rate=rate, calibration=calib.to_dict(),
                         calibrated_on="holdout" if held else "all", held_out=len(self.held),
                         score_p50=q[0], score_p99=q[1], score_p999=q[2], scoring=ORDINAL,
-                        judged_anomalous=float((p < rate).mean()) if len(p) else 0.0, aggregate=scorer.how,
+                        judged_anomalous=float((p < rate).mean()) if len(p) else 0.0,
                         codec=(self.codec or Codec.fixed(self.schema)).to_dict())
             self.model.train()
         return save_weights(self.schema, self.model, {**base, **(info or {})})
