@@ -374,7 +374,8 @@ class Trainer:
 
             rate = alarm_rate if alarm_rate is not None else cal.alarm_rate(cal.DEFAULT_ALARMS_PER_WEEK, 300.0)
             self.model.eval()
-            scorer = score.Scorer.from_model(self.schema, self.model, self.k, ordinal=True)
+            codec = self.codec or Codec.fixed(self.schema)
+            scorer = score.Scorer.from_model(self.schema, self.model, self.k, ordinal=True, codec=codec)
             all_scores = scorer.score(self.ids).mean.numpy()
             held = len(self.held) >= 50
             ref = all_scores[self.held.numpy()] if held else all_scores
@@ -385,6 +386,6 @@ class Trainer:
                         calibrated_on="holdout" if held else "all", held_out=len(self.held),
                         score_p50=q[0], score_p99=q[1], score_p999=q[2], scoring=ORDINAL,
                         judged_anomalous=float((p < rate).mean()) if len(p) else 0.0,
-                        codec=(self.codec or Codec.fixed(self.schema)).to_dict())
+                        codec=codec.to_dict())
             self.model.train()
         return save_weights(self.schema, self.model, {**base, **(info or {})})

@@ -182,3 +182,14 @@ def test_a_run_of_alarms_stops_alarming_after_persist_readings() -> None:
     flags = np.array([0, 1, 1, 1, 1, 1, 0, 1, 1, 0], dtype=bool)
     assert regime_aware(flags, 3).tolist() == [False, True, True, True, False, False, False, True, True, False]
     assert regime_aware(np.zeros(0, dtype=bool), 3).tolist() == []
+
+
+def test_calibration_is_fitted_on_the_scores_the_weights_will_give() -> None:
+    st = streams.generate("seasonal", n=900, seed=2, anomalies=0)
+    values = st.values.reshape(-1, 1)
+    codec = Codec.fit(ONE, values)
+    t = Trainer(ONE, codec.encode(values), TrainConfig(steps=200), codec=codec)
+    t.run()
+    w = load_weights(t.weights_bytes())
+    held = Scorer(w).score(codec.encode(values)).mean[t.held]
+    assert w.info["score_p50"] == pytest.approx(float(held.median()), rel=0.02)
