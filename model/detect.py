@@ -82,18 +82,33 @@ def schema_for(values: np.ndarray, names: Sequence[str] | None = None, buckets: 
 
 
 def as_values(schema: AtomSchema | None, data: Any) -> tuple[np.ndarray, list[str] | None]:
-    """[N, F] floats from numbers, rows of numbers, or mappings of field to value."""
+    """[N, F] floats from numbers, rows of numbers, or mappings of field to value.
+
+    Refuses what is not a finite number, naming the row: a NaN would otherwise land in an
+    edge bucket and score as an anomaly, or poison the fitted edges.
+    """
+    names = None
     if isinstance(data, np.ndarray | torch.Tensor):
         arr = np.asarray(data, dtype=np.float64)
-        return (arr.reshape(-1, 1) if arr.ndim == 1 else arr), None
-    data = list(data)
-    if data and isinstance(data[0], Mapping):
-        if schema is not None:
-            return values_of(schema, data), None
-        names = list(data[0])
-        return np.array([[float(r[k]) for k in names] for r in data], dtype=np.float64), names
-    arr = np.asarray(data, dtype=np.float64)
-    return (arr.reshape(-1, 1) if arr.ndim <= 1 else arr), None
+    else:
+        data = list(data)
+        if data and isinstance(data[0], Mapping):
+            if schema is not None:
+                return values_of(schema, data), None
+            names = list(data[0])
+            data = [[r.get(k) for k in names] for r in data]
+        try:
+            arr = np.asarray(data, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"values must be numbers: {e}") from None
+    arr = arr.reshape(-1, 1) if arr.ndim <= 1 else arr
+    if arr.ndim != 2 or (schema is not None and arr.shape[1] != schema.width):
+        want = schema.width if schema is not None else "F"
+        raise ValueError(f"values must be [N, {want}] numbers, got shape {tuple(arr.shape)}")
+    bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+    if len(bad):
+        raise ValueError(f"row {int(bad[0])}: {arr[bad[0]].tolist()} is not all finite numbers")
+    return arr, names
 
 
 def regime_aware(flagged: np.ndarray, persist: int) -> np.ndarray:

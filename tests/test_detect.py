@@ -193,3 +193,15 @@ def test_calibration_is_fitted_on_the_scores_the_weights_will_give() -> None:
     w = load_weights(t.weights_bytes())
     held = Scorer(w).score(codec.encode(values)).mean[t.held]
     assert w.info["score_p50"] == pytest.approx(float(held.median()), rel=0.02)
+
+
+def test_detector_refuses_what_is_not_a_finite_number() -> None:
+    good = np.random.default_rng(0).normal(10, 1, 300)
+    for bad in (np.append(good, np.nan), [*good.tolist(), "x"], [{"a": 1.0}, {"a": None}], [[1.0, 2.0], [3.0]]):
+        with pytest.raises(ValueError, match=r"finite|numbers"):
+            Detector(interval=300.0).fit(bad)
+    det = Detector(interval=300.0, learn=False).fit(good)
+    with pytest.raises(ValueError, match="row 1"):
+        det.score(np.array([10.0, np.inf]))
+    with pytest.raises(ValueError, match=r"\[N, 1\]"):
+        det.score(np.ones((3, 2)))
