@@ -15,6 +15,8 @@ from kiri.hub import migrate as mig
 from kiri.hub.db import make_engine, redact
 from kiri.hub.queue import QueueSettings
 from kiri.hub.server import Hub, HubSettings
+from kiri.hub.store_lock import StoreLock, StoreLocked
+from kiri.hub.transport import Limits
 
 log = logging.getLogger("kiri.hub")
 
@@ -73,6 +75,12 @@ def main() -> None:
 @click.option("--backoff-cap", default=300.0, show_default=True, type=click.FloatRange(0, 864000))
 @click.option("--max-line", default=16 << 20, show_default=True, type=click.IntRange(1024, 1 << 30),
               help="Longest protocol line accepted, in bytes.")
+@click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Connections the hub holds at once (agents, CLI, and those not yet past hello).")
+@click.option("--max-per-address", default=256, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Connections from one peer address at once.")
+@click.option("--hello-timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds a new connection has to say hello before it is closed.")
 @click.option("--wal-limit", default=8.0, show_default=True, type=click.FloatRange(0.1, 1 << 20),
               help="MiB of WAL after which the hub forces a truncating checkpoint.")
 @click.option("--tick", default=0.5, show_default=True, type=click.FloatRange(0.01, 60),
@@ -80,7 +88,9 @@ def main() -> None:
 @log_option
 def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: str | None,
           http_port: int, no_http: bool, synchronous: str, lease_ttl: float, backoff_base: float, backoff_cap: float,
-          max_line: int, wal_limit: float, tick: float, log_level: str) -> None:
+          max_line: int, max_connections: int, max_per_address: int, hello_timeout: float,
+          wal_limit: float, tick: float,
+          log_level: str) -> None:
     """Run the hub until SIGTERM/SIGINT."""
     setup_logging(log_level)
     if not config.is_loopback(host) and not token:
@@ -90,19 +100,37 @@ def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: st
         )
     url = resolve_db(db, data_dir)
     settings = HubSettings(
-        db_url=url, host=host, port=port, token=token or None, max_line=max_line, tick=tick,
+        db_url=url, host=host, port=port, token=token or None, tick=tick,
+        limits=Limits(max_line=max_line, max_connections=max_connections, max_per_address=max_per_address,
+                      hello_timeout=hello_timeout),
         wal_max_bytes=int(wal_limit * (1 << 20)), http_port=None if no_http else http_port,
         queue=QueueSettings(lease_ttl=lease_ttl, backoff_base=backoff_base, backoff_cap=backoff_cap),
     )
+    lock = _lock(url)
     try:
         engine = make_engine(url, synchronous=synchronous.upper())  # type: ignore[arg-type]
         mig.upgrade(engine)
     except Exception as e:
         raise click.ClickException(f"cannot open database {redact(url)}: {e}") from e
-    _run(settings, engine)
+    try:
+        _run(settings, engine, lock)
+    finally:
+        lock.release()
 
 
-def _run(settings: HubSettings, engine) -> None:  # type: ignore[no-untyped-def]
+def _lock(url: str) -> StoreLock:
+    """This process's claim on a SQLite database, or a clear refusal naming the holder."""
+    lock = StoreLock.for_url(url)
+    try:
+        lock.acquire()
+    except StoreLocked as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot lock database {redact(url)}: {e}") from e
+    return lock
+
+
+def _run(settings: HubSettings, engine, lock: StoreLock) -> None:  # type: ignore[no-untyped-def]
     try:
         import uvloop
 
@@ -122,6 +150,7 @@ def _run(settings: HubSettings, engine) -> None:  # type: ignore[no-untyped-def]
             raise click.ClickException(f"cannot listen on {where}: {e.strerror or e}") from e
         log.info("kiri hub listening on %s:%d (db %s)", settings.host, hub.bound_port,
                  redact(settings.db_url))
+        lock.describe(f"{settings.host}:{hub.bound_port}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,6 +171,7 @@ def migrate(db: str | None, data_dir: Path | None, revision: str, log_level: str
     """Upgrade (or downgrade) the database schema."""
     setup_logging(log_level)
     url = resolve_db(db, data_dir)
+    lock = _lock(url)  # never change the schema under a running hub
     engine = make_engine(url)
     current = mig.current_revision(engine)
     try:
@@ -151,6 +181,8 @@ def migrate(db: str | None, data_dir: Path | None, revision: str, log_level: str
             mig.upgrade(engine, revision)
     except Exception as e:
         raise click.ClickException(f"migration to {revision} failed: {e}") from e
+    finally:
+        lock.release()
     click.echo(f"{redact(url)}: {current or 'empty'} -> {mig.current_revision(engine) or 'empty'}")
 
 

@@ -23,24 +23,53 @@ STAGED_TTL = 3600.0
 
 
 class AtomRegistry:
-    """Every atom the hub knows: the presets and the user's own, by name."""
+    """Every atom the hub knows: the presets and the user's own, by name.
+
+    A definition is staged while its transaction runs, so a later request in the same batch
+    can already observe the new atom, and it joins the committed set only when the batch
+    commits (``commit``); a rolled-back batch leaves no trace (``rollback``). The HTTP
+    face's reader threads see committed atoms only (``get_committed``, ``all_committed``).
+    """
 
     def __init__(self) -> None:
         self.custom: dict[str, S.AtomSchema] = {}
+        self._staged: dict[str, S.AtomSchema] = {}  # written by the running transaction
 
     def load(self, c: sa.Connection) -> None:
         self.custom = {
             name: S.AtomSchema.from_dict(orjson.loads(text), f"stored atom {name!r}")
             for name, text in c.execute(sa.select(atoms.c.name, atoms.c.schema))
         }
+        self._staged = {}
+
+    def commit(self) -> None:
+        """The transaction that staged definitions committed: they are now the truth."""
+        self.custom.update(self._staged)
+        self._staged = {}
+
+    def rollback(self) -> None:
+        """The transaction that staged definitions rolled back: forget them."""
+        self._staged = {}
 
     def get(self, name: str) -> S.AtomSchema:
+        """An atom as the running transaction sees it (the batch loop only)."""
+        try:
+            return S.get(name, {**self.custom, **self._staged})
+        except S.SchemaError as e:
+            raise InvalidParams(str(e), {"atom": name}) from None
+
+    def get_committed(self, name: str) -> S.AtomSchema:
+        """An atom as committed to the database (safe from the reader threads)."""
         try:
             return S.get(name, self.custom)
         except S.SchemaError as e:
             raise InvalidParams(str(e), {"atom": name}) from None
 
     def all(self) -> list[S.AtomSchema]:
+        mine = {**self.custom, **self._staged}
+        return [*S.PRESETS.values(), *sorted(mine.values(), key=lambda a: a.name)]
+
+    def all_committed(self) -> list[S.AtomSchema]:
         return [*S.PRESETS.values(), *sorted(self.custom.values(), key=lambda a: a.name)]
 
     # --- protocol methods --------------------------------------------------------------
@@ -56,7 +85,7 @@ class AtomRegistry:
         if schema.name in S.PRESETS:
             raise Conflict(f"{schema.name!r} is a preset atom; give yours another name")
         text = orjson.dumps(schema.to_dict(), option=orjson.OPT_SORT_KEYS).decode()
-        old = self.custom.get(schema.name)
+        old = self._staged.get(schema.name) or self.custom.get(schema.name)
         if old is not None:
             if old == schema:
                 return {"atom": schema.name, "created": False}
@@ -71,7 +100,7 @@ class AtomRegistry:
             c.execute(atoms.update().where(atoms.c.name == schema.name).values(schema=text, updated_at=env.now))
         else:
             c.execute(atoms.insert().values(name=schema.name, schema=text, created_at=env.now, updated_at=env.now))
-        self.custom[schema.name] = schema
+        self._staged[schema.name] = schema
         return {"atom": schema.name, "created": old is None}
 
     def validate(self, p: P.Observe, env: Env) -> list[dict[str, Any]]:

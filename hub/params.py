@@ -101,6 +101,25 @@ class Tasks(Params):
     before_id: TaskId | None = None
 
 
+def nesting_depth(value: Any, limit: int) -> int:
+    """How deep lists and objects nest in ``value`` (1 for a flat object), counted only
+    until it passes ``limit``: checked at parse time, because a store of JSON nested past
+    orjson's 254 levels would fail inside a transaction and cost the whole batch a replay."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return deepest
+
+
 def describe(err: ValidationError) -> str:
     """One readable line per problem: ``kinds.0: String should match pattern ...``."""
     parts = []

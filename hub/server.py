@@ -33,6 +33,7 @@ from kiri.hub import weights as W
 from kiri.hub.events import EventBus, publish_batch
 from kiri.hub.reader import Reader
 from kiri.hub.series import SeriesCache
+from kiri.hub.transport import Connection, Connections, Limits
 from kiri.hub.web.app import HttpFace
 from kiri.hub.web.metrics import HubMetrics
 from kiri.protocol import (
@@ -41,7 +42,6 @@ from kiri.protocol import (
     InvalidRequest,
     MethodNotFound,
     ParseError,
-    PayloadTooLarge,
     RpcError,
     Unauthorized,
     Unavailable,
@@ -51,6 +51,9 @@ from kiri.protocol import (
 
 log = logging.getLogger("kiri.hub")
 
+MAX_DEPTH = 64  # nesting of a request's params; orjson itself cannot write beyond 254
+MAX_REFUSED_BEFORE_HELLO = 3
+
 
 @dataclass(frozen=True)
 class HubSettings:
@@ -58,10 +61,8 @@ class HubSettings:
     host: str = "127.0.0.1"
     port: int = 7746
     token: str | None = None
-    max_line: int = 16 << 20
+    limits: Limits = field(default_factory=Limits)
     max_checkpoint: int = 64 << 20
-    max_connections: int = 1024
-    hello_timeout: float = 10.0
     tick: float = 0.5
     wal_checkpoint_every: float = 30.0
     wal_max_bytes: int = 8 << 20
@@ -104,91 +105,6 @@ def _pong(_c: sa.Connection, _p: None, env: Q.Env) -> dict[str, Any]:
     return {"pong": True, "time": env.now}
 
 
-class Connection(asyncio.Protocol):
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.authenticated = False
-        self.agent: str | None = None
-        self.role: str | None = None
-        self.agent_id: int | None = None
-        self.peer = "?"
-        self.bad_tokens = 0
-        self.closed = False
-        self.last_seen = time.time()
-        self.hello_timer: asyncio.TimerHandle | None = None
-
-    # asyncio callbacks
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        if len(self.hub.connections) >= self.hub.settings.max_connections:
-            self.send(reply_err(None, Unavailable("too many connections; try again later")))
-            transport.close()
-            return
-        self.hub.connections.add(self)
-        self.hello_timer = self.hub.loop.call_later(self.hub.settings.hello_timeout, self._hello_timeout)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.hello_timer:
-            self.hello_timer.cancel()
-        self.hub.connection_closed(self)
-
-    def pause_writing(self) -> None:
-        # A client that does not read its replies stops being read from.
-        if self.transport:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.transport and not self.closed:
-            self.transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        limit = self.hub.settings.max_line
-        start = len(self.buf)
-        self.buf += data
-        while True:
-            nl = self.buf.find(b"\n", start)
-            if nl < 0:
-                if len(self.buf) > limit:
-                    self._too_long()
-                return
-            if nl > limit:
-                self._too_long()
-                return
-            line = bytes(self.buf[:nl])
-            del self.buf[: nl + 1]
-            start = 0
-            self.last_seen = time.time()
-            self.hub.handle_line(self, line)
-            if self.closed:
-                return
-
-    # helpers
-    def _too_long(self) -> None:
-        self.send(reply_err(None, PayloadTooLarge(
-            f"line longer than the hub's limit of {self.hub.settings.max_line} bytes; closing")))
-        self.close()
-
-    def _hello_timeout(self) -> None:
-        if not self.authenticated and not self.closed:
-            self.send(reply_err(None, Unauthorized("no hello within the time limit; closing")))
-            self.close()
-
-    def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.buf.clear()
-            self.transport.close()
-
-
 Handler = Callable[[sa.Connection, Any, Q.Env], Any]
 
 
@@ -197,7 +113,7 @@ class Hub:
         self.settings = settings
         self.engine = engine
         self.loop = asyncio.get_running_loop()
-        self.connections: set[Connection] = set()
+        self.connections = Connections(settings.limits, self, self.loop)
         self.pending: list[Op] = []
         self.waiters: list[Op] = []
         self.batch_scheduled = False
@@ -261,7 +177,7 @@ class Hub:
             self.atoms.load(self.db)
         self._arm_due(self._query(lambda c: _min(Q.next_due(c, time.time()), SCH.next_run(c))))
         self.server = await self.loop.create_server(
-            lambda: Connection(self), self.settings.host, self.settings.port, reuse_address=True,
+            self.connections.factory(), self.settings.host, self.settings.port, reuse_address=True,
             backlog=512,
         )
         self.tick_task = self.loop.create_task(self._ticker())
@@ -289,8 +205,7 @@ class Hub:
         for op in self.waiters:
             self._answer_waiter_empty(op)
         self.waiters.clear()
-        for conn in list(self.connections):
-            conn.close()
+        self.connections.close_all()
         await asyncio.sleep(0)
         self._flush_agents()
         self.reader.close()
@@ -310,7 +225,7 @@ class Hub:
         if not line.strip():
             return
         req_id: Any = None
-        has_id = True
+        is_request = False  # a valid request without an id is a notification: no reply
         try:
             try:
                 msg = orjson.loads(line)
@@ -321,18 +236,25 @@ class Hub:
             raw_id = msg.get("id")
             if raw_id is not None and (not isinstance(raw_id, str | int) or isinstance(raw_id, bool)):
                 raise InvalidRequest("id must be a string, an integer or null")
-            req_id, has_id = raw_id, "id" in msg
+            req_id = raw_id
             if msg.get("jsonrpc") != "2.0":
                 raise InvalidRequest('jsonrpc must be "2.0"')
             method = msg.get("method")
             if not isinstance(method, str):
                 raise InvalidRequest("method is missing or not a string")
+            has_id = is_request = "id" in msg
             raw_params = msg.get("params", {})
             if not isinstance(raw_params, dict):
                 raise InvalidParams("params must be an object with named fields")
+            if line.count(b"[") + line.count(b"{") > MAX_DEPTH:  # only then can it nest too deep
+                depth = P.nesting_depth(raw_params, MAX_DEPTH)
+                if depth > MAX_DEPTH:
+                    raise InvalidParams(f"params nest more than {MAX_DEPTH} levels deep; flatten them")
             self._dispatch(conn, req_id, has_id, method, raw_params)
         except RpcError as e:
-            if has_id:
+            # Errors in the request itself are answered even without an id (id null), as
+            # JSON-RPC 2.0 asks; a well-formed notification's errors are not.
+            if is_request or isinstance(e, ParseError | InvalidRequest):
                 self._submit(Op(conn, req_id, "error", e, _raise))
 
     def _dispatch(self, conn: Connection, req_id: Any, has_id: bool, method: str,
@@ -341,6 +263,12 @@ class Hub:
             self._hello(conn, req_id, raw)
             return
         if not conn.authenticated:
+            conn.refused_before_hello += 1
+            if conn.refused_before_hello >= MAX_REFUSED_BEFORE_HELLO:
+                self._run_batch()  # flush earlier replies first
+                conn.send(reply_err(req_id, Unauthorized("requests without hello; closing")))
+                conn.close()
+                return
             raise Unauthorized("say hello first: the first request on a connection must be hello")
         if method == "ping":
             self._submit(Op(conn, req_id, "ping", None, _pong, reply=has_id))
@@ -368,11 +296,9 @@ class Hub:
                 conn.close()
                 return
             raise Unauthorized("wrong token: pass the hub's token with --token or KIRI_TOKEN")
-        conn.authenticated = True
+        self.connections.authenticated(conn)
         conn.agent = p.agent
         conn.role = p.role
-        if conn.hello_timer:
-            conn.hello_timer.cancel()
 
         def register(c: sa.Connection, params: P.Hello, env: Q.Env) -> dict[str, Any]:
             conn.agent_id = Q.upsert_agent(c, params, env)
@@ -436,7 +362,9 @@ class Hub:
             with self.db.begin():
                 for op in ops:
                     results.append(self._exec(op, env))
+            self.atoms.commit()
         except Exception:
+            self.atoms.rollback()
             # The batch as a whole failed (a constraint, a full disk ...): nothing of it was
             # committed. Run each op in its own transaction so only the culprit gets the error.
             log.exception("batch of %d failed; retrying its operations one by one", len(ops))
@@ -447,9 +375,11 @@ class Hub:
                 try:
                     with self.db.begin():
                         res = self._exec(op, one_env)
+                    self.atoms.commit()
                     env.available += one_env.available
                     env.due += one_env.due
                 except Exception as e:
+                    self.atoms.rollback()
                     log.exception("operation %s failed", op.method)
                     res = (op, None, InternalError(f"internal error in {op.method}: {type(e).__name__}"))
                 results.append(res)
@@ -561,8 +491,10 @@ class Hub:
         for w in woken:
             self._submit(w)
 
+    def is_busy(self, conn: Connection) -> bool:
+        return any(w.conn is conn for w in self.waiters)
+
     def connection_closed(self, conn: Connection) -> None:
-        self.connections.discard(conn)
         keep = []
         for w in self.waiters:
             if w.conn is conn:

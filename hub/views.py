@@ -64,7 +64,7 @@ def _active_weights(c: sa.Connection) -> dict[str, dict[str, Any]]:
 
 
 def latest_observation(c: sa.Connection, reg: AtomRegistry, atom: str) -> dict[str, Any] | None:
-    schema = reg.get(atom)
+    schema = reg.get_committed(atom)
     o = observations.c
     row = c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.atom == schema.name)
                     .order_by(o.ts.desc(), o.id.desc()).limit(1)).first()
@@ -106,7 +106,7 @@ def status(c: sa.Connection, reg: AtomRegistry, now: float) -> dict[str, Any]:
     """Everything the front page shows, from one consistent snapshot."""
     active = _active_weights(c)
     atoms_out = []
-    for schema in reg.all():
+    for schema in reg.all_committed():
         if schema.actions:  # the nerve: its decisions are shown apart
             continue
         atoms_out.append({"name": schema.name, "latest": latest_observation(c, reg, schema.name),
@@ -127,13 +127,13 @@ def observation(c: sa.Connection, reg: AtomRegistry, obs_id: int) -> dict[str, A
     row = c.execute(sa.select(o.id, o.atom, o.ts, o.host, o.data).where(o.id == obs_id)).first()
     if row is None:
         raise NotFound(f"observation {obs_id} does not exist")
-    return {"observation": _observation(reg.get(row.atom), row, _latest_score(c, row.id))}
+    return {"observation": _observation(reg.get_committed(row.atom), row, _latest_score(c, row.id))}
 
 
 def series(c: sa.Connection, reg: AtomRegistry, cache: SeriesCache, atom: str, since: float | None,
            until: float | None, points: int) -> dict[str, Any]:
     """An atom's values and scores over a time range, column by column, for a chart."""
-    schema = reg.get(atom)
+    schema = reg.get_committed(atom)
     cols = cache.columns(c, schema)
     out: dict[str, Any] = {"atom": schema.name, "fields": [
         {"name": f.name, "letter": f.letter, "low": f.low, "high": f.high, "buckets": f.buckets}
@@ -153,7 +153,7 @@ def metrics_snapshot(c: sa.Connection, reg: AtomRegistry, db_url: str, now: floa
         prog = orjson.loads(r.progress) if r.progress else {}
         training.append({"task_id": r.id, "atom": r.atom or "", "progress": prog if isinstance(prog, dict) else {}})
     atoms_out = []
-    for schema in reg.all():
+    for schema in reg.all_committed():
         if schema.actions:
             continue
         latest = latest_observation(c, reg, schema.name)
