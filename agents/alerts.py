@@ -38,9 +38,6 @@ class AlertConfig:
     timeout: float = 5.0
 
 
-CONFIG = AlertConfig()
-
-
 def _retrying(cfg: AlertConfig) -> Retrying:
     return Retrying(retry=retry_if_exception_type((OSError, SinkError)), stop=stop_after_attempt(cfg.attempts),
                     wait=wait_exponential_jitter(multiplier=0.2, max=2.0), reraise=True)
@@ -63,9 +60,8 @@ def text_of(alert: dict[str, Any]) -> str:
             + (f"; blame {blame}" if blame else "") + f"; decision {alert['decision_id']}")
 
 
-def deliver(alert: dict[str, Any], cfg: AlertConfig | None = None) -> dict[str, str]:
+def deliver(alert: dict[str, Any], cfg: AlertConfig) -> dict[str, str]:
     """Send one alert to every configured sink; per-sink outcome ('sent' or the error)."""
-    cfg = cfg or CONFIG
     results = {"log": "sent"}
     log.warning("%s", text_of(alert))
     for url in cfg.webhooks:

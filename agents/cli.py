@@ -10,9 +10,11 @@ from pathlib import Path
 import click
 
 from kiri import config
-from kiri.agents import alerts, collector, scorer, trainer  # noqa: F401  (register their handlers)
+from kiri.agents import roles
+from kiri.agents.alerts import AlertConfig
 from kiri.agents.client import HubClient
-from kiri.agents.runner import ROLE_KINDS, Agent
+from kiri.agents.roles import ROLE_KINDS
+from kiri.agents.runner import Agent
 
 
 def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -66,14 +68,15 @@ def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None,
         address = config.parse_address(hub) if hub else config.hub_address()
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--hub") from None
-    alerts.CONFIG = alerts.AlertConfig(
+    sinks = AlertConfig(
         webhooks=[w for item in webhooks for w in item.split() if w], command=alert_command,
         telegram_token=telegram_token, telegram_chat=telegram_chat, telegram_url=telegram_url,
         cooldown=alert_cooldown, max_age=alert_max_age)
     serve = kinds or ROLE_KINDS[role]
     client = HubClient(address, token=token, agent=name, role=role, kinds=serve, reconnect_for=None)
     try:
-        agent = Agent(client, serve, wait=wait, ttl=lease_ttl, max_tasks=max_tasks, journal=journal)
+        agent = Agent(client, roles.handlers(sinks), serve, wait=wait, ttl=lease_ttl, max_tasks=max_tasks,
+                      journal=journal)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     agent.install_signal_handlers()

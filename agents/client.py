@@ -29,18 +29,9 @@ from tenacity import (
 
 from kiri import PROTOCOL_VERSION, __version__, config
 from kiri.protocol import RpcError, request
+from kiri.protocol.methods import IDEMPOTENT  # safe to send again after a dropped connection
 
 log = logging.getLogger("kiri.client")
-
-# Safe to send again after a dropped connection: the hub answers a repeat identically
-# or refuses it without a change.
-IDEMPOTENT = frozenset({
-    "hello", "ping", "heartbeat", "checkpoint", "ack", "fail", "task", "tasks", "stats", "cancel",
-    "atoms", "observations", "abort_import", "weights", "publish_weights", "activate_weights",
-    "scoring_work", "record_scores", "history", "schedules", "scores",
-    "nerve_inputs", "record_decision", "alert_result", "decisions", "labels", "pending_alerts",
-})
-
 
 def schema_from_atoms(atoms: list[dict[str, Any]], name: str) -> Any:
     """The named atom's schema out of the hub's ``atoms`` reply; SchemaError if unknown."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kiri import config
-from kiri.agents.handlers import TaskContext, TaskError, handler
+from kiri.agents.handlers import TaskContext, TaskError
 
 log = logging.getLogger("kiri.collector")
 
@@ -118,7 +118,6 @@ def _macos_idle() -> float | None:
     return int(m.group(1)) / 1e9 if m else None
 
 
-@handler("collect")
 def collect(ctx: TaskContext) -> dict[str, Any]:
     atom = ctx.atom or "pulse"
     now = time.time()

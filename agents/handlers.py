@@ -1,4 +1,4 @@
-"""Task handlers: plain callables registered per task kind.
+"""Task handlers: plain callables, one per task kind, handed to the agent explicitly.
 
 A handler receives a ``TaskContext`` and returns a JSON object (the task's result). It
 reports progress with ``ctx.progress``, saves resumable state with ``ctx.checkpoint``,
@@ -80,15 +80,6 @@ class TaskContext:
 
 
 Handler = Callable[[TaskContext], dict[str, Any] | None]
-HANDLERS: dict[str, Handler] = {}
-
-
-def handler(kind: str) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        HANDLERS[kind] = fn
-        return fn
-
-    return register
 
 
 # --- built-in kinds, for smoke tests and for testing the queue itself ------------------
@@ -100,13 +91,11 @@ def _number(params: dict[str, Any], key: str, default: float, lo: float, hi: flo
     return float(value)
 
 
-@handler("echo")
 def echo(ctx: TaskContext) -> dict[str, Any]:
     """Return the params unchanged: the cheapest possible task."""
     return {"echo": ctx.params}
 
 
-@handler("sleep")
 def sleep(ctx: TaskContext) -> dict[str, Any]:
     """Sleep ``seconds``, reporting progress; interruptible."""
     seconds = _number(ctx.params, "seconds", 1.0, 0, 86400)
@@ -117,7 +106,6 @@ def sleep(ctx: TaskContext) -> dict[str, Any]:
     return {"slept": seconds}
 
 
-@handler("count")
 def count(ctx: TaskContext) -> dict[str, Any]:
     """Count to ``n`` one step per ``interval`` seconds, checkpointing every ``every`` steps.
 
@@ -141,8 +129,11 @@ def count(ctx: TaskContext) -> dict[str, Any]:
     return {"resumed_from": resumed_from, "steps_run": n - resumed_from, "sum": total}
 
 
-@handler("fail")
 def fail(ctx: TaskContext) -> dict[str, Any]:
     """Fail on purpose (``retry`` param: whether it is worth retrying)."""
     raise TaskError(str(ctx.params.get("message", "failed on purpose")),
                     retry=bool(ctx.params.get("retry", True)))
+
+
+# The kinds every agent can serve (``kiri-agent --kinds echo,sleep``), with no model code.
+BUILTIN: dict[str, Handler] = {"echo": echo, "sleep": sleep, "count": count, "fail": fail}

@@ -21,32 +21,26 @@ from typing import Any
 import orjson
 
 from kiri.agents.client import HubClient, HubUnreachable
-from kiri.agents.handlers import HANDLERS, Checkpoint, TaskContext, TaskError, TaskInterrupted
+from kiri.agents.handlers import Checkpoint, Handler, TaskContext, TaskError, TaskInterrupted
 from kiri.protocol import LeaseLost, RpcError
 
 log = logging.getLogger("kiri.agent")
-
-ROLE_KINDS: dict[str, list[str]] = {
-    "trainer": ["train"],
-    "collector": ["collect"],
-    "scorer": ["score"],  # scoring ends with the nerve's decision
-}
-
 
 class _Stop(BaseException):
     """Raised by the signal handler to break out of an idle long-poll."""
 
 
 class Agent:
-    def __init__(self, client: HubClient, kinds: list[str], *, wait: float = 30.0,
-                 ttl: float | None = None, max_tasks: int | None = None,
+    def __init__(self, client: HubClient, handlers: dict[str, Handler], kinds: list[str], *,
+                 wait: float = 30.0, ttl: float | None = None, max_tasks: int | None = None,
                  journal: Path | None = None) -> None:
-        unknown = [k for k in kinds if k not in HANDLERS]
+        unknown = [k for k in kinds if k not in handlers]
         if unknown:
             raise ValueError(
-                f"no handler for task kind(s) {', '.join(unknown)}; known: {', '.join(sorted(HANDLERS))}"
+                f"no handler for task kind(s) {', '.join(unknown)}; known: {', '.join(sorted(handlers))}"
             )
         self.client = client
+        self.handlers = handlers
         self.kinds = kinds
         self.wait = wait
         self.ttl = ttl
@@ -154,7 +148,7 @@ class Agent:
         log.debug("task %s (%s) attempt %s started", task_id, ctx.kind, ctx.attempt)
         outcome: tuple[str, dict[str, Any]]
         try:
-            result = HANDLERS[ctx.kind](ctx)
+            result = self.handlers[ctx.kind](ctx)
             outcome = ("ack", {"result": result if isinstance(result, dict) else {"value": result}})
         except TaskInterrupted as e:
             outcome = ("fail", {"error": f"interrupted: {e}", "retry": True,

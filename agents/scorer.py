@@ -13,7 +13,9 @@ import json
 import logging
 from typing import Any
 
-from kiri.agents.handlers import TaskContext, TaskError, handler
+from kiri.agents import alerts
+from kiri.agents.alerts import AlertConfig
+from kiri.agents.handlers import Handler, TaskContext, TaskError
 
 log = logging.getLogger("kiri.scorer")
 
@@ -37,14 +39,18 @@ def _scorer(hub: Any, weights_id: int) -> Any:
     return Scorer(_weights(hub, weights_id))
 
 
-@handler("score")
-def score(ctx: TaskContext) -> dict[str, Any]:
+def handler(sinks: AlertConfig) -> Handler:
+    """The ``score`` task's handler, delivering alerts to ``sinks``."""
+    return lambda ctx: score(ctx, sinks)
+
+
+def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
     from kiri.model.codec import values_of
 
     if not ctx.atom:
         raise TaskError("a score task needs an atom", retry=False)
     hub = ctx.hub
-    redeliver(hub)
+    redeliver(hub, sinks)
     total = anomalous = 0
     weights_id = None
     actions: dict[str, int] = {}
@@ -76,7 +82,7 @@ def score(ctx: TaskContext) -> dict[str, Any]:
                  "tail_p": tail_ps[i], "alarm_rate": sc.alarm_rate,
                  "blame": sorted(({"token": t, "surprise": v} for t, v in zip(toks, per[i], strict=True)),
                                  key=lambda b: -b["surprise"])}
-        decision, payload = decide(ctx, worst)
+        decision, payload = decide(ctx, worst, sinks)
         # scores and the decision on them are stored in one transaction: a kill loses neither
         res = hub.call("record_scores", {
             "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": ctx.atom, "weights_id": weights_id,
@@ -89,17 +95,16 @@ def score(ctx: TaskContext) -> dict[str, Any]:
         total += res["stored"]
         anomalous += res["anomalous"]
         actions[decision["action"]] = actions.get(decision["action"], 0) + 1
-        act(hub, res["decision"], payload)
+        act(hub, res["decision"], payload, sinks)
         ctx.progress(scored=total, anomalous=anomalous)
     return {"scored": total, "anomalous": anomalous, "weights_id": weights_id, "decisions": actions}
 
 
-def decide(ctx: TaskContext, worst: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def decide(ctx: TaskContext, worst: dict[str, Any], sinks: AlertConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The nerve over every atom's latest score (this atom's worst new one): the decision to
     record, and what an alert about it would say."""
     import time
 
-    from kiri.agents import alerts
     from kiri.model.nerve import Nerve
 
     hub = ctx.hub
@@ -117,8 +122,8 @@ def decide(ctx: TaskContext, worst: dict[str, Any]) -> tuple[dict[str, Any], dic
     scaled = {a: latest.get(a, 0.0) / max(thresholds.get(a, 1.0), 1e-9) for a in latest}
     decision = {
         "observation_id": worst["observation_id"], "inputs": d.inputs | {"thresholds": thresholds},
-        "action": d.action, "probs": d.probs, "policy": d.policy, "cooldown": alerts.CONFIG.cooldown,
-        "stale": time.time() - worst["time"] > alerts.CONFIG.max_age,
+        "action": d.action, "probs": d.probs, "policy": d.policy, "cooldown": sinks.cooldown,
+        "stale": time.time() - worst["time"] > sinks.max_age,
         "retrain_atom": max(scaled, key=scaled.__getitem__) if scaled else ctx.atom,
     }
     payload = {"atom": ctx.atom, "observation_id": worst["observation_id"], "time": worst["time"],
@@ -127,24 +132,22 @@ def decide(ctx: TaskContext, worst: dict[str, Any]) -> tuple[dict[str, Any], dic
     return decision, payload
 
 
-def act(hub: Any, recorded: dict[str, Any], payload: dict[str, Any]) -> None:
+def act(hub: Any, recorded: dict[str, Any], payload: dict[str, Any], sinks: AlertConfig) -> None:
     """Deliver the alert the hub says to deliver (the hub applied the cool-down)."""
     alert = recorded.get("alert")
     if alert and alert["deliver"]:
-        send(hub, {"alert_id": alert["id"], "decision_id": recorded["decision_id"], **payload})
+        send(hub, {"alert_id": alert["id"], "decision_id": recorded["decision_id"], **payload}, sinks)
 
 
-def send(hub: Any, payload: dict[str, Any]) -> None:
-    from kiri.agents import alerts
-
-    outcome = alerts.deliver(payload)
+def send(hub: Any, payload: dict[str, Any], sinks: AlertConfig) -> None:
+    outcome = alerts.deliver(payload, sinks)
     ok = len(outcome) == 1 or any(v == "sent" for k, v in outcome.items() if k != "log")
     hub.call("alert_result", {"alert_id": payload["alert_id"], "status": "sent" if ok else "failed",
                               "detail": json.dumps(outcome)})
 
 
-def redeliver(hub: Any) -> None:
+def redeliver(hub: Any, sinks: AlertConfig) -> None:
     """Alerts whose scorer died between recording and delivering them: deliver them now."""
     for payload in hub.call("pending_alerts", {"older_than": 30.0})["alerts"]:
         log.warning("delivering alert %s left pending by a stopped scorer", payload["alert_id"])
-        send(hub, payload)
+        send(hub, payload, sinks)

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from kiri.agents.client import schema_from_atoms
-from kiri.agents.handlers import TaskContext, TaskError, handler
+from kiri.agents.handlers import TaskContext, TaskError
 from kiri.protocol import RpcError
 
 log = logging.getLogger("kiri.trainer")
@@ -70,7 +70,6 @@ def load_values(hub: Any, schema: Any, obs_to: int | None) -> tuple[Any, list[fl
     return values, times, first, last
 
 
-@handler("train")
 def train(ctx: TaskContext) -> dict[str, Any]:
     from kiri.model.calibrate import DEFAULT_ALARMS_PER_WEEK, alarm_rate, typical_interval
     from kiri.model.codec import Codec

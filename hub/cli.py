@@ -11,12 +11,12 @@ from pathlib import Path
 import click
 
 from kiri import config
-from kiri.hub import migrate as mig
-from kiri.hub.db import make_engine, redact
-from kiri.hub.queue import QueueSettings
+from kiri.hub.core.queue import QueueSettings
+from kiri.hub.core.transport import Limits
 from kiri.hub.server import Hub, HubSettings
-from kiri.hub.store_lock import StoreLock, StoreLocked
-from kiri.hub.transport import Limits
+from kiri.hub.store import migrate as mig
+from kiri.hub.store.db import make_engine, redact
+from kiri.hub.store.lock import StoreLock, StoreLocked
 
 log = logging.getLogger("kiri.hub")
 

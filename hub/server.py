@@ -1,9 +1,11 @@
-"""The hub's TCP face: newline-delimited JSON-RPC 2.0 with group commit and long-poll leases.
+"""The hub: one process, one event loop, one writer connection, composed of its parts.
 
-Everything runs on one asyncio loop thread that owns the single database connection:
-requests that arrive together (in one turn of the loop) are executed in one transaction,
-and their replies are written only after that transaction commits. One writer means no
-"database is locked", and group commit means one fsync serves many requests.
+``core.transport`` cuts bytes into lines and enforces the limits; this module parses each
+line into a JSON-RPC request, checks it against the protocol contract
+(``kiri.protocol.methods``) and hands it to ``core.commit``, which runs each turn's
+requests in one transaction and answers after commit; ``core.wakeups`` parks leases that
+found nothing and keeps time; ``methods`` says which domain function answers each method.
+The HTTP face (``web``) runs on the same loop and writes only through ``Hub.call``.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,18 +22,17 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ValidationError
 
 from kiri import PROTOCOL_VERSION, __version__
-from kiri.hub import db as dbmod
-from kiri.hub import decisions as D
-from kiri.hub import observations as O
-from kiri.hub import params as P
-from kiri.hub import queue as Q
-from kiri.hub import schedules as SCH
-from kiri.hub import scoring as SC
-from kiri.hub import weights as W
-from kiri.hub.events import EventBus, publish_batch
-from kiri.hub.reader import Reader
-from kiri.hub.series import SeriesCache
-from kiri.hub.transport import Connection, Connections, Limits
+from kiri.hub import methods as hub_methods
+from kiri.hub.core import queue as Q
+from kiri.hub.core.commit import GroupCommit, Handler, Op, Outcome
+from kiri.hub.core.events import EventBus, publish_batch
+from kiri.hub.core.transport import Connection, Connections, Limits
+from kiri.hub.core.wakeups import LongPoll, Timers
+from kiri.hub.store import db as dbmod
+from kiri.hub.store.reader import Reader
+from kiri.hub.watch import observations as O
+from kiri.hub.watch import schedules as SCH
+from kiri.hub.watch.series import SeriesCache
 from kiri.hub.web.app import HttpFace
 from kiri.hub.web.metrics import HubMetrics
 from kiri.protocol import (
@@ -48,6 +47,8 @@ from kiri.protocol import (
     reply_err,
     reply_ok,
 )
+from kiri.protocol import methods as M
+from kiri.protocol import params as P
 
 log = logging.getLogger("kiri.hub")
 
@@ -71,26 +72,6 @@ class HubSettings:
     http_host: str | None = None  # default: the same address as the TCP side
 
 
-class Op:
-    """One request waiting for the next batch (or, for a lease, for work to arrive)."""
-
-    __slots__ = ("conn", "deadline", "func", "fut", "kinds", "method", "params", "reply", "req_id", "timer")
-
-    def __init__(self, conn: Connection | None, req_id: Any, method: str, params: Any,
-                 func: Callable[..., Any], reply: bool = True) -> None:
-        self.conn = conn
-        self.req_id = req_id
-        self.method = method
-        self.params = params
-        self.func = func
-        self.reply = reply
-        self.deadline = 0.0
-        self.kinds: frozenset[str] = frozenset()
-        self.timer: asyncio.TimerHandle | None = None
-        # set for calls made inside the hub process (the HTTP face): resolved after commit
-        self.fut: asyncio.Future[Any] | None = None
-
-
 def _raise(_c: sa.Connection, err: RpcError, _env: Q.Env) -> None:
     """An op that answers with a request's error, in its turn."""
     raise err
@@ -101,73 +82,34 @@ def _min(*times: float | None) -> float | None:
     return min(known) if known else None
 
 
-def _pong(_c: sa.Connection, _p: None, env: Q.Env) -> dict[str, Any]:
-    return {"pong": True, "time": env.now}
-
-
-Handler = Callable[[sa.Connection, Any, Q.Env], Any]
-
-
 class Hub:
     def __init__(self, settings: HubSettings, engine: sa.Engine) -> None:
         self.settings = settings
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.connections = Connections(settings.limits, self, self.loop)
-        self.pending: list[Op] = []
-        self.waiters: list[Op] = []
-        self.batch_scheduled = False
         self.closing = False
         self.started_at = time.time()
         self.server: asyncio.Server | None = None
         self.db: sa.Connection = engine.connect()
-        self.due_timer: asyncio.TimerHandle | None = None
-        self.due_at = float("inf")
-        self.tick_task: asyncio.Task[None] | None = None
         self.last_wal_checkpoint = time.monotonic()
-        self.stats_counters: dict[str, int] = {"batches": 0, "ops": 0, "leases": 0, "acks": 0}
+        self.served: dict[str, int] = {"leases": 0, "acks": 0}
         self.atoms = O.AtomRegistry()
+        self.commit = GroupCommit(self.db, settings.queue, self.loop, self._answer, caches=[self.atoms])
+        self.longpoll = LongPoll(self.loop, self.commit.submit)
+        self.timers = Timers(self.loop, settings.tick, self._on_due, self._tick)
         self.events = EventBus()
         self.metrics = HubMetrics()
         self.reader = Reader(settings.db_url)
         self.series = SeriesCache()  # chart columns, kept by the reader's threads
         self.http: HttpFace | None = None
+        handlers = hub_methods.bind(self)
         self.methods: dict[str, tuple[type[BaseModel], Handler]] = {
-            "enqueue": (P.Enqueue, Q.enqueue),
-            "lease": (P.Lease, Q.lease),
-            "heartbeat": (P.Heartbeat, Q.heartbeat),
-            "checkpoint": (P.Checkpoint, self._checkpoint),
-            "ack": (P.Ack, Q.ack),
-            "fail": (P.Fail, Q.fail),
-            "cancel": (P.TaskRef, Q.cancel),
-            "retry": (P.TaskRef, Q.retry),
-            "task": (P.TaskRef, Q.get_task),
-            "tasks": (P.Tasks, Q.list_tasks),
-            "stats": (P.Empty, self._stats),
-            "atoms": (P.Empty, self.atoms.list),
-            "define_atom": (P.DefineAtom, self.atoms.define),
-            "observe": (P.Observe, self._observe),
-            "commit_import": (P.ImportRef, self._commit_import),
-            "abort_import": (P.ImportRef, O.abort_import),
-            "observations": (P.Observations, lambda c, p, env: O.list_observations(self.atoms, c, p, env)),
-            "weights": (P.WeightsQuery, W.query),
-            "publish_weights": (P.PublishWeights, self._publish_weights),
-            "activate_weights": (P.ActivateWeights, self._activate_weights),
-            "scoring_work": (P.ScoringWork, lambda c, p, env: SC.work(self.atoms, c, p, env)),
-            "record_scores": (P.RecordScores, SC.record),
-            "history": (P.History, lambda c, p, env: SC.history(self.atoms, c, p, env)),
-            "scores": (P.Scores, SC.list_scores),
-            "schedule_add": (P.ScheduleAdd, SCH.add),
-            "schedule_rm": (P.ScheduleRef, SCH.remove),
-            "schedules": (P.Empty, SCH.list_all),
-            "nerve_inputs": (P.Empty, D.nerve_inputs),
-            "record_decision": (P.RecordDecision, D.record),
-            "alert_result": (P.AlertResult, D.alert_result),
-            "decisions": (P.Decisions, D.list_decisions),
-            "feedback": (P.Feedback, D.feedback),
-            "labels": (P.Labels, D.list_labels),
-            "pending_alerts": (P.PendingAlerts, D.pending_alerts),
+            name: (M.BY_NAME[name].params, func) for name, func in handlers.items()
         }
+
+    def counters(self) -> dict[str, int]:
+        return {**self.commit.counters, **self.served}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -175,12 +117,12 @@ class Hub:
         with self.db.begin():
             Q.disconnect_all(self.db)
             self.atoms.load(self.db)
-        self._arm_due(self._query(lambda c: _min(Q.next_due(c, time.time()), SCH.next_run(c))))
+        self.timers.arm(self.commit.query(lambda c: _min(Q.next_due(c, time.time()), SCH.next_run(c))))
         self.server = await self.loop.create_server(
             self.connections.factory(), self.settings.host, self.settings.port, reuse_address=True,
             backlog=512,
         )
-        self.tick_task = self.loop.create_task(self._ticker())
+        self.timers.start()
         if self.settings.http_port is not None:
             self.http = HttpFace(self)
             await self.http.start(self.settings.http_host or self.settings.host, self.settings.http_port)
@@ -198,13 +140,10 @@ class Hub:
         self.events.close()
         if self.http is not None:
             await self.http.stop()
-        if self.tick_task:
-            self.tick_task.cancel()
-        if self.pending:
-            self._run_batch()
-        for op in self.waiters:
-            self._answer_waiter_empty(op)
-        self.waiters.clear()
+        self.timers.stop()
+        if self.commit.pending:
+            self.commit.run()
+        self.longpoll.answer_all()
         self.connections.close_all()
         await asyncio.sleep(0)
         self._flush_agents()
@@ -255,7 +194,7 @@ class Hub:
             # Errors in the request itself are answered even without an id (id null), as
             # JSON-RPC 2.0 asks; a well-formed notification's errors are not.
             if is_request or isinstance(e, ParseError | InvalidRequest):
-                self._submit(Op(conn, req_id, "error", e, _raise))
+                self.commit.submit(Op(conn, req_id, "error", e, _raise))
 
     def _dispatch(self, conn: Connection, req_id: Any, has_id: bool, method: str,
                   raw: dict[str, Any]) -> None:
@@ -265,20 +204,17 @@ class Hub:
         if not conn.authenticated:
             conn.refused_before_hello += 1
             if conn.refused_before_hello >= MAX_REFUSED_BEFORE_HELLO:
-                self._run_batch()  # flush earlier replies first
+                self.commit.run()  # flush earlier replies first
                 conn.send(reply_err(req_id, Unauthorized("requests without hello; closing")))
                 conn.close()
                 return
             raise Unauthorized("say hello first: the first request on a connection must be hello")
-        if method == "ping":
-            self._submit(Op(conn, req_id, "ping", None, _pong, reply=has_id))
-            return
         params, func = self._validated(method, raw)
         op = Op(conn, req_id, method, params, func, reply=has_id)
         if method == "lease":
             op.kinds = frozenset(params.kinds)
             op.deadline = time.time() + params.wait
-        self._submit(op)
+        self.commit.submit(op)
 
     def _hello(self, conn: Connection, req_id: Any, raw: dict[str, Any]) -> None:
         try:
@@ -291,7 +227,7 @@ class Hub:
         ):
             conn.bad_tokens += 1
             if conn.bad_tokens >= 3:
-                self._run_batch()  # flush earlier replies first
+                self.commit.run()  # flush earlier replies first
                 conn.send(reply_err(req_id, Unauthorized("wrong token (3 tries); closing")))
                 conn.close()
                 return
@@ -304,7 +240,7 @@ class Hub:
             conn.agent_id = Q.upsert_agent(c, params, env)
             return {"hub": __version__, "protocol": PROTOCOL_VERSION, "agent_id": conn.agent_id}
 
-        self._submit(Op(conn, req_id, "hello", p, register))
+        self.commit.submit(Op(conn, req_id, "hello", p, register))
 
     async def call(self, method: str, raw: dict[str, Any]) -> Any:
         """Run one protocol method from inside the hub (the HTTP face) in the next batch.
@@ -321,13 +257,14 @@ class Hub:
         """A round trip through the batch loop and a database transaction (for /healthz)."""
         if self.closing:
             raise Unavailable("hub is shutting down")
-        return await asyncio.wait_for(self._await(Op(None, None, "ping", None, _pong, reply=False)), timeout)
+        return await asyncio.wait_for(self._await(Op(None, None, "ping", None, hub_methods.pong, reply=False)),
+                                      timeout)
 
     def _validated(self, method: str, raw: dict[str, Any]) -> tuple[Any, Handler]:
         """A method's checked parameters and its handler, or the error to answer with."""
         entry = self.methods.get(method)
         if entry is None:
-            raise MethodNotFound(f"unknown method {method!r}; see DESIGN.md for the method list")
+            raise MethodNotFound(f"unknown method {method!r}; docs/protocol.md lists every method")
         if self.closing:
             raise Unavailable("hub is shutting down; reconnect and retry")
         model, func = entry
@@ -339,52 +276,12 @@ class Hub:
     def _await(self, op: Op) -> asyncio.Future[Any]:
         """Queue an op from inside the hub; the future resolves after its batch commits."""
         op.fut = self.loop.create_future()
-        self._submit(op)
+        self.commit.submit(op)
         return op.fut
 
-    def _submit(self, op: Op) -> None:
-        self.pending.append(op)
-        if not self.batch_scheduled:
-            self.batch_scheduled = True
-            self.loop.call_soon(self._run_batch)
+    # --- after commit: replies, events, wake-ups ---------------------------------------
 
-    # --- group commit ------------------------------------------------------------------
-
-    def _run_batch(self) -> None:
-        self.batch_scheduled = False
-        ops, self.pending = self.pending, []
-        if not ops:
-            return
-        now = time.time()
-        env = Q.Env(now=now, settings=self.settings.queue)
-        results: list[tuple[Op, Any, RpcError | None]] = []
-        try:
-            with self.db.begin():
-                for op in ops:
-                    results.append(self._exec(op, env))
-            self.atoms.commit()
-        except Exception:
-            self.atoms.rollback()
-            # The batch as a whole failed (a constraint, a full disk ...): nothing of it was
-            # committed. Run each op in its own transaction so only the culprit gets the error.
-            log.exception("batch of %d failed; retrying its operations one by one", len(ops))
-            results = []
-            env = Q.Env(now=now, settings=self.settings.queue)
-            for op in ops:
-                one_env = Q.Env(now=now, settings=self.settings.queue)
-                try:
-                    with self.db.begin():
-                        res = self._exec(op, one_env)
-                    self.atoms.commit()
-                    env.available += one_env.available
-                    env.due += one_env.due
-                except Exception as e:
-                    self.atoms.rollback()
-                    log.exception("operation %s failed", op.method)
-                    res = (op, None, InternalError(f"internal error in {op.method}: {type(e).__name__}"))
-                results.append(res)
-        self.stats_counters["batches"] += 1
-        self.stats_counters["ops"] += len(ops)
+    def _answer(self, results: list[Outcome], env: Q.Env) -> None:
         out: dict[Connection, list[bytes]] = {}
         for op, result, err in results:
             try:
@@ -396,16 +293,9 @@ class Hub:
         if self.events.subscribers:
             publish_batch(self.events, results)
         for t in env.due:
-            self._arm_due(t)
-        if env.available and self.waiters:
-            self._wake(env.available)
-
-    def _exec(self, op: Op, env: Q.Env) -> tuple[Op, Any, RpcError | None]:
-        env.agent = op.conn.agent if op.conn is not None else None
-        try:
-            return op, op.func(self.db, op.params, env), None
-        except RpcError as e:
-            return op, None, e
+            self.timers.arm(t)
+        if env.available and self.longpoll.waiters:
+            self.longpoll.wake(env.available)
 
     def _finish(self, op: Op, result: Any, err: RpcError | None, out: dict[Connection, list[bytes]]) -> None:
         """Turn one op's outcome into its reply (buffered per connection in ``out``)."""
@@ -418,7 +308,7 @@ class Hub:
         if op.method == "lease" and err is None:
             if result is None:
                 if op.deadline > time.time() and conn is not None and not conn.closed and not self.closing:
-                    self._add_waiter(op)
+                    self.longpoll.wait(op)
                     return
                 result = {"task": None}
             elif conn is None or conn.closed:
@@ -426,13 +316,13 @@ class Hub:
                 self._release_orphan(result)
                 return
             if result.get("task") is not None:
-                self.stats_counters["leases"] += 1
+                self.served["leases"] += 1
                 self.metrics.leased(result["task"], time.time())
         if op.method == "ack" and err is None:
-            self.stats_counters["acks"] += 1
+            self.served["acks"] += 1
             nxt = result.get("next")
             if nxt and nxt.get("task") is not None:
-                self.stats_counters["leases"] += 1
+                self.served["leases"] += 1
                 self.metrics.leased(nxt["task"], time.time())
                 if conn is None or conn.closed:
                     self._release_orphan(nxt)
@@ -451,104 +341,39 @@ class Hub:
     def _release_orphan(self, result: dict[str, Any]) -> None:
         task, lease = result["task"], result["lease"]
         params = P.Fail(task_id=task["id"], lease_token=lease["token"], error="orphaned lease", release=True)
-        self._submit(Op(None, None, "fail", params, Q.fail, reply=False))
+        self.commit.submit(Op(None, None, "fail", params, Q.fail, reply=False))
 
-    # --- long-poll ---------------------------------------------------------------------
-
-    def _add_waiter(self, op: Op) -> None:
-        self.waiters.append(op)
-        if op.timer is None:
-            op.timer = self.loop.call_at(
-                self.loop.time() + max(0.0, op.deadline - time.time()), self._waiter_timeout, op
-            )
-
-    def _waiter_timeout(self, op: Op) -> None:
-        op.timer = None
-        if op in self.waiters:
-            self.waiters.remove(op)
-            self._answer_waiter_empty(op)
-
-    def _answer_waiter_empty(self, op: Op) -> None:
-        if op.timer:
-            op.timer.cancel()
-            op.timer = None
-        if op.conn is not None and op.reply:
-            op.conn.send(reply_ok(op.req_id, {"task": None}))
-
-    def _wake(self, kinds: list[str] | None) -> None:
-        """Re-run waiting leases: one waiter per newly available task, or all of them."""
-        if kinds is None:
-            woken, self.waiters = self.waiters, []
-        else:
-            woken = []
-            for kind in kinds:
-                for i, w in enumerate(self.waiters):
-                    if kind in w.kinds:
-                        woken.append(self.waiters.pop(i))
-                        break
-                if not self.waiters:
-                    break
-        for w in woken:
-            self._submit(w)
+    # --- connections (called by the transport) -----------------------------------------
 
     def is_busy(self, conn: Connection) -> bool:
-        return any(w.conn is conn for w in self.waiters)
+        return self.longpoll.holds(conn)
 
     def connection_closed(self, conn: Connection) -> None:
-        keep = []
-        for w in self.waiters:
-            if w.conn is conn:
-                if w.timer:
-                    w.timer.cancel()
-            else:
-                keep.append(w)
-        self.waiters = keep
+        self.longpoll.drop(conn)
         if conn.agent_id is not None and not self.closing:
             agent_id = conn.agent_id
 
             def mark(c: sa.Connection, _p: Any, env: Q.Env) -> None:
                 Q.touch_agents(c, [(agent_id, env.now, self._still_connected(agent_id))])
 
-            self._submit(Op(None, None, "disconnect", None, mark, reply=False))
+            self.commit.submit(Op(None, None, "disconnect", None, mark, reply=False))
 
     def _still_connected(self, agent_id: int) -> bool:
         return any(c.agent_id == agent_id for c in self.connections)
 
-    # --- timers: due tasks, reaper, WAL ------------------------------------------------
-
-    def _arm_due(self, t: float | None) -> None:
-        if t is None or t >= self.due_at:
-            return
-        if self.due_timer:
-            self.due_timer.cancel()
-        self.due_at = t
-        self.due_timer = self.loop.call_at(self.loop.time() + max(0.0, t - time.time()), self._on_due)
+    # --- time: due tasks, schedules, the reaper, the WAL -------------------------------
 
     def _on_due(self) -> None:
-        self.due_timer = None
-        self.due_at = float("inf")
         if self.closing:
             return
-        if self.waiters:
-            self._wake(None)
+        if self.longpoll.waiters:
+            self.longpoll.wake(None)
 
         def fire(c: sa.Connection, _p: Any, env: Q.Env) -> None:
             SCH.fire_due(c, env)
 
-        self._submit(Op(None, None, "schedules", None, fire, reply=False))  # its env.due re-arms the timer
-        self._arm_due(self._query(lambda c: Q.next_due(c, time.time())))
-
-    def _query(self, fn: Callable[[sa.Connection], Any]) -> Any:
-        with self.db.begin():
-            return fn(self.db)
-
-    async def _ticker(self) -> None:
-        while not self.closing:
-            await asyncio.sleep(self.settings.tick)
-            try:
-                self._tick()
-            except Exception:
-                log.exception("hub tick failed; will try again")
+        self.commit.submit(Op(None, None, "fire_schedules", None, fire, reply=False))  # its env.due re-arms
+        self.timers.arm(self.commit.query(lambda c: Q.next_due(c, time.time())))
 
     def _tick(self) -> None:
         def reap(c: sa.Connection, _p: Any, env: Q.Env) -> list[tuple[int, str]]:
@@ -558,11 +383,11 @@ class Hub:
             for task_id, status in reaped:
                 log.info("lease on task %s expired; task is now %s", task_id, status)
             self._flush_agents_in(c, env.now)
-            if self.waiters and not env.available and Q.any_ready(c, env.now):
-                env.available.extend(k for w in self.waiters for k in w.kinds)
+            if self.longpoll.waiters and not env.available and Q.any_ready(c, env.now):
+                env.available.extend(self.longpoll.waiting_kinds())
             return reaped
 
-        self._submit(Op(None, None, "reap", None, reap, reply=False))
+        self.commit.submit(Op(None, None, "reap", None, reap, reply=False))
         self._maybe_checkpoint_wal()
 
     def _flush_agents_in(self, c: sa.Connection, now: float) -> None:
@@ -598,47 +423,3 @@ class Hub:
         res = dbmod.wal_checkpoint(self.db, "TRUNCATE", busy_timeout_ms=200)
         if res and res[0]:
             log.debug("WAL checkpoint busy (a reader holds an old snapshot); will retry")
-
-    # --- methods served by the hub object itself ---------------------------------------
-
-    def _checkpoint(self, c: sa.Connection, p: P.Checkpoint, env: Q.Env) -> dict[str, Any]:
-        return Q.checkpoint(c, p, env, self.settings.max_checkpoint)
-
-    # New data, or new weights, mean there is scoring to do.
-    def _observe(self, c: sa.Connection, p: P.Observe, env: Q.Env) -> dict[str, Any]:
-        res = O.observe(self.atoms, c, p, env)
-        if p.import_id is None:
-            SC.ensure_score_task(c, p.atom, env)
-        return res
-
-    def _commit_import(self, c: sa.Connection, p: P.ImportRef, env: Q.Env) -> dict[str, Any]:
-        res = O.commit_import(c, p, env)
-        for atom in res["atoms"]:
-            SC.ensure_score_task(c, atom, env)
-        return res
-
-    def _publish_weights(self, c: sa.Connection, p: P.PublishWeights, env: Q.Env) -> dict[str, Any]:
-        res = W.publish(c, p, env)
-        if res["weights"]["status"] == "active" and not res["already"]:
-            SC.ensure_score_task(c, p.atom, env)
-        return res
-
-    def _activate_weights(self, c: sa.Connection, p: P.ActivateWeights, env: Q.Env) -> dict[str, Any]:
-        res = W.activate(c, p, env)
-        SC.ensure_score_task(c, p.atom, env)
-        return res
-
-    def _stats(self, c: sa.Connection, _p: P.Empty, env: Q.Env) -> dict[str, Any]:
-        agents = [
-            {"agent_id": x.agent_id, "name": x.agent, "role": x.role, "peer": x.peer,
-             "last_seen": x.last_seen}
-            for x in self.connections if x.authenticated and x.role != "cli"
-        ]
-        return {
-            "hub": {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
-                    "uptime": env.now - self.started_at, "db": dbmod.redact(self.settings.db_url),
-                    **dbmod.file_sizes(self.settings.db_url), **self.stats_counters,
-                    "connections": len(self.connections), "waiting_leases": len(self.waiters)},
-            "tasks": Q.counts(c),
-            "agents": sorted(agents, key=lambda a: a["name"] or ""),
-        }

@@ -607,30 +607,22 @@ def demo(data_dir: Path | None, port: int, http_port: int, days: float, seed: in
 @pass_ctx
 def status(c: Ctx) -> None:
     """Every atom's latest observation, score and verdict, its weights, and every agent."""
-    atoms_ = [a["name"] for a in c.call("atoms")["atoms"] if a["name"] != "nerve"]
-    now = time.time()
-    rows, out = [], {"atoms": {}, "agents": []}
-    for atom in atoms_:
-        hist = c.call("history", {"atom": atom, "n": 1})["observations"]
-        try:
-            w = c.call("weights", {"atom": atom, "active": True})["weights"][0]
-            version = f"v{w['version']}"
-        except click.ClickException:
-            w, version = None, "-"
-        h = hist[-1] if hist else None
-        out["atoms"][atom] = {"latest": h, "weights": w}
+    pic = c.call("status")  # the hub builds the whole picture in one read
+    now = pic["time"]
+    rows = []
+    for atom in pic["atoms"]:
+        w, h = atom["weights"], atom["latest"]
+        version = f"v{w['version']}" if w else "-"
         if h is None:
-            rows.append((atom, "-", "no observations", "-", "-", version))
+            rows.append((atom["name"], "-", "no observations", "-", "-", version))
             continue
         score = f"{h['score']:.2f}" if h["score"] is not None else "-"
         verdict = "-" if h["score"] is None else "ANOMALY" if h["anomalous"] else "ok"
-        rows.append((atom, ago(h["time"], now), " ".join(h["tokens"]), score, verdict, version))
-    stats = c.call("stats")
-    out["agents"] = stats["agents"]
-    agents = [(a["name"], a["role"], ago(a["last_seen"], now)) for a in stats["agents"]]
+        rows.append((atom["name"], ago(h["time"], now), " ".join(h["tokens"]), score, verdict, version))
+    agents = [(a["name"], a["role"], a["health"], ago(a["last_seen"], now)) for a in pic["agents"]]
     text = table(["ATOM", "SEEN", "TOKENS", "SCORE", "VERDICT", "WEIGHTS"], rows)
-    text += "\n\n" + (table(["AGENT", "ROLE", "LAST SEEN"], agents) if agents else "no agents connected")
-    c.out(out, text)
+    text += "\n\n" + (table(["AGENT", "ROLE", "HEALTH", "LAST SEEN"], agents) if agents else "no agents yet")
+    c.out(pic, text)
 
 
 if __name__ == "__main__":  # pragma: no cover

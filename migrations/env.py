@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from kiri.hub.db import make_engine
-from kiri.hub.schema import metadata
+from kiri.hub.store.db import make_engine
+from kiri.hub.store.schema import metadata
 
 config = context.config
 

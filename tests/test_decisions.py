@@ -183,7 +183,7 @@ def test_scores_and_their_decision_are_atomic_and_orphaned_alerts_are_redelivere
     assert again["decision"]["decision_id"] == first["decision"]["decision_id"]
     assert hub.sql("select count(*) from decisions")[0][0] == 1 and hub.sql("select count(*) from alerts")[0][0] == 1
     # the "scorer" dies here, before delivering: the alert stays pending ...
-    from kiri.hub.db import make_engine
+    from kiri.hub.store.db import make_engine
 
     eng = make_engine(f"sqlite:///{hub.db_path}")
     with eng.begin() as conn:  # ... for longer than the redelivery grace

@@ -15,7 +15,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from kiri.hub.reader import Reader
+from kiri.hub.store.reader import Reader
 from tests.conftest import push, wait_until
 from tests.http_client import request, sse_events, stream
 

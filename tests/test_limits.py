@@ -24,12 +24,12 @@ import pytest
 import sqlalchemy as sa
 
 from kiri.agents.client import HubClient
-from kiri.hub import migrate as mig
-from kiri.hub import params as P
-from kiri.hub.db import make_engine
+from kiri.hub.core.transport import Limits
 from kiri.hub.server import Hub, HubSettings
-from kiri.hub.transport import Limits
+from kiri.hub.store import migrate as mig
+from kiri.hub.store.db import make_engine
 from kiri.protocol import ErrorCode
+from kiri.protocol import params as P
 from tests.conftest import wait_until
 
 HELLO = {"jsonrpc": "2.0", "id": 0, "method": "hello", "params": {"agent": "t", "role": "cli"}}

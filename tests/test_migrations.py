@@ -8,9 +8,9 @@ import sys
 
 import sqlalchemy as sa
 
-from kiri.hub import migrate
-from kiri.hub.db import make_engine
-from kiri.hub.schema import metadata
+from kiri.hub.store import migrate
+from kiri.hub.store.db import make_engine
+from kiri.hub.store.schema import metadata
 
 
 def _tables(path) -> set[str]:

@@ -8,11 +8,11 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from kiri.hub import migrate as mig
-from kiri.hub.db import make_engine, make_read_engine
-from kiri.hub.observations import AtomRegistry
-from kiri.hub.schema import observations, scores, tasks, weights
-from kiri.hub.series import SeriesCache, downsample
+from kiri.hub.store import migrate as mig
+from kiri.hub.store.db import make_engine, make_read_engine
+from kiri.hub.store.schema import observations, scores, tasks, weights
+from kiri.hub.watch.observations import AtomRegistry
+from kiri.hub.watch.series import SeriesCache, downsample
 
 FIELDS = ("added", "completed", "switched", "hour", "weekday")
 

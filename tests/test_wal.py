@@ -7,7 +7,7 @@ import sqlite3
 import threading
 import time
 
-from kiri.hub import db as dbmod
+from kiri.hub.store import db as dbmod
 
 
 def test_wal_is_checkpointed_under_load_with_active_readers(hub_factory):

@@ -13,17 +13,17 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kiri.hub import params as P
-from kiri.hub import queue as Q
-from kiri.hub import scoring as SC
-from kiri.hub import views as V
-from kiri.hub import weights as W
-from kiri.hub.decisions import list_decisions
+from kiri.hub.core import queue as Q
+from kiri.hub.watch import scoring as SC
+from kiri.hub.watch import views as V
+from kiri.hub.watch import weights as W
+from kiri.hub.watch.decisions import list_decisions
 from kiri.hub.web import streams
 from kiri.hub.web.common import NoQuery, Query, Route, body, hub_of, ok, path_int, query, read
 from kiri.hub.web.streams import ProgressQuery
 from kiri.importing import clock_fields
 from kiri.protocol import InvalidParams, NotFound
+from kiri.protocol import params as P
 
 PREFIX = "/api/v1"
 
@@ -196,10 +196,9 @@ async def post_retrain(req: web.Request) -> web.Response:
     except ValidationError as e:
         raise InvalidParams(P.describe(e)) from None
     params = {k: v for k, v in b.model_dump().items() if v is not None}
-    params["reason"] = "retrain requested over HTTP"
-    res = await hub_of(req).call("enqueue", {"kind": "train", "atom": atom, "params": params, "priority": 10,
-                                             "dedupe_key": f"retrain:{atom}"})
-    return ok({"atom": atom, **res}, status=200 if res.get("deduplicated") else 201)
+    res = await hub_of(req).call("retrain", {"atom": atom, "reason": "retrain requested over HTTP",
+                                             "params": params})
+    return ok(res, status=200 if res.get("deduplicated") else 201)
 
 
 # --- the route table -------------------------------------------------------------------

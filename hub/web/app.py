@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from kiri import __version__
-from kiri.hub import views as V
+from kiri.hub.watch import views as V
 from kiri.hub.web import api, compat, openapi
 from kiri.hub.web.common import (
     HUB_KEY,

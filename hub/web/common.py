@@ -14,8 +14,8 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kiri.hub import params as P
 from kiri.protocol import ErrorCode, InvalidParams, RpcError
+from kiri.protocol import params as P
 
 if TYPE_CHECKING:
     from kiri.hub.server import Hub

@@ -22,14 +22,14 @@ import sqlalchemy as sa
 from aiohttp import web
 from pydantic import Field, ValidationError
 
-from kiri.hub import params as P
-from kiri.hub import queue as Q
-from kiri.hub import scoring as SC
-from kiri.hub import views as V
-from kiri.hub.schema import decisions, observations, tasks, weights
+from kiri.hub.core import queue as Q
+from kiri.hub.store.schema import decisions, observations, tasks, weights
+from kiri.hub.watch import scoring as SC
+from kiri.hub.watch import views as V
 from kiri.hub.web.common import NoQuery, Query, Route, body, hub_of, ok, query, read
 from kiri.hub.web.streams import ENDED, follow
 from kiri.protocol import InvalidParams, NotFound
+from kiri.protocol import params as P
 
 COLLECT_ATOMS = ("pulse", "rhythm")
 
@@ -158,8 +158,7 @@ async def train(req: web.Request) -> web.StreamResponse:
         atom = hub.atoms.get(p.atom).name
     except InvalidParams:
         raise NotFound(f"unknown atom: {p.atom}") from None
-    res = await hub.call("enqueue", {"kind": "train", "atom": atom, "params": {"steps": p.steps},
-                                     "dedupe_key": f"retrain:{atom}", "priority": 10})
+    res = await hub.call("retrain", {"atom": atom, "reason": "POST /api/train", "params": {"steps": p.steps}})
     task_id = res["task_id"]
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
     await resp.prepare(req)

@@ -17,10 +17,10 @@ import orjson
 from aiohttp import web
 from pydantic import StringConstraints
 
-from kiri.hub import params as P
-from kiri.hub import queue as Q
+from kiri.hub.core import queue as Q
 from kiri.hub.web.common import NoQuery, Query, hub_of, path_int, query, read
 from kiri.protocol import TASK_STATES
+from kiri.protocol import params as P
 
 ENDED = frozenset(TASK_STATES) - {"queued", "leased"}
 KEEPALIVE = 15.0

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from kiri.hub.db import make_read_engine
+from kiri.hub.store.db import make_read_engine
 
 T = TypeVar("T")
 

@@ -12,11 +12,11 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from kiri.hub import db as dbmod
-from kiri.hub.observations import AtomRegistry
-from kiri.hub.queue import counts
-from kiri.hub.schema import agents, decisions, observations, scores, tasks, weights
-from kiri.hub.series import SeriesCache, downsample
+from kiri.hub.core.queue import counts
+from kiri.hub.store import db as dbmod
+from kiri.hub.store.schema import agents, decisions, observations, scores, tasks, weights
+from kiri.hub.watch.observations import AtomRegistry
+from kiri.hub.watch.series import SeriesCache, downsample
 from kiri.model.schema import AtomSchema
 from kiri.protocol import NotFound
 

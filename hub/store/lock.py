@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from kiri.hub.db import sqlite_path
+from kiri.hub.store.db import sqlite_path
 
 
 class StoreLocked(Exception):

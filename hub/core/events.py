@@ -14,31 +14,9 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-QUEUE_SIZE = 512
+from kiri.protocol.methods import TOPICS  # which parts of the picture each method can change
 
-# Which parts of the picture each protocol method can change.
-TOPICS: dict[str, tuple[str, ...]] = {
-    "enqueue": ("tasks",),
-    "lease": ("tasks",),
-    "ack": ("tasks",),
-    "fail": ("tasks",),
-    "cancel": ("tasks",),
-    "retry": ("tasks",),
-    "reap": ("tasks",),
-    "schedules": ("tasks",),
-    "schedule_add": ("tasks",),
-    "observe": ("observations", "tasks"),
-    "commit_import": ("observations", "tasks"),
-    "record_scores": ("scores", "decisions", "tasks"),
-    "record_decision": ("decisions", "tasks"),
-    "alert_result": ("decisions",),
-    "feedback": ("decisions", "tasks"),
-    "publish_weights": ("weights", "tasks"),
-    "activate_weights": ("weights", "tasks"),
-    "define_atom": ("atoms",),
-    "hello": ("agents",),
-    "disconnect": ("agents",),
-}
+QUEUE_SIZE = 512
 
 # A task leaves the running state through these; a progress stream then reports the end.
 TASK_ENDS = frozenset({"ack", "fail", "cancel", "retry", "reap"})

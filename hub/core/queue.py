@@ -21,11 +21,11 @@ import sqlalchemy as sa
 from sqlalchemy import bindparam as bp
 from sqlalchemy import literal_column
 
-from kiri.hub import params as P
-from kiri.hub.db import as_dict
-from kiri.hub.prepared import Prepared
-from kiri.hub.schema import agents, checkpoints, tasks
+from kiri.hub.store.db import as_dict
+from kiri.hub.store.prepared import Prepared
+from kiri.hub.store.schema import agents, checkpoints, tasks
 from kiri.protocol import Conflict, InvalidParams, LeaseLost, NotFound
+from kiri.protocol import params as P
 
 QUEUED = literal_column("'queued'")
 LEASED = literal_column("'leased'")

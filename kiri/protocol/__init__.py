@@ -125,16 +125,6 @@ _BY_CODE: dict[int, type[RpcError]] = {
     )
 }
 
-# Every method name the hub answers; names are a contract (see DESIGN.md).
-METHODS = (
-    "hello", "ping", "enqueue", "lease", "heartbeat", "checkpoint", "ack", "fail",
-    "cancel", "retry", "task", "tasks", "stats",
-    "atoms", "define_atom", "observe", "commit_import", "abort_import", "observations",
-    "weights", "publish_weights", "activate_weights", "scoring_work", "record_scores", "history", "scores",
-    "schedule_add", "schedule_rm", "schedules",
-    "nerve_inputs", "record_decision", "alert_result", "decisions", "feedback", "labels", "pending_alerts",
-)
-
 TASK_STATES = ("queued", "leased", "done", "dead", "cancelled")
 
 

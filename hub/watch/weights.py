@@ -15,12 +15,12 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from kiri.hub import params as P
-from kiri.hub import queue as Q
-from kiri.hub.db import as_dict
-from kiri.hub.queue import Env
-from kiri.hub.schema import weights
+from kiri.hub.core import queue as Q
+from kiri.hub.core.queue import Env
+from kiri.hub.store.db import as_dict
+from kiri.hub.store.schema import weights
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
+from kiri.protocol import params as P
 
 MAX_BLOB = 64 << 20
 _SUMMARY = [c for c in weights.c if c.name != "blob"]

@@ -12,11 +12,11 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from kiri.hub import params as P
-from kiri.hub.queue import Env
-from kiri.hub.schema import atoms, observations, staged_observations
+from kiri.hub.core.queue import Env
+from kiri.hub.store.schema import atoms, observations, staged_observations
 from kiri.model import schema as S
 from kiri.protocol import Conflict, InvalidParams, NotFound
+from kiri.protocol import params as P
 
 MAX_ERRORS = 50
 STAGED_TTL = 3600.0

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from kiri.hub.db import as_dict
+from kiri.hub.store.db import as_dict
 
 
 class Prepared:

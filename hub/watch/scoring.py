@@ -14,13 +14,13 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from kiri.hub import decisions as D
-from kiri.hub import params as P
-from kiri.hub import queue as Q
-from kiri.hub.db import as_dict
-from kiri.hub.observations import AtomRegistry
-from kiri.hub.schema import observations, scores, tasks, weights
+from kiri.hub.core import queue as Q
+from kiri.hub.store.db import as_dict
+from kiri.hub.store.schema import observations, scores, tasks, weights
+from kiri.hub.watch import decisions as D
+from kiri.hub.watch.observations import AtomRegistry
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
+from kiri.protocol import params as P
 
 
 def ensure_score_task(c: sa.Connection, atom: str, env: Q.Env) -> None:

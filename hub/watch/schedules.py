@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from kiri.hub import params as P
-from kiri.hub import queue as Q
-from kiri.hub.db import as_dict
-from kiri.hub.schema import schedules
+from kiri.hub.core import queue as Q
+from kiri.hub.store.db import as_dict
+from kiri.hub.store.schema import schedules
 from kiri.protocol import Conflict, NotFound
+from kiri.protocol import params as P
 
 
 def add(c: sa.Connection, p: P.ScheduleAdd, env: Q.Env) -> dict[str, Any]:

@@ -19,8 +19,8 @@ import numpy as np
 import orjson
 import sqlalchemy as sa
 
-from kiri.hub.prepared import Prepared
-from kiri.hub.schema import observations, scores
+from kiri.hub.store.prepared import Prepared
+from kiri.hub.store.schema import observations, scores
 from kiri.model.schema import AtomSchema
 
 _GROW = 4096

@@ -29,7 +29,7 @@ from typing import Protocol
 
 from kiri.protocol import PayloadTooLarge, RpcError, Unauthorized, Unavailable, reply_err
 
-log = logging.getLogger("kiri.hub.transport")
+log = logging.getLogger("kiri.hub.core.transport")
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from kiri.hub import params as P
-from kiri.hub import queue as Q
-from kiri.hub.db import as_dict
-from kiri.hub.schema import alerts, decisions, labels, observations, scores, weights
+from kiri.hub.core import queue as Q
+from kiri.hub.store.db import as_dict
+from kiri.hub.store.schema import alerts, decisions, labels, observations, scores, weights
+from kiri.hub.watch import retrain
 from kiri.protocol import LeaseLost, NotFound
+from kiri.protocol import params as P
 
 INPUT_ATOMS = ("pulse", "rhythm", "drift")
 NERVE_MIN_LABELS = 20
@@ -81,8 +82,7 @@ def insert(c: sa.Connection, task_id: int, atom: str, p: P.DecisionIn,
         out["alert"] = {"id": aid, "deliver": status == "pending"}
     elif p.action == "retrain":
         target = p.retrain_atom or atom
-        res = Q.enqueue(c, P.Enqueue(kind="train", atom=target, dedupe_key=f"retrain:{target}",
-                                     params={"reason": f"decision {did}"}), env)
+        res = retrain.request(c, target, f"decision {did}", env)
         out["retrain_task_id"] = res["task_id"]
     return out
 
@@ -151,8 +151,7 @@ def feedback(c: sa.Connection, p: P.Feedback, env: Q.Env) -> dict[str, Any]:
     active = c.execute(sa.select(weights.c.info).where(weights.c.atom == "nerve", weights.c.status == "active")).first()
     trained_on = orjson.loads(active.info).get("labels", 0) if active else 0
     if total >= NERVE_MIN_LABELS and total - trained_on >= NERVE_RETRAIN_EVERY:
-        res = Q.enqueue(c, P.Enqueue(kind="train", atom="nerve", dedupe_key="retrain:nerve",
-                                     params={"reason": f"{total - trained_on} new labels"}), env)
+        res = retrain.request(c, "nerve", f"{total - trained_on} new labels", env)
         out["nerve_retrain_task_id"] = res["task_id"]
     return out
 

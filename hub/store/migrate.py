@@ -12,7 +12,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 import kiri.migrations
-from kiri.hub.schema import metadata
+from kiri.hub.store.schema import metadata
 
 
 def alembic_config(url: str, connection: sa.Connection | None = None) -> Config:

@@ -2,7 +2,7 @@
 
 Strict pydantic models turn any wrong type, missing field or out-of-range value into a
 precise ``invalid params`` error before a handler runs, so handlers only ever see valid
-input. Unknown fields are ignored, which lets newer clients add fields (DESIGN.md).
+input. Unknown fields are ignored, which lets newer clients add fields (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -282,3 +282,9 @@ class Scores(Params):
     atom: Name
     after_id: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0  # a scores.id cursor
     limit: Annotated[int, Field(ge=1, le=5000)] = 1000
+
+
+class Retrain(Params):
+    atom: Name
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)] = "retrain requested"
+    params: dict[str, Any] = Field(default_factory=dict)  # the trainer's parameters (steps, ...)

@@ -1,0 +1,139 @@
+"""Group commit: the requests that arrive together run in one transaction.
+
+Everything runs on the event loop thread that owns the single writer connection. Requests
+queued in one turn of the loop form a batch; the batch runs in one transaction, and its
+replies are released only after that transaction commits, so one fsync serves many
+requests and no reply ever describes state that could still roll back.
+
+A batch that fails as a whole (a constraint, a full disk, a handler's bug) is rolled back
+and replayed one request per transaction, so only the culprit gets the error. In-memory
+state that mirrors the database (the atom registry) joins in through ``Transactional``:
+it is told when a transaction commits or rolls back, and never changes before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+
+from kiri.hub.core import queue as Q
+from kiri.protocol import InternalError, RpcError
+
+log = logging.getLogger("kiri.hub")
+
+Handler = Callable[[sa.Connection, Any, Q.Env], Any]
+
+
+class Transactional(Protocol):
+    """In-memory state that follows the database's transactions."""
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+class Op:
+    """One request waiting for the next batch (or, for a lease, for work to arrive)."""
+
+    __slots__ = ("conn", "deadline", "func", "fut", "kinds", "method", "params", "reply", "req_id", "timer")
+
+    def __init__(self, conn: Any, req_id: Any, method: str, params: Any,
+                 func: Handler, reply: bool = True) -> None:
+        self.conn = conn  # the transport's Connection, or None for the hub's own work
+        self.req_id = req_id
+        self.method = method
+        self.params = params
+        self.func = func
+        self.reply = reply
+        self.deadline = 0.0
+        self.kinds: frozenset[str] = frozenset()
+        self.timer: asyncio.TimerHandle | None = None
+        # set for calls made inside the hub process (the HTTP face): resolved after commit
+        self.fut: asyncio.Future[Any] | None = None
+
+
+Outcome = tuple[Op, Any, RpcError | None]
+
+
+class GroupCommit:
+    """Collects ops and runs each turn's ops in one transaction (see the module docstring)."""
+
+    def __init__(self, db: sa.Connection, settings: Q.QueueSettings, loop: asyncio.AbstractEventLoop,
+                 done: Callable[[list[Outcome], Q.Env], None], caches: list[Transactional]) -> None:
+        self.db = db
+        self.settings = settings
+        self.loop = loop
+        self.done = done  # answers the batch after it committed
+        self.caches = caches
+        self.pending: list[Op] = []
+        self.scheduled = False
+        self.counters: dict[str, int] = {"batches": 0, "ops": 0}
+
+    def submit(self, op: Op) -> None:
+        self.pending.append(op)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        """Run every pending op: one transaction, or one each after a failure."""
+        self.scheduled = False
+        ops, self.pending = self.pending, []
+        if not ops:
+            return
+        now = time.time()
+        env = Q.Env(now=now, settings=self.settings)
+        try:
+            with self.db.begin():
+                results = [self._exec(op, env) for op in ops]
+            self._committed()
+        except Exception:
+            self._rolled_back()
+            log.exception("batch of %d failed; retrying its operations one by one", len(ops))
+            results, env = self._replay(ops, now)
+        self.counters["batches"] += 1
+        self.counters["ops"] += len(ops)
+        self.done(results, env)
+
+    def _replay(self, ops: list[Op], now: float) -> tuple[list[Outcome], Q.Env]:
+        env = Q.Env(now=now, settings=self.settings)
+        results: list[Outcome] = []
+        for op in ops:
+            one_env = Q.Env(now=now, settings=self.settings)
+            try:
+                with self.db.begin():
+                    res = self._exec(op, one_env)
+                self._committed()
+                env.available += one_env.available
+                env.due += one_env.due
+            except Exception as e:
+                self._rolled_back()
+                log.exception("operation %s failed", op.method)
+                res = (op, None, InternalError(f"internal error in {op.method}: {type(e).__name__}"))
+            results.append(res)
+        return results, env
+
+    def _exec(self, op: Op, env: Q.Env) -> Outcome:
+        env.agent = op.conn.agent if op.conn is not None else None
+        try:
+            return op, op.func(self.db, op.params, env), None
+        except RpcError as e:
+            return op, None, e
+
+    def _committed(self) -> None:
+        for cache in self.caches:
+            cache.commit()
+
+    def _rolled_back(self) -> None:
+        for cache in self.caches:
+            cache.rollback()
+
+    def query(self, fn: Callable[[sa.Connection], Any]) -> Any:
+        """A read on the writer connection, outside any batch (start-up, timers)."""
+        with self.db.begin():
+            return fn(self.db)
