@@ -18,6 +18,8 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from kiri.model.explain import worst_first
+
 log = logging.getLogger("kiri.alerts")
 
 
@@ -55,7 +57,7 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> None:
 
 
 def text_of(alert: dict[str, Any]) -> str:
-    blame = ", ".join(f"{b['token']} {b['surprise']:.1f}" for b in alert.get("blame", [])[:4])
+    blame = ", ".join(f"{b['token']} {b['surprise']:.1f}" for b in worst_first(alert.get("blame", []))[:4])
     return (f"kiri alert: {alert['atom']} score {alert['score']:.2f} (threshold {alert['threshold']:.2f})"
             + (f"; blame {blame}" if blame else "") + f"; decision {alert['decision_id']}")
 

@@ -16,6 +16,7 @@ from typing import Any
 from kiri.agents import alerts
 from kiri.agents.alerts import AlertConfig
 from kiri.agents.handlers import Handler, TaskContext, TaskError
+from kiri.model.explain import blame
 
 log = logging.getLogger("kiri.scorer")
 
@@ -80,8 +81,7 @@ def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
         toks = sc.schema.tokens(ids[n_ctx + i].tolist())
         worst = {"observation_id": obs["id"], "time": obs["time"], "score": means[i], "threshold": sc.threshold,
                  "tail_p": tail_ps[i], "alarm_rate": sc.alarm_rate,
-                 "blame": sorted(({"token": t, "surprise": v} for t, v in zip(toks, per[i], strict=True)),
-                                 key=lambda b: -b["surprise"])}
+                 "blame": blame(toks, per[i])}
         decision, payload = decide(ctx, worst, sinks)
         # scores and the decision on them are stored in one transaction: a kill loses neither
         res = hub.call("record_scores", {

@@ -19,6 +19,7 @@ from typing import Any
 
 from kiri.agents.client import schema_from_atoms
 from kiri.agents.handlers import TaskContext, TaskError
+from kiri.model.schema import NERVE_INPUTS
 from kiri.protocol import RpcError
 
 log = logging.getLogger("kiri.trainer")
@@ -156,7 +157,7 @@ def train_nerve(ctx: TaskContext) -> dict[str, Any]:
     rows = ctx.hub.call("labels", {"limit": 100_000})["labels"]
     if not rows:
         raise TaskError("the nerve has no human labels yet: give feedback with `kiri feedback`", retry=False)
-    labels = [Label(scores={a: r["inputs"].get(a, 0.0) for a in ("pulse", "rhythm", "drift")},
+    labels = [Label(scores={a: r["inputs"].get(a, 0.0) for a in NERVE_INPUTS},
                     hour=r["inputs"]["hour"], weekday=r["inputs"]["weekday"], action=r["action"]) for r in rows]
     steps = int(ctx.params.get("steps", 300))
     blob = fit(labels, steps=steps, seed=int(ctx.params.get("seed", 0)))

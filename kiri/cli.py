@@ -14,6 +14,8 @@ import orjson
 
 from kiri import config
 from kiri.agents.client import HubClient, HubUnreachable
+from kiri.model.explain import verdict, worst_first
+from kiri.model.schema import NERVE_INPUTS
 from kiri.protocol import TASK_STATES, RpcError
 from kiri.render import ago, clip, table
 
@@ -270,7 +272,7 @@ def atoms(c: Ctx, path: str | None) -> None:
 
 
 @main.command()
-@click.argument("atom", type=click.Choice(["pulse", "rhythm", "drift"]))
+@click.argument("atom", type=click.Choice(list(NERVE_INPUTS)))
 @click.option("--days", default=7.0, show_default=True, type=click.FloatRange(0.01, 3650))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @click.option("--start", type=float, help="Start time, epoch seconds [default: Monday 2024-01-01 00:00 UTC].")
@@ -475,10 +477,10 @@ def history(c: Ctx, atom: str, count: int) -> None:
         if o["score"] is None:
             lines.append(f"{o['id']:>8}  {when}  {' '.join(o['tokens'])}   (not scored yet)")
             continue
-        verdict = "ANOMALY" if o["anomalous"] else "ok"
-        lines.append(f"{o['id']:>8}  {when}  {' '.join(o['tokens'])}  {o['score']:6.2f}  {verdict}")
+        word = verdict(o["anomalous"])
+        lines.append(f"{o['id']:>8}  {when}  {' '.join(o['tokens'])}  {o['score']:6.2f}  {word}")
         if o["anomalous"]:
-            blame = sorted(o["blame"], key=lambda b: -b["surprise"])
+            blame = worst_first(o["blame"])
             lines.append("            blame: " + ", ".join(f"{b['token']} {b['surprise']:.1f}" for b in blame[:4]))
     c.out(res, "\n".join(lines) if lines else f"no observations for {atom}")
 
@@ -556,7 +558,7 @@ def decisions(c: Ctx, limit: int) -> None:
     rows = []
     for d in res["decisions"]:
         inputs = d["inputs"]
-        scores = " ".join(f"{a[0].upper()}={inputs[a]:.2f}" for a in ("pulse", "rhythm", "drift") if a in inputs)
+        scores = " ".join(f"{a[0].upper()}={inputs[a]:.2f}" for a in NERVE_INPUTS if a in inputs)
         label = f"{d['label']['verdict']}->{d['label']['action']}" if d["label"] else None
         rows.append((d["id"], ago(d["created_at"], now), d["atom"], d["action"], f"{d['probs'][d['action']]:.2f}",
                      scores, d["policy"], d["alert"], label))
@@ -617,8 +619,8 @@ def status(c: Ctx) -> None:
             rows.append((atom["name"], "-", "no observations", "-", "-", version))
             continue
         score = f"{h['score']:.2f}" if h["score"] is not None else "-"
-        verdict = "-" if h["score"] is None else "ANOMALY" if h["anomalous"] else "ok"
-        rows.append((atom["name"], ago(h["time"], now), " ".join(h["tokens"]), score, verdict, version))
+        word = "-" if h["score"] is None else verdict(h["anomalous"])
+        rows.append((atom["name"], ago(h["time"], now), " ".join(h["tokens"]), score, word, version))
     agents = [(a["name"], a["role"], a["health"], ago(a["last_seen"], now)) for a in pic["agents"]]
     text = table(["ATOM", "SEEN", "TOKENS", "SCORE", "VERDICT", "WEIGHTS"], rows)
     text += "\n\n" + (table(["AGENT", "ROLE", "HEALTH", "LAST SEEN"], agents) if agents else "no agents yet")

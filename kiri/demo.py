@@ -20,9 +20,10 @@ from typing import Any
 
 from kiri.agents.client import HubClient
 from kiri.model import synth
+from kiri.model.schema import NERVE_INPUTS
 from kiri.protocol import NotFound
 
-ATOMS = ("pulse", "rhythm", "drift")
+ATOMS = NERVE_INPUTS
 
 
 class Demo:

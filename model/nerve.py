@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from kiri.model.calibrate import combine
-from kiri.model.schema import NERVE, NERVE_ACTIONS
+from kiri.model.schema import NERVE, NERVE_ACTIONS, NERVE_INPUTS
 from kiri.model.train import TrainConfig, Trainer
 from kiri.model.weights import Weights, load_weights
 
-INPUT_ATOMS = ("pulse", "rhythm", "drift")
+INPUT_ATOMS = NERVE_INPUTS
 
 
 @dataclass(frozen=True)

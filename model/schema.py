@@ -302,6 +302,8 @@ NERVE = AtomSchema("nerve", (
 ), actions=NERVE_ACTIONS, description="reads every atom's latest score and decides what to do")
 
 PRESETS: dict[str, AtomSchema] = {a.name: a for a in (PULSE, RHYTHM, DRIFT, NERVE)}
+# The preset atoms the nerve reads, in its field order: the one list of "the watched atoms".
+NERVE_INPUTS: tuple[str, ...] = tuple(f.name for f in NERVE.fields if f.name in PRESETS)
 
 
 def get(name: str, custom: Mapping[str, AtomSchema] | None = None) -> AtomSchema:

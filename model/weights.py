@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +18,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kiri.model.gpt import Atom
+from kiri.model.header import WeightsError, read_meta
 from kiri.model.schema import AtomSchema, SchemaError
 
 FORMAT = "kiri.weights/1"
-
-
-class WeightsError(ValueError):
-    """A weights or state blob is malformed or does not fit its schema."""
 
 
 def pack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
@@ -36,23 +32,11 @@ def pack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
 
 
 def unpack(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    if not isinstance(blob, bytes | bytearray) or len(blob) < 8:
-        raise WeightsError("not a safetensors blob (too short)")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > len(blob) - 8 or n > 100 << 20:
-        raise WeightsError("not a safetensors blob (bad header length)")
+    meta = read_meta(blob)  # refuses a malformed header before safetensors parses the rest
     try:
-        header = json.loads(blob[8: 8 + n])
         tensors = st_load(bytes(blob))
     except (ValueError, SafetensorError) as e:
         raise WeightsError(f"not a valid safetensors blob: {e}") from None
-    raw_meta = header.get("__metadata__") or {}
-    try:
-        meta = json.loads(raw_meta.get("kiri", "{}"))
-    except (TypeError, ValueError, AttributeError) as e:
-        raise WeightsError(f"bad metadata: {e}") from None
-    if not isinstance(meta, dict):
-        raise WeightsError("bad metadata: expected an object")
     return tensors, meta
 
 

@@ -17,10 +17,10 @@ from kiri.hub.core import queue as Q
 from kiri.hub.store.db import as_dict
 from kiri.hub.store.schema import alerts, decisions, labels, observations, scores, weights
 from kiri.hub.watch import retrain
+from kiri.model.schema import NERVE_INPUTS
 from kiri.protocol import LeaseLost, NotFound
 from kiri.protocol import params as P
 
-INPUT_ATOMS = ("pulse", "rhythm", "drift")
 NERVE_MIN_LABELS = 20
 NERVE_RETRAIN_EVERY = 10  # new labels since the nerve last trained
 
@@ -28,7 +28,7 @@ NERVE_RETRAIN_EVERY = 10  # new labels since the nerve last trained
 def nerve_inputs(c: sa.Connection, _p: P.Empty, env: Q.Env) -> dict[str, Any]:
     """The latest score of every input atom, and the nerve's active weights if any."""
     out: dict[str, Any] = {}
-    for atom in INPUT_ATOMS:
+    for atom in NERVE_INPUTS:
         row = c.execute(
             sa.select(scores.c.score, scores.c.threshold, scores.c.tail_p, scores.c.observation_id, observations.c.ts)
             .join(observations, observations.c.id == scores.c.observation_id)

@@ -19,6 +19,7 @@ from kiri.hub.store.db import as_dict
 from kiri.hub.store.schema import observations, scores, tasks, weights
 from kiri.hub.watch import decisions as D
 from kiri.hub.watch.observations import AtomRegistry
+from kiri.model.explain import blame
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
 from kiri.protocol import params as P
 
@@ -59,7 +60,7 @@ def work(reg: AtomRegistry, c: sa.Connection, p: P.ScoringWork, env: Q.Env) -> d
     }
 
 
-def verdict(s: P.ScoreIn, p: P.RecordScores) -> bool:
+def is_anomalous(s: P.ScoreIn, p: P.RecordScores) -> bool:
     """Anomalous: the tail probability under the alarm rate (calibrated weights), else score over threshold."""
     if s.tail_p is not None and p.alarm_rate is not None:
         return s.tail_p < p.alarm_rate
@@ -83,7 +84,7 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     already = {r.observation_id for r in c.execute(sa.select(scores.c.observation_id).where(
         scores.c.weights_id == p.weights_id, scores.c.observation_id.in_(ids)))}
     rows = [{"observation_id": s.observation_id, "atom": p.atom, "weights_id": p.weights_id, "score": s.score,
-             "threshold": p.threshold, "anomalous": verdict(s, p), "tail_p": s.tail_p,
+             "threshold": p.threshold, "anomalous": is_anomalous(s, p), "tail_p": s.tail_p,
              "surprise": orjson.dumps(s.surprise).decode(), "created_at": env.now}
             for s in p.scores if s.observation_id not in already]
     if rows:
@@ -122,7 +123,7 @@ def history(reg: AtomRegistry, c: sa.Connection, p: P.History, env: Q.Env) -> di
             surprise = orjson.loads(sc.surprise)
             item.update(score=sc.score, threshold=sc.threshold, anomalous=bool(sc.anomalous), weights_id=sc.weights_id,
                         tail_p=sc.tail_p,
-                        blame=[{"token": t, "surprise": v} for t, v in zip(toks, surprise, strict=False)])
+                        blame=blame(toks, surprise))
         out.append(item)
     return {"atom": schema.name, "observations": out}
 

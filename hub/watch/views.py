@@ -6,7 +6,6 @@ Every function here only reads. They run on the reader's query-only connections 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import orjson
@@ -17,6 +16,7 @@ from kiri.hub.store import db as dbmod
 from kiri.hub.store.schema import agents, decisions, observations, scores, tasks, weights
 from kiri.hub.watch.observations import AtomRegistry
 from kiri.hub.watch.series import SeriesCache, downsample
+from kiri.model.explain import blame, verdict
 from kiri.model.schema import AtomSchema
 from kiri.protocol import NotFound
 
@@ -25,9 +25,7 @@ MAX_POINTS = 5000
 
 
 def _verdict(score: sa.Row | None) -> str:
-    if score is None:
-        return "unscored"
-    return "anomaly" if score.anomalous else "normal"
+    return verdict(None if score is None else bool(score.anomalous))
 
 
 def _latest_score(c: sa.Connection, obs_id: int) -> sa.Row | None:
@@ -43,12 +41,8 @@ def _observation(schema: AtomSchema, row: sa.Row, score: sa.Row | None) -> dict[
                            "tokens": toks, "score": None, "threshold": None, "anomalous": None, "tail_p": None,
                            "verdict": _verdict(score), "blame": [], "weights_id": None}
     if score is not None:
-        surprise = orjson.loads(score.surprise)
-        probs = [math.exp(-v) for v in surprise]
         out.update(score=score.score, threshold=score.threshold, anomalous=bool(score.anomalous),
-                   weights_id=score.weights_id, tail_p=score.tail_p,
-                   blame=[{"token": t, "surprise": v, "probability": p}
-                          for t, v, p in zip(toks, surprise, probs, strict=False)])
+                   weights_id=score.weights_id, tail_p=score.tail_p, blame=blame(toks, orjson.loads(score.surprise)))
     return out
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
-import struct
 from typing import Any
 
 import orjson
@@ -19,6 +17,7 @@ from kiri.hub.core import queue as Q
 from kiri.hub.core.queue import Env
 from kiri.hub.store.db import as_dict
 from kiri.hub.store.schema import weights
+from kiri.model.header import WeightsError, read_meta
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
 from kiri.protocol import params as P
 
@@ -29,12 +28,8 @@ _SUMMARY = [c for c in weights.c if c.name != "blob"]
 def blob_meta(blob: bytes) -> dict[str, Any]:
     """The kiri metadata of a safetensors weights blob; InvalidParams if it is not one."""
     try:
-        (n,) = struct.unpack("<Q", blob[:8])
-        if n > min(len(blob) - 8, 16 << 20):
-            raise ValueError("bad header length")
-        header = json.loads(blob[8: 8 + n])
-        meta = json.loads(header["__metadata__"]["kiri"])
-    except (struct.error, ValueError, KeyError, TypeError) as e:
+        meta = read_meta(blob)
+    except WeightsError as e:
         raise InvalidParams(f"blob: not kiri weights in safetensors format ({e})") from None
     if meta.get("format") != "kiri.weights/1":
         raise InvalidParams(f"blob: format {meta.get('format')!r} is not kiri.weights/1")
