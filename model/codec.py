@@ -189,9 +189,7 @@ def values_of(schema: AtomSchema, observations: Sequence[Mapping[str, Any]]) -> 
     out = np.empty((len(observations), schema.width), dtype=np.float64)
     for r, obs in enumerate(observations):
         try:
-            schema.encode(obs)  # the one validation: unknown, missing and non-numeric fields
+            out[r] = schema.values(obs)  # the one check: unknown, missing and non-numeric fields
         except ObservationError as e:
             raise ObservationError(f"observation {r}: {e}", e.field) from None
-        for i, f in enumerate(schema.fields):
-            out[r, i] = schema.check_value(f, obs[f.name] if f.name in obs else obs[f.letter])
     return out

@@ -111,8 +111,9 @@ class AtomSchema:
                 return f
         return None
 
-    def encode(self, obs: Mapping[str, Any]) -> list[int]:
-        """Token ids of one observation (fields keyed by name or letter), in schema order."""
+    def values(self, obs: Mapping[str, Any]) -> list[float]:
+        """One observation's values in schema order, checked once: every field present
+        (by name or letter), nothing unknown, every value a finite number."""
         if not isinstance(obs, Mapping):
             raise ObservationError(f"{self.name}: an observation must be a mapping of field to value")
         known = {f.name for f in self.fields} | {f.letter for f in self.fields}
@@ -123,16 +124,28 @@ class AtomSchema:
                 + ", ".join(f"{f.name} ({f.letter})" for f in self.fields),
                 unknown[0],
             )
-        ids = []
-        for f, off in zip(self.fields, self.offsets(), strict=True):
+        out = []
+        for f in self.fields:
             if f.name in obs:
                 raw = obs[f.name]
             elif f.letter in obs:
                 raw = obs[f.letter]
             else:
                 raise ObservationError(f"{self.name}: missing field {f.name!r} ({f.letter})", f.name)
-            ids.append(off + f.bucket(self.check_value(f, raw)))
-        return ids
+            out.append(self.check_value(f, raw))
+        return out
+
+    def encode(self, obs: Mapping[str, Any]) -> list[int]:
+        """Token ids of one observation (fields keyed by name or letter), in schema order."""
+        return self.encode_values(self.values(obs))
+
+    def stored_tokens(self, values: Mapping[str, float]) -> list[str]:
+        """Display tokens of values the hub stored (checked when they arrived), by field name."""
+        return self.tokens(self.encode_values([values[f.name] for f in self.fields]))
+
+    def encode_values(self, values: Sequence[float]) -> list[int]:
+        """Token ids of values already checked by ``values``, in schema order."""
+        return [off + f.bucket(v) for f, off, v in zip(self.fields, self.offsets(), values, strict=True)]
 
     @staticmethod
     def check_value(f: Field, raw: Any) -> float:

@@ -115,7 +115,7 @@ def history(reg: AtomRegistry, c: sa.Connection, p: P.History, env: Q.Env) -> di
     out = []
     for r in reversed(obs):
         values = orjson.loads(r.data)
-        toks = schema.tokens(schema.encode(values))
+        toks = schema.stored_tokens(values)
         item: dict[str, Any] = {"id": r.id, "time": r.ts, "host": r.host, "values": values, "tokens": toks,
                                 "score": None}
         sc = latest.get(r.id)

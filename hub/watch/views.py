@@ -36,7 +36,7 @@ def _latest_score(c: sa.Connection, obs_id: int) -> sa.Row | None:
 
 def _observation(schema: AtomSchema, row: sa.Row, score: sa.Row | None) -> dict[str, Any]:
     values = orjson.loads(row.data)
-    toks = schema.tokens(schema.encode(values))
+    toks = schema.stored_tokens(values)
     out: dict[str, Any] = {"id": row.id, "atom": schema.name, "time": row.ts, "host": row.host, "values": values,
                            "tokens": toks, "score": None, "threshold": None, "anomalous": None, "tail_p": None,
                            "verdict": _verdict(score), "blame": [], "weights_id": None}
