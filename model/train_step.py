@@ -178,7 +178,11 @@ class TrainStep:
 
     @torch.no_grad()
     def adam(self, lr: float) -> None:
-        """Adam (torch's fused kernel, the one ``torch.optim.Adam(fused=True)`` calls) on the flat buffers."""
+        """Adam (torch's fused kernel, the one ``torch.optim.Adam(fused=True)`` calls) on the flat buffers.
+
+        The one call into torch's private API: ``tests/test_forward.py`` holds it to
+        ``torch.optim.Adam`` bitwise, so a torch upgrade that changes it fails there.
+        """
         self.steps += 1
         torch._fused_adam_([self.flat], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps],
                            lr=lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=self.eps,

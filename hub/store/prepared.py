@@ -17,22 +17,29 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from kiri.hub.store.db import as_dict
 
 
+def compile_for_driver(stmt: sa.Executable, dialect: sa.Dialect) -> tuple[str, list[str], dict[str, Any], list[str]]:
+    """SQL text, positional parameter names, constant parameters and result column names.
+
+    The one adapter over SQLAlchemy's compiler internals (``positiontup``, ``binds``,
+    ``_result_columns``): if an upgrade changes them, ``tests/test_prepared.py`` fails here
+    and nowhere else, by comparing every hot-path statement with SQLAlchemy's own execution.
+    """
+    compiled = stmt.compile(dialect=dialect)
+    assert isinstance(compiled, SQLCompiler) and compiled.positiontup is not None
+    names = list(compiled.positiontup)
+    consts = {n: b.effective_value for n, b in compiled.binds.items() if n in names and not b.required}
+    result_columns = getattr(compiled, "_result_columns", None)
+    columns = [str(c[0]) for c in result_columns] if result_columns else []
+    return compiled.string, names, consts, columns
+
+
 class Prepared:
     def __init__(self, stmt: sa.Executable) -> None:
         self.stmt = stmt
         self._sqlite: tuple[str, list[str], dict[str, Any], list[str]] | None = None
 
     def _compile_sqlite(self, conn: sa.Connection) -> tuple[str, list[str], dict[str, Any], list[str]]:
-        compiled = self.stmt.compile(dialect=conn.dialect)
-        assert isinstance(compiled, SQLCompiler) and compiled.positiontup is not None
-        names = list(compiled.positiontup)
-        consts = {
-            n: b.effective_value
-            for n, b in compiled.binds.items()
-            if n in names and not b.required
-        }
-        columns = [str(c[0]) for c in compiled._result_columns] if compiled._result_columns else []
-        self._sqlite = (compiled.string, names, consts, columns)
+        self._sqlite = compile_for_driver(self.stmt, conn.dialect)
         return self._sqlite
 
     def _fetch_sqlite(self, conn: sa.Connection, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:

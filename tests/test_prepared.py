@@ -1,0 +1,69 @@
+"""The hot path's private-API adapters give exactly what the public APIs give.
+
+``hub/store/prepared.py`` reads SQLAlchemy's compiler internals to run statements on the
+driver cursor; ``model/train_step.py`` calls torch's fused Adam kernel directly (that one is
+held to ``torch.optim.Adam`` in ``test_forward.py``). If an upgrade of either library
+changes what they rely on, these tests fail here, loudly, and not somewhere downstream.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from kiri.hub.core import queue as Q
+from kiri.hub.store import migrate as mig
+from kiri.hub.store.db import as_dict, make_engine
+from kiri.hub.store.prepared import Prepared, compile_for_driver
+from kiri.hub.store.schema import checkpoints, tasks
+
+
+def _db(path) -> sa.Engine:
+    engine = make_engine(f"sqlite:///{path}")
+    mig.upgrade(engine)
+    return engine
+
+
+def _steps(lease: Prepared) -> list[tuple[Prepared, dict]]:
+    """A task's life on the hot path: insert, lease, heartbeat, ack, and reads between."""
+    now = 1000.0
+    insert = {"v_kind": "echo", "v_atom": None, "v_params": "{}", "v_priority": 3, "v_run_after": now,
+              "v_max": 5, "v_dedupe": None, "v_parent": None, "v_now": now}
+    return [
+        (Q._insert_task, insert),
+        (Q._insert_task, {**insert, "v_priority": 9, "v_atom": "pulse"}),
+        (lease, {"k0": "echo", "now": now + 1, "owner": "a", "tok": "t1", "ttl": 30.0, "expires": now + 31}),
+        (Q._get_checkpoint, {"tid": 2}),
+        (Q._heartbeat_stmt, {"tid": 2, "tok": "t1", "now": now + 2, "prog": '{"step": 1}'}),
+        (Q._heartbeat_stmt, {"tid": 2, "tok": "wrong", "now": now + 2, "prog": None}),
+        (Q._ack_stmt, {"tid": 2, "tok": "t1", "res": '{"ok": true}', "now": now + 3}),
+        (Q._drop_checkpoint, {"tid": 2}),
+    ]
+
+
+def test_driver_path_equals_sqlalchemy_path(tmp_path):
+    fast, slow = _db(tmp_path / "fast.db"), _db(tmp_path / "slow.db")
+    lease = Prepared(Q._lease_stmt(1))
+    got_fast, got_slow = [], []
+    with fast.begin() as c:
+        for stmt, params in _steps(lease):
+            got_fast.append(stmt.rows(c, params))  # the SQLite driver path
+    with slow.begin() as c:
+        for stmt, params in _steps(lease):
+            result = c.execute(stmt.stmt, params)  # SQLAlchemy's own path
+            got_slow.append([as_dict(r) for r in result] if result.returns_rows else [])
+    assert got_fast == got_slow
+    assert got_fast[2][0]["id"] == 2 and got_fast[2][0]["priority"] == 9  # the best task was leased
+    for table in (tasks, checkpoints):
+        with fast.connect() as a, slow.connect() as b:
+            rows_a = [tuple(r) for r in a.execute(sa.select(table))]
+            rows_b = [tuple(r) for r in b.execute(sa.select(table))]
+        assert rows_a == rows_b
+
+
+def test_compiled_parts_name_every_parameter_and_column():
+    engine = sa.create_engine("sqlite://")
+    sql, names, consts, columns = compile_for_driver(Q._lease_stmt(2), engine.dialect)
+    assert sql.count("?") == len(names)
+    assert {"k0", "k1", "now", "owner", "tok", "ttl", "expires"} <= set(names) | set(consts)
+    assert columns == ["id", "kind", "atom", "params", "attempts", "max_attempts", "priority", "parent_id",
+                       "run_after"]
