@@ -237,8 +237,8 @@ class Hub:
         conn.role = p.role
 
         def register(c: sa.Connection, params: P.Hello, env: Q.Env) -> dict[str, Any]:
-            conn.agent_id = Q.upsert_agent(c, params, env)
-            return {"hub": __version__, "protocol": PROTOCOL_VERSION, "agent_id": conn.agent_id}
+            # the connection learns its agent id in _finish, once this has committed
+            return {"hub": __version__, "protocol": PROTOCOL_VERSION, "agent_id": Q.upsert_agent(c, params, env)}
 
         self.commit.submit(Op(conn, req_id, "hello", p, register))
 
@@ -318,6 +318,10 @@ class Hub:
             if result.get("task") is not None:
                 self.served["leases"] += 1
                 self.metrics.leased(result["task"], time.time())
+        if op.method == "hello" and err is None and conn is not None:
+            conn.agent_id = result["agent_id"]
+            if conn.closed:  # gone while its hello committed
+                self._mark_disconnected(conn.agent_id)
         if op.method == "ack" and err is None:
             self.served["acks"] += 1
             nxt = result.get("next")
@@ -350,13 +354,17 @@ class Hub:
 
     def connection_closed(self, conn: Connection) -> None:
         self.longpoll.drop(conn)
-        if conn.agent_id is not None and not self.closing:
-            agent_id = conn.agent_id
+        if conn.agent_id is not None:
+            self._mark_disconnected(conn.agent_id)
 
-            def mark(c: sa.Connection, _p: Any, env: Q.Env) -> None:
-                Q.touch_agents(c, [(agent_id, env.now, self._still_connected(agent_id))])
+    def _mark_disconnected(self, agent_id: int) -> None:
+        if self.closing:
+            return
 
-            self.commit.submit(Op(None, None, "disconnect", None, mark, reply=False))
+        def mark(c: sa.Connection, _p: Any, env: Q.Env) -> None:
+            Q.touch_agents(c, [(agent_id, env.now, self._still_connected(agent_id))])
+
+        self.commit.submit(Op(None, None, "disconnect", None, mark, reply=False))
 
     def _still_connected(self, agent_id: int) -> bool:
         return any(c.agent_id == agent_id for c in self.connections)
