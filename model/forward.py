@@ -120,14 +120,17 @@ class Forward:
                     .reshape(2, nh, t, hd)
                 q = torch.mm(n1[:, t - tq:].reshape(-1, d), w_qkv[:d].t()).view(b, tq, h, hd).transpose(1, 2) \
                     .reshape(nh, tq, hd)
-            a = softmax2(torch.baddbmm(self.mask(tq, t), q, k.transpose(1, 2), alpha=self.scale2))
-            o = torch.bmm(a, v)
-            o = (o.view(h, b, tq, hd).permute(1, 2, 0, 3) if head_major else o.view(b, h, tq, hd).transpose(1, 2)) \
-                .reshape(b * tq, d)
-            xm = torch.mm(o, w_proj.t()).view(b, tq, d).add_(x[:, t - tq:])
+            # q [b·h, tq, hd], k and v [b·h, t, hd] (head-major: [h·b, ...])
+            attn = torch.baddbmm(self.mask(tq, t), q, k.transpose(1, 2), alpha=self.scale2)  # [b·h, tq, t]
+            a = softmax2(attn)  # attention weights, [b·h, tq, t]
+            heads = torch.bmm(a, v)  # [b·h, tq, hd]
+            o = (heads.view(h, b, tq, hd).permute(1, 2, 0, 3) if head_major
+                 else heads.view(b, h, tq, hd).transpose(1, 2)).reshape(b * tq, d)  # heads side by side, [b·tq, d]
+            residual = x[:, t - tq:]  # [b, tq, d]
+            xm = torch.mm(o, w_proj.t()).view(b, tq, d).add_(residual)  # after attention, [b, tq, d]
             n2, r2 = rms(xm)
-            u = torch.relu_(torch.mm(n2.view(-1, d), w_fc1.t()))
-            x = torch.mm(u, w_fc2.t()).view(b, tq, d).add_(xm)
+            u = torch.relu_(torch.mm(n2.view(-1, d), w_fc1.t()))  # MLP hidden, [b·tq, 4d]
+            x = torch.mm(u, w_fc2.t()).view(b, tq, d).add_(xm)  # the block's output, [b, tq, d]
             if saved is not None:
                 saved.append((n1, r1, q, k, v, a, o, n2, r2, u, tq))
         return x, n0, r0
