@@ -185,7 +185,8 @@ class Hub:
             raw_params = msg.get("params", {})
             if not isinstance(raw_params, dict):
                 raise InvalidParams("params must be an object with named fields")
-            if line.count(b"[") + line.count(b"{") > MAX_DEPTH:  # only then can it nest too deep
+            # only a line with more brackets than the limit can nest too deep
+            if len(line) > 2 * MAX_DEPTH and line.count(b"[") + line.count(b"{") > MAX_DEPTH:
                 depth = P.nesting_depth(raw_params, MAX_DEPTH)
                 if depth > MAX_DEPTH:
                     raise InvalidParams(f"params nest more than {MAX_DEPTH} levels deep; flatten them")

@@ -205,8 +205,9 @@ class Connection(asyncio.Protocol):
             return
         start = len(self.buf)
         self.buf += data
+        limit = self.line_limit
+        handle = self.table.handler.handle_line
         while True:
-            limit = self.line_limit  # a hello in this packet raises it for the next line
             nl = self.buf.find(b"\n", start)
             if nl < 0:
                 if len(self.buf) > limit:
@@ -221,9 +222,12 @@ class Connection(asyncio.Protocol):
             del self.buf[: nl + 1]
             start = 0
             self.last_seen = time.time()
-            self.table.handler.handle_line(self, line)
+            authenticated = self.authenticated
+            handle(self, line)
             if self.closed:
                 return
+            if self.authenticated != authenticated:  # a hello in this packet: the next line may be longer
+                limit = self.line_limit
 
     # helpers
     def _account(self) -> None:
