@@ -14,7 +14,7 @@ import orjson
 
 from kiri import config
 from kiri.agents.client import HubClient, HubUnreachable
-from kiri.model.explain import verdict, worst_first
+from kiri.model.explain import worst_first
 from kiri.model.schema import NERVE_INPUTS
 from kiri.protocol import TASK_STATES, RpcError
 from kiri.render import ago, clip, table
@@ -477,7 +477,7 @@ def history(c: Ctx, atom: str, count: int) -> None:
         if o["score"] is None:
             lines.append(f"{o['id']:>8}  {when}  {' '.join(o['tokens'])}   (not scored yet)")
             continue
-        word = verdict(o["anomalous"])
+        word = "ANOMALY" if o["anomalous"] else "ok"
         lines.append(f"{o['id']:>8}  {when}  {' '.join(o['tokens'])}  {o['score']:6.2f}  {word}")
         if o["anomalous"]:
             blame = worst_first(o["blame"])
@@ -504,6 +504,11 @@ def _duration(_ctx: click.Context, _p: click.Parameter, value: str) -> float:
     return seconds
 
 
+def _duration0(ctx: click.Context, p: click.Parameter, value: str) -> float:
+    """A duration that may be zero (a delay)."""
+    return 0.0 if value.strip().lower() in ("0", "0s", "now") else _duration(ctx, p, value)
+
+
 @main.group()
 def schedule() -> None:
     """Periodic tasks fired by the hub (e.g. collect pulse every 30 s)."""
@@ -513,11 +518,13 @@ def schedule() -> None:
 @click.argument("kind")
 @click.argument("atom", required=False)
 @click.option("--every", required=True, callback=_duration, help="Interval: 30s, 5m, 1h, 1d.")
+@click.option("--first-in", default="0s", callback=_duration0, help="Delay before the first run [default: now].")
 @click.option("-p", "--param", "params", multiple=True, callback=_param, metavar="KEY=VALUE")
 @pass_ctx
-def schedule_add(c: Ctx, kind: str, atom: str | None, every: float, params: dict[str, Any]) -> None:
-    """Run a KIND task (for ATOM) every interval, starting now."""
-    body: dict[str, Any] = {"kind": kind, "every": every, "params": params}
+def schedule_add(c: Ctx, kind: str, atom: str | None, every: float, first_in: float,
+                 params: dict[str, Any]) -> None:
+    """Run a KIND task (for ATOM) every interval, starting now (or after --first-in)."""
+    body: dict[str, Any] = {"kind": kind, "every": every, "params": params, "first_in": first_in}
     if atom:
         body["atom"] = atom
     res = c.call("schedule_add", body)
@@ -619,7 +626,9 @@ def status(c: Ctx) -> None:
             rows.append((atom["name"], "-", "no observations", "-", "-", version))
             continue
         score = f"{h['score']:.2f}" if h["score"] is not None else "-"
-        word = "-" if h["score"] is None else verdict(h["anomalous"])
+        learning = atom.get("learning")
+        word = (f"learning {learning['seen']}/{learning['need']}" if learning
+                else "-" if h["score"] is None else "ANOMALY" if h["anomalous"] else "ok")
         rows.append((atom["name"], ago(h["time"], now), " ".join(h["tokens"]), score, word, version))
     agents = [(a["name"], a["role"], a["health"], ago(a["last_seen"], now)) for a in pic["agents"]]
     text = table(["ATOM", "SEEN", "TOKENS", "SCORE", "VERDICT", "WEIGHTS"], rows)
