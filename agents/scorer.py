@@ -16,7 +16,7 @@ from typing import Any
 from kiri.agents import alerts
 from kiri.agents.alerts import AlertConfig
 from kiri.agents.handlers import Handler, TaskContext, TaskError
-from kiri.model.explain import blame
+from kiri.model.explain import blame, worst_first
 
 log = logging.getLogger("kiri.scorer")
 
@@ -127,8 +127,8 @@ def decide(ctx: TaskContext, worst: dict[str, Any], sinks: AlertConfig) -> tuple
         "retrain_atom": max(scaled, key=scaled.__getitem__) if scaled else ctx.atom,
     }
     payload = {"atom": ctx.atom, "observation_id": worst["observation_id"], "time": worst["time"],
-               "score": worst["score"], "threshold": worst["threshold"], "blame": worst["blame"], "probs": d.probs,
-               "policy": d.policy}
+               "score": worst["score"], "threshold": worst["threshold"], "probs": d.probs, "policy": d.policy,
+               "blame": worst_first(worst["blame"])}  # an alert names the worst tokens first
     return decision, payload
 
 

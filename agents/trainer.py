@@ -38,8 +38,10 @@ def _unpack(blob: bytes) -> tuple[dict[str, Any], bytes]:
     return json.loads(blob[4: 4 + n]), blob[4 + n:]
 
 
-def load_values(hub: Any, schema: Any, obs_to: int | None) -> tuple[Any, list[float], int, int]:
-    """Raw values [N, F] and times of the atom's observations up to ``obs_to`` (all, if None), paged.
+def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = None,
+                hosts: dict[str, int] | None = None) -> tuple[Any, list[float], int, int]:
+    """Raw values [N, F] and times of the atom's observations up to ``obs_to`` (all, if None), paged;
+    only ``host``'s when given. ``hosts`` is filled with how many came from each host.
 
     Raw, not tokens: the codec that turns them into tokens is fitted to them (``Codec.fit``).
     """
@@ -52,13 +54,16 @@ def load_values(hub: Any, schema: Any, obs_to: int | None) -> tuple[Any, list[fl
     first = last = 0
     after = 0
     while True:
-        page = hub.call("observations", {"atom": schema.name, "after_id": after, "limit": PAGE})
+        page = hub.call("observations", {"atom": schema.name, "after_id": after, "limit": PAGE,
+                                         **({"host": host} if host is not None else {})})
         batch = []
         for o in page["observations"]:
             if obs_to is not None and o["id"] > obs_to:
                 page["next_after_id"] = None
                 break
             batch.append(o["values"])
+            if hosts is not None and o["host"] is not None:
+                hosts[o["host"]] = hosts.get(o["host"], 0) + 1
             times.append(o["time"])
             first = first or o["id"]
             last = o["id"]
@@ -94,18 +99,24 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise TaskError(f"bad train parameters: {e}", retry=False) from None
 
+    host = params.get("host")
+    if host is not None and (not isinstance(host, str) or not host or len(host) > 200):
+        raise TaskError(f"bad train parameters: host must be a host name, got {host!r}", retry=False)
+    hosts: dict[str, int] = {}  # observations per host the weights learn from (the learning period)
     if ctx.checkpoint_in is not None:
         meta, state = _unpack(ctx.checkpoint_in.data)
-        values, times, first, last = load_values(hub, schema, meta["obs_to"])
+        values, times, first, last = load_values(hub, schema, meta["obs_to"], host, hosts)
         codec = Trainer.state_codec(schema, state) or Codec.fixed(schema)
         ids = codec.encode(values)
         trainer = Trainer.resume(schema, ids, state)
         parent = meta["parent_id"]
         log.info("task %s: resuming %s at step %d", ctx.task_id, schema.name, trainer.step_no)
     else:
-        values, times, first, last = load_values(hub, schema, None)
+        values, times, first, last = load_values(hub, schema, None, host, hosts)
         if len(values) < 2:
-            raise TaskError(f"atom {schema.name!r} has {len(values)} observation(s); push more first", retry=False)
+            whose = f" from {host}" if host is not None else ""
+            raise TaskError(f"atom {schema.name!r} has {len(values)} observation(s){whose}; push more first",
+                            retry=False)
         codec = Codec.fit(schema, values)  # edges from this data: a retrain follows a stream that moved
         ids = codec.encode(values)
         parent, init = None, None
@@ -138,7 +149,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     gate = quality_gate(hub, schema, trainer, values, float(params.get("gate_margin", 0.1)))
     rate = alarm_rate(float(params.get("alarms_per_week", DEFAULT_ALARMS_PER_WEEK)), typical_interval(times))
     blob = trainer.weights_bytes({"task_id": ctx.task_id, "obs_from": meta["obs_from"], "obs_to": meta["obs_to"],
-                                  "quality": gate}, alarm_rate=rate)
+                                  "quality": gate, "hosts": hosts, "host": host}, alarm_rate=rate)
     res = hub.call("publish_weights", {
         "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": schema.name,
         "blob": base64.b64encode(blob).decode(), "parent_id": meta["parent_id"],

@@ -83,10 +83,16 @@ class Demo:
                 say(f"training {atom}")
         if self.collect:
             existing = {(s["kind"], s["atom"]) for s in c.call("schedules")["schedules"]}
+            here = socket.gethostname()
             for atom, every in (("pulse", 30.0), ("rhythm", 300.0)):
                 if ("collect", atom) not in existing:
                     c.call("schedule_add", {"kind": "collect", "atom": atom, "every": every})
                     say(f"collecting this machine's {atom} every {every:g} s")
+                if ("train", atom) not in existing:
+                    # the learning period trains on this host once it has enough readings; after
+                    # that, a daily warm-started retrain on its own data follows slow change
+                    c.call("schedule_add", {"kind": "train", "atom": atom, "every": 86400.0, "first_in": 86400.0,
+                                            "params": {"host": here, "warm_start": True}})
 
     def status_line(self, c: HubClient) -> str:
         stats = c.call("stats")
@@ -94,13 +100,16 @@ class Demo:
         for row in stats["tasks"]:
             counts[row["status"]] = counts.get(row["status"], 0) + row["count"]
         parts = [f"tasks {counts.get('queued', 0)}q/{counts.get('leased', 0)}r/{counts.get('done', 0)}d"]
-        for atom in ATOMS:
-            hist = c.call("history", {"atom": atom, "n": 1})["observations"]
-            if not hist or hist[-1]["score"] is None:
-                parts.append(f"{atom} -")
+        for a in c.call("status")["atoms"]:
+            h, learning = a["latest"], a.get("learning")
+            if a["name"] not in ATOMS:
                 continue
-            h = hist[-1]
-            parts.append(f"{atom} {h['score']:.2f}{'!' if h['anomalous'] else ''}")
+            if learning:
+                parts.append(f"{a['name']} learning {learning['seen']}/{learning['need']}")
+            elif h is None or h["score"] is None:
+                parts.append(f"{a['name']} -")
+            else:
+                parts.append(f"{a['name']} {h['score']:.2f}{'!' if h['anomalous'] else ''}")
         dec = c.call("decisions", {"limit": 1})["decisions"]
         if dec:
             parts.append(f"nerve {dec[0]['action']}")

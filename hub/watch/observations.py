@@ -165,6 +165,8 @@ def list_observations(reg: AtomRegistry, c: sa.Connection, p: P.Observations, en
     schema = reg.get(p.atom)
     o = observations.c
     q = sa.select(o.id, o.ts, o.host, o.data).where(o.atom == schema.name, o.id > p.after_id)
+    if p.host is not None:
+        q = q.where(o.host == p.host)
     if p.since is not None:
         q = q.where(o.ts >= p.since)
     if p.until is not None:

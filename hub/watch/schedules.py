@@ -26,9 +26,9 @@ def add(c: sa.Connection, p: P.ScheduleAdd, env: Q.Env) -> dict[str, Any]:
     if exists is not None:
         raise Conflict(f"a {p.kind} schedule for {p.atom or 'no atom'} exists (id {exists.id}); remove it first")
     sid = c.execute(schedules.insert().values(
-        kind=p.kind, atom=p.atom, params=orjson.dumps(p.params).decode(), every=p.every, next_run=env.now,
-        created_at=env.now).returning(schedules.c.id)).scalar_one()
-    env.due.append(env.now)
+        kind=p.kind, atom=p.atom, params=orjson.dumps(p.params).decode(), every=p.every,
+        next_run=env.now + p.first_in, created_at=env.now).returning(schedules.c.id)).scalar_one()
+    env.due.append(env.now + p.first_in)
     return {"schedule_id": sid}
 
 

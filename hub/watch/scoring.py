@@ -18,6 +18,7 @@ from kiri.hub.core import queue as Q
 from kiri.hub.store.db import as_dict
 from kiri.hub.store.schema import observations, scores, tasks, weights
 from kiri.hub.watch import decisions as D
+from kiri.hub.watch import learning as L
 from kiri.hub.watch.observations import AtomRegistry
 from kiri.model.explain import blame
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
@@ -70,30 +71,41 @@ def is_anomalous(s: P.ScoreIn, p: P.RecordScores) -> bool:
 def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     if not Q.holds_lease(c, p.task_id, p.lease_token):
         raise LeaseLost(f"task {p.task_id} is not leased to you; scores not recorded")
-    w = c.execute(sa.select(weights.c.atom).where(weights.c.id == p.weights_id)).first()
+    w = c.execute(sa.select(weights.c.atom, weights.c.info).where(weights.c.id == p.weights_id)).first()
     if w is None:
         raise NotFound(f"weights {p.weights_id} do not exist")
     if w.atom != p.atom:
         raise InvalidParams(f"weights {p.weights_id} belong to {w.atom!r}, not {p.atom!r}")
     ids = [s.observation_id for s in p.scores]
-    known = {r.id for r in c.execute(sa.select(observations.c.id).where(
+    host_of = {r.id: r.host for r in c.execute(sa.select(observations.c.id, observations.c.host).where(
         observations.c.id.in_(ids), observations.c.atom == p.atom))}
-    missing = [i for i in ids if i not in known]
+    missing = [i for i in ids if i not in host_of]
     if missing:
         raise InvalidParams(f"observation(s) {missing[:5]} are not {p.atom!r} observations")
+    info = orjson.loads(w.info)
+    learning = {h for h in set(host_of.values()) if L.is_learning(info, h)}
     already = {r.observation_id for r in c.execute(sa.select(scores.c.observation_id).where(
         scores.c.weights_id == p.weights_id, scores.c.observation_id.in_(ids)))}
     rows = [{"observation_id": s.observation_id, "atom": p.atom, "weights_id": p.weights_id, "score": s.score,
-             "threshold": p.threshold, "anomalous": is_anomalous(s, p), "tail_p": s.tail_p,
-             "surprise": orjson.dumps(s.surprise).decode(), "created_at": env.now}
+             "threshold": p.threshold, "tail_p": s.tail_p, "surprise": orjson.dumps(s.surprise).decode(),
+             "anomalous": is_anomalous(s, p) and host_of[s.observation_id] not in learning, "created_at": env.now}
             for s in p.scores if s.observation_id not in already]
     if rows:
         c.execute(scores.insert(), rows)
     out: dict[str, Any] = {"stored": len(rows), "already": len(already),
                            "anomalous": sum(r["anomalous"] for r in rows)}
     if p.decision is not None:
-        out["decision"] = (D.find(c, p.task_id, p.decision.observation_id)
-                           or D.insert(c, p.task_id, p.atom, p.decision, env))
+        decision = p.decision
+        host = host_of.get(decision.observation_id) if decision.observation_id is not None else None
+        if host in learning and decision.action != "ok":
+            # weights that never saw this host decide nothing yet: recorded as ok, with why
+            decision = decision.model_copy(update={
+                "action": "ok", "policy": f"learning:{host}"[:64],
+                "inputs": {**decision.inputs, "held_back": decision.action}})
+        out["decision"] = (D.find(c, p.task_id, decision.observation_id)
+                           or D.insert(c, p.task_id, p.atom, decision, env))
+    for host in sorted(learning):
+        L.learn(c, p.atom, host, env)
     return out
 
 

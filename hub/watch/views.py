@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from kiri.hub.core.queue import counts
 from kiri.hub.store import db as dbmod
 from kiri.hub.store.schema import agents, decisions, observations, scores, tasks, weights
+from kiri.hub.watch import learning as L
 from kiri.hub.watch.observations import AtomRegistry
 from kiri.hub.watch.series import SeriesCache, downsample
 from kiri.model.explain import blame, verdict
@@ -53,7 +54,8 @@ def _active_weights(c: sa.Connection) -> dict[str, dict[str, Any]]:
                        .where(w.status == "active")):
         info = orjson.loads(r.info)
         out[r.atom] = {"id": r.id, "version": r.version, "created_at": r.created_at,
-                       "activated_at": r.activated_at, "loss": r.loss, "threshold": info.get("threshold")}
+                       "activated_at": r.activated_at, "loss": r.loss, "threshold": info.get("threshold"),
+                       "hosts": info.get("hosts")}
     return out
 
 
@@ -103,8 +105,11 @@ def status(c: sa.Connection, reg: AtomRegistry, now: float) -> dict[str, Any]:
     for schema in reg.all_committed():
         if schema.actions:  # the nerve: its decisions are shown apart
             continue
-        atoms_out.append({"name": schema.name, "latest": latest_observation(c, reg, schema.name),
-                          "weights": active.get(schema.name)})
+        latest, w = latest_observation(c, reg, schema.name), active.get(schema.name)
+        learning = L.state(w, latest["host"]) if latest is not None else None
+        if learning is not None and latest is not None:
+            latest["verdict"] = "learning"
+        atoms_out.append({"name": schema.name, "latest": latest, "weights": w, "learning": learning})
     d = decisions.c
     last = c.execute(sa.select(d.id, d.atom, d.action, d.policy, d.probs, d.created_at)
                      .order_by(d.id.desc()).limit(1)).first()

@@ -219,7 +219,8 @@ TABLE: tuple[Method, ...] = (
                      "next_after_id": 3})),
     # --- schedules ----------------------------------------------------------------------
     Method("schedule_add", P.ScheduleAdd, R.ScheduleAdded, group="schedules", events=("tasks",),
-           summary="Enqueue a task of this kind every `every` seconds (at most one unfinished at a time).",
+           summary="Enqueue a task of this kind every `every` seconds, the first after `first_in` (at most one "
+                   "unfinished at a time).",
            example=({"kind": "collect", "atom": "pulse", "every": 30}, {"schedule_id": 2})),
     Method("schedule_rm", P.ScheduleRef, R.ScheduleRemoved, group="schedules",
            summary="Remove a schedule.", errors=("not found",),

@@ -150,6 +150,7 @@ class ImportRef(Params):
 
 class Observations(Params):
     atom: Name
+    host: Annotated[str, StringConstraints(max_length=200)] | None = None  # only this host's
     after_id: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     limit: Annotated[int, Field(ge=1, le=5000)] = 1000
     since: float | None = None
@@ -246,6 +247,7 @@ class ScheduleAdd(Params):
     atom: Name | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     every: Annotated[float, Field(ge=1, le=366 * 86400)]
+    first_in: Annotated[float, Field(ge=0, le=366 * 86400)] = 0.0  # seconds until the first run
 
 
 class ScheduleRef(Params):

@@ -127,7 +127,10 @@ function renderAtoms(st) {
     const l = a.latest;
     const v = p.querySelector(".verdict");
     v.className = `verdict ${l ? l.verdict : "unscored"}`;
-    v.textContent = l ? l.verdict : "no data";
+    v.textContent = !l ? "no data"
+      : a.learning ? `learning ${a.learning.host}: ${a.learning.seen}/${a.learning.need}` : l.verdict;
+    v.title = a.learning ? "these weights have not seen this host yet: scored, never alerted on, "
+      + "until it is trained on its own data" : "";
     p.querySelector(".tokens").textContent = l ? l.tokens.join(" ") : "";
     p.querySelector(".score").textContent = l && l.score !== null ? `score ${fmt(l.score)} / ${fmt(l.threshold)}` : "";
     p.querySelector(".seen").textContent = l ? ago(l.time) : "";
