@@ -39,9 +39,10 @@ def _unpack(blob: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = None,
-                hosts: dict[str, int] | None = None) -> tuple[Any, list[float], int, int]:
+                hosts: dict[str, dict[str, float]] | None = None) -> tuple[Any, list[float], int, int]:
     """Raw values [N, F] and times of the atom's observations up to ``obs_to`` (all, if None), paged;
-    only ``host``'s when given. ``hosts`` is filled with how many came from each host.
+    only ``host``'s when given. ``hosts`` is filled with how many came from each host, and
+    their first and last times (the learning period reads them from the weights).
 
     Raw, not tokens: the codec that turns them into tokens is fitted to them (``Codec.fit``).
     """
@@ -63,7 +64,9 @@ def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = No
                 break
             batch.append(o["values"])
             if hosts is not None and o["host"] is not None:
-                hosts[o["host"]] = hosts.get(o["host"], 0) + 1
+                h = hosts.setdefault(o["host"], {"n": 0, "first": o["time"], "last": o["time"]})
+                h["n"] += 1
+                h["first"], h["last"] = min(h["first"], o["time"]), max(h["last"], o["time"])
             times.append(o["time"])
             first = first or o["id"]
             last = o["id"]
@@ -102,7 +105,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     host = params.get("host")
     if host is not None and (not isinstance(host, str) or not host or len(host) > 200):
         raise TaskError(f"bad train parameters: host must be a host name, got {host!r}", retry=False)
-    hosts: dict[str, int] = {}  # observations per host the weights learn from (the learning period)
+    hosts: dict[str, dict[str, float]] = {}  # per host: n, first, last (for the learning period)
     if ctx.checkpoint_in is not None:
         meta, state = _unpack(ctx.checkpoint_in.data)
         values, times, first, last = load_values(hub, schema, meta["obs_to"], host, hosts)

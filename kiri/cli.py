@@ -612,6 +612,11 @@ def demo(data_dir: Path | None, port: int, http_port: int, days: float, seed: in
     sys.exit(code)
 
 
+def _learning(s: dict[str, Any]) -> str:
+    """How far a learning stream is: its readings so far against what ends the period."""
+    return "learning (training)" if s["training"] else f"learning {s['have']}/{s['need']}"
+
+
 @main.command()
 @pass_ctx
 def status(c: Ctx) -> None:
@@ -627,7 +632,7 @@ def status(c: Ctx) -> None:
             continue
         score = f"{h['score']:.2f}" if h["score"] is not None else "-"
         learning = atom.get("learning")
-        word = (f"learning {learning['seen']}/{learning['need']}" if learning
+        word = (_learning(learning) if learning
                 else "-" if h["score"] is None else "ANOMALY" if h["anomalous"] else "ok")
         rows.append((atom["name"], ago(h["time"], now), " ".join(h["tokens"]), score, word, version))
     agents = [(a["name"], a["role"], a["health"], ago(a["last_seen"], now)) for a in pic["agents"]]

@@ -105,7 +105,8 @@ class Demo:
             if a["name"] not in ATOMS:
                 continue
             if learning:
-                parts.append(f"{a['name']} learning {learning['seen']}/{learning['need']}")
+                progress = "training" if learning["training"] else f"{learning['have']}/{learning['need']}"
+                parts.append(f"{a['name']} learning {progress}")
             elif h is None or h["score"] is None:
                 parts.append(f"{a['name']} -")
             else:

@@ -59,7 +59,8 @@ def test_a_host_the_weights_never_saw_is_scored_but_never_alarmed(hub):
     assert hub.sql("select count(*) from alerts")[0][0] == 0
     pic = s("status")
     pulse = next(a for a in pic["atoms"] if a["name"] == "pulse")
-    assert pulse["learning"] == {"host": "box", "seen": 0, "need": LEARN_MIN}
+    assert pulse["learning"] == {"host": "box", "have": 5, "need": LEARN_MIN, "hours": 0.0, "need_hours": 24.0,
+                                 "training": False}
     assert pulse["latest"]["verdict"] == "learning"
     # nothing to learn yet: no training asked for
     assert hub.sql("select count(*) from tasks where kind = 'train' and status = 'queued'")[0][0] == 0
@@ -68,10 +69,13 @@ def test_a_host_the_weights_never_saw_is_scored_but_never_alarmed(hub):
 def test_hosts_the_weights_saw_and_hostless_readings_alarm_as_before(hub):
     s = Session(hub.address)
     s("hello", agent="t", role="scorer")
-    wid = _publish(s, {"box": LEARN_MIN})
-    got = s("observe", atom="pulse", observations=[{"host": "box", "values": PULSE}, {"values": PULSE}])
-    res = _score_all(s, wid, [got["first_id"], got["last_id"]])
-    assert res["anomalous"] == 2 and res["decision"]["alert"]["deliver"] is True
+    # box: enough readings; slow: few, but over two days (an hourly stream); legacy: a bare count
+    wid = _publish(s, {"box": {"n": LEARN_MIN, "first": 0.0, "last": 6000.0},
+                       "slow": {"n": 48, "first": 0.0, "last": 2 * 86400.0}, "legacy": LEARN_MIN})
+    readings = [{"values": PULSE, **({"host": h} if h else {})} for h in ("slow", "legacy", None, "box")]
+    got = s("observe", atom="pulse", observations=readings)
+    res = _score_all(s, wid, list(range(got["first_id"], got["last_id"] + 1)))
+    assert res["anomalous"] == 4 and res["decision"]["alert"]["deliver"] is True
     pulse = next(a for a in s("status")["atoms"] if a["name"] == "pulse")
     assert pulse["learning"] is None and pulse["latest"]["verdict"] == "anomaly"
 
@@ -100,13 +104,15 @@ def test_the_learning_period_ends_with_weights_trained_on_the_host(hub, agents_f
     wait_until(lambda: hub.sql("select count(*) from weights where status = 'active'")[0][0] == 1, 120,
                what="the first weights")
     (info,) = hub.sql("select info from weights where status = 'active'")[0]
-    assert json.loads(info)["hosts"] == {"synthetic": 300}
+    hosts = json.loads(info)["hosts"]
+    assert list(hosts) == ["synthetic"] and hosts["synthetic"]["n"] == 300
+    assert hosts["synthetic"]["last"] - hosts["synthetic"]["first"] == week.times[299] - week.times[0]
     here = synth.generate("pulse", 0.25, seed=1, start=week.times[-1] + 30)
     push(hub, "pulse", here.rows[:LEARN_MIN + 20], here.times[:LEARN_MIN + 20], host="box")
 
     def learned() -> bool:
         rows = hub.sql("select info from weights where status = 'active'")
-        return bool(rows) and json.loads(rows[0][0]).get("hosts", {}).get("box", 0) >= LEARN_MIN
+        return bool(rows) and json.loads(rows[0][0]).get("hosts", {}).get("box", {}).get("n", 0) >= LEARN_MIN
 
     wait_until(learned, 240, what="weights trained on the new host")
     (params,) = hub.sql("select params from tasks where kind = 'train' order by id desc limit 1")[0]

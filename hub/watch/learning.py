@@ -3,10 +3,11 @@
 Weights trained somewhere else (the demo's synthetic week, another machine) do not know
 what is normal here, and would cry at the first real readings. So a stream (atom, host) is
 *learning* while the atom's active weights were trained on fewer than ``LEARN_MIN`` of that
-host's observations (the trainer records how many per host, in the weights' ``hosts``).
-While a stream learns, its readings are scored and shown, but never anomalous and never
-alerted on; once it has ``LEARN_MIN`` observations, the hub asks for training on that
-host's own data (one deduplicated retrain), and the new weights end the learning period.
+host's observations and on less than a day of them (the trainer records, per host, how
+many and over what span, in the weights' ``hosts``). While a stream learns, its readings
+are scored and shown, but never anomalous and never alerted on; once the host has that
+much data, the hub asks for training on the host's own data (one deduplicated retrain),
+and the new weights end the learning period.
 
 Observations without a host, and weights from before hosts were recorded, are not held
 back: there is no host to learn, and an existing installation keeps alarming as before.
@@ -22,41 +23,53 @@ from kiri.hub.core import queue as Q
 from kiri.hub.store.schema import observations
 from kiri.hub.watch import retrain
 
-LEARN_MIN = 200  # a host's observations its weights must have seen (pulse at 30 s: 100 minutes)
+LEARN_MIN = 200  # a host's observations its weights must have seen (pulse at 30 s: 100 minutes) ...
+LEARN_SPAN = 86400.0  # ... or a day of them, for slow streams (hourly: 24)
 
 
-def seen(info: dict[str, Any], host: str | None) -> int | None:
-    """How many of ``host``'s observations the weights were trained on (None: not recorded)."""
+def _learned(n: int, span: float) -> bool:
+    return n >= LEARN_MIN or (n >= 2 and span >= LEARN_SPAN)
+
+
+def seen(info: dict[str, Any], host: str | None) -> tuple[int, float] | None:
+    """How many of ``host``'s observations the weights were trained on, over how many
+    seconds (None: the weights do not record hosts, or the reading has none)."""
     hosts = info.get("hosts")
     if host is None or not isinstance(hosts, dict):
         return None
-    n = hosts.get(host, 0)
-    return int(n) if isinstance(n, int | float) else 0
+    h = hosts.get(host)
+    if isinstance(h, dict):
+        return int(h.get("n", 0)), float(h.get("last", 0.0)) - float(h.get("first", 0.0))
+    return (int(h), 0.0) if isinstance(h, int | float) else (0, 0.0)
 
 
 def is_learning(info: dict[str, Any], host: str | None) -> bool:
-    n = seen(info, host)
-    return n is not None and n < LEARN_MIN
+    got = seen(info, host)
+    return got is not None and not _learned(*got)
 
 
-def state(info: dict[str, Any] | None, host: str | None) -> dict[str, Any] | None:
+def have(c: sa.Connection, atom: str, host: str) -> tuple[int, float]:
+    """The host's observations of the atom so far: how many, over how many seconds."""
+    o = observations.c
+    n, first, last = c.execute(sa.select(sa.func.count(), sa.func.min(o.ts), sa.func.max(o.ts))
+                               .where(o.atom == atom, o.host == host)).one()
+    return int(n or 0), float((last or 0.0) - (first or 0.0))
+
+
+def state(c: sa.Connection, atom: str, info: dict[str, Any] | None, host: str | None) -> dict[str, Any] | None:
     """What the dashboard, the API and ``kiri status`` show: None when the stream is not learning."""
     if info is None or not is_learning(info, host):
         return None
-    return {"host": host, "seen": seen(info, host), "need": LEARN_MIN}
-
-
-def have(c: sa.Connection, atom: str, host: str) -> int:
-    """The host's observations of the atom, counted up to LEARN_MIN (enough to know)."""
-    o = observations.c
-    first = sa.select(o.id).where(o.atom == atom, o.host == host).limit(LEARN_MIN).subquery()
-    return int(c.execute(sa.select(sa.func.count()).select_from(first)).scalar() or 0)
+    assert host is not None
+    n, span = have(c, atom, host)
+    return {"host": host, "have": n, "need": LEARN_MIN, "hours": round(span / 3600, 1),
+            "need_hours": LEARN_SPAN / 3600, "training": _learned(n, span)}
 
 
 def learn(c: sa.Connection, atom: str, host: str, env: Q.Env) -> dict[str, Any] | None:
     """Ask for training on the host's own data once it has enough (deduplicated)."""
-    n = have(c, atom, host)
-    if n < LEARN_MIN:
+    n, span = have(c, atom, host)
+    if not _learned(n, span):
         return None
     # the gate compares against weights that never saw this host: accept unless worse than nothing
     return retrain.request(c, atom, f"learning {host}: {n} observations of its own", env,

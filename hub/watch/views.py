@@ -106,7 +106,7 @@ def status(c: sa.Connection, reg: AtomRegistry, now: float) -> dict[str, Any]:
         if schema.actions:  # the nerve: its decisions are shown apart
             continue
         latest, w = latest_observation(c, reg, schema.name), active.get(schema.name)
-        learning = L.state(w, latest["host"]) if latest is not None else None
+        learning = L.state(c, schema.name, w, latest["host"]) if latest is not None else None
         if learning is not None and latest is not None:
             latest["verdict"] = "learning"
         atoms_out.append({"name": schema.name, "latest": latest, "weights": w, "learning": learning})

@@ -128,7 +128,8 @@ function renderAtoms(st) {
     const v = p.querySelector(".verdict");
     v.className = `verdict ${l ? l.verdict : "unscored"}`;
     v.textContent = !l ? "no data"
-      : a.learning ? `learning ${a.learning.host}: ${a.learning.seen}/${a.learning.need}` : l.verdict;
+      : a.learning ? `learning ${a.learning.host}: ${a.learning.training ? "training" : `${a.learning.have}/${a.learning.need}`}`
+      : l.verdict;
     v.title = a.learning ? "these weights have not seen this host yet: scored, never alerted on, "
       + "until it is trained on its own data" : "";
     p.querySelector(".tokens").textContent = l ? l.tokens.join(" ") : "";
