@@ -185,7 +185,7 @@ def train_nerve(ctx: TaskContext) -> dict[str, Any]:
 
 
 def quality_gate(hub: Any, schema: Any, trainer: Any, values: Any, margin: float) -> dict[str, Any]:
-    """Compare the new model with the active version on the new model's held-out windows.
+    """Compare the new model with the active version on the newest held-out windows.
 
     The new version passes when its separation is at least the active one's times
     (1 - margin). With no active version, or no held-out windows, it passes by default.
@@ -197,7 +197,8 @@ def quality_gate(hub: Any, schema: Any, trainer: Any, values: Any, margin: float
 
     trainer.model.eval()
     ids = (trainer.codec or Codec.fixed(schema)).encode(values)
-    new = separation(Scorer.from_model(schema, trainer.model, trainer.k), ids, trainer.held)
+    targets = trainer.newest_held()  # judged on the newest held-out data, not on old windows
+    new = separation(Scorer.from_model(schema, trainer.model, trainer.k), ids, targets)
     trainer.model.train()
     out: dict[str, Any] = {"new": new, "active": None, "margin": margin, "passed": True, "reason": None}
     try:
@@ -207,7 +208,7 @@ def quality_gate(hub: Any, schema: Any, trainer: Any, values: Any, margin: float
         return out
     try:
         old = Scorer(load_weights(base64.b64decode(active["blob"])), context=trainer.k)
-        out["active"] = separation(old, old.encode(values), trainer.held) | {"version": active["version"]}
+        out["active"] = separation(old, old.encode(values), targets) | {"version": active["version"]}
     except (WeightsError, ValueError) as e:
         out["reason"] = f"active version {active['version']} could not be evaluated ({e}): accepted"
         return out

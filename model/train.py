@@ -352,6 +352,12 @@ class Trainer:
         t.best_flat = tensors["early.best"].clone() if "early.best" in tensors else None
         return t
 
+    def newest_held(self, least: int = 20) -> torch.Tensor:
+        """The held-out block that ends at the newest data: what a candidate is judged on,
+        since it is what the model will meet next (all held-out targets if that is too few)."""
+        block = self.held[-max(1, len(self.held) // HOLD_BLOCKS):]
+        return block if len(block) >= least else self.held
+
     def weights_bytes(self, info: dict[str, Any] | None = None, calibrate: bool = True,
                       alarm_rate: float | None = None) -> bytes:
         """Weights with their lineage facts and, for observation atoms, codec and calibration.

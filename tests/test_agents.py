@@ -170,7 +170,7 @@ def test_concurrent_clients_never_double_lease(hub):
     def worker() -> None:
         c = hub.client()
         while True:
-            r = c.lease(["echo"])
+            r = c.lease(["echo"], ttl=60)
             if r["task"] is None:
                 break
             c.call("ack", {"task_id": r["task"]["id"], "lease_token": r["lease"]["token"]})

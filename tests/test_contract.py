@@ -53,7 +53,10 @@ def test_client_retries_and_events_come_from_the_table():
 
 
 class Session:
-    """One raw connection recording each reply by method, to check it against the table."""
+    """One raw connection recording each reply by method, to check it against the table.
+
+    Leases are taken with a long ttl: the test holds them across several calls, and a
+    loaded machine must not let one expire in between."""
 
     def __init__(self, address: tuple[str, int]) -> None:
         self.sock = socket.create_connection(address, timeout=30)
@@ -85,20 +88,20 @@ def test_every_method_answers_in_the_shape_the_table_promises(hub):
     # the queue
     tid = s("enqueue", kind="echo", params={"x": 1}, dedupe_key="k1")["task_id"]
     s("enqueue", kind="echo", dedupe_key="k1")
-    got = s("lease", kinds=["echo"])
+    got = s("lease", kinds=["echo"], ttl=600)
     tok = got["lease"]["token"]
     s("heartbeat", task_id=tid, lease_token=tok, progress={"step": 1})
     s("checkpoint", task_id=tid, lease_token=tok, step=1, data=base64.b64encode(b"state").decode())
     s("ack", task_id=tid, lease_token=tok, result={"ok": True}, next={"kinds": ["echo"]})
     s("ack", task_id=tid, lease_token=tok)  # a repeat: already_done
     t2 = s("enqueue", kind="echo")["task_id"]
-    l2 = s("lease", kinds=["echo"])
+    l2 = s("lease", kinds=["echo"], ttl=600)
     s("fail", task_id=t2, lease_token=l2["lease"]["token"], error="boom", retry=False)
     s("retry", task_id=t2)
     s("cancel", task_id=t2)
     s("task", task_id=tid)
     s("tasks", limit=1)
-    s("lease", kinds=["nothing-here"])
+    s("lease", kinds=["nothing-here"], ttl=600)
     # atoms and observations
     s("atoms")
     s("define_atom", schema={"name": "tank", "fields": [
@@ -113,7 +116,7 @@ def test_every_method_answers_in_the_shape_the_table_promises(hub):
     s("observations", atom="pulse", limit=2)
     # weights: published by the training task that made them
     train = s("enqueue", kind="train", atom="pulse")["task_id"]
-    tl = s("lease", kinds=["train"])
+    tl = s("lease", kinds=["train"], ttl=600)
     w = s("publish_weights", task_id=train, lease_token=tl["lease"]["token"], atom="pulse",
           blob=_weights_blob("pulse"), loss=0.5, info={"threshold": 3.0})["weights"]
     s("ack", task_id=train, lease_token=tl["lease"]["token"])
@@ -123,7 +126,7 @@ def test_every_method_answers_in_the_shape_the_table_promises(hub):
     s("retrain", atom="pulse", reason="again")  # joins the first
     # scoring, with the nerve's decision in the same call
     s("scoring_work", atom="pulse", limit=5, context=0)
-    score = s("lease", kinds=["score"])
+    score = s("lease", kinds=["score"], ttl=600)
     sid, stok = score["task"]["id"], score["lease"]["token"]
     obs = s("observations", atom="pulse")["observations"]
     s("record_scores", task_id=sid, lease_token=stok, atom="pulse", weights_id=w["id"], threshold=3.0,

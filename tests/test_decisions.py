@@ -169,9 +169,9 @@ def test_scores_and_their_decision_are_atomic_and_orphaned_alerts_are_redelivere
     wid = hub.sql("select id from weights where status='active'")[0][0]
     _observe(hub, SPIKE, time.time())
     oid = hub.sql("select max(id) from observations")[0][0]
-    task = c.lease(["score"])
+    task = c.lease(["score"], ttl=600)
     while task["task"] is not None and task["task"]["atom"] != "pulse":
-        task = c.lease(["score"])
+        task = c.lease(["score"], ttl=600)
     tok, tid = task["lease"]["token"], task["task"]["id"]
     body = {"task_id": tid, "lease_token": tok, "atom": "pulse", "weights_id": wid, "threshold": 1.5,
             "scores": [{"observation_id": oid, "score": 9.0, "surprise": [9.0] * 6}],

@@ -205,3 +205,15 @@ def test_detector_refuses_what_is_not_a_finite_number() -> None:
         det.score(np.array([10.0, np.inf]))
     with pytest.raises(ValueError, match=r"\[N, 1\]"):
         det.score(np.ones((3, 2)))
+
+
+def test_candidates_are_judged_on_the_newest_held_out_block() -> None:
+    st = streams.generate("seasonal", n=900, seed=3, anomalies=0)
+    values = st.values.reshape(-1, 1)
+    codec = Codec.fit(ONE, values)
+    t = Trainer(ONE, codec.encode(values), TrainConfig(steps=20), codec=codec)
+    newest = t.newest_held()
+    assert 20 <= len(newest) < len(t.held)
+    assert int(newest.max()) == int(t.held.max()) == len(values) - 1  # it ends at the newest observation
+    older = t.held[~torch.isin(t.held, newest)]
+    assert int(older.max()) < int(newest.min())  # and nothing older is in it

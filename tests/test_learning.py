@@ -28,7 +28,7 @@ def _weights(hosts: dict[str, int]) -> str:
 
 def _publish(s: Session, hosts: dict[str, int]) -> int:
     tid = s("enqueue", kind="train", atom="pulse")["task_id"]
-    lease = s("lease", kinds=["train"])
+    lease = s("lease", kinds=["train"], ttl=600)
     w = s("publish_weights", task_id=tid, lease_token=lease["lease"]["token"], atom="pulse",
           blob=_weights(hosts), loss=0.5)["weights"]
     s("ack", task_id=tid, lease_token=lease["lease"]["token"])
@@ -37,7 +37,7 @@ def _publish(s: Session, hosts: dict[str, int]) -> int:
 
 def _score_all(s: Session, wid: int, ids: list[int], action: str = "alert") -> dict:
     """Score the observations as a scorer would, every one far in the tail, and decide."""
-    lease = s("lease", kinds=["score"])
+    lease = s("lease", kinds=["score"], ttl=600)
     return s("record_scores", task_id=lease["task"]["id"], lease_token=lease["lease"]["token"], atom="pulse",
              weights_id=wid, threshold=3.0, alarm_rate=0.01,
              scores=[{"observation_id": i, "score": 30.0, "surprise": [5.0] * 6, "tail_p": 1e-9} for i in ids],

@@ -38,10 +38,10 @@ def _truth(engine, since=None, until=None):
     with engine.connect() as c:
         obs = c.execute(sa.select(observations.c.id, observations.c.ts, observations.c.data)).all()
         best: dict[int, tuple] = {}
-        for r in c.execute(sa.select(scores.c.observation_id, scores.c.weights_id, scores.c.score)):
+        for r in c.execute(sa.select(scores.c.observation_id, scores.c.weights_id, scores.c.score, scores.c.tail_p)):
             if r.observation_id not in best or r.weights_id >= best[r.observation_id][0]:
-                best[r.observation_id] = (r.weights_id, r.score)
-    rows = sorted(((r.ts, r.id, orjson.loads(r.data), best.get(r.id, (0, None))[1]) for r in obs),
+                best[r.observation_id] = (r.weights_id, r.score, r.tail_p)
+    rows = sorted(((r.ts, r.id, orjson.loads(r.data), *best.get(r.id, (0, None, None))[1:]) for r in obs),
                   key=lambda x: (x[0], x[1]))
     return [x for x in rows if (since is None or x[0] >= since) and (until is None or x[0] <= until)]
 
@@ -66,15 +66,17 @@ def test_columns_follow_late_observations_and_rescoring(db):
                 wid = rng.choice((1, 2))
                 if c.execute(sa.select(scores.c.id).where(scores.c.observation_id == oid,
                                                           scores.c.weights_id == wid)).first() is None:
+                    tail = rng.choice((None, rng.uniform(0, 1)))  # uncalibrated weights give none
                     c.execute(scores.insert().values(observation_id=oid, atom="drift", weights_id=wid,
                                                      score=rng.uniform(0, 10), threshold=5.0, anomalous=False,
-                                                     surprise="[]", created_at=0))
+                                                     tail_p=tail, surprise="[]", created_at=0))
         with reader.connect() as c, c.begin():
             cols = cache.columns(c, schema)
         got = downsample(cols, None, None, 10_000)
         want = _truth(engine)
         assert got["t"] == [w[0] for w in want] and got["id"] == [w[1] for w in want]
         assert got["score"] == [w[3] for w in want]
+        assert got["tail_p"] == [w[4] for w in want]
         assert got["values"]["added"] == [float(w[2]["added"]) for w in want]
         # a window, at full resolution and downsampled
         part = downsample(cols, 2_000.0, 11_500.0, 10_000)

@@ -6,9 +6,10 @@ without the token, can make the hub buffer without bound or keep agents out:
 - a connection that has not said hello may send lines of at most ``hello_line`` bytes and
   must say hello within ``hello_timeout`` seconds;
 - connections waiting to say hello have their own small budget (``max_unauthenticated``
-  in all, ``max_unauthenticated_per_address`` per peer address). When the whole budget is
-  in use the oldest waiting connection makes room (it had the longest to say hello), so a
-  flood of silent connections cannot keep a real agent, which says hello at once, out;
+  in all, ``max_unauthenticated_per_address`` per peer address). When either is in use the
+  oldest waiting connection (of all, or of that address) makes room: it had the longest to
+  say hello, so a flood of silent connections, even from the agent's own address, cannot
+  keep a real agent, which says hello at once, out;
 - every connection counts toward ``max_connections`` and ``max_per_address``; when the
   hub is full, the longest-idle authenticated connection that holds no waiting lease and
   has been silent for ``idle_evict_after`` seconds makes room (its agent reconnects);
@@ -86,10 +87,13 @@ class Connections:
         addr = conn.address
         if self.per_address.get(addr, 0) >= lim.max_per_address:
             return Unavailable(f"too many connections from {addr} (limit {lim.max_per_address}); try again later")
-        waiting_here = sum(1 for c in self.waiting_hello if c.address == addr)
-        if waiting_here >= lim.max_unauthenticated_per_address:
-            return Unavailable(f"too many connections from {addr} waiting to say hello "
-                               f"(limit {lim.max_unauthenticated_per_address}); try again later")
+        waiting_here = [c for c in self.waiting_hello if c.address == addr]
+        if len(waiting_here) >= lim.max_unauthenticated_per_address:
+            # the address's oldest silent connection makes room: a flood from the agent's own
+            # address cannot keep it out, since a real client says hello at once
+            self._evict(waiting_here[0], Unavailable(
+                f"too many connections from {addr} waiting to say hello "
+                f"(limit {lim.max_unauthenticated_per_address}); this one waited longest"))
         if len(self.waiting_hello) >= lim.max_unauthenticated:
             oldest = next(iter(self.waiting_hello))
             self._evict(oldest, Unavailable("too many connections waiting to say hello; this one waited longest"))

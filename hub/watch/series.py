@@ -38,6 +38,7 @@ class _Columns:
     vals: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     score: np.ndarray = field(default_factory=lambda: np.empty(0))
     thr: np.ndarray = field(default_factory=lambda: np.empty(0))
+    tail: np.ndarray = field(default_factory=lambda: np.empty(0))  # calibrated tail probability
     anom: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
     wid: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     pos: dict[int, int] = field(default_factory=dict)
@@ -56,7 +57,7 @@ class _Columns:
         if self.vals.shape[1] != len(self.fields):
             self.vals = np.empty((0, len(self.fields)))
         self.ids, self.ts, self.vals = grow(self.ids, 0), grow(self.ts, 0.0), grow(self.vals, np.nan)
-        self.score, self.thr = grow(self.score, np.nan), grow(self.thr, np.nan)
+        self.score, self.thr, self.tail = grow(self.score, np.nan), grow(self.thr, np.nan), grow(self.tail, np.nan)
         self.anom, self.wid = grow(self.anom, False), grow(self.wid, 0)
 
 
@@ -97,7 +98,7 @@ class SeriesCache:
             if cols.ts[a] < cols.last_ts or np.any(np.diff(cols.ts[a:b]) < 0):
                 # late arrivals (another host's clock, an import of old data): re-sort by time
                 order = np.argsort(cols.ts[:b], kind="stable")
-                for name in ("ids", "ts", "vals", "score", "thr", "anom", "wid"):
+                for name in ("ids", "ts", "vals", "score", "thr", "tail", "anom", "wid"):
                     arr = getattr(cols, name)
                     arr[:b] = arr[:b][order]
                 cols.pos = dict(zip(cols.ids[:b].tolist(), range(b), strict=True))
@@ -107,7 +108,8 @@ class SeriesCache:
         new = _NEW_SCORES.tuples(c, {"atom": atom, "after": cols.last_score_id})
         if not new:
             return
-        sid, oid, wid, score, thr, anom = (np.array(x) for x in zip(*new, strict=True))
+        sid, oid, wid, score, thr, tail, anom = (np.array(x) for x in zip(*new, strict=True))
+        tail = tail.astype(float)  # None (uncalibrated weights) becomes nan
         cols.last_score_id = int(sid[-1])
         pos = cols.pos
         idx = np.fromiter((pos.get(o, -1) for o in oid.tolist()), dtype=np.int64, count=len(oid))
@@ -117,14 +119,15 @@ class SeriesCache:
         last = last[idx[last] >= 0]
         take = last[wid[last] >= cols.wid[idx[last]]]
         at = idx[take]
-        cols.wid[at], cols.score[at], cols.thr[at] = wid[take], score[take], thr[take]
+        cols.wid[at], cols.score[at], cols.thr[at], cols.tail[at] = wid[take], score[take], thr[take], tail[take]
         cols.anom[at] = anom[take].astype(bool)
 
 
 _o, _s = observations.c, scores.c
 _NEW_OBSERVATIONS = Prepared(sa.select(_o.id, _o.ts, _o.data)
                              .where(_o.atom == sa.bindparam("atom"), _o.id > sa.bindparam("after")).order_by(_o.id))
-_NEW_SCORES = Prepared(sa.select(_s.id, _s.observation_id, _s.weights_id, _s.score, _s.threshold, _s.anomalous)
+_NEW_SCORES = Prepared(sa.select(_s.id, _s.observation_id, _s.weights_id, _s.score, _s.threshold, _s.tail_p,
+                                 _s.anomalous)
                        .where(_s.atom == sa.bindparam("atom"), _s.id > sa.bindparam("after")).order_by(_s.id))
 
 
@@ -146,10 +149,11 @@ def downsample(cols: _Columns, since: float | None, until: float | None, points:
     a = 0 if since is None else int(np.searchsorted(ts_all, since, side="left"))
     b = cols.n if until is None else int(np.searchsorted(ts_all, until, side="right"))
     ts, ids, vals = ts_all[a:b], cols.ids[a:b], cols.vals[a:b]
-    score, thr, anom = cols.score[a:b], cols.thr[a:b], cols.anom[a:b]
+    score, thr, tail, anom = cols.score[a:b], cols.thr[a:b], cols.tail[a:b], cols.anom[a:b]
     out: dict[str, Any] = {"count": int(b - a), "bucket": None}
     if b - a == 0:
-        out.update(t=[], id=[], score=[], threshold=[], anomalous=[], n=[], values={n: [] for n in cols.fields})
+        out.update(t=[], id=[], score=[], threshold=[], tail_p=[], anomalous=[], n=[],
+                   values={n: [] for n in cols.fields})
         return out
     lo = since if since is not None else float(ts[0])
     hi = until if until is not None else float(ts[-1])
@@ -168,10 +172,11 @@ def downsample(cols: _Columns, since: float | None, until: float | None, points:
             cnt = np.add.reduceat(~np.isnan(vals), starts, axis=0)
             means = np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
         out.update(bucket=width, t=_column(ts[keep]), id=_column(ids[keep]), score=_column(score[keep]),
-                   threshold=_column(thr[keep]), anomalous=np.logical_or.reduceat(anom, starts).tolist(),
+                   threshold=_column(thr[keep]), tail_p=_column(tail[keep]),
+                   anomalous=np.logical_or.reduceat(anom, starts).tolist(),
                    n=n.tolist(), values={name: _column(means[:, j]) for j, name in enumerate(cols.fields)})
     else:
         out.update(t=_column(ts), id=_column(ids), score=_column(score), threshold=_column(thr),
-                   anomalous=anom.tolist(), n=[1] * (b - a),
+                   tail_p=_column(tail), anomalous=anom.tolist(), n=[1] * (b - a),
                    values={name: _column(vals[:, j]) for j, name in enumerate(cols.fields)})
     return out

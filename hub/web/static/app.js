@@ -133,7 +133,8 @@ function renderAtoms(st) {
     v.title = a.learning ? "these weights have not seen this host yet: scored, never alerted on, "
       + "until it is trained on its own data" : "";
     p.querySelector(".tokens").textContent = l ? l.tokens.join(" ") : "";
-    p.querySelector(".score").textContent = l && l.score !== null ? `score ${fmt(l.score)} / ${fmt(l.threshold)}` : "";
+    p.querySelector(".score").textContent = l && l.score !== null ? `score ${fmt(l.score)} / ${fmt(l.threshold)}`
+      + (l.tail_p !== null && l.tail_p !== undefined ? ` · p ${l.tail_p.toExponential(1)}` : "") : "";
     p.querySelector(".seen").textContent = l ? ago(l.time) : "";
     p.querySelector(".wv").textContent = a.weights ? `weights v${a.weights.version}` : "untrained";
     p.querySelector(".unzoom").hidden = !state.zoom[a.name];
@@ -164,7 +165,8 @@ async function loadSeries(name) {
 function drawChart(name, box, s, width) {
   const pct = s.fields.map((f) => s.values[f.name].map((v) => (v === null ? null : (100 * (v - f.low)) / (f.high - f.low))));
   const anomalies = s.score.map((v, i) => (s.anomalous[i] ? v : null));
-  const data = [s.t, s.score, s.threshold, anomalies, ...pct];
+  const tail = (s.tail_p || s.t.map(() => null)).map((p) => (p === null ? null : Math.max(p, 1e-9)));
+  const data = [s.t, s.score, s.threshold, anomalies, tail, ...pct];
   const key = s.fields.map((f) => f.name).join(",");
   let c = state.charts[name];
   if (c && c.key === key) {
@@ -176,7 +178,7 @@ function drawChart(name, box, s, width) {
   box.textContent = "";
   const opts = {
     width, height: 210,
-    scales: { x: { time: true }, s: { auto: true }, pct: { range: [0, 100] } },
+    scales: { x: { time: true }, s: { auto: true }, pct: { range: [0, 100] }, p: { distr: 3, range: [1e-9, 1] } },
     axes: [
       { stroke: "#7d8896", grid: { stroke: "#262c35" }, ticks: { stroke: "#262c35" } },
       { scale: "s", stroke: "#7d8896", grid: { stroke: "#262c35" }, label: "surprise (nats)", size: 50 },
@@ -188,6 +190,8 @@ function drawChart(name, box, s, width) {
       { label: "threshold", scale: "s", stroke: "#f85149", dash: [6, 4], width: 1 },
       { label: "anomaly", scale: "s", stroke: "#f85149", fill: "#f85149", width: 0, paths: () => null,
         points: { show: true, size: 9, fill: "#f85149", stroke: "#f85149" } },
+      { label: "tail p", scale: "p", stroke: "#d29922", width: 1, show: false,
+        value: (u, v) => (v === null ? "–" : v.toExponential(1)) },
       ...s.fields.map((f, i) => ({ label: f.name, scale: "pct", stroke: PALETTE[i % PALETTE.length] + "99", width: 1,
                                    value: (u, v, si, idx) => fieldValue(name, f.name, idx) })),
     ],
@@ -243,7 +247,8 @@ async function showBlame(obsId) {
   const sec = $("#blame-section");
   sec.hidden = false;
   $("#blame-title").textContent =
-    `${o.atom} #${o.id} · ${when(o.time)} · score ${fmt(o.score)} / ${fmt(o.threshold)} · ${o.verdict}`;
+    `${o.atom} #${o.id} · ${when(o.time)} · score ${fmt(o.score)} / ${fmt(o.threshold)}`
+    + (o.tail_p !== null && o.tail_p !== undefined ? ` · tail p ${o.tail_p.toExponential(1)}` : "") + ` · ${o.verdict}`;
   const box = $("#blame");
   box.textContent = "";
   const max = Math.max(1, ...o.blame.map((b) => b.surprise));
