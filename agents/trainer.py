@@ -165,23 +165,26 @@ def train(ctx: TaskContext) -> dict[str, Any]:
 
 def train_nerve(ctx: TaskContext) -> dict[str, Any]:
     """The nerve learns from the owner's labels only, never from its own decisions."""
-    from kiri.model.nerve import Label
+    from kiri.model.nerve import Label, fold_check
     from kiri.model.nerve import train as fit
 
     rows = ctx.hub.call("labels", {"limit": 100_000})["labels"]
     if not rows:
         raise TaskError("the nerve has no human labels yet: give feedback with `kiri feedback`", retry=False)
     labels = [Label(scores={a: r["inputs"].get(a, 0.0) for a in NERVE_INPUTS},
-                    hour=r["inputs"]["hour"], weekday=r["inputs"]["weekday"], action=r["action"]) for r in rows]
+                    hour=r["inputs"]["hour"], weekday=r["inputs"]["weekday"], action=r["action"],
+                    thresholds=r["inputs"].get("thresholds")) for r in rows]
     steps = int(ctx.params.get("steps", 300))
-    blob = fit(labels, steps=steps, seed=int(ctx.params.get("seed", 0)))
+    seed = int(ctx.params.get("seed", 0))
+    check = fold_check(labels, steps=steps, seed=seed)  # the promise, on held-out folds of the labels
+    blob = fit(labels, steps=steps, seed=seed)
     res = ctx.hub.call("publish_weights", {
         "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": "nerve",
         "blob": base64.b64encode(blob).decode(),
-        "info": {"labels": len(labels), "label_ids": [rows[0]["id"], rows[-1]["id"]]},
-        "activate": True, "reason": f"trained on {len(labels)} human labels",
+        "info": {"labels": len(labels), "label_ids": [rows[0]["id"], rows[-1]["id"]], "folds": check},
+        "activate": check["passed"], "reason": f"trained on {len(labels)} human labels; {check['reason']}",
     })["weights"]
-    return {"weights_id": res["id"], "version": res["version"], "labels": len(labels)}
+    return {"weights_id": res["id"], "version": res["version"], "labels": len(labels), "status": res["status"]}
 
 
 def quality_gate(hub: Any, schema: Any, trainer: Any, values: Any, margin: float) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,6 +47,7 @@ class Label:
     hour: float
     weekday: float
     action: str
+    thresholds: Mapping[str, float] | None = None  # the atoms' thresholds when it was decided
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,43 @@ def train(labels: Sequence[Label], steps: int = 300, seed: int = 0) -> bytes:
     t = Trainer(NERVE, states, cfg, examples=ex, predict=1)
     t.run()
     return t.weights_bytes({"labels": len(labels)})
+
+
+def fold_check(labels: Sequence[Label], steps: int = 300, seed: int = 0, folds: int = 5) -> dict[str, Any]:
+    """Cross-validate a learned nerve against the rule it replaces, on the owner's own labels.
+
+    The promise a learned nerve must keep before it is trusted: on held-out labels, it
+    alerts on at least as many of the incidents the owner wanted alerted as the rule does,
+    and on no more of the readings the owner wanted left alone. Each fold trains on the
+    other folds' labels only.
+    """
+    folds = max(2, min(folds, len(labels) // 2))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    fold_of = {i: k % folds for k, i in enumerate(order)}
+    approved = {"learned": 0, "rule": 0, "n": 0}
+    dismissed = {"learned": 0, "rule": 0, "n": 0}
+    for f in range(folds):
+        train_on = [lab for i, lab in enumerate(labels) if fold_of[i] != f]
+        held = [lab for i, lab in enumerate(labels) if fold_of[i] == f]
+        if not train_on or not held:
+            continue
+        learned = Nerve(train(train_on, steps=steps, seed=seed), min_labels=0)
+        for lab in held:
+            mine = learned.decide(lab.scores, lab.hour, lab.weekday).action == "alert"
+            known = {a: float(v) for a, v in (lab.thresholds or {}).items() if isinstance(v, int | float)}
+            rule = Nerve(None, thresholds=known).decide(lab.scores, lab.hour, lab.weekday).action == "alert"
+            bucket = approved if lab.action == "alert" else dismissed if lab.action == "ok" else None
+            if bucket is not None:
+                bucket["n"] += 1
+                bucket["learned"] += int(mine)
+                bucket["rule"] += int(rule)
+    passed = approved["learned"] >= approved["rule"] and dismissed["learned"] <= dismissed["rule"]
+    reason = (f"held-out labels, {folds} folds: alerts on approved incidents {approved['learned']} "
+              f"(rule {approved['rule']} of {approved['n']}), on dismissed readings {dismissed['learned']} "
+              f"(rule {dismissed['rule']} of {dismissed['n']}): "
+              + ("keeps the promise" if passed else "would alert less on what you approved or more on what "
+                                                    "you dismissed; the rule stays"))
+    return {"approved": approved, "dismissed": dismissed, "folds": folds, "passed": passed, "reason": reason}
 
 
 class Nerve:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import socket
 import subprocess
 import sys
 import threading
@@ -31,54 +29,7 @@ from kiri.hub.store.db import make_engine
 from kiri.protocol import ErrorCode
 from kiri.protocol import params as P
 from tests.conftest import wait_until
-
-HELLO = {"jsonrpc": "2.0", "id": 0, "method": "hello", "params": {"agent": "t", "role": "cli"}}
-
-
-def line(obj: object) -> bytes:
-    return json.dumps(obj).encode() + b"\n"
-
-
-class Raw:
-    def __init__(self, address: tuple[str, int], source: str | None = None) -> None:
-        self.sock = socket.create_connection(address, timeout=10,
-                                             source_address=(source, 0) if source else None)
-        self.rfile = self.sock.makefile("rb")
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def recv(self) -> dict:
-        got = self.rfile.readline()
-        assert got, "connection closed"
-        return json.loads(got)
-
-    def call(self, obj: object) -> dict:
-        self.send(line(obj))
-        return self.recv()
-
-    def hello(self) -> dict:
-        return self.call(HELLO)
-
-    def closed(self, timeout: float = 10) -> bool:
-        """True once the hub has closed the connection (whatever it said first)."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.rfile.readline():
-                pass
-            return True
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def code(reply: dict) -> int:
-    assert "error" in reply, reply
-    return reply["error"]["code"]
+from tests.raw import Raw, code, line
 
 
 @contextmanager

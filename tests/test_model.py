@@ -15,7 +15,7 @@ import torch
 from kiri.model import schema as S
 from kiri.model import synth
 from kiri.model.gpt import Atom
-from kiri.model.nerve import Label, Nerve
+from kiri.model.nerve import Label, Nerve, fold_check
 from kiri.model.nerve import train as train_nerve
 from kiri.model.score import Scorer
 from kiri.model.train import TrainConfig, Trainer
@@ -302,6 +302,26 @@ def test_nerve_learns_from_human_labels_only():
     assert not few.learned  # under min_labels: still the rule
     with pytest.raises(ValueError, match="not one of"):
         train_nerve([Label({"pulse": 1}, 1, 1, "panic")])
+
+
+def test_a_learned_nerve_must_keep_the_owners_promise_on_held_out_labels():
+    """On folds of the owner's own labels: no fewer alerts on approved incidents than the
+    rule, no more on dismissed readings; else the learned nerve is not trusted."""
+    thr = {"pulse": 4.0, "rhythm": 4.0, "drift": 4.0}
+    good = []
+    for i in range(12):
+        good.append(Label({"pulse": 8.0 + i % 3}, 14, 2, "alert", thr))  # real incidents by day
+        good.append(Label({"pulse": 8.0 + i % 3}, 3, 6, "ok", thr))  # the weekend-night backup, dismissed
+        good.append(Label({"pulse": 0.5}, 14, 2, "ok", thr))
+    check = fold_check(good, steps=200)
+    assert check["passed"], check["reason"]
+    assert check["approved"]["learned"] >= check["approved"]["rule"] == 12
+    assert check["dismissed"]["learned"] < check["dismissed"]["rule"]  # it learned to leave backups alone
+    # the same incidents, mostly dismissed: a nerve trained on that would miss the approved ones
+    muddled = [Label({"pulse": 9.0}, 14, 2, "ok" if i % 4 else "alert", thr) for i in range(24)]
+    bad = fold_check(muddled, steps=200)
+    assert not bad["passed"] and "the rule stays" in bad["reason"]
+    assert bad["approved"]["learned"] < bad["approved"]["rule"]
 
 
 # --- synthetic data ----------------------------------------------------------------------

@@ -3,56 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
 from kiri.protocol import ErrorCode
-
-
-class Raw:
-    """A bare socket speaking lines, to send what no well-behaved client would."""
-
-    def __init__(self, hub) -> None:
-        self.sock = socket.create_connection(hub.address, timeout=10)
-        self.rfile = self.sock.makefile("rb")
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def recv(self) -> dict:
-        line = self.rfile.readline()
-        assert line, "connection closed"
-        return json.loads(line)
-
-    def call(self, obj: object) -> dict:
-        self.send(json.dumps(obj).encode() + b"\n")
-        return self.recv()
-
-    def hello(self, token: str | None = None) -> dict:
-        return self.call({"jsonrpc": "2.0", "id": 0, "method": "hello",
-                          "params": {"agent": "raw", "role": "cli", "token": token}})
-
-    def closed(self) -> bool:
-        self.sock.settimeout(5)
-        try:
-            while True:
-                if not self.rfile.readline():
-                    return True
-        except (ConnectionResetError, TimeoutError):
-            return False
-
-    def alive(self) -> bool:
-        return self.call({"jsonrpc": "2.0", "id": "p", "method": "ping"}).get("result", {}).get("pong") is True
-
-
-def code(reply: dict) -> int:
-    assert "error" in reply, reply
-    return reply["error"]["code"]
+from tests.raw import Raw, code
 
 
 def test_request_before_hello_is_refused(hub):
-    r = Raw(hub)
+    r = Raw(hub.address)
     reply = r.call({"jsonrpc": "2.0", "id": 1, "method": "enqueue", "params": {"kind": "echo"}})
     assert code(reply) == ErrorCode.UNAUTHORIZED and "hello" in reply["error"]["message"]
     assert hub.sql("select count(*) from tasks")[0][0] == 0
@@ -98,7 +57,7 @@ def test_request_before_hello_is_refused(hub):
     ],
 )
 def test_bad_requests_get_the_right_error_and_the_connection_lives(hub, line, expected):
-    r = Raw(hub)
+    r = Raw(hub.address)
     r.hello()
     r.send(line + b"\n")
     reply = r.recv()
@@ -109,7 +68,7 @@ def test_bad_requests_get_the_right_error_and_the_connection_lives(hub, line, ex
 
 
 def test_param_errors_name_the_field(hub):
-    r = Raw(hub)
+    r = Raw(hub.address)
     r.hello()
     reply = r.call({"jsonrpc": "2.0", "id": 1, "method": "enqueue",
                     "params": {"kind": "echo", "priority": 5000}})
@@ -117,7 +76,7 @@ def test_param_errors_name_the_field(hub):
 
 
 def test_notifications_get_no_reply_but_are_applied(hub):
-    r = Raw(hub)
+    r = Raw(hub.address)
     r.hello()
     r.send(b'{"jsonrpc": "2.0", "method": "enqueue", "params": {"kind": "echo"}}\n')
     r.send(b'{"jsonrpc": "2.0", "method": "enqueue", "params": {"kind": 5}}\n')  # bad, silent
@@ -127,7 +86,7 @@ def test_notifications_get_no_reply_but_are_applied(hub):
 
 def test_oversized_line_is_refused_and_the_connection_closed(hub_factory):
     h = hub_factory("--max-line", "4096")
-    r = Raw(h)
+    r = Raw(h.address)
     r.hello()
     r.send(b'{"jsonrpc": "2.0", "id": 1, "method": "enqueue", "params": {"kind": "echo", "params": {"x": "'
            + b"a" * 10000 + b'"}}}\n')
@@ -136,28 +95,28 @@ def test_oversized_line_is_refused_and_the_connection_closed(hub_factory):
     assert r.closed()
     assert h.sql("select count(*) from tasks")[0][0] == 0
     # an endless line with no newline at all is cut off too
-    r2 = Raw(h)
+    r2 = Raw(h.address)
     r2.hello()
     r2.send(b"x" * 20000)
     assert code(r2.recv()) == ErrorCode.PAYLOAD_TOO_LARGE
     assert r2.closed()
-    assert Raw(h).hello()["result"]  # the hub is fine
+    assert Raw(h.address).hello()["result"]  # the hub is fine
 
 
 def test_token_required_and_compared(hub_factory):
     h = hub_factory(token="s3cret")
-    r = Raw(h)
+    r = Raw(h.address)
     assert code(r.hello()) == ErrorCode.UNAUTHORIZED
     assert code(r.hello("wrong")) == ErrorCode.UNAUTHORIZED
     assert code(r.hello("also wrong")) == ErrorCode.UNAUTHORIZED
     assert r.closed()  # three strikes
-    r2 = Raw(h)
+    r2 = Raw(h.address)
     assert r2.hello("s3cret")["result"]["agent_id"] >= 1
     assert r2.alive()
 
 
 def test_pipelined_requests_after_hello_in_one_packet(hub):
-    r = Raw(hub)
+    r = Raw(hub.address)
     lines = [{"jsonrpc": "2.0", "id": 0, "method": "hello", "params": {"agent": "p", "role": "cli"}}]
     lines += [{"jsonrpc": "2.0", "id": i, "method": "enqueue", "params": {"kind": "echo"}} for i in range(1, 50)]
     r.send(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
