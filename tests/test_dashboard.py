@@ -98,7 +98,9 @@ def test_dashboard_draws_explains_records_feedback_and_retrains(watched, browser
     marked = page.evaluate("() => state.series.pulse.anomalous.filter(Boolean).length")
     assert marked >= 2
     assert page.evaluate("() => state.series.pulse.threshold.some(v => v !== null)")
+    assert page.evaluate("() => state.series.pulse.tail_p.some(v => v !== null && v >= 0 && v <= 1)")
     assert page.text_content('[data-atom="pulse"] .wv').startswith("weights v")
+    assert "of its training data judged anomalous" in page.text_content('[data-atom="pulse"] .wv')
 
     # clicking the worst point shows its per-token blame: the spike is in C and M, not D or N
     x, y = page.evaluate("""() => {

@@ -55,7 +55,7 @@ def _active_weights(c: sa.Connection) -> dict[str, dict[str, Any]]:
         info = orjson.loads(r.info)
         out[r.atom] = {"id": r.id, "version": r.version, "created_at": r.created_at,
                        "activated_at": r.activated_at, "loss": r.loss, "threshold": info.get("threshold"),
-                       "hosts": info.get("hosts")}
+                       "hosts": info.get("hosts"), "judged_anomalous": info.get("judged_anomalous")}
     return out
 
 

@@ -136,7 +136,9 @@ function renderAtoms(st) {
     p.querySelector(".score").textContent = l && l.score !== null ? `score ${fmt(l.score)} / ${fmt(l.threshold)}`
       + (l.tail_p !== null && l.tail_p !== undefined ? ` · p ${l.tail_p.toExponential(1)}` : "") : "";
     p.querySelector(".seen").textContent = l ? ago(l.time) : "";
-    p.querySelector(".wv").textContent = a.weights ? `weights v${a.weights.version}` : "untrained";
+    const judged = a.weights && a.weights.judged_anomalous !== null && a.weights.judged_anomalous !== undefined
+      ? ` · ${(100 * a.weights.judged_anomalous).toFixed(1)}% of its training data judged anomalous` : "";
+    p.querySelector(".wv").textContent = a.weights ? `weights v${a.weights.version}${judged}` : "untrained";
     p.querySelector(".unzoom").hidden = !state.zoom[a.name];
   }
 }
