@@ -29,9 +29,19 @@ from tenacity import (
 
 from kiri import PROTOCOL_VERSION, __version__, config
 from kiri.protocol import RpcError, request
-from kiri.protocol.methods import IDEMPOTENT  # safe to send again after a dropped connection
 
 log = logging.getLogger("kiri.client")
+
+def resendable(method: str) -> bool:
+    """Whether the contract lets a client send ``method`` again after a dropped connection.
+
+    Read from the method table on first need: the table's models pull in pydantic, which a
+    short-lived CLI process should not pay for unless a connection actually drops.
+    """
+    from kiri.protocol.methods import IDEMPOTENT
+
+    return method in IDEMPOTENT
+
 
 def schema_from_atoms(atoms: list[dict[str, Any]], name: str) -> Any:
     """The named atom's schema out of the hub's ``atoms`` reply; SchemaError if unknown."""
@@ -146,7 +156,7 @@ class HubClient:
                 return self._roundtrip(method, params, timeout)
             except OSError:
                 self._drop()
-                if method not in IDEMPOTENT:
+                if not resendable(method):
                     raise HubUnreachable(
                         f"connection to the hub dropped during {method}; it may or may not have "
                         "been applied (use a dedupe key to make retries safe)"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from kiri.agents.client import IDEMPOTENT
+from kiri.agents.client import resendable
 from kiri.hub.core.events import TOPICS
 from kiri.model.gpt import Atom
 from kiri.model.schema import get as get_schema
@@ -46,10 +46,11 @@ def test_fenced_methods_and_only_they_take_a_lease_token():
 
 
 def test_client_retries_and_events_come_from_the_table():
-    assert frozenset(m.name for m in M.TABLE if m.idempotent) == IDEMPOTENT
+    for m in M.TABLE:
+        assert resendable(m.name) == m.idempotent, m.name
     for m in M.TABLE:
         assert TOPICS.get(m.name, ()) == m.events, m.name
-    assert "enqueue" not in IDEMPOTENT and "lease" not in IDEMPOTENT  # a resend would duplicate work
+    assert not resendable("enqueue") and not resendable("lease")  # a resend would duplicate work
 
 
 class Session:
