@@ -53,7 +53,7 @@ from kiri.protocol import params as P
 log = logging.getLogger("kiri.hub")
 
 MAX_DEPTH = 64  # nesting of a request's params; orjson itself cannot write beyond 254
-MAX_REFUSED_BEFORE_HELLO = 3
+MAX_STRIKES = 3  # wrong tokens, or requests before hello, before the connection is closed
 
 
 @dataclass(frozen=True)
@@ -204,10 +204,8 @@ class Hub:
             return
         if not conn.authenticated:
             conn.refused_before_hello += 1
-            if conn.refused_before_hello >= MAX_REFUSED_BEFORE_HELLO:
-                self.commit.run()  # flush earlier replies first
-                conn.send(reply_err(req_id, Unauthorized("requests without hello; closing")))
-                conn.close()
+            if conn.refused_before_hello >= MAX_STRIKES:
+                self._close_with(conn, req_id, Unauthorized("requests without hello; closing"))
                 return
             raise Unauthorized("say hello first: the first request on a connection must be hello")
         params, func = self._validated(method, raw)
@@ -227,10 +225,8 @@ class Hub:
             (p.token or "").encode("utf-8", "surrogatepass"), want.encode()
         ):
             conn.bad_tokens += 1
-            if conn.bad_tokens >= 3:
-                self.commit.run()  # flush earlier replies first
-                conn.send(reply_err(req_id, Unauthorized("wrong token (3 tries); closing")))
-                conn.close()
+            if conn.bad_tokens >= MAX_STRIKES:
+                self._close_with(conn, req_id, Unauthorized(f"wrong token ({MAX_STRIKES} tries); closing"))
                 return
             raise Unauthorized("wrong token: pass the hub's token with --token or KIRI_TOKEN")
         self.connections.authenticated(conn)
@@ -242,6 +238,12 @@ class Hub:
             return {"hub": __version__, "protocol": PROTOCOL_VERSION, "agent_id": Q.upsert_agent(c, params, env)}
 
         self.commit.submit(Op(conn, req_id, "hello", p, register))
+
+    def _close_with(self, conn: Connection, req_id: Any, err: RpcError) -> None:
+        """The last word to a connection that used up its strikes, after its earlier replies."""
+        self.commit.run()  # flush earlier replies first
+        conn.send(reply_err(req_id, err))
+        conn.close()
 
     async def call(self, method: str, raw: dict[str, Any]) -> Any:
         """Run one protocol method from inside the hub (the HTTP face) in the next batch.

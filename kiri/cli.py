@@ -491,22 +491,29 @@ def history(c: Ctx, atom: str, count: int) -> None:
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _duration(_ctx: click.Context, _p: click.Parameter, value: str) -> float:
+def _seconds(value: str, least: float) -> float:
     text = value.strip().lower()
+    if least == 0 and text == "now":
+        return 0.0
     unit = _UNITS.get(text[-1:])
     number = text[:-1] if unit else text
     try:
         seconds = float(number) * (unit or 1)
     except ValueError:
         raise click.BadParameter(f"{value!r}: expected a duration like 30s, 5m, 1h or 1d") from None
-    if not 1 <= seconds <= 366 * 86400:
-        raise click.BadParameter(f"{value!r}: must be between 1 second and a year")
+    if not least <= seconds <= 366 * 86400:
+        raise click.BadParameter(f"{value!r}: must be between {'1 second' if least else '0'} and a year")
     return seconds
 
 
-def _duration0(ctx: click.Context, p: click.Parameter, value: str) -> float:
-    """A duration that may be zero (a delay)."""
-    return 0.0 if value.strip().lower() in ("0", "0s", "now") else _duration(ctx, p, value)
+def _duration(_ctx: click.Context, _p: click.Parameter, value: str) -> float:
+    """An interval: at least a second."""
+    return _seconds(value, 1.0)
+
+
+def _delay(_ctx: click.Context, _p: click.Parameter, value: str) -> float:
+    """A delay: zero (or ``now``) allowed."""
+    return _seconds(value, 0.0)
 
 
 @main.group()
@@ -518,7 +525,7 @@ def schedule() -> None:
 @click.argument("kind")
 @click.argument("atom", required=False)
 @click.option("--every", required=True, callback=_duration, help="Interval: 30s, 5m, 1h, 1d.")
-@click.option("--first-in", default="0s", callback=_duration0, help="Delay before the first run [default: now].")
+@click.option("--first-in", default="0s", callback=_delay, help="Delay before the first run [default: now].")
 @click.option("-p", "--param", "params", multiple=True, callback=_param, metavar="KEY=VALUE")
 @pass_ctx
 def schedule_add(c: Ctx, kind: str, atom: str | None, every: float, first_in: float,

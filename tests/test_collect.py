@@ -61,4 +61,11 @@ def test_schedule_fires_once_per_interval_across_hub_restarts(hub, agents_factor
     assert kiri(hub, "schedule", "add", "collect", "pulse", "--every", "30s").returncode == 0
     again = kiri(hub, "schedule", "add", "collect", "pulse", "--every", "30s", ok=False)
     assert again.returncode == 1 and "exists" in again.stderr
+    # a first run later than now: a delay may be zero, never negative
+    now = time.time()
+    assert kiri(hub, "schedule", "add", "train", "pulse", "--every", "1d", "--first-in", "2h").returncode == 0
+    (next_run,) = hub.sql("select next_run from schedules where kind = 'train'")[0]
+    assert 7190 < next_run - now < 7210
+    early = kiri(hub, "schedule", "add", "echo", "--every", "1m", "--first-in", "-5s", ok=False)
+    assert early.returncode == 2 and "between 0 and a year" in early.stderr
     agent.stop()

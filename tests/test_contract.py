@@ -4,8 +4,6 @@ specification all follow it, and every real reply has the shape the table promis
 from __future__ import annotations
 
 import base64
-import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from kiri.model.schema import get as get_schema
 from kiri.model.weights import save_weights
 from kiri.protocol import methods as M
 from kiri.protocol.docs import render
+from tests.raw import Raw
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,16 +59,13 @@ class Session:
     loaded machine must not let one expire in between."""
 
     def __init__(self, address: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(address, timeout=30)
-        self.rfile = self.sock.makefile("rb")
+        self.raw = Raw(address)
         self.ids = 0
         self.seen: dict[str, list[dict]] = {}
 
     def __call__(self, method: str, **params: object) -> dict:
         self.ids += 1
-        self.sock.sendall(json.dumps({"jsonrpc": "2.0", "id": self.ids, "method": method,
-                                      "params": params}).encode() + b"\n")
-        reply = json.loads(self.rfile.readline())
+        reply = self.raw.call({"jsonrpc": "2.0", "id": self.ids, "method": method, "params": params})
         assert reply["id"] == self.ids
         assert "result" in reply, (method, reply)
         self.seen.setdefault(method, []).append(reply["result"])

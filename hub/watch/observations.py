@@ -53,24 +53,28 @@ class AtomRegistry:
 
     def get(self, name: str) -> S.AtomSchema:
         """An atom as the running transaction sees it (the batch loop only)."""
-        try:
-            return S.get(name, {**self.custom, **self._staged})
-        except S.SchemaError as e:
-            raise InvalidParams(str(e), {"atom": name}) from None
+        return self._find(name, {**self.custom, **self._staged})
 
     def get_committed(self, name: str) -> S.AtomSchema:
         """An atom as committed to the database (safe from the reader threads)."""
+        return self._find(name, self.custom)
+
+    def all(self) -> list[S.AtomSchema]:
+        return self._listed({**self.custom, **self._staged})
+
+    def all_committed(self) -> list[S.AtomSchema]:
+        return self._listed(self.custom)
+
+    @staticmethod
+    def _find(name: str, custom: dict[str, S.AtomSchema]) -> S.AtomSchema:
         try:
-            return S.get(name, self.custom)
+            return S.get(name, custom)
         except S.SchemaError as e:
             raise InvalidParams(str(e), {"atom": name}) from None
 
-    def all(self) -> list[S.AtomSchema]:
-        mine = {**self.custom, **self._staged}
-        return [*S.PRESETS.values(), *sorted(mine.values(), key=lambda a: a.name)]
-
-    def all_committed(self) -> list[S.AtomSchema]:
-        return [*S.PRESETS.values(), *sorted(self.custom.values(), key=lambda a: a.name)]
+    @staticmethod
+    def _listed(custom: dict[str, S.AtomSchema]) -> list[S.AtomSchema]:
+        return [*S.PRESETS.values(), *sorted(custom.values(), key=lambda a: a.name)]
 
     # --- protocol methods --------------------------------------------------------------
 
