@@ -68,11 +68,15 @@ class Tail:
             kept = s[s <= q90 + beta0 * math.log(0.1 / 1e-4)]
             s = kept if len(kept) >= 0.8 * len(s) else s
         knots = np.maximum.accumulate(np.quantile(s, BODY))
+        body = (knots[BODY.index(0.9)] - knots[2]) / math.log(5.0)  # the 50th-90th's exponential scale
         if len(s) >= 100:
             spread = knots[-1] - knots[BODY.index(0.9)]
-            beta = spread / math.log(0.1 / (1.0 - BODY[-1]))
+            # never thinner than the body's: scores come in clumps (a few buckets, a few
+            # contexts), and two clumps can put the 90th and 98th percentiles together,
+            # which would make every score past them look like one in a million
+            beta = max(spread / math.log(0.1 / (1.0 - BODY[-1])), body)
         else:  # too few for a 98th percentile: the body's scale, widened
-            beta = 1.5 * (knots[BODY.index(0.9)] - knots[2]) / math.log(5.0)
+            beta = 1.5 * body
         if not beta > 0:
             beta = max(1e-3, 0.05 * abs(float(knots[2])) + 1e-3)
         return cls(knots=tuple(float(k) for k in knots), beta=float(beta))

@@ -44,7 +44,8 @@ class Detection:
     schema: AtomSchema
     surprise: np.ndarray  # [N] mean ordinal surprise (nats)
     tail_p: np.ndarray  # [N] P(normal looks at least this unusual), point or sustained
-    anomalous: np.ndarray  # [N] bool: tail_p under the alarm rate
+    anomalous: np.ndarray  # [N] bool: an alarm, the first flagged reading of an incident (``onsets``)
+    flagged: np.ndarray  # [N] bool: every reading whose tail_p is under the alarm rate
     token_surprise: np.ndarray  # [N, F] per field
     tokens: np.ndarray  # [N, F] token ids
     alarm_rate: float
@@ -111,16 +112,19 @@ def as_values(schema: AtomSchema | None, data: Any) -> tuple[np.ndarray, list[st
     return arr, names
 
 
-def regime_aware(flagged: np.ndarray, persist: int) -> np.ndarray:
-    """Verdicts from raw flags: within a run of consecutive flags only the first ``persist`` alarm.
+def onsets(flagged: np.ndarray, gap: int) -> np.ndarray:
+    """Alarms from raw flags: only the first flag of each incident, where an incident is flags
+    less than ``gap`` readings apart.
 
-    A level never seen before, holding, is anomalous at its start and a new regime after a
-    while; alarming on every reading until a retrain learns it buries the one alert that
-    mattered under dozens that do not.
+    An alarm is what the owner is told, so it counts what they bear: a new level holding
+    for an hour is one event, not twelve, and a stretch of odd readings with a normal one
+    among them is one too. (The hub's alert cool-down does the same to its notifications.)
     """
-    out = np.asarray(flagged, dtype=bool).copy()
-    for start, end in robust.runs(out):
-        out[start + persist: end] = False
+    f = np.asarray(flagged, dtype=bool)
+    out = np.zeros(len(f), dtype=bool)
+    idx = np.flatnonzero(f)
+    if len(idx):
+        out[idx[np.concatenate([[True], np.diff(idx) >= gap])]] = True
     return out
 
 
@@ -142,7 +146,7 @@ class Detector:
         self.scorer: Scorer | None = None
         self.history = np.empty((0, 0))
         self.flags = np.zeros(0, dtype=bool)  # each history row: judged anomalous (left out of retraining)?
-        self.alarmed = np.zeros(0, dtype=bool)  # the latest rows' raw alarm flags (for regime_aware)
+        self.alarmed = np.zeros(0, dtype=bool)  # the latest rows' raw alarm flags (for onsets)
         self.past_scores = np.empty(0)
         self.scores = np.empty(0)  # scores given while watching (out of sample), newest last
         self.score_alarms = np.zeros(0, dtype=bool)  # and whether each was an alarm
@@ -178,9 +182,9 @@ class Detector:
 
     @property
     def persist(self) -> int:
-        """A run of alarms longer than this (an hour of a day's retrain interval) is a change of
-        regime: it stops alarming (the owner heard at its start) and the next retrain learns
-        it as the new normal instead of leaving it out."""
+        """An hour of readings (a 24th of the retrain interval, at least 6). A run of flags
+        longer than this is a change of regime, which the next retrain learns as the new
+        normal instead of leaving it out; flags closer than this are one incident (one alarm)."""
         return max(6, self.every // 24)
 
     def _train(self, values: np.ndarray, init: bytes | None, flagged: np.ndarray | None) -> None:
@@ -225,8 +229,8 @@ class Detector:
             if self.learn and at < n:
                 self._train(self.history[-window:], init=self.blob, flagged=self.flags[-window:])
                 self.retrains += 1
-        surprise, tail_p, verdict, tok_s, toks = (np.concatenate([p[i] for p in parts]) for i in range(5))
-        return Detection(self.schema, surprise, tail_p, verdict, tok_s, toks, self.alarm_rate)
+        surprise, tail_p, verdict, flagged, tok_s, toks = (np.concatenate([p[i] for p in parts]) for i in range(6))
+        return Detection(self.schema, surprise, tail_p, verdict, flagged, tok_s, toks, self.alarm_rate)
 
     def _score_chunk(self, values: np.ndarray) -> tuple[np.ndarray, ...]:
         sc = self.scorer
@@ -239,10 +243,10 @@ class Detector:
         assert tail_p is not None
         self.history = np.concatenate([self.history, values]) if len(self.history) else values
         flags = tail_p < self.alarm_rate
-        self.flags = np.concatenate([self.flags, flags])
-        verdict = regime_aware(np.concatenate([self.alarmed, flags]), self.persist)[-len(values):]
-        self.alarmed = np.concatenate([self.alarmed[-self.persist:], flags])
+        self.flags = np.concatenate([self.flags, tail_p < max(self.alarm_rate, robust.SUSPECT_P)])
+        verdict = onsets(np.concatenate([self.alarmed, flags]), self.persist)[len(self.alarmed):]
+        self.alarmed = np.concatenate([self.alarmed, flags])[-self.persist:]
         self.past_scores = np.concatenate([self.past_scores[-64:], mean])
         self.scores = np.concatenate([self.scores, mean])[-self.window_size:]
         self.score_alarms = np.concatenate([self.score_alarms, flags])[-self.window_size:]
-        return mean, tail_p, verdict, result.surprise.numpy(), result.token_ids.numpy()
+        return mean, tail_p, verdict, flags, result.surprise.numpy(), result.token_ids.numpy()

@@ -15,6 +15,8 @@ h heads of size hd.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kiri.model.forward import NAMES, Forward
@@ -27,13 +29,20 @@ def _rms_back(n: torch.Tensor, r: torch.Tensor, dn: torch.Tensor) -> torch.Tenso
     return torch.addcmul(dn, n, (dn * n).sum(-1, keepdim=True), value=-1.0 / n.shape[-1]).mul_(r)
 
 
-def trimmed(logp: torch.Tensor, weight: torch.Tensor, share: float) -> torch.Tensor:
+def trimmed(logp: torch.Tensor, weight: torch.Tensor, share: float, floor: float = math.inf) -> torch.Tensor:
     """``weight`` with the least likely windows (by ``logp`` [B]) worth up to ``share`` of it zeroed,
-    the rest scaled back to the same total."""
+    the rest scaled back to the same total.
+
+    Only windows less likely than ``floor`` (log-probability) are ever left out: the
+    trainer passes what knowing nothing would score (uniform over each field's buckets).
+    A window the model finds worse than a blind guess is one it is being taught against
+    its grain (a history's anomaly); the merely hard windows of a noisy but normal stretch
+    (an owner's daytime activity beside a predictable night) stay in, however many there are.
+    """
     order = torch.argsort(logp, stable=True)  # most surprising first
     cum = torch.cumsum(weight[order], 0)
     total = cum[-1]
-    drop = order[cum <= share * total]
+    drop = order[(cum <= share * total) & (logp[order] < -floor)]
     if len(drop) == 0:
         return weight
     out = weight.clone()
@@ -86,14 +95,15 @@ class TrainStep:
 
     @torch.no_grad()
     def loss_and_grad(self, idx: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                      trim: float = 0.0) -> torch.Tensor:
+                      trim: float = 0.0, floor: float = math.inf) -> torch.Tensor:
         """Weighted cross-entropy of ``targets`` [B, f] after inputs ``idx`` [B, t]; fills ``self.grad``.
 
         ``weight`` [B] is each window's share of the loss per predicted token (1/(B·f) for a
         plain mean; count/(N·f) when a window stands for ``count`` identical ones). With
         ``trim``, the most surprising windows holding up to that share of the weight are left
         out and the rest re-weighted to the same total (a trimmed likelihood: anomalies in
-        the training data do not pull the model towards themselves).
+        the training data do not pull the model towards themselves); only windows whose
+        surprise exceeds ``floor`` nats count as surprising (``trimmed``).
         """
         g, fwd = self.g, self.fwd
         b, t = idx.shape
@@ -107,7 +117,7 @@ class TrainStep:
         logp = torch.log_softmax(logits, dim=-1)
         tgt = targets.reshape(-1, 1)
         if trim > 0.0 and b > 1:
-            weight = trimmed(logp.gather(1, tgt).view(b, f).sum(1), weight, trim)
+            weight = trimmed(logp.gather(1, tgt).view(b, f).sum(1), weight, trim, floor)
         w = weight.repeat_interleave(f).unsqueeze(1)  # [B·f, 1]
         loss = -torch.dot(logp.gather(1, tgt).view(-1), w.view(-1))
 

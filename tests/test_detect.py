@@ -100,6 +100,50 @@ def test_alarm_budget_is_checked() -> None:
             cal.alarm_rate(bad, 300)
 
 
+def test_clumpy_scores_do_not_make_ordinary_readings_look_extreme() -> None:
+    # quantized streams score in clumps: here the 90th and 98th percentiles coincide, and a
+    # tail scaled by their spread alone would call the next clump one in a million
+    rng = np.random.default_rng(4)
+
+    def draw(n: int) -> np.ndarray:
+        return rng.choice([0.1, 0.9, 1.9, 2.4], size=n, p=[0.5, 0.38, 0.11, 0.01]) + rng.normal(0, 0.01, n)
+
+    tail = cal.Tail.fit(draw(3000))
+    assert tail.sf(2.4) > 1e-3  # one reading in a hundred is not a one-in-a-thousand alarm
+    fresh = tail.sf(draw(20000))
+    assert (fresh < 1e-3).mean() < 2e-3
+
+
+def test_trimming_leaves_out_only_windows_a_blind_guess_beats() -> None:
+    from kiri.model.train_step import trimmed
+
+    logp = torch.tensor([-0.1, -9.0, -6.0, -0.2, -12.0, -5.0, -0.3, -0.1, -0.2, -0.4])
+    weight = torch.full((10,), 0.1)
+    out = trimmed(logp, weight, share=0.3, floor=7.0)  # a blind guess scores -7
+    assert out[1] == 0 and out[4] == 0  # the two windows worse than blind are left out
+    assert (out[[0, 2, 3, 5, 6, 7, 8, 9]] > 0).all()  # hard but better than blind: kept
+    assert float(out.sum()) == pytest.approx(1.0)
+    assert torch.equal(trimmed(logp, weight, share=0.3, floor=20.0), weight)  # nothing that bad
+
+
+def test_anomalies_recurring_in_the_history_do_not_silence_the_atom() -> None:
+    # a history with 3% spikes, nobody told: they must still alarm when they come again
+    st = streams.generate("seasonal", n=1500, seed=5, anomalies=0)
+    values = st.values.copy()
+    rng = np.random.default_rng(5)
+    history = rng.choice(np.arange(10, 700), size=21, replace=False)
+    values[history] = rng.uniform(150, 160, len(history))
+    later = np.array([800, 950, 1100, 1250, 1400])
+    values[later] = rng.uniform(150, 160, len(later))
+    out = Detector(interval=300.0, learn=False).fit(values[:700]).score(values[700:])
+    assert out.flagged[later - 700].sum() >= 4, out.tail_p[later - 700]
+    assert out.flagged.sum() <= len(later) + 3
+    # without the trimmed likelihood the model learns them as normal, and they go quiet
+    untrimmed = Detector(interval=300.0, learn=False, config=TrainConfig(trim=0.0)).fit(values[:700])
+    before = untrimmed.score(values[700:]).tail_p[later - 700]
+    assert np.median(out.tail_p[later - 700]) < 0.1 * np.median(before)
+
+
 # --- training sized to its data ------------------------------------------------------------------
 
 def test_sized_training_stops_early_and_resumes_bitwise() -> None:
@@ -155,7 +199,7 @@ def test_a_drifting_stream_is_refitted_and_keeps_being_scored() -> None:
     top_before = det.scorer.codec.edges[0][-1]
     out = det.score(st.values[600:])
     assert det.scorer.codec.edges[0][-1] > top_before + 50  # the edges moved with the level
-    last_day = out.anomalous[-288:]
+    last_day = out.flagged[-288:]
     assert last_day.mean() < 0.5  # still telling normal from not, not one long alarm
 
 
@@ -176,12 +220,15 @@ def test_old_weights_without_codec_or_calibration_score_as_before() -> None:
     assert sc.verdicts(r.mean, sc.tail_p(r.mean)).tolist() == (r.mean > 2.0).tolist()
 
 
-def test_a_run_of_alarms_stops_alarming_after_persist_readings() -> None:
-    from kiri.model.detect import regime_aware
+def test_an_incident_alarms_once_at_its_start() -> None:
+    from kiri.model.detect import onsets
 
-    flags = np.array([0, 1, 1, 1, 1, 1, 0, 1, 1, 0], dtype=bool)
-    assert regime_aware(flags, 3).tolist() == [False, True, True, True, False, False, False, True, True, False]
-    assert regime_aware(np.zeros(0, dtype=bool), 3).tolist() == []
+    flags = np.array([0, 1, 1, 1, 1, 1, 0, 1, 1, 0, 0, 0, 1], dtype=bool)
+    # flags fewer than 3 readings apart are one incident; the last one, 4 readings on, is new
+    assert onsets(flags, 3).tolist() == [False, True] + [False] * 10 + [True]
+    # with a gap of 2, the normal reading at 6 ends the first incident
+    assert onsets(flags, 2).tolist() == [False, True] + [False] * 5 + [True] + [False] * 4 + [True]
+    assert onsets(np.zeros(0, dtype=bool), 3).tolist() == []
 
 
 def test_calibration_is_fitted_on_the_scores_the_weights_will_give() -> None:
