@@ -36,6 +36,9 @@ class AlertConfig:
     telegram_url: str = "https://api.telegram.org"
     cooldown: float = 600.0
     max_age: float = 900.0  # older observations (a backlog) are decided on but never alerted
+    # the nerve's alarm budget (alarms a week on normal data) for its rule over all atoms;
+    # None: the deciding atom's own budget
+    alarms_per_week: float | None = None
     attempts: int = 3
     timeout: float = 5.0
 

@@ -15,6 +15,7 @@ from kiri.agents.alerts import AlertConfig
 from kiri.agents.client import HubClient
 from kiri.agents.roles import ROLE_KINDS
 from kiri.agents.runner import Agent
+from kiri.options import finite
 
 
 def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -51,6 +52,9 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
               help="Seconds after an alert for an atom during which its alerts are held back.")
 @click.option("--alert-max-age", default=900.0, show_default=True, type=click.FloatRange(0, 365 * 86400),
               help="Observations older than this many seconds (a backlog) are decided on but not alerted.")
+@click.option("--alarms-per-week", type=click.FloatRange(0, 10_000, min_open=True), callback=finite,
+              help="Scorer: the nerve's alarm budget, how often its rule over all atoms may alert on normal "
+                   "data [default: the deciding atom's own budget].")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256),
               help="torch intra-op threads; parallelism comes from more agents.")
 @click.option("--log-level", default="info", show_default=True,
@@ -58,8 +62,8 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None, name: str | None,
          wait: float, lease_ttl: float | None, max_tasks: int | None, journal: Path | None,
          webhooks: tuple[str, ...], alert_command: str | None, telegram_token: str | None,
-         telegram_chat: str | None, telegram_url: str, alert_cooldown: float, alert_max_age: float, threads: int,
-         log_level: str) -> None:
+         telegram_chat: str | None, telegram_url: str, alert_cooldown: float, alert_max_age: float,
+         alarms_per_week: float | None, threads: int, log_level: str) -> None:
     """Connect to the hub and work tasks for ROLE until SIGTERM/SIGINT."""
     logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -71,7 +75,7 @@ def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None,
     sinks = AlertConfig(
         webhooks=[w for item in webhooks for w in item.split() if w], command=alert_command,
         telegram_token=telegram_token, telegram_chat=telegram_chat, telegram_url=telegram_url,
-        cooldown=alert_cooldown, max_age=alert_max_age)
+        cooldown=alert_cooldown, max_age=alert_max_age, alarms_per_week=alarms_per_week)
     serve = kinds or ROLE_KINDS[role]
     client = HubClient(address, token=token, agent=name, role=role, kinds=serve, reconnect_for=None)
     try:

@@ -80,7 +80,7 @@ def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
         obs = work["observations"][i]
         toks = sc.schema.tokens(ids[n_ctx + i].tolist())
         worst = {"observation_id": obs["id"], "time": obs["time"], "score": means[i], "threshold": sc.threshold,
-                 "tail_p": tail_ps[i], "alarm_rate": sc.alarm_rate,
+                 "tail_p": tail_ps[i], "alarm_rate": nerve_rate(sc.alarm_rate, context + work["observations"], sinks),
                  "blame": blame(toks, per[i])}
         decision, payload = decide(ctx, worst, sinks)
         # scores and the decision on them are stored in one transaction: a kill loses neither
@@ -98,6 +98,17 @@ def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
         act(hub, res["decision"], payload, sinks)
         ctx.progress(scored=total, anomalous=anomalous)
     return {"scored": total, "anomalous": anomalous, "weights_id": weights_id, "decisions": actions}
+
+
+def nerve_rate(atom_rate: float | None, observations: list[dict[str, Any]], sinks: AlertConfig) -> float | None:
+    """Alarms per decision the nerve's rule may raise on normal data: the owner's nerve
+    budget (``--alarms-per-week``) at this atom's observation interval, else the atom's own
+    rate (None for weights made before calibration, which keep the old rule)."""
+    from kiri.model.calibrate import alarm_rate, typical_interval
+
+    if atom_rate is None or sinks.alarms_per_week is None:
+        return atom_rate
+    return alarm_rate(sinks.alarms_per_week, typical_interval([o["time"] for o in observations]))
 
 
 def decide(ctx: TaskContext, worst: dict[str, Any], sinks: AlertConfig) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -39,10 +39,12 @@ def _unpack(blob: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = None,
-                hosts: dict[str, dict[str, float]] | None = None) -> tuple[Any, list[float], int, int]:
+                hosts: dict[str, dict[str, float]] | None = None,
+                ids: list[int] | None = None) -> tuple[Any, list[float], int, int]:
     """Raw values [N, F] and times of the atom's observations up to ``obs_to`` (all, if None), paged;
     only ``host``'s when given. ``hosts`` is filled with how many came from each host, and
-    their first and last times (the learning period reads them from the weights).
+    their first and last times (the learning period reads them from the weights); ``ids``
+    with each row's observation id.
 
     Raw, not tokens: the codec that turns them into tokens is fitted to them (``Codec.fit``).
     """
@@ -63,6 +65,8 @@ def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = No
                 page["next_after_id"] = None
                 break
             batch.append(o["values"])
+            if ids is not None:
+                ids.append(o["id"])
             if hosts is not None and o["host"] is not None:
                 h = hosts.setdefault(o["host"], {"n": 0, "first": o["time"], "last": o["time"]})
                 h["n"] += 1
@@ -77,6 +81,39 @@ def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = No
         after = page["next_after_id"]
     values = np.concatenate(rows) if rows else np.empty((0, schema.width))
     return values, times, first, last
+
+
+def suspects(hub: Any, atom: str, obs_ids: list[int]) -> set[int]:
+    """Observations whose latest recorded score had a tail probability under ``robust.SUSPECT_P``.
+
+    What the atom judged unusual while watching, as the Detector's retrains read it from
+    their own verdicts: a retrain does not learn it as normal (``robust.learnable``).
+    """
+    from kiri.model.robust import SUSPECT_P
+
+    wanted = set(obs_ids)
+    tail: dict[int, float] = {}
+    after = 0
+    while True:
+        page = hub.call("scores", {"atom": atom, "after_id": after, "limit": PAGE})
+        for sc in page["scores"]:
+            if sc["observation_id"] in wanted and sc.get("tail_p") is not None:
+                tail[sc["observation_id"]] = sc["tail_p"]  # scores come oldest first: the latest wins
+        if not page["next_after_id"]:
+            break
+        after = page["next_after_id"]
+    return {i for i, p in tail.items() if p < SUSPECT_P}
+
+
+def learn_from(schema: Any, obs_ids: list[int], left_out: set[int], times: list[float]) -> Any:
+    """[N] bool: the rows to train on, leaving out ``left_out`` as ``robust.learnable`` decides."""
+    import numpy as np
+
+    from kiri.model.calibrate import typical_interval
+    from kiri.model.robust import learnable, persist_for
+
+    flagged = np.fromiter((i in left_out for i in obs_ids), dtype=bool, count=len(obs_ids))
+    return learnable(schema, flagged, persist_for(typical_interval(times)))
 
 
 def train(ctx: TaskContext) -> dict[str, Any]:
@@ -106,20 +143,29 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     if host is not None and (not isinstance(host, str) or not host or len(host) > 200):
         raise TaskError(f"bad train parameters: host must be a host name, got {host!r}", retry=False)
     hosts: dict[str, dict[str, float]] = {}  # per host: n, first, last (for the learning period)
+    obs_ids: list[int] = []
     if ctx.checkpoint_in is not None:
         meta, state = _unpack(ctx.checkpoint_in.data)
-        values, times, first, last = load_values(hub, schema, meta["obs_to"], host, hosts)
+        values, times, first, last = load_values(hub, schema, meta["obs_to"], host, hosts, obs_ids)
+        left = set(meta.get("left_out", []))  # the rows the interrupted run left out, exactly
+        values = values[[i not in left for i in obs_ids]]
         codec = Trainer.state_codec(schema, state) or Codec.fixed(schema)
         ids = codec.encode(values)
         trainer = Trainer.resume(schema, ids, state)
         parent = meta["parent_id"]
         log.info("task %s: resuming %s at step %d", ctx.task_id, schema.name, trainer.step_no)
     else:
-        values, times, first, last = load_values(hub, schema, None, host, hosts)
+        values, times, first, last = load_values(hub, schema, None, host, hosts, obs_ids)
         if len(values) < 2:
             whose = f" from {host}" if host is not None else ""
             raise TaskError(f"atom {schema.name!r} has {len(values)} observation(s){whose}; push more first",
                             retry=False)
+        # what the atom found unusual while watching is not learned as normal; the ids go
+        # into the checkpoint, so a resumed run trains on exactly the same rows
+        left_out = suspects(hub, schema.name, obs_ids)
+        keep = learn_from(schema, obs_ids, left_out, times)
+        left_out = {i for i, k in zip(obs_ids, keep.tolist(), strict=True) if not k}
+        values = values[keep]
         codec = Codec.fit(schema, values)  # edges from this data: a retrain follows a stream that moved
         ids = codec.encode(values)
         parent, init = None, None
@@ -130,7 +176,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
             except RpcError:  # no active version yet: start fresh
                 parent, init = None, None
         trainer = Trainer(schema, ids, config, init=init, codec=codec)
-        meta = {"obs_from": first, "obs_to": last, "parent_id": parent}
+        meta = {"obs_from": first, "obs_to": last, "parent_id": parent, "left_out": sorted(left_out)}
 
     bar = _bar(trainer.total_steps, trainer.step_no)
     last_ck = time.monotonic()
@@ -152,7 +198,8 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     gate = quality_gate(hub, schema, trainer, values, float(params.get("gate_margin", 0.1)))
     rate = alarm_rate(float(params.get("alarms_per_week", DEFAULT_ALARMS_PER_WEEK)), typical_interval(times))
     blob = trainer.weights_bytes({"task_id": ctx.task_id, "obs_from": meta["obs_from"], "obs_to": meta["obs_to"],
-                                  "quality": gate, "hosts": hosts, "host": host}, alarm_rate=rate)
+                                  "quality": gate, "hosts": hosts, "host": host,
+                                  "left_out": len(meta.get("left_out", []))}, alarm_rate=rate)
     res = hub.call("publish_weights", {
         "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": schema.name,
         "blob": base64.b64encode(blob).decode(), "parent_id": meta["parent_id"],

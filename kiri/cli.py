@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from kiri import config
 from kiri.agents.client import HubClient, HubUnreachable
 from kiri.model.explain import worst_first
 from kiri.model.schema import NERVE_INPUTS
+from kiri.options import finite
 from kiri.protocol import TASK_STATES, RpcError
 from kiri.render import ago, clip, table
 
@@ -78,20 +78,13 @@ def _param(ctx: click.Context, _p: click.Parameter, values: tuple[str, ...]) -> 
     return out
 
 
-def _finite(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
-    """FloatRange lets NaN through (every comparison with it is false)."""
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number")
-    return value
-
-
 @main.command()
 @click.argument("kind")
 @click.argument("atom", required=False)
 @click.option("-p", "--param", "params", multiple=True, callback=_param, metavar="KEY=VALUE",
               help="A task parameter (value parsed as JSON when it can be). Repeatable.")
 @click.option("--steps", type=click.IntRange(1, 10**9), help="Training steps (sets param steps).")
-@click.option("--alarms-per-week", type=click.FloatRange(0, 10_000, min_open=True), callback=_finite,
+@click.option("--alarms-per-week", type=click.FloatRange(0, 10_000, min_open=True), callback=finite,
               help="A train task's alarm budget: how often normal data may alarm (sets param alarms_per_week; "
                    "default 2).")
 @click.option("--priority", default=0, show_default=True, type=click.IntRange(-1000, 1000))
@@ -434,7 +427,8 @@ def weights_show(c: Ctx, ref: str) -> None:
         f"weights {w['id']}: {w['atom']} version {w['version']}  [{w['status']}]",
         f"  hash         {w['hash']}",
         f"  made by      task {w['task_id']}, from version id {w['parent_id'] or '-'} (warm start)",
-        f"  data         observations {w['obs_from']}..{w['obs_to']} ({info.get('observations', '?')} used)",
+        f"  data         observations {w['obs_from']}..{w['obs_to']} ({info.get('observations', '?')} used"
+        + (f", left out {info['left_out']} that scored as unusual)" if info.get("left_out") else ")"),
         f"  training     {info.get('steps')} steps, final loss {w['loss']:.4f}, context {info.get('context')}"
         if w["loss"] is not None else "  training     -",
         f"  threshold    {info.get('threshold', 0):.3f} nats (p99 of held-out scores {info.get('score_p99', 0):.3f})",

@@ -146,7 +146,8 @@ class Nerve:
             p_alert = alarm_rate / (alarm_rate + combined)
             probs = {"ok": 1.0 - p_alert, "alert": p_alert, "suppress": 0.0, "retrain": 0.0}
             action = "alert" if combined < alarm_rate else "ok"
-            return Decision(action, probs, "rule:combined_tail_p<rate", inputs | {"tail_p": combined})
+            return Decision(action, probs, "rule:combined_tail_p<rate",
+                            inputs | {"tail_p": combined, "alarm_rate": alarm_rate})
         if not self.learned:
             total = sum(inputs[a] / self.thresholds[a] for a in INPUT_ATOMS)
             p_alert = 1.0 / (1.0 + math.exp(-(total - 1.0) * 16.0))

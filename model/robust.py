@@ -59,6 +59,28 @@ def keep_mask(flagged: np.ndarray, persist: int) -> np.ndarray:
     return keep
 
 
+def persist_for(interval: float) -> int:
+    """An hour of readings at ``interval`` seconds (at least 6): a flagged run longer than
+    this is a change of regime, learned as the new normal."""
+    return max(6, round(3600.0 / max(interval, 1e-9)))
+
+
+def learnable(schema: AtomSchema, flagged: np.ndarray, persist: int) -> np.ndarray:
+    """[N] bool: the rows a (re)training learns from, given which were flagged.
+
+    The flagged ones are left out, unless they form a run longer than ``persist`` (a new
+    regime) or leaving them out would leave too little (under half the rows, or too few
+    for a window): when most of a history looks anomalous, none of that judgement is trusted.
+    The Detector's retrains and the agents' ``train`` tasks both decide here.
+    """
+    flagged = np.asarray(flagged, dtype=bool)
+    n = len(flagged)
+    keep = keep_mask(flagged, persist)
+    if keep.sum() < max(2 * (schema.max_context() + 1), 0.5 * n):
+        keep = np.ones(n, dtype=bool)
+    return keep
+
+
 def train_once(schema: AtomSchema, values: np.ndarray, config: TrainConfig, init: bytes | None,
                alarm_rate: float, info: dict | None = None, horizon: int = 0) -> tuple[Trainer, bytes]:
     codec = Codec.fit(schema, values, horizon)
@@ -95,9 +117,7 @@ def fit(schema: AtomSchema, values: np.ndarray, config: TrainConfig, alarm_rate:
         flagged = judge(blob, values)
         if not flagged.any():
             return Fitted(trainer, blob, np.ones(n, dtype=bool), flagged)
-    keep = keep_mask(flagged, persist)
-    if keep.sum() < max(2 * (schema.max_context() + 1), 0.5 * n):  # most of it "anomalous": trust none of that
-        keep = np.ones(n, dtype=bool)
+    keep = learnable(schema, flagged, persist)
     trainer, blob = train_once(schema, values[keep], config, init, alarm_rate,
                                {**(info or {}), "left_out": int(n - keep.sum()),
                                 "judged_anomalous": float(np.mean(flagged)) if n else 0.0}, horizon)

@@ -6,6 +6,8 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import pytest
+
 from kiri.model import synth
 from tests.conftest import wait_until
 from tests.test_cli import kiri
@@ -90,6 +92,35 @@ def test_an_incident_alerts_the_webhook_exactly_once_and_calm_data_does_not(hub,
     assert "alert" in out and "cooled" in out and "rule:" in out
     scorer.stop()
     hook.close()
+
+
+def test_the_nerve_budget_sets_how_readily_its_rule_alerts(hub, agents_factory):
+    import subprocess
+    import sys
+
+    from kiri.model.calibrate import alarm_rate
+
+    bad = subprocess.run([sys.executable, "-m", "kiri.agents.cli", "--role", "scorer", "--alarms-per-week", "nan"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a finite number" in bad.stderr
+    _trained(hub, agents_factory)
+    # a generous budget: ten thousand alarms a week, at pulse's 30 s
+    scorer = agents_factory(hub, "score", "--lease-ttl", "2", "--alarms-per-week", "10000")
+    wait_until(lambda: _all_done(hub), 60, what="backlog scored")
+    import time
+
+    base = time.time() - 300
+    for i, v in enumerate([CALM, {**CALM, "cpu": 30}, {**CALM, "cpu": 45, "load": 3}, CALM]):
+        _observe(hub, v, base + 30 * i)
+        wait_until(lambda: _all_done(hub), 60)
+    rate = alarm_rate(10000, 30.0)
+    rows = [(a, json.loads(i)) for a, i in hub.sql("select action, inputs from decisions order by id")]
+    assert len(rows) >= 5
+    for action, inputs in rows:
+        assert inputs["alarm_rate"] == pytest.approx(rate)  # the owner's budget, not the atom's 2 a week
+        assert action == ("alert" if inputs["tail_p"] < rate else "ok")
+    assert any(a == "alert" for a, _ in rows)  # a budget that generous is spent
+    scorer.stop()
 
 
 def test_retrain_decision_gives_one_train_task_and_feedback_teaches_the_nerve(hub, agents_factory):

@@ -23,7 +23,7 @@ def _all_done(hub) -> bool:
     return hub.sql("select count(*) from tasks where status in ('queued', 'leased')")[0][0] == 0
 
 
-def test_new_observations_are_scored_with_the_active_weights(hub, agents_factory):
+def test_new_observations_are_scored_and_a_retrain_leaves_out_what_scored_unusual(hub, agents_factory):
     train = synth.generate("pulse", 1, seed=0)
     _push(hub, train)
     trainer = agents_factory(hub, "train", "--lease-ttl", "2")
@@ -59,6 +59,19 @@ def test_new_observations_are_scored_with_the_active_weights(hub, agents_factory
     line = next(x for x in out.splitlines() if x.strip().startswith(str(spike_id)))
     assert "ANOMALY" in line and "C9" in line
     assert "blame:" in out.split(line, 1)[1].splitlines()[1]
+    # a retrain does not learn what scored as unusual (tail probability under 5%) as normal
+    total = n_train + len(test.rows)
+    unusual = {oid for (oid,) in hub.sql("select observation_id from scores where tail_p < 0.05")}
+    assert sum(1 for i, lab in enumerate(test.labels) if lab == "spike" and n_train + 1 + i in unusual) >= 15
+    assert len(unusual) < 0.2 * total  # not the whole history
+    tid = hub.client().enqueue("train", "pulse", {"steps": 30, "gate_margin": 1.0})["task_id"]
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 120, what="retrained")
+    result = hub.client().call("task", {"task_id": tid})["task"]["result"]
+    assert result["observations"] == total - len(unusual)
+    w = hub.client().call("weights", {"atom": "pulse", "active": True})["weights"][0]
+    assert w["task_id"] == tid
+    out = kiri(hub, "weights", "show", str(w["id"])).stdout
+    assert f"left out {len(unusual)}" in out, out
     trainer.stop()
     scorer.stop()
 

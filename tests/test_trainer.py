@@ -86,11 +86,32 @@ def test_publishing_is_fenced_by_the_lease(hub):
     assert hub.sql("select count(*) from weights")[0][0] == 1
 
 
+def _mark_unusual(hub, agents_factory, ids: list[int]) -> None:
+    """Weights v1, and scores under them saying observations ``ids`` were unusual (tail_p 0.001)."""
+    c = hub.client()
+    tid = c.enqueue("train", "pulse", {"steps": 5})["task_id"]
+    agent = _trainer(agents_factory, hub)
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 120, what="weights v1")
+    agent.stop()
+    wid = c.call("weights", {"atom": "pulse", "active": True})["weights"][0]["id"]
+    c.enqueue("score", "pulse")
+    got = c.lease(["score"])
+    assert got["task"]["atom"] == "pulse"
+    c.call("record_scores", {"task_id": got["task"]["id"], "lease_token": got["lease"]["token"], "atom": "pulse",
+                             "weights_id": wid, "threshold": 1.0, "alarm_rate": 1e-3,
+                             "scores": [{"observation_id": i, "score": 9.0, "surprise": [9.0] * 6, "tail_p": 0.001}
+                                        for i in ids]})
+    c.call("ack", {"task_id": got["task"]["id"], "lease_token": got["lease"]["token"]})
+    c.close()
+
+
 def test_killed_trainer_resumes_from_checkpoint_with_bitwise_the_same_weights(hub, agents_factory):
     rows = _push(hub, 2.0, seed=3)
+    unusual = list(range(50, 5000, 97))  # scored as unusual earlier: left out, before and after the kill
+    _mark_unusual(hub, agents_factory, unusual)
     cfg = {"steps": 4000, "batch_size": 32, "seed": 5}  # ~6 s: time to be killed mid-run
     c = hub.client()
-    tid = c.enqueue("train", "pulse", {**cfg, "checkpoint_every": 0.2})["task_id"]
+    tid = c.enqueue("train", "pulse", {**cfg, "checkpoint_every": 0.2, "gate_margin": 1.0})["task_id"]
     first = _trainer(agents_factory, hub)
 
     def ck_step() -> int:
@@ -112,7 +133,9 @@ def test_killed_trainer_resumes_from_checkpoint_with_bitwise_the_same_weights(hu
     # the same training, uninterrupted, in this process
     from kiri.model.codec import Codec, values_of
 
-    values = values_of(S.PULSE, rows)
+    left = set(unusual)
+    values = values_of(S.PULSE, [r for i, r in enumerate(rows, start=1) if i not in left])
+    assert load_weights(blob).info["left_out"] == len(unusual)
     codec = Codec.fit(S.PULSE, values)  # the trainer fits its tokens' edges to the data
     assert Codec.from_dict(S.PULSE, load_weights(blob).info["codec"]).edges == codec.edges
     ref = Trainer(S.PULSE, codec.encode(values), TrainConfig(**cfg), codec=codec)
