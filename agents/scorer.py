@@ -1,8 +1,8 @@
 """The ``score`` task: score an atom's new observations with its active weights.
 
 It loops until the atom has nothing unscored, so observations that arrive while it works
-are not left behind. Each observation is scored with the observations just before it as
-context (the windows its weights were trained on); every score is recorded under the
+are not left behind. Each observation is scored with its own host's readings just before
+it in time as context (the windows its weights were trained on); every score is recorded under the
 task's lease with the weights version that produced it.
 """
 
@@ -46,8 +46,6 @@ def handler(sinks: AlertConfig) -> Handler:
 
 
 def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
-    from kiri.model.codec import values_of
-
     if not ctx.atom:
         raise TaskError("a score task needs an atom", retry=False)
     hub = ctx.hub
@@ -64,30 +62,23 @@ def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
             break
         weights_id = work["weights"]["id"]
         sc = _scorer(hub, weights_id)
-        # the context rows are scored too: their scores start the sustained-unusualness mean
-        context = work["context"]
-        ids = sc.encode(values_of(sc.schema, [o["values"] for o in context + work["observations"]]))
-        result = sc.score(ids)
-        n_ctx = len(context)
-        mean = result.mean
-        means = mean.tolist()
-        tail = sc.tail_p(mean[n_ctx:], prefix=mean[:n_ctx].numpy())
-        tail_ps = tail.tolist() if tail is not None else [None] * (len(means) - n_ctx)
-        means, per = means[n_ctx:], result.surprise[n_ctx:].tolist()
+        means, per, tail_ps, tokens = score_streams(sc, work["context"], work["observations"])
+        calibrated = sc.calibration is not None
         # the batch's most unusual observation: lowest tail probability, else highest score
-        i = (min(range(len(means)), key=lambda j: (tail_ps[j], -means[j])) if tail is not None
+        i = (min(range(len(means)), key=lambda j: (tail_ps[j], -means[j])) if calibrated
              else max(range(len(means)), key=means.__getitem__))
         obs = work["observations"][i]
-        toks = sc.schema.tokens(ids[n_ctx + i].tolist())
+        toks = sc.schema.tokens(tokens[i])
         worst = {"observation_id": obs["id"], "time": obs["time"], "score": means[i], "threshold": sc.threshold,
-                 "tail_p": tail_ps[i], "alarm_rate": nerve_rate(sc.alarm_rate, context + work["observations"], sinks),
+                 "tail_p": tail_ps[i], "alarm_rate": nerve_rate(sc.alarm_rate, [
+                     o for o in work["context"] + work["observations"] if o.get("host") == obs.get("host")], sinks),
                  "blame": blame(toks, per[i])}
         decision, payload = decide(ctx, worst, sinks)
         # scores and the decision on them are stored in one transaction: a kill loses neither
         res = hub.call("record_scores", {
             "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": ctx.atom, "weights_id": weights_id,
             "threshold": sc.threshold, "decision": decision,
-            **({"alarm_rate": sc.alarm_rate} if tail is not None and sc.alarm_rate is not None else {}),
+            **({"alarm_rate": sc.alarm_rate} if calibrated and sc.alarm_rate is not None else {}),
             "scores": [{"observation_id": o["id"], "score": m, "surprise": s,
                         **({"tail_p": p} if p is not None else {})}
                        for o, m, s, p in zip(work["observations"], means, per, tail_ps, strict=True)],
@@ -98,6 +89,47 @@ def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
         act(hub, res["decision"], payload, sinks)
         ctx.progress(scored=total, anomalous=anomalous)
     return {"scored": total, "anomalous": anomalous, "weights_id": weights_id, "decisions": actions}
+
+
+def score_streams(sc: Any, context: list[dict[str, Any]], observations: list[dict[str, Any]]
+                  ) -> tuple[list[float], list[list[float]], list[float | None], list[list[int]]]:
+    """Score ``observations`` stream by stream: each host's rows (its context and its new
+    ones) in time order, so a host is judged against its own history, never a neighbour's.
+
+    Returns, in the order of ``observations``: mean surprise, per-token surprise, tail
+    probability (None for uncalibrated weights) and token ids. The context rows are scored
+    too: their scores start each stream's sustained-unusualness mean.
+    """
+    from kiri.model.codec import values_of
+
+    new = {o["id"] for o in observations}
+    at = {o["id"]: i for i, o in enumerate(observations)}
+    n = len(observations)
+    means: list[float] = [0.0] * n
+    per: list[list[float]] = [[] for _ in range(n)]
+    tail_ps: list[float | None] = [None] * n
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    streams: dict[str | None, list[dict[str, Any]]] = {}
+    for o in context + observations:
+        streams.setdefault(o.get("host"), []).append(o)
+    for rows in streams.values():
+        rows.sort(key=lambda o: (o["time"], o["id"]))
+        ids = sc.encode(values_of(sc.schema, [o["values"] for o in rows]))
+        result = sc.score(ids)
+        mean = result.mean
+        start = next((j for j, o in enumerate(rows) if o["id"] in new), None)
+        if start is None:
+            continue
+        tail = sc.tail_p(mean[start:], prefix=mean[:start].numpy())
+        for j in range(start, len(rows)):
+            i = at.get(rows[j]["id"])
+            if i is None or rows[j]["id"] not in new:
+                continue
+            means[i] = float(mean[j])
+            per[i] = result.surprise[j].tolist()
+            tail_ps[i] = float(tail[j - start]) if tail is not None else None
+            tokens[i] = ids[j].tolist()
+    return means, per, tail_ps, tokens
 
 
 def nerve_rate(atom_rate: float | None, observations: list[dict[str, Any]], sinks: AlertConfig) -> float | None:

@@ -46,6 +46,10 @@ def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = No
     their first and last times (the learning period reads them from the weights); ``ids``
     with each row's observation id.
 
+    Rows come in stream order: host by host, each in time order (then id), so a training
+    window holds one host's consecutive readings, as scoring reads them, whatever order
+    they were stored in.
+
     Raw, not tokens: the codec that turns them into tokens is fitted to them (``Codec.fit``).
     """
     import numpy as np
@@ -54,6 +58,7 @@ def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = No
 
     rows: list[Any] = []
     times: list[float] = []
+    keys: list[tuple[bool, str, float, int]] = []  # each row's place in stream order
     first = last = 0
     after = 0
     while True:
@@ -65,8 +70,7 @@ def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = No
                 page["next_after_id"] = None
                 break
             batch.append(o["values"])
-            if ids is not None:
-                ids.append(o["id"])
+            keys.append((o["host"] is not None, o["host"] or "", o["time"], o["id"]))
             if hosts is not None and o["host"] is not None:
                 h = hosts.setdefault(o["host"], {"n": 0, "first": o["time"], "last": o["time"]})
                 h["n"] += 1
@@ -80,7 +84,10 @@ def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = No
             break
         after = page["next_after_id"]
     values = np.concatenate(rows) if rows else np.empty((0, schema.width))
-    return values, times, first, last
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    if ids is not None:
+        ids.extend(keys[i][3] for i in order)
+    return values[order] if order else values, [times[i] for i in order], first, last
 
 
 def suspects(hub: Any, atom: str, obs_ids: list[int]) -> set[int]:

@@ -95,3 +95,53 @@ def test_scorer_killed_midway_loses_nothing_and_scores_nothing_twice(hub, agents
                what="all observations scored after the kill")
     assert hub.sql("select count(distinct observation_id) from scores")[0][0] == total
     rescuer.stop()
+
+
+def test_two_hosts_feeding_one_atom_are_each_scored_as_if_alone(hub, agents_factory):
+    import base64
+
+    import numpy as np
+
+    from kiri.model.codec import values_of
+    from kiri.model.score import Scorer
+    from kiri.model.weights import load_weights
+
+    _push(hub, synth.generate("pulse", 1, seed=0))
+    trainer = agents_factory(hub, "train", "--lease-ttl", "2")
+    kiri(hub, "enqueue", "train", "pulse", "--steps", "200")
+    wait_until(lambda: hub.sql("select count(*) from weights where status='active'")[0][0] == 1, 120)
+    trainer.stop()
+    start = synth.EPOCH + synth.DAY
+    a = synth.generate("pulse", 0.3, seed=3, start=start)
+    b = synth.generate("pulse", 0.3, seed=4, start=start, anomalies={"spike": 1})
+    assert any(b.labels)
+    # the two hosts' readings arrive interleaved, and host a's second half before its first
+    half = len(a.rows) // 2
+    order = [("a", i) for i in range(half, len(a.rows))] + [("a", i) for i in range(half)]
+    mixed = [x for pair in zip(order, [("b", i) for i in range(len(b.rows))], strict=False) for x in pair]
+    series = {"a": a, "b": b}
+    c = hub.client()
+    for i in range(0, len(mixed), 1000):
+        c.call("observe", {"atom": "pulse", "observations": [
+            {"values": series[h].rows[j], "time": series[h].times[j], "host": h} for h, j in mixed[i:i + 1000]]})
+    scorer = agents_factory(hub, "score", "--lease-ttl", "2")
+    n = hub.sql("select count(*) from observations")[0][0]
+    wait_until(lambda: hub.sql("select count(*) from scores")[0][0] == n, 120, what="both hosts scored")
+    blob = base64.b64decode(c.call("weights", {"atom": "pulse", "active": True, "blob": True})["weights"][0]["blob"])
+    sc = Scorer(load_weights(blob))
+    for h, s in series.items():
+        got = dict(hub.sql("select o.ts, s.score from scores s join observations o on o.id = s.observation_id "
+                           "where o.host = ?", h))
+        tails = dict(hub.sql("select o.ts, s.tail_p from scores s join observations o on o.id = s.observation_id "
+                             "where o.host = ?", h))
+        alone = sc.score(sc.encode(values_of(sc.schema, s.rows))).mean.numpy()
+        alone_p = sc.tail_p(alone)
+        assert len(got) == len(s.rows)
+        # the first readings have the same short context either way; every score matches
+        np.testing.assert_allclose([got[t] for t in s.times], alone, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose([tails[t] for t in s.times], alone_p, rtol=1e-3, atol=1e-9)
+    spikes = [t for t, lab in zip(b.times, b.labels, strict=True) if lab]
+    assert min(dict(hub.sql("select o.ts, s.tail_p from scores s join observations o on o.id = s.observation_id "
+                            "where o.host = 'b'"))[t] for t in spikes) < 1e-3
+    scorer.stop()
+    c.close()

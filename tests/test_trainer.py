@@ -197,3 +197,31 @@ def test_weights_cli_lists_shows_and_rolls_back(hub, agents_factory):
     out = kiri(hub, "weights", "show", "pulse:9", ok=False)
     assert out.returncode == 1 and "no such weights" in out.stderr
     agent.stop()
+
+
+def test_training_reads_each_host_as_its_own_stream_in_time_order(hub, agents_factory):
+    from kiri.model.codec import Codec, values_of
+    from kiri.model.train import data_fingerprint
+
+    a = synth.generate("pulse", 0.2, seed=1)
+    b = synth.generate("pulse", 0.2, seed=2)
+    c = hub.client()
+    # interleaved hosts, and host b's readings stored newest first
+    obs = [{"values": r, "time": t, "host": "a"} for r, t in zip(a.rows, a.times, strict=True)]
+    late = [{"values": r, "time": t, "host": "b"} for r, t in zip(b.rows, b.times, strict=True)][::-1]
+    mixed = [x for pair in zip(obs, late, strict=True) for x in pair]
+    for i in range(0, len(mixed), 1000):
+        c.call("observe", {"atom": "pulse", "observations": mixed[i:i + 1000]})
+    tid = c.enqueue("train", "pulse", {"steps": 5})["task_id"]
+    agent = _trainer(agents_factory, hub)
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 120, what="trained")
+    agent.stop()
+    blob = base64.b64decode(c.call("weights", {"atom": "pulse", "active": True, "blob": True})["weights"][0]["blob"])
+    info = load_weights(blob).info
+    streams = values_of(S.PULSE, a.rows + b.rows)  # host a in time order, then host b in time order
+    codec = Codec.fit(S.PULSE, streams)
+    assert info["fingerprint"] == data_fingerprint(codec.encode(streams))
+    stored = values_of(S.PULSE, [o["values"] for o in mixed])
+    assert info["fingerprint"] != data_fingerprint(Codec.fit(S.PULSE, stored).encode(stored))
+    assert set(info["hosts"]) == {"a", "b"} and info["hosts"]["b"]["n"] == len(b.rows)
+    c.close()

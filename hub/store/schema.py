@@ -129,6 +129,7 @@ observations = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Index("ix_observations_atom_id", "atom", "id"),
     sa.Index("ix_observations_atom_ts", "atom", "ts"),
+    sa.Index("ix_observations_atom_host_ts", "atom", "host", "ts"),  # a stream, in time order
 )
 
 # Bulk imports land here chunk by chunk and move to `observations` in one transaction on

@@ -2,8 +2,8 @@
 
 New observations enqueue a ``score`` task for their atom (at most one waiting per atom: the
 scorer takes every unscored observation, including ones that arrive while it works). A
-scorer asks for work (the active weights, unscored observations, and the ones just before
-them as context) and records scores under its lease; a resend after a lost reply finds
+scorer asks for work (the active weights, unscored observations, and per host the readings
+just before them in time as context) and records scores under its lease; a resend after a lost reply finds
 the scores already there and stores nothing twice.
 """
 
@@ -32,6 +32,9 @@ def ensure_score_task(c: sa.Connection, atom: str, env: Q.Env) -> None:
         Q.enqueue(c, P.Enqueue(kind="score", atom=atom, max_attempts=10), env)
 
 
+MAX_BETWEEN = 5000  # a stream's already-stored readings fetched between a batch's first and last
+
+
 def _scored_to(c: sa.Connection, atom: str) -> int:
     return c.execute(sa.select(sa.func.max(scores.c.observation_id)).where(scores.c.atom == atom)).scalar() or 0
 
@@ -50,15 +53,55 @@ def work(reg: AtomRegistry, c: sa.Connection, p: P.ScoringWork, env: Q.Env) -> d
     o = observations.c
     todo = c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.atom == schema.name, o.id > done)
                      .order_by(o.id).limit(p.limit)).all()
-    ctx = c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.atom == schema.name, o.id <= done)
-                    .order_by(o.id.desc()).limit(p.context)).all() if todo and p.context else []
+    ctx = stream_context(c, schema.name, todo, p.context)
     info = orjson.loads(active.info)
     return {
         "weights": {"id": active.id, "version": active.version, "hash": active.hash,
                     "threshold": info.get("threshold")},
-        "context": [_obs(r) for r in reversed(ctx)],
+        "context": [_obs(r) for r in ctx],
         "observations": [_obs(r) for r in todo],
     }
+
+
+def stream_context(c: sa.Connection, atom: str, todo: list[sa.Row], k: int) -> list[sa.Row]:
+    """The observations that ``todo`` must be scored against, per stream (atom, host).
+
+    A stream's observations are ordered by time (then id), so each host is scored against
+    its own history, and a late or out-of-order import against the readings around it in
+    time: for each host in ``todo``, its ``k`` readings before the earliest of its rows
+    here, and its readings between that one and its latest here that are not in ``todo``
+    (at most ``MAX_BETWEEN``: a reading imported years late is scored against the first of
+    them). The scorer sorts each host's rows by (time, id).
+    """
+    if not todo:
+        return []
+    o = observations.c
+    ids = {r.id for r in todo}
+    out: list[sa.Row] = []
+    by_host: dict[str | None, list[sa.Row]] = {}
+    for r in todo:
+        by_host.setdefault(r.host, []).append(r)
+    for host, rows in by_host.items():
+        same = o.host.is_(None) if host is None else o.host == host
+        first = min(rows, key=lambda r: (r.ts, r.id))
+        last = max(rows, key=lambda r: (r.ts, r.id))
+        before = sa.or_(o.ts < first.ts, sa.and_(o.ts == first.ts, o.id < first.id))
+        if k:
+            prior = c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.atom == atom, same, before)
+                              .order_by(o.ts.desc(), o.id.desc()).limit(k)).all()
+            out.extend(r for r in reversed(prior) if r.id not in ids)
+        if len(rows) > 1:
+            after_first = sa.or_(o.ts > first.ts, sa.and_(o.ts == first.ts, o.id > first.id))
+            before_last = sa.or_(o.ts < last.ts, sa.and_(o.ts == last.ts, o.id < last.id))
+            # ids first (the stream index covers them): in time-ordered data these are just
+            # the batch's own rows, and nothing more is read
+            between = c.execute(sa.select(o.id).where(o.atom == atom, same, after_first, before_last)
+                                .order_by(o.ts, o.id).limit(MAX_BETWEEN + len(rows))).scalars().all()
+            extra = [i for i in between if i not in ids][:MAX_BETWEEN]
+            if extra:
+                out.extend(c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.id.in_(extra))
+                                     .order_by(o.ts, o.id)).all())
+    return out
 
 
 def is_anomalous(s: P.ScoreIn, p: P.RecordScores) -> bool:

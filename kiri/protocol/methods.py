@@ -194,8 +194,12 @@ TABLE: tuple[Method, ...] = (
                     {"atom": "pulse", "task_id": 9, "deduplicated": False})),
     # --- scoring ------------------------------------------------------------------------
     Method("scoring_work", P.ScoringWork, R.ScoringWork, group="scoring", idempotent=True,
-           summary="The active weights and the next unscored observations of an atom, with `context` "
-                   "earlier ones to score them against.",
+           summary="The active weights and the next unscored observations of an atom, with the readings "
+                   "to score them against: per host, its `context` readings before them in time and its "
+                   "readings between them that are not new.",
+           guarantees="A stream is (atom, host): each host is scored against its own readings in time order "
+                      "(then id), never another host's, so late and out-of-order imports get the readings "
+                      "around them in time. A scorer sorts each host's rows by (time, id).",
            example=({"atom": "pulse", "limit": 1, "context": 0},
                     {"weights": {"id": 4, "version": 2, "hash": "5e1f…", "threshold": 3.2},
                      "context": [], "observations": [_OBS]})),
