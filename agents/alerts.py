@@ -61,7 +61,8 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> None:
 
 def text_of(alert: dict[str, Any]) -> str:
     blame = ", ".join(f"{b['token']} {b['surprise']:.1f}" for b in worst_first(alert.get("blame", []))[:4])
-    return (f"kiri alert: {alert['atom']} score {alert['score']:.2f} (threshold {alert['threshold']:.2f})"
+    where = f" on {alert['host']}" if alert.get("host") else ""
+    return (f"kiri alert: {alert['atom']}{where} score {alert['score']:.2f} (threshold {alert['threshold']:.2f})"
             + (f"; blame {blame}" if blame else "") + f"; decision {alert['decision_id']}")
 
 

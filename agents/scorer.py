@@ -69,7 +69,8 @@ def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
              else max(range(len(means)), key=means.__getitem__))
         obs = work["observations"][i]
         toks = sc.schema.tokens(tokens[i])
-        worst = {"observation_id": obs["id"], "time": obs["time"], "score": means[i], "threshold": sc.threshold,
+        worst = {"observation_id": obs["id"], "time": obs["time"], "host": obs.get("host"),
+                 "score": means[i], "threshold": sc.threshold,
                  "tail_p": tail_ps[i], "alarm_rate": nerve_rate(sc.alarm_rate, [
                      o for o in work["context"] + work["observations"] if o.get("host") == obs.get("host")], sinks),
                  "blame": blame(toks, per[i])}
@@ -164,12 +165,14 @@ def decide(ctx: TaskContext, worst: dict[str, Any], sinks: AlertConfig) -> tuple
                                                      tail_ps=tail_ps, alarm_rate=worst.get("alarm_rate"))
     scaled = {a: latest.get(a, 0.0) / max(thresholds.get(a, 1.0), 1e-9) for a in latest}
     decision = {
-        "observation_id": worst["observation_id"], "inputs": d.inputs | {"thresholds": thresholds},
+        "observation_id": worst["observation_id"],
+        "inputs": d.inputs | {"thresholds": thresholds, "host": worst.get("host")},
         "action": d.action, "probs": d.probs, "policy": d.policy, "cooldown": sinks.cooldown,
         "stale": time.time() - worst["time"] > sinks.max_age,
         "retrain_atom": max(scaled, key=scaled.__getitem__) if scaled else ctx.atom,
     }
-    payload = {"atom": ctx.atom, "observation_id": worst["observation_id"], "time": worst["time"],
+    payload = {"atom": ctx.atom, "host": worst.get("host"), "observation_id": worst["observation_id"],
+               "time": worst["time"],
                "score": worst["score"], "threshold": worst["threshold"], "probs": d.probs, "policy": d.policy,
                "blame": worst_first(worst["blame"])}  # an alert names the worst tokens first
     return decision, payload

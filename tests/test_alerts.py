@@ -21,6 +21,8 @@ def test_telegram_sink_posts_to_the_configured_api(tmp_path):
     assert out["telegram"] == "sent"
     (msg,) = api.got
     assert msg["chat_id"] == "-1001" and "pulse score 8.10" in msg["text"] and "C9 11.4" in msg["text"]
+    deliver({**ALERT, "host": "web-2"}, AlertConfig(telegram_token="123:abc", telegram_chat="-1001", telegram_url=base))
+    assert "pulse on web-2 score 8.10" in api.got[-1]["text"]  # a fleet's alert names its host
     api.close()
 
 

@@ -143,5 +143,9 @@ def test_two_hosts_feeding_one_atom_are_each_scored_as_if_alone(hub, agents_fact
     spikes = [t for t, lab in zip(b.times, b.labels, strict=True) if lab]
     assert min(dict(hub.sql("select o.ts, s.tail_p from scores s join observations o on o.id = s.observation_id "
                             "where o.host = 'b'"))[t] for t in spikes) < 1e-3
+    import json
+
+    decided = {json.loads(i).get("host") for (i,) in hub.sql("select inputs from decisions")}
+    assert decided & {"a", "b"}  # a decision names the host of the reading it was about
     scorer.stop()
     c.close()

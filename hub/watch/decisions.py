@@ -96,10 +96,10 @@ def pending_alerts(c: sa.Connection, p: P.PendingAlerts, env: Q.Env) -> dict[str
                      .order_by(alerts.c.id).limit(100)).all()
     out = []
     for r in rows:
-        sc = c.execute(sa.select(scores.c.score, scores.c.threshold, observations.c.ts)
+        sc = c.execute(sa.select(scores.c.score, scores.c.threshold, observations.c.ts, observations.c.host)
                        .join(observations, observations.c.id == scores.c.observation_id)
                        .where(scores.c.observation_id == r.observation_id).order_by(scores.c.id.desc())).first()
-        out.append({"alert_id": r.id, "decision_id": r.decision_id, "atom": r.atom,
+        out.append({"alert_id": r.id, "decision_id": r.decision_id, "atom": r.atom, "host": sc.host if sc else None,
                     "observation_id": r.observation_id, "time": sc.ts if sc else r.created_at,
                     "score": sc.score if sc else 0.0, "threshold": sc.threshold if sc else 0.0, "blame": [],
                     "probs": orjson.Fragment(r.probs), "policy": r.policy, "redelivery": True})
