@@ -185,8 +185,12 @@ class Hub:
             raw_params = msg.get("params", {})
             if not isinstance(raw_params, dict):
                 raise InvalidParams("params must be an object with named fields")
-            # only a line with more brackets than the limit can nest too deep
-            if len(line) > 2 * MAX_DEPTH and line.count(b"[") + line.count(b"{") > MAX_DEPTH:
+            # only a line with more brackets than the limit can nest too deep, and only one
+            # whose brackets do (the request's own object is one level) has params that might
+            entry = M.BY_NAME.get(method)
+            if ((entry is None or entry.free_form)
+                    and len(line) > 2 * MAX_DEPTH and line.count(b"[") + line.count(b"{") > MAX_DEPTH
+                    and P.bracket_depth(line, MAX_DEPTH + 1) - 1 > MAX_DEPTH):
                 depth = P.nesting_depth(raw_params, MAX_DEPTH)
                 if depth > MAX_DEPTH:
                     raise InvalidParams(f"params nest more than {MAX_DEPTH} levels deep; flatten them")

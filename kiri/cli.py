@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -279,12 +280,13 @@ def synth(atom: str, days: float, seed: int, start: float | None, anomalies: dic
         series = gen.generate(atom, days, seed, start if start is not None else gen.EPOCH, anomalies)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    out = click.get_text_stream("stdout")
+    out = sys.stdout.buffer
     for t, row, label in zip(series.times, series.rows, series.labels, strict=True):
         rec = {"time": t, **{k: round(v, 4) for k, v in row.items()}}
         if label:
             rec["label"] = label
-        out.write(orjson.dumps(rec).decode() + "\n")
+        out.write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE))
+    out.flush()
 
 
 
@@ -306,14 +308,17 @@ def _hub_schema(c: Ctx, atom: str):  # type: ignore[no-untyped-def]
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("atom")
 @click.argument("fields", nargs=-1, type=click.UNPROCESSED)
-@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Bulk import: JSON lines or CSV (by extension), one observation per line.")
+@click.option("--file", "path", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Bulk import: JSON lines or CSV, one observation per line; - reads standard input. "
+                   "Read as it is sent: memory stays flat whatever the size.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]),
+              help="The file's format [default: by extension, .csv or JSON lines; JSON lines for -].")
 @click.option("--skip-bad", is_flag=True, help="With --file: import the good lines and report the bad ones.")
 @click.option("--time", "when", type=float, help="Observation time, epoch seconds [default: now].")
 @click.option("--host", help="Where it was observed [default: none].")
 @pass_ctx
-def observe(c: Ctx, atom: str, fields: tuple[str, ...], path: Path | None, skip_bad: bool, when: float | None,
-            host: str | None) -> None:
+def observe(c: Ctx, atom: str, fields: tuple[str, ...], path: str | None, fmt: str | None, skip_bad: bool,
+            when: float | None, host: str | None) -> None:
     """Push observations for ATOM: `kiri observe drift --added 3 --completed 1 --switched 2`,
     `kiri observe pulse cpu=52 mem=40 ...`, or `--file data.jsonl` / `data.csv`.
 
@@ -341,45 +346,95 @@ def observe(c: Ctx, atom: str, fields: tuple[str, ...], path: Path | None, skip_
         return
     if fields:
         raise click.UsageError("give either field values or --file, not both")
-    try:
-        good, bad = importing.read_file(schema, path, now)
-    except importing.ImportFileError as e:
-        raise click.ClickException(str(e)) from None
-    if bad and not skip_bad:
-        shown = "\n".join(f"  line {b.line}: {b.message}" for b in bad[:20])
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise click.ClickException(
-            f"{path}: {len(bad)} bad line(s); nothing was imported (use --skip-bad to import the rest)\n"
-            f"{shown}{more}")
-    if not good:
-        raise click.ClickException(f"{path}: no valid observations to import")
-    res = _upload(c, atom, good)
-    for b in bad:
-        click.echo(f"skipped line {b.line}: {b.message}", err=True)
-    summary = {**res, "skipped": [{"line": b.line, "error": b.message} for b in bad]}
-    c.out(summary, f"imported {res['stored']} observation(s) into {atom}"
-          + (f", skipped {len(bad)} bad line(s)" if bad else ""))
+    if path == "-":
+        res = _import(c, atom, schema, sys.stdin.buffer, "standard input", fmt or "jsonl", now, skip_bad)
+    else:
+        try:
+            stream = open(path, "rb")  # noqa: SIM115 (closed below; stdin must not be)
+        except FileNotFoundError:
+            raise click.ClickException(f"{path}: no such file") from None
+        except OSError as e:
+            raise click.ClickException(f"{path}: {e.strerror}") from None
+        with stream:
+            res = _import(c, atom, schema, stream, path, fmt or importing.format_of(path), now, skip_bad)
+    skipped = res.pop("skipped_lines")
+    for b in skipped:
+        click.echo(f"skipped line {b['line']}: {b['error']}", err=True)
+    more = res["skipped_count"] - len(skipped)
+    if more:
+        click.echo(f"... and {more} more bad line(s)", err=True)
+    c.out({**res, "skipped": skipped}, f"imported {res['stored']} observation(s) into {atom}"
+          + (f", skipped {res['skipped_count']} bad line(s)" if res["skipped_count"] else ""))
 
 
-def _upload(c: Ctx, atom: str, good: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stage in chunks, then commit once: the import applies entirely or not at all."""
+MAX_REPORTED = 1000  # bad lines listed one by one (the rest are counted)
+
+
+def _import(c: Ctx, atom: str, schema: Any, stream: Any, name: str, fmt: str, now: float,
+            skip_bad: bool) -> dict[str, Any]:
+    """Read, check and stage a file chunk by chunk, then commit once: the import applies
+    entirely or not at all, and only one chunk is ever held in memory.
+
+    Without ``--skip-bad`` a bad line dooms the import: nothing more is sent, but the rest
+    is still read, so the owner sees every bad line at once.
+    """
     import uuid
 
-    import_id = uuid.uuid4().hex
-    show = sys.stderr.isatty() and not c.as_json
-    try:
-        with click.progressbar(length=len(good), label="importing", file=sys.stderr,
-                               hidden=not show) as bar:
-            for i in range(0, len(good), CHUNK):
-                chunk = good[i: i + CHUNK]
-                c.call("observe", {"atom": atom, "observations": chunk, "import_id": import_id})
-                bar.update(len(chunk))
-        return c.call("commit_import", {"import_id": import_id})
-    except (click.ClickException, KeyboardInterrupt):
-        with contextlib.suppress(RpcError, HubUnreachable):  # else the hub expires it by itself
-            c.client().call("abort_import", {"import_id": import_id})
-        raise
+    from kiri import importing
 
+    import_id = uuid.uuid4().hex
+    show = sys.stderr.isatty() and not c.as_json and stream is not sys.stdin.buffer
+    size = os.fstat(stream.fileno()).st_size if show else 0
+    bad: list[importing.Bad] = []
+    n_bad = sent = 0
+    chunk: list[dict[str, Any]] = []
+    uploader = importing.Pipelined(
+        lambda rows: c.call("observe", {"atom": atom, "observations": rows, "import_id": import_id}))
+    try:
+        with click.progressbar(length=max(size, 1), label="importing", file=sys.stderr, hidden=not show) as bar:
+            def send() -> None:
+                nonlocal sent, chunk
+                uploader.put(chunk)
+                sent += len(chunk)
+                chunk = []
+                if show:
+                    bar.update(stream.tell() - bar.pos)
+
+            for item in importing.observations(schema, stream, name, fmt, now):
+                if isinstance(item, importing.Bad):
+                    n_bad += 1
+                    if len(bad) < MAX_REPORTED:
+                        bad.append(item)
+                elif skip_bad or not n_bad:
+                    chunk.append(item)
+                    if len(chunk) >= CHUNK:
+                        send()
+            if n_bad and not skip_bad:
+                shown = "\n".join(f"  line {b.line}: {b.message}" for b in bad[:20])
+                more = f"\n  ... and {n_bad - 20} more" if n_bad > 20 else ""
+                raise click.ClickException(
+                    f"{name}: {n_bad} bad line(s); nothing was imported (use --skip-bad to import the rest)\n"
+                    f"{shown}{more}")
+            if chunk:
+                send()
+            uploader.close()
+            if not sent:
+                raise click.ClickException(f"{name}: no valid observations to import")
+        res = c.call("commit_import", {"import_id": import_id})
+    except BaseException as e:
+        with contextlib.suppress(BaseException):
+            uploader.close()  # let a chunk in flight land before the import is dropped
+        _abort(c, import_id)
+        if isinstance(e, importing.ImportFileError):
+            raise click.ClickException(str(e)) from None
+        raise
+    return {**res, "skipped_count": n_bad, "skipped_lines": [{"line": b.line, "error": b.message} for b in bad]}
+
+
+def _abort(c: Ctx, import_id: str) -> None:
+    """Drop a staged import now (else the hub expires it by itself within the hour)."""
+    with contextlib.suppress(RpcError, HubUnreachable):
+        c.client().call("abort_import", {"import_id": import_id})
 
 
 # --- weights -------------------------------------------------------------------------------

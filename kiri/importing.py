@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import csv
 import io
+import queue
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 from kiri.model.schema import AtomSchema, ObservationError
 
 SPECIAL = ("time", "host", "label")
+FORMATS = ("jsonl", "csv")
 
 
 class ImportFileError(ValueError):
@@ -72,24 +74,12 @@ def parse_pairs(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _records(path: Path) -> Iterator[tuple[int, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ImportFileError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise ImportFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames:
-            raise ImportFileError(f"{path}: empty CSV (the first line must name the fields)")
-        for row in reader:
-            if None in row:
-                yield reader.line_num, ValueError("more values than header fields")
-            else:
-                yield reader.line_num, {k: v for k, v in row.items() if v is not None and v != ""}
-        return
-    for n, line in enumerate(text.splitlines(), start=1):
+def _jsonl(stream: BinaryIO, name: str) -> Iterator[tuple[int, Any]]:
+    for n, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ImportFileError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start} of line {n})") from None
         if not line.strip():
             continue
         try:
@@ -98,22 +88,49 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
             yield n, ValueError(f"not valid JSON ({e})")
 
 
-def read_file(schema: AtomSchema, path: Path, default_time: float) -> tuple[list[dict[str, Any]], list[Bad]]:
-    """Observations ready for the protocol, and every bad line with its reason."""
-    good: list[dict[str, Any]] = []
-    bad: list[Bad] = []
-    for n, rec in _records(path):
+def _csv(stream: BinaryIO, name: str) -> Iterator[tuple[int, Any]]:
+    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    try:
+        reader = csv.DictReader(text)
+        if not reader.fieldnames:
+            raise ImportFileError(f"{name}: empty CSV (the first line must name the fields)")
+        for row in reader:
+            if None in row:
+                yield reader.line_num, ValueError("more values than header fields")
+            else:
+                yield reader.line_num, {k: v for k, v in row.items() if v is not None and v != ""}
+    except UnicodeDecodeError as e:
+        raise ImportFileError(f"{name}: not UTF-8 text ({e.reason})") from None
+    finally:
+        text.detach()
+
+
+def records(stream: BinaryIO, name: str, fmt: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record or the error reading it) for each line of a JSONL or CSV
+    stream, read as it goes: memory stays flat whatever the file's size."""
+    if fmt not in FORMATS:
+        raise ImportFileError(f"{name}: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    return _csv(stream, name) if fmt == "csv" else _jsonl(stream, name)
+
+
+def format_of(path: str) -> str:
+    """A file's format from its extension: CSV for .csv, else JSON lines (stdin too)."""
+    return "csv" if path.lower().endswith(".csv") else "jsonl"
+
+
+def observations(schema: AtomSchema, stream: BinaryIO, name: str, fmt: str,
+                 default_time: float) -> Iterator[dict[str, Any] | Bad]:
+    """Each line as an observation ready for the protocol, or a ``Bad`` naming its line and reason."""
+    for n, rec in records(stream, name, fmt):
         if isinstance(rec, Exception):
-            bad.append(Bad(n, str(rec)))
-            continue
-        if not isinstance(rec, dict):
-            bad.append(Bad(n, "expected a JSON object of field: value"))
-            continue
-        try:
-            good.append(to_observation(schema, rec, default_time))
-        except (ObservationError, ValueError) as e:
-            bad.append(Bad(n, str(e)))
-    return good, bad
+            yield Bad(n, str(rec))
+        elif not isinstance(rec, dict):
+            yield Bad(n, "expected a JSON object of field: value")
+        else:
+            try:
+                yield to_observation(schema, rec, default_time)
+            except (ObservationError, ValueError) as e:
+                yield Bad(n, str(e))
 
 
 def to_observation(schema: AtomSchema, rec: dict[str, Any], default_time: float) -> dict[str, Any]:
@@ -124,9 +141,46 @@ def to_observation(schema: AtomSchema, rec: dict[str, Any], default_time: float)
         raise ValueError(f"time {t!r} is not a number (epoch seconds)") from None
     if not 0 <= t <= 1e11:
         raise ValueError(f"time {t!r} is out of range (epoch seconds)")
-    values = clock_fields(schema, {k: v for k, v in rec.items() if k not in SPECIAL}, t)
-    schema.encode(values)  # raises ObservationError naming the field
-    obs: dict[str, Any] = {"time": t, "values": values}
+    checked = schema.values(clock_fields(schema, {k: v for k, v in rec.items() if k not in SPECIAL}, t))
+    obs: dict[str, Any] = {"time": t, "values": {f.name: v for f, v in zip(schema.fields, checked, strict=True)}}
     if rec.get("host") is not None:
         obs["host"] = str(rec["host"])[:200]
     return obs
+
+
+class Pipelined:
+    """Runs ``send`` on chunks in a background thread while the caller reads the next ones.
+
+    Reading and checking a chunk (Python) and the hub storing the previous one (a round
+    trip, during which the socket wait releases the GIL) overlap, so an import runs at the
+    slower of the two, not their sum. At most ``depth`` chunks wait, so memory stays flat.
+    The first error ``send`` raises stops the thread and is raised again by the next
+    ``put`` or by ``close``.
+    """
+
+    def __init__(self, send: Callable[[list[dict[str, Any]]], None], depth: int = 2) -> None:
+        self._send = send
+        self._queue: queue.Queue[list[dict[str, Any]] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kiri-upload", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._send(chunk)
+                except BaseException as e:  # noqa: BLE001 (handed to the caller's thread)
+                    self._error = e
+
+    def put(self, chunk: list[dict[str, Any]]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        """Wait for every chunk to be sent; raise what sending raised."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error

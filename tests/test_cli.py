@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 
-def kiri(hub, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+def kiri(hub, *args: str, ok: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KIRI_HUB": f"127.0.0.1:{hub.port}" if hub else "127.0.0.1:1"}
     out = subprocess.run([sys.executable, "-m", "kiri.cli", *args], capture_output=True, text=True,
-                         timeout=60, env=env)
+                         timeout=60, env=env, input=stdin)
     if ok:
         assert out.returncode == 0, out.stderr
     return out

@@ -155,6 +155,40 @@ def test_nesting_is_checked_at_parse_time(hub, depth, expected):
     assert "Traceback" not in hub.log()
 
 
+def test_observe_is_not_walked_for_depth_yet_refuses_deep_values_cleanly(hub):
+    r = Raw(hub.address)
+    r.hello()
+    deep = b"[" * 900 + b"1" + b"]" * 900  # within orjson's limit, far past the hub's
+    row = b'{"values": {"cpu": 1, "mem": 1, "disk": 1, "swap": 1, "load": 1, "net": ' + deep + b"}}"
+    r.send(b'{"jsonrpc": "2.0", "id": 3, "method": "observe", "params": {"atom": "pulse", "observations": ['
+           + row + b"]}}\n")
+    reply = r.recv()
+    assert code(reply) == ErrorCode.INVALID_PARAMS and "'net': a list is not a number" in reply["error"]["message"]
+    assert hub.sql("select count(*) from observations")[0][0] == 0
+    assert r.call({"jsonrpc": "2.0", "id": "p", "method": "ping"})["result"]["pong"] is True
+    assert "Traceback" not in hub.log()
+
+
+def test_the_fast_bracket_count_agrees_with_walking_the_value() -> None:
+    import json
+    import random
+
+    rng = random.Random(3)
+    tricky = ['"', "\\", "{", "}", "[", "]", "\\\"", "{[", "]}"]
+
+    def value(depth: int):
+        if depth == 0 or rng.random() < 0.2:
+            return rng.choice([1, 2.5, None, True, "".join(rng.choices(tricky, k=rng.randint(0, 6)))])
+        if rng.random() < 0.5:
+            return [value(depth - 1) for _ in range(rng.randint(0, 3))]
+        return {"".join(rng.choices(tricky, k=3)) + str(i): value(depth - 1) for i in range(rng.randint(0, 3))}
+
+    for _ in range(500):
+        v = value(rng.randint(0, 12))
+        line = json.dumps(v).encode()
+        assert P.bracket_depth(line, 100) == (P.nesting_depth(v, 100) if isinstance(v, dict | list) else 0), line
+
+
 def test_nesting_within_the_limit_is_stored_and_read_back(hub):
     r = Raw(hub.address)
     r.hello()

@@ -67,6 +67,21 @@ def test_bulk_jsonl_is_all_or_nothing_with_exact_lines(hub, tmp_path):
     assert times == sorted(times) and times[0] == 1704067200
 
 
+def test_bulk_import_from_standard_input_in_either_format(hub):
+    lines = "".join(json.dumps({**PULSE_ROW, "time": 1704067200 + 30 * i, "host": "h1"}) + "\n" for i in range(4500))
+    res = json.loads(kiri(hub, "--json", "observe", "pulse", "--file", "-", stdin=lines).stdout)
+    assert res["stored"] == 4500 and _count(hub) == 4500  # three chunks, one commit
+    assert hub.sql("select count(*) from observations where host = 'h1'")[0][0] == 4500
+    bad = lines + "{oops\n"
+    out = kiri(hub, "observe", "pulse", "--file", "-", stdin=bad, ok=False)
+    assert "standard input: 1 bad line(s); nothing was imported" in out.stderr and "line 4501" in out.stderr
+    assert _count(hub) == 4500  # the staged chunks were dropped
+    assert hub.sql("select count(*) from staged_observations")[0][0] == 0
+    csv = "time,cpu,mem,disk,swap,load,net\n1704200000,50,50,40,10,1,1\n"
+    res = json.loads(kiri(hub, "--json", "observe", "pulse", "--file", "-", "--format", "csv", stdin=csv).stdout)
+    assert res["stored"] == 1 and _count(hub) == 4501
+
+
 def test_bulk_csv(hub, tmp_path):
     f = tmp_path / "data.csv"
     f.write_text("time,cpu,mem,disk,swap,load,net\n1704067200,50,50,40,10,1,1\n1704067230,55,50,40,10,1,1\n"

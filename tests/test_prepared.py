@@ -67,3 +67,24 @@ def test_compiled_parts_name_every_parameter_and_column():
     assert {"k0", "k1", "now", "owner", "tok", "ttl", "expires"} <= set(names) | set(consts)
     assert columns == ["id", "kind", "atom", "params", "attempts", "max_attempts", "priority", "parent_id",
                        "run_after"]
+
+
+def test_bulk_inserts_on_the_driver_equal_sqlalchemys(tmp_path):
+    from kiri.hub.store.schema import observations, staged_observations
+    from kiri.hub.watch import observations as obs
+
+    fast, slow = _db(tmp_path / "fast.db"), _db(tmp_path / "slow.db")
+    rows = [{"atom": "pulse", "ts": 1000.0 + i, "host": None if i % 2 else f"h{i}", "data": '{"cpu": 1.0}',
+             "created_at": 5.0} for i in range(50)]
+    staged = [{**r, "import_id": "imp"} for r in rows]
+    with fast.begin() as c:
+        obs._INSERT.run_many(c, rows)
+        obs._STAGE.run_many(c, staged)
+    with slow.begin() as c:
+        c.execute(obs._INSERT.stmt, rows)
+        c.execute(obs._STAGE.stmt, staged)
+    for table in (observations, staged_observations):
+        with fast.connect() as a, slow.connect() as b:
+            got = [tuple(r) for r in a.execute(sa.select(table).order_by(table.c.id))]
+            assert got == [tuple(r) for r in b.execute(sa.select(table).order_by(table.c.id))]
+            assert len(got) == 50

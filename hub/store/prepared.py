@@ -72,3 +72,16 @@ class Prepared:
 
     def run(self, conn: sa.Connection, params: dict[str, Any]) -> None:
         self.rows(conn, params)
+
+    def run_many(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        """One statement over many parameter sets (a bulk insert): the driver's executemany,
+        without SQLAlchemy's per-row parameter processing (a third of a bulk import's time)."""
+        if conn.dialect.name != "sqlite":
+            conn.execute(self.stmt, rows)
+            return
+        sql, names, consts, _ = self._sqlite or self._compile_sqlite(conn)
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.executemany(sql, [[r[n] if n in r else consts[n] for n in names] for r in rows])
+        finally:
+            cur.close()

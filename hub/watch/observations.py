@@ -13,6 +13,7 @@ import orjson
 import sqlalchemy as sa
 
 from kiri.hub.core.queue import Env
+from kiri.hub.store.prepared import Prepared
 from kiri.hub.store.schema import atoms, observations, staged_observations
 from kiri.model import schema as S
 from kiri.protocol import Conflict, InvalidParams, NotFound
@@ -131,13 +132,23 @@ class AtomRegistry:
         return rows
 
 
+_INSERT = Prepared(observations.insert().values(
+    atom=sa.bindparam("atom"), ts=sa.bindparam("ts"), host=sa.bindparam("host"), data=sa.bindparam("data"),
+    created_at=sa.bindparam("created_at")))
+_STAGE = Prepared(staged_observations.insert().values(
+    import_id=sa.bindparam("import_id"), atom=sa.bindparam("atom"), ts=sa.bindparam("ts"),
+    host=sa.bindparam("host"), data=sa.bindparam("data"), created_at=sa.bindparam("created_at")))
+
+
 def observe(reg: AtomRegistry, c: sa.Connection, p: P.Observe, env: Env) -> dict[str, Any]:
     rows = reg.validate(p, env)
     if p.import_id is not None:
-        c.execute(staged_observations.insert(), [{**r, "import_id": p.import_id} for r in rows])
+        for r in rows:
+            r["import_id"] = p.import_id
+        _STAGE.run_many(c, rows)
         return {"staged": len(rows), "import_id": p.import_id}
     before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
-    c.execute(observations.insert(), rows)
+    _INSERT.run_many(c, rows)
     return {"stored": len(rows), "first_id": before + 1, "last_id": before + len(rows)}
 
 

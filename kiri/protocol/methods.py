@@ -35,6 +35,11 @@ class Method:
     errors: tuple[str, ...] = ()  # method-specific errors beyond invalid params / unauthorized
     guarantees: str = ""
     example: tuple[dict[str, Any], dict[str, Any]] | None = field(default=None, compare=False)
+    # its params may carry free-form JSON that gets stored (task params, schemas, results):
+    # their nesting is checked against the hub's limit as the line is parsed. False where
+    # every value is typed or checked to a fixed shape before anything is stored, so a big
+    # batch (observe: numbers only) skips a pass over every element.
+    free_form: bool = True
 
 
 GROUPS = {
@@ -154,7 +159,7 @@ TABLE: tuple[Method, ...] = (
                       "once to import without duplicates.",
            example=({"atom": "pulse", "observations": [{"time": 1764400000.0, "host": "web-1",
                                                         "values": {"cpu": 52, "mem": 61}}]},
-                    {"stored": 1, "first_id": 41, "last_id": 41})),
+                    {"stored": 1, "first_id": 41, "last_id": 41}), free_form=False),
     Method("commit_import", P.ImportRef, R.ImportCommitted, group="observations",
            events=("observations", "tasks"),
            summary="Move every row staged under `import_id` into the observations, in one transaction.",

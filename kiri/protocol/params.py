@@ -7,6 +7,7 @@ input. Unknown fields are ignored, which lets newer clients add fields (docs/pro
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -99,6 +100,26 @@ class Tasks(Params):
     atom: Name | None = None
     limit: Annotated[int, Field(ge=1, le=1000)] = 50
     before_id: TaskId | None = None
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_INNERMOST = re.compile(rb"\{[^{}\[\]]*\}|\[[^{}\[\]]*\]")
+
+
+def bracket_depth(line: bytes, limit: int) -> int:
+    """How deep brackets nest in one line of valid JSON, counted only until it passes
+    ``limit``: strings dropped, then innermost pairs removed level by level, each level one
+    pass of the regex engine over a shrinking line. A fast upper bound for the request's
+    params (``nesting_depth`` walks the parsed value instead: a Python step per element,
+    20 ms for a 2,000-row batch)."""
+    s = _JSON_STRING.sub(b"", line)
+    depth = 0
+    while depth <= limit:
+        s, n = _INNERMOST.subn(b"", s)
+        if n == 0:
+            break
+        depth += 1
+    return depth
 
 
 def nesting_depth(value: Any, limit: int) -> int:

@@ -1,0 +1,81 @@
+"""Bulk import through the CLI: observations per second and the CLI's peak memory.
+
+Writes ``--days`` of synthetic pulse (30 s readings) as JSON lines, starts a throwaway hub,
+and runs ``kiri observe pulse --file`` on it ``--repeat`` times (each into a fresh hub),
+sampling the CLI process's resident memory every 10 ms. ``--cli-root`` runs another
+checkout's CLI against the same hub code (to compare before and after in one run).
+
+    python bench/importing.py [--days 30] [--repeat 3] [--cli-root /path/to/old/checkout]
+"""
+
+from __future__ import annotations
+
+import _paths  # noqa: F401  (must come first: see bench/_paths.py)
+
+# isort: split
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import psutil
+
+from bench._hub import running_hub
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(port: int, path: Path, cwd: Path) -> tuple[float, int]:
+    """Seconds and peak RSS (bytes) of one ``kiri observe pulse --file PATH``."""
+    env = {**os.environ, "KIRI_HUB": f"127.0.0.1:{port}", "PYTHONPATH": str(cwd)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "kiri.cli", "observe", "pulse", "--file", str(path)],
+                            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"import failed: {proc.stderr.read().decode() if proc.stderr else ''}")
+    return elapsed, peak
+
+
+@click.command()
+@click.option("--days", default=30.0, show_default=True, type=click.FloatRange(0.1, 3650))
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 20))
+@click.option("--cli-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Also time the CLI of this checkout (its kiri package), against the same hub.")
+def main(days: float, repeat: int, cli_root: Path | None) -> None:
+    with tempfile.TemporaryDirectory(prefix="kiri-import-") as tmp:
+        data = Path(tmp) / "pulse.jsonl"
+        with data.open("wb") as f:
+            subprocess.run([sys.executable, "-m", "kiri.cli", "synth", "pulse", "--days", str(days)], cwd=ROOT,
+                           stdout=f, check=True)
+        n = sum(1 for _ in data.open("rb"))
+        print(f"{n:,} observations ({data.stat().st_size / 1e6:.0f} MB of JSON lines), median of {repeat}")
+        roots = [("this checkout", ROOT)] + ([("--cli-root", cli_root)] if cli_root else [])
+        for _ in range(repeat):
+            for name, root in roots:
+                with running_hub() as (port, _):
+                    secs, peak = run_cli(port, data, root)
+                results.setdefault(name, []).append((secs, peak))
+        for name, runs in results.items():
+            secs = statistics.median(s for s, _ in runs)
+            peak = statistics.median(p for _, p in runs)
+            print(f"  {name:14s} {secs:6.1f} s = {n / secs:9,.0f} obs/s, CLI peak RSS {peak / 2**20:6.0f} MiB")
+
+
+results: dict[str, list[tuple[float, int]]] = {}
+
+if __name__ == "__main__":
+    main()
