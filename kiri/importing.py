@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from kiri.model.schema import AtomSchema, ObservationError
+from kiri.model.schema import AtomSchema, Field, ObservationError
 
 SPECIAL = ("time", "host", "label")
 FORMATS = ("jsonl", "csv")
@@ -34,11 +34,26 @@ class Bad:
     message: str
 
 
+_CLOCKS: dict[int, tuple[AtomSchema, tuple[Field, ...]]] = {}
+
+
+def _clock(schema: AtomSchema) -> tuple[Field, ...]:
+    """The schema's hour and weekday fields (kept by identity: hashing a schema costs more
+    than the lookup saves)."""
+    hit = _CLOCKS.get(id(schema))
+    if hit is None or hit[0] is not schema:
+        hit = _CLOCKS[id(schema)] = (schema, tuple(f for f in schema.fields if f.name in ("hour", "weekday")))
+    return hit[1]
+
+
 def clock_fields(schema: AtomSchema, values: dict[str, Any], t: float) -> dict[str, Any]:
     """Fill an atom's ``hour``/``weekday`` fields from the observation's local time when absent."""
+    clock = _clock(schema)
+    if not clock:
+        return values
     lt = time.localtime(t)
     out = dict(values)
-    for f in schema.fields:
+    for f in clock:
         if f.name in out or f.letter in out:
             continue
         if f.name == "hour":
@@ -142,7 +157,7 @@ def to_observation(schema: AtomSchema, rec: dict[str, Any], default_time: float)
     if not 0 <= t <= 1e11:
         raise ValueError(f"time {t!r} is out of range (epoch seconds)")
     checked = schema.values(clock_fields(schema, {k: v for k, v in rec.items() if k not in SPECIAL}, t))
-    obs: dict[str, Any] = {"time": t, "values": {f.name: v for f, v in zip(schema.fields, checked, strict=True)}}
+    obs: dict[str, Any] = {"time": t, "values": dict(zip(schema.names, checked, strict=True))}
     if rec.get("host") is not None:
         obs["host"] = str(rec["host"])[:200]
     return obs
