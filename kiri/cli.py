@@ -681,18 +681,22 @@ def status(c: Ctx) -> None:
     now = pic["time"]
     rows = []
     for atom in pic["atoms"]:
-        w, h = atom["weights"], atom["latest"]
+        w = atom["weights"]
         version = f"v{w['version']}" if w else "-"
-        if h is None:
-            rows.append((atom["name"], "-", "no observations", "-", "-", version))
-            continue
-        score = f"{h['score']:.2f}" if h["score"] is not None else "-"
-        learning = atom.get("learning")
-        word = (_learning(learning) if learning
-                else "-" if h["score"] is None else "ANOMALY" if h["anomalous"] else "ok")
-        rows.append((atom["name"], ago(h["time"], now), " ".join(h["tokens"]), score, word, version))
+        # one row per stream (the atom's latest reading from each host)
+        streams = atom.get("hosts") or ([atom["latest"] | {"learning": atom.get("learning")}]
+                                        if atom["latest"] is not None else [])
+        if not streams:
+            rows.append((atom["name"], "-", "-", "no observations", "-", "-", version))
+        for h in streams:
+            score = f"{h['score']:.2f}" if h["score"] is not None else "-"
+            learning = h.get("learning")
+            word = (_learning(learning) if learning
+                    else "-" if h["score"] is None else "ANOMALY" if h["anomalous"] else "ok")
+            rows.append((atom["name"], h["host"] or "-", ago(h["time"], now), " ".join(h["tokens"]), score, word,
+                         version))
     agents = [(a["name"], a["role"], a["health"], ago(a["last_seen"], now)) for a in pic["agents"]]
-    text = table(["ATOM", "SEEN", "TOKENS", "SCORE", "VERDICT", "WEIGHTS"], rows)
+    text = table(["ATOM", "HOST", "SEEN", "TOKENS", "SCORE", "VERDICT", "WEIGHTS"], rows)
     text += "\n\n" + (table(["AGENT", "ROLE", "HEALTH", "LAST SEEN"], agents) if agents else "no agents yet")
     c.out(pic, text)
 

@@ -69,3 +69,48 @@ def test_cli_migrate_and_check(tmp_path):
     assert out.returncode == 0, out.stderr
     engine = sa.create_engine(url)
     assert sa.inspect(engine).get_table_names() == ["alembic_version"]
+
+
+def _brute_streams(c: sa.Connection) -> set[tuple]:
+    """Streams computed from scratch: per atom and host, count, first and last time, latest id."""
+    rows = c.exec_driver_sql("SELECT atom, coalesce(host, ''), count(*), min(ts), max(ts) FROM observations "
+                             "GROUP BY atom, coalesce(host, '')").all()
+    out = set()
+    for atom, host, n, first, last in rows:
+        (latest,) = c.exec_driver_sql(
+            "SELECT id FROM observations WHERE atom = ? AND coalesce(host, '') = ? ORDER BY ts DESC, id DESC LIMIT 1",
+            (atom, host)).one()
+        out.add((atom, host, n, first, last, latest))
+    return out
+
+
+def test_streams_are_filled_from_an_existing_database_and_kept_equal_to_brute_force(tmp_path):
+    import random
+
+    from kiri.hub.watch import observations as obs
+
+    engine = make_engine(f"sqlite:///{tmp_path / 's.db'}")
+    migrate.upgrade(engine, "0008")  # a database from before streams, with data
+    rng = random.Random(4)
+
+    def rows(n: int) -> list[dict]:
+        return [{"atom": rng.choice(["pulse", "rhythm"]), "ts": float(rng.randint(0, 50)),
+                 "host": rng.choice([None, "a", "b"]), "data": "{}", "created_at": 1.0} for _ in range(n)]
+
+    with engine.begin() as c:
+        c.execute(sa.text("INSERT INTO observations (atom, ts, host, data, created_at) "
+                          "VALUES (:atom, :ts, :host, :data, :created_at)"), rows(300))
+    migrate.upgrade(engine)
+    with engine.connect() as c:
+        stored = {tuple(r) for r in c.exec_driver_sql("SELECT atom, host, n, first_ts, last_ts, last_id FROM streams")}
+        assert stored == _brute_streams(c) and len(stored) == 6
+    # then new readings, late and out of order, in batches: still equal to brute force
+    for _ in range(20):
+        with engine.begin() as c:
+            before = c.exec_driver_sql("SELECT max(id) FROM observations").scalar()
+            obs._INSERT.run_many(c, rows(rng.randint(1, 40)))
+            obs.note_streams(c, before)
+        with engine.connect() as c:
+            got = {tuple(r) for r in c.exec_driver_sql("SELECT atom, host, n, first_ts, last_ts, last_id FROM streams")}
+            assert got == _brute_streams(c)
+    engine.dispose()

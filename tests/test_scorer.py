@@ -97,15 +97,19 @@ def test_scorer_killed_midway_loses_nothing_and_scores_nothing_twice(hub, agents
     rescuer.stop()
 
 
-def test_two_hosts_feeding_one_atom_are_each_scored_as_if_alone(hub, agents_factory):
+def test_two_hosts_feeding_one_atom_are_each_scored_as_if_alone(hub_factory, agents_factory):
     import base64
+    import re
+    import urllib.request
 
     import numpy as np
+    from prometheus_client.parser import text_string_to_metric_families
 
     from kiri.model.codec import values_of
     from kiri.model.score import Scorer
     from kiri.model.weights import load_weights
 
+    hub = hub_factory(http=True)
     _push(hub, synth.generate("pulse", 1, seed=0))
     trainer = agents_factory(hub, "train", "--lease-ttl", "2")
     kiri(hub, "enqueue", "train", "pulse", "--steps", "200")
@@ -147,5 +151,13 @@ def test_two_hosts_feeding_one_atom_are_each_scored_as_if_alone(hub, agents_fact
 
     decided = {json.loads(i).get("host") for (i,) in hub.sql("select inputs from decisions")}
     assert decided & {"a", "b"}  # a decision names the host of the reading it was about
+    # status and /metrics have one row, one series, per stream
+    out = kiri(hub, "status").stdout
+    assert re.search(r"^pulse +a +", out, re.M) and re.search(r"^pulse +b +", out, re.M), out
+    with urllib.request.urlopen(hub.url + "/metrics", timeout=10) as r:
+        fams = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    counts = {(x.labels["atom"], x.labels["host"]): x.value for x in fams["kiri_stream_observations"].samples}
+    assert counts == {("pulse", ""): 2880, ("pulse", "a"): len(a.rows), ("pulse", "b"): len(b.rows)}
+    assert {x.labels["host"] for x in fams["kiri_atom_score"].samples} == {"", "a", "b"}
     scorer.stop()
     c.close()

@@ -132,6 +132,20 @@ observations = sa.Table(
     sa.Index("ix_observations_atom_host_ts", "atom", "host", "ts"),  # a stream, in time order
 )
 
+# A stream is an atom's readings from one host. Kept up to date in the transaction that
+# stores readings, so "every host of every atom, with its latest reading" is one small table
+# read, however long the history (metrics, status and the learning period ask it).
+streams = sa.Table(
+    "streams",
+    metadata,
+    sa.Column("atom", sa.String(32), primary_key=True),
+    sa.Column("host", sa.String(200), primary_key=True),  # "" for readings without a host
+    sa.Column("n", sa.Integer, nullable=False),  # readings stored
+    sa.Column("first_ts", sa.Float, nullable=False),
+    sa.Column("last_ts", sa.Float, nullable=False),
+    sa.Column("last_id", sa.Integer, nullable=False),  # the reading latest in time (then id)
+)
+
 # Bulk imports land here chunk by chunk and move to `observations` in one transaction on
 # commit, so an import applies entirely or not at all even if the importer dies midway.
 staged_observations = sa.Table(

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from kiri.hub.core import queue as Q
-from kiri.hub.store.schema import observations
+from kiri.hub.store.schema import streams
 from kiri.hub.watch import retrain
 
 LEARN_MIN = 200  # a host's observations its weights must have seen (pulse at 30 s: 100 minutes) ...
@@ -49,11 +49,10 @@ def is_learning(info: dict[str, Any], host: str | None) -> bool:
 
 
 def have(c: sa.Connection, atom: str, host: str) -> tuple[int, float]:
-    """The host's observations of the atom so far: how many, over how many seconds."""
-    o = observations.c
-    n, first, last = c.execute(sa.select(sa.func.count(), sa.func.min(o.ts), sa.func.max(o.ts))
-                               .where(o.atom == atom, o.host == host)).one()
-    return int(n or 0), float((last or 0.0) - (first or 0.0))
+    """The host's observations of the atom so far: how many, over how many seconds (its stream)."""
+    st = streams.c
+    row = c.execute(sa.select(st.n, st.first_ts, st.last_ts).where(st.atom == atom, st.host == host)).first()
+    return (0, 0.0) if row is None else (int(row.n), float(row.last_ts - row.first_ts))
 
 
 def state(c: sa.Connection, atom: str, info: dict[str, Any] | None, host: str | None) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from kiri.hub.core.queue import Env
 from kiri.hub.store.prepared import Prepared
-from kiri.hub.store.schema import atoms, observations, staged_observations
+from kiri.hub.store.schema import atoms, observations, staged_observations, streams
 from kiri.model import schema as S
 from kiri.protocol import Conflict, InvalidParams, NotFound
 from kiri.protocol import params as P
@@ -140,6 +140,28 @@ _STAGE = Prepared(staged_observations.insert().values(
     host=sa.bindparam("host"), data=sa.bindparam("data"), created_at=sa.bindparam("created_at")))
 
 
+def note_streams(c: sa.Connection, after_id: int) -> None:
+    """Fold the readings stored with ids above ``after_id`` (this transaction's) into ``streams``."""
+    o, st = observations.c, streams.c
+    host = sa.func.coalesce(o.host, "")
+    groups = c.execute(sa.select(o.atom, host.label("host"), sa.func.count().label("n"),
+                                 sa.func.min(o.ts).label("first"), sa.func.max(o.ts).label("last"))
+                       .where(o.id > after_id).group_by(o.atom, host)).all()
+    for g in groups:
+        same = o.host.is_(None) if g.host == "" else o.host == g.host
+        last_id = c.execute(sa.select(o.id).where(o.id > after_id, o.atom == g.atom, same)
+                            .order_by(o.ts.desc(), o.id.desc()).limit(1)).scalar_one()
+        newer = sa.or_(st.last_ts < g.last, sa.and_(st.last_ts == g.last, st.last_id < last_id))
+        done = c.execute(streams.update().where(st.atom == g.atom, st.host == g.host).values(
+            n=st.n + g.n,
+            first_ts=sa.case((st.first_ts > g.first, g.first), else_=st.first_ts),
+            last_ts=sa.case((newer, g.last), else_=st.last_ts),
+            last_id=sa.case((newer, last_id), else_=st.last_id))).rowcount
+        if not done:
+            c.execute(streams.insert().values(atom=g.atom, host=g.host, n=g.n, first_ts=g.first, last_ts=g.last,
+                                              last_id=last_id))
+
+
 def observe(reg: AtomRegistry, c: sa.Connection, p: P.Observe, env: Env) -> dict[str, Any]:
     rows = reg.validate(p, env)
     if p.import_id is not None:
@@ -149,6 +171,7 @@ def observe(reg: AtomRegistry, c: sa.Connection, p: P.Observe, env: Env) -> dict
         return {"staged": len(rows), "import_id": p.import_id}
     before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
     _INSERT.run_many(c, rows)
+    note_streams(c, before)
     return {"stored": len(rows), "first_id": before + 1, "last_id": before + len(rows)}
 
 
@@ -162,6 +185,7 @@ def commit_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:
         staged.import_id == p.import_id).order_by(staged.id)
     atom_names = [r[0] for r in c.execute(sa.select(staged.atom).where(staged.import_id == p.import_id).distinct())]
     c.execute(observations.insert().from_select(["atom", "ts", "host", "data", "created_at"], src))
+    note_streams(c, before)
     c.execute(staged_observations.delete().where(staged.import_id == p.import_id))
     return {"stored": n, "first_id": before + 1, "last_id": before + n, "atoms": atom_names}
 

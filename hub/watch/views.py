@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from kiri.hub.core.queue import counts
 from kiri.hub.store import db as dbmod
-from kiri.hub.store.schema import agents, decisions, observations, scores, tasks, weights
+from kiri.hub.store.schema import agents, decisions, observations, scores, streams, tasks, weights
 from kiri.hub.watch import learning as L
 from kiri.hub.watch.observations import AtomRegistry
 from kiri.hub.watch.series import SeriesCache, downsample
@@ -67,6 +67,22 @@ def latest_observation(c: sa.Connection, reg: AtomRegistry, atom: str) -> dict[s
     return None if row is None else _observation(schema, row, _latest_score(c, row.id))
 
 
+def stream_latest(c: sa.Connection, reg: AtomRegistry) -> list[dict[str, Any]]:
+    """Every stream (atom, host) with its latest reading and that reading's newest score,
+    from the ``streams`` table: a handful of reads, whatever the length of the history."""
+    st, o = streams.c, observations.c
+    out = []
+    for r in c.execute(sa.select(st.atom, st.host, st.n, st.first_ts, st.last_id).order_by(st.atom, st.host)):
+        schema = reg.get_committed(r.atom)
+        if schema.actions:
+            continue
+        row = c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.id == r.last_id)).first()
+        if row is None:  # gone (retention): the stream is listed without a reading
+            continue
+        out.append({**_observation(schema, row, _latest_score(c, row.id)), "readings": r.n})
+    return out
+
+
 def agent_list(c: sa.Connection, now: float) -> list[dict[str, Any]]:
     """Every agent the hub has met, with its health and what it is working on now."""
     running: dict[str, list[dict[str, Any]]] = {}
@@ -101,6 +117,9 @@ def queue_summary(c: sa.Connection) -> dict[str, Any]:
 def status(c: sa.Connection, reg: AtomRegistry, now: float) -> dict[str, Any]:
     """Everything the front page shows, from one consistent snapshot."""
     active = _active_weights(c)
+    by_atom: dict[str, list[dict[str, Any]]] = {}
+    for st in stream_latest(c, reg):
+        by_atom.setdefault(st["atom"], []).append(st)
     atoms_out = []
     for schema in reg.all_committed():
         if schema.actions:  # the nerve: its decisions are shown apart
@@ -109,7 +128,13 @@ def status(c: sa.Connection, reg: AtomRegistry, now: float) -> dict[str, Any]:
         learning = L.state(c, schema.name, w, latest["host"]) if latest is not None else None
         if learning is not None and latest is not None:
             latest["verdict"] = "learning"
-        atoms_out.append({"name": schema.name, "latest": latest, "weights": w, "learning": learning})
+        hosts = by_atom.get(schema.name, [])
+        for h in hosts:  # one entry per stream: the atom's latest reading from each host
+            h["learning"] = L.state(c, schema.name, w, h["host"])
+            if h["learning"] is not None:
+                h["verdict"] = "learning"
+        atoms_out.append({"name": schema.name, "latest": latest, "weights": w, "learning": learning,
+                          "hosts": hosts})
     d = decisions.c
     last = c.execute(sa.select(d.id, d.atom, d.action, d.policy, d.probs, d.created_at)
                      .order_by(d.id.desc()).limit(1)).first()
@@ -151,13 +176,7 @@ def metrics_snapshot(c: sa.Connection, reg: AtomRegistry, db_url: str, now: floa
     for r in c.execute(sa.select(t.id, t.atom, t.progress).where(t.status == "leased", t.kind == "train")):
         prog = orjson.loads(r.progress) if r.progress else {}
         training.append({"task_id": r.id, "atom": r.atom or "", "progress": prog if isinstance(prog, dict) else {}})
-    atoms_out = []
-    for schema in reg.all_committed():
-        if schema.actions:
-            continue
-        latest = latest_observation(c, reg, schema.name)
-        if latest is not None:
-            atoms_out.append(latest)
+    atoms_out = stream_latest(c, reg)
     d = decisions.c
     last = c.execute(sa.select(d.action, d.created_at).order_by(d.id.desc()).limit(1)).first()
     a = agents.c

@@ -50,31 +50,35 @@ class _Snapshot(Collector):
         for role, n in s["agents"]:
             agents.add_metric([role], n)
         yield agents
+        # one series per stream: an atom's readings from one host (host "" for readings without one)
+        per = ["atom", "host"]
         score = GaugeMetricFamily("kiri_atom_score", "The latest observation's anomaly score (mean surprise, nats)",
-                                  labels=["atom"])
+                                  labels=per)
         thr = GaugeMetricFamily("kiri_atom_threshold", "The score above which the atom's observation is an anomaly",
-                                labels=["atom"])
+                                labels=per)
         anomalous = GaugeMetricFamily("kiri_atom_anomalous", "1 when the latest observation is an anomaly",
-                                      labels=["atom"])
+                                      labels=per)
         verdict = GaugeMetricFamily("kiri_atom_verdict", "The latest observation's verdict (1 for the current one)",
-                                    labels=["atom", "verdict"])
+                                    labels=[*per, "verdict"])
         tail = GaugeMetricFamily("kiri_atom_tail_probability",
                                  "P(normal data looks at least as unusual as the latest observation); "
-                                 "absent for weights from before calibration", labels=["atom"])
+                                 "absent for weights from before calibration", labels=per)
         seen = GaugeMetricFamily("kiri_atom_last_observation_timestamp_seconds",
-                                 "When the atom's latest observation was taken", labels=["atom"])
+                                 "When the atom's latest observation was taken", labels=per)
+        readings = GaugeMetricFamily("kiri_stream_observations", "Observations stored for the stream", labels=per)
         for a in s["atoms"]:
-            name = a["atom"]
-            seen.add_metric([name], a["time"])
+            key = [a["atom"], a["host"] or ""]
+            seen.add_metric(key, a["time"])
+            readings.add_metric(key, a["readings"])
             for v in VERDICTS:
-                verdict.add_metric([name, v], 1.0 if a["verdict"] == v else 0.0)
+                verdict.add_metric([*key, v], 1.0 if a["verdict"] == v else 0.0)
             if a["score"] is not None:
-                score.add_metric([name], a["score"])
-                thr.add_metric([name], a["threshold"])
-                anomalous.add_metric([name], 1.0 if a["anomalous"] else 0.0)
+                score.add_metric(key, a["score"])
+                thr.add_metric(key, a["threshold"])
+                anomalous.add_metric(key, 1.0 if a["anomalous"] else 0.0)
                 if a.get("tail_p") is not None:
-                    tail.add_metric([name], a["tail_p"])
-        yield from (score, thr, anomalous, tail, verdict, seen)
+                    tail.add_metric(key, a["tail_p"])
+        yield from (score, thr, anomalous, tail, verdict, seen, readings)
         nerve = GaugeMetricFamily("kiri_nerve_decision", "The nerve's latest action (1 for the current one)",
                                   labels=["action"])
         if s["nerve"] is not None:
