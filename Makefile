@@ -18,8 +18,9 @@ run: $(STAMP)
 	$(BIN)/kiri demo
 
 # Debian packages the tests need: docker-compose checks docker-compose.yml statically (there is
-# no Docker engine here); chromium runs the dashboard's browser test (never downloaded at run time).
-APT_TOOLS := docker-compose:docker-compose chromium:chromium
+# no Docker engine here); chromium runs the dashboard's browser test (never downloaded at run time);
+# prometheus scrapes a live hub for the Grafana dashboard's queries; systemd-analyze verifies the units.
+APT_TOOLS := docker-compose:docker-compose chromium:chromium prometheus:prometheus systemd-analyze:systemd
 tools:
 	@missing=""; for pair in $(APT_TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \

@@ -60,7 +60,8 @@ def main() -> None:
 @main.command()
 @db_option
 @data_dir_option
-@click.option("--host", default=config.DEFAULT_HOST, show_default=True, help="Address to listen on.")
+@click.option("--host", envvar="KIRI_LISTEN", default=config.DEFAULT_HOST, show_default=True,
+              help="Address to listen on (env KIRI_LISTEN); beyond loopback it needs a token.")
 @click.option("--port", default=config.DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--token", envvar="KIRI_TOKEN", help="Shared secret agents must present (env KIRI_TOKEN).")
 @click.option("--http-port", default=config.DEFAULT_HTTP_PORT, show_default=True, type=click.IntRange(0, 65535),

@@ -34,8 +34,13 @@ class _Snapshot(Collector):
             return
         depth = GaugeMetricFamily("kiri_tasks", "Tasks by kind and state (queued and leased are the queue depth)",
                                   labels=["kind", "state"])
+        seen = {(row["kind"], row["status"]) for row in s["tasks"]}
         for row in s["tasks"]:
             depth.add_metric([row["kind"], row["status"]], row["count"])
+        for kind in sorted({k for k, _ in seen}):  # an empty queue reads 0, not "no data"
+            for state in ("queued", "leased"):
+                if (kind, state) not in seen:
+                    depth.add_metric([kind, state], 0)
         yield depth
         outcomes = CounterMetricFamily("kiri_task_outcomes", "How tasks ended or stumbled, since the database began",
                                        labels=["kind", "outcome"])
