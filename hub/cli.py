@@ -13,11 +13,13 @@ import click
 
 from kiri import config
 from kiri.hub.core.queue import QueueSettings
+from kiri.hub.core.retention import Retention
 from kiri.hub.core.transport import Limits
 from kiri.hub.server import Hub, HubSettings
 from kiri.hub.store import migrate as mig
 from kiri.hub.store.db import make_engine, redact
 from kiri.hub.store.lock import StoreLock, StoreLocked
+from kiri.options import seconds
 
 log = logging.getLogger("kiri.hub")
 
@@ -35,6 +37,11 @@ def setup_logging(level: str) -> None:
 
 def resolve_db(db: str | None, data_dir: Path | None) -> str:
     return db or config.default_db_url(data_dir)
+
+
+def _keep(_ctx: click.Context, _p: click.Parameter, value: str) -> float | None:
+    """A retention window: a duration of at least a minute, or ``forever`` (None)."""
+    return None if value.strip().lower() == "forever" else seconds(value, 60.0, 100 * 366 * 86400)
 
 
 db_option = click.option(
@@ -87,11 +94,14 @@ def main() -> None:
               help="MiB of WAL after which the hub forces a truncating checkpoint.")
 @click.option("--tick", default=0.5, show_default=True, type=click.FloatRange(0.01, 60),
               help="Seconds between reaper runs.")
+@click.option("--keep-finished-tasks", "keep_tasks", default="7d", show_default=True, callback=_keep,
+              help="How long finished tasks (done, dead, cancelled) are kept before retention deletes them "
+                   "(their counts are kept); a duration like 12h or 30d, or 'forever'.")
 @log_option
 def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: str | None,
           http_port: int, no_http: bool, synchronous: str, lease_ttl: float, backoff_base: float, backoff_cap: float,
           max_line: int, max_connections: int, max_per_address: int, hello_timeout: float,
-          wal_limit: float, tick: float,
+          wal_limit: float, tick: float, keep_tasks: float | None,
           log_level: str) -> None:
     """Run the hub until SIGTERM/SIGINT."""
     setup_logging(log_level)
@@ -107,6 +117,7 @@ def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: st
                       hello_timeout=hello_timeout),
         wal_max_bytes=int(wal_limit * (1 << 20)), http_port=None if no_http else http_port,
         queue=QueueSettings(lease_ttl=lease_ttl, backoff_base=backoff_base, backoff_cap=backoff_cap),
+        retention=Retention(finished_tasks=keep_tasks),
     )
     lock = _lock(url)
     try:

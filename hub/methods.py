@@ -84,7 +84,7 @@ def bind(hub: Hub) -> dict[str, Handler]:
         }
 
     def status(c: sa.Connection, _p: P.Empty, env: Q.Env) -> dict[str, Any]:
-        return V.status(c, atoms, env.now)
+        return V.status(c, atoms, env.now, hub.settings.retention)
 
     handlers: dict[str, Handler] = {  # hello is the connection's own (see Hub._hello)
         "ping": pong,

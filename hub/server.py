@@ -24,8 +24,10 @@ from pydantic import BaseModel, ValidationError
 from kiri import PROTOCOL_VERSION, __version__
 from kiri.hub import methods as hub_methods
 from kiri.hub.core import queue as Q
+from kiri.hub.core import retention as RT
 from kiri.hub.core.commit import GroupCommit, Handler, Op, Outcome
 from kiri.hub.core.events import EventBus, publish_batch
+from kiri.hub.core.retention import Retention
 from kiri.hub.core.transport import Connection, Connections, Limits
 from kiri.hub.core.wakeups import LongPoll, Timers
 from kiri.hub.store import db as dbmod
@@ -70,6 +72,8 @@ class HubSettings:
     queue: Q.QueueSettings = field(default_factory=Q.QueueSettings)
     http_port: int | None = None  # None: no HTTP face
     http_host: str | None = None  # default: the same address as the TCP side
+    retention: Retention = field(default_factory=Retention)
+    prune_every: float = 60.0  # seconds between retention passes (sooner while a backlog drains)
 
 
 def _raise(_c: sa.Connection, err: RpcError, _env: Q.Env) -> None:
@@ -93,6 +97,8 @@ class Hub:
         self.server: asyncio.Server | None = None
         self.db: sa.Connection = engine.connect()
         self.last_wal_checkpoint = time.monotonic()
+        self.last_prune = 0.0  # the first tick prunes
+        self.prune_backlog = False
         self.served: dict[str, int] = {"leases": 0, "acks": 0}
         self.atoms = O.AtomRegistry()
         self.commit = GroupCommit(self.db, settings.queue, self.loop, self._answer, caches=[self.atoms])
@@ -403,7 +409,27 @@ class Hub:
             return reaped
 
         self.commit.submit(Op(None, None, "reap", None, reap, reply=False))
+        self._maybe_prune()
         self._maybe_checkpoint_wal()
+
+    def _maybe_prune(self) -> None:
+        """One bounded retention batch per pass: every ``prune_every`` seconds, or every tick
+        while the last batch was full (a backlog, after an upgrade or a long stop)."""
+        policy = self.settings.retention
+        if policy.finished_tasks is None:
+            return
+        if not self.prune_backlog and time.monotonic() - self.last_prune < self.settings.prune_every:
+            return
+        self.last_prune = time.monotonic()
+
+        def prune(c: sa.Connection, _p: Any, env: Q.Env) -> int:
+            n = RT.prune_tasks(c, policy, env.now)
+            self.prune_backlog = n >= policy.batch
+            if n:
+                log.info("retention: pruned %d finished task(s)", n)
+            return n
+
+        self.commit.submit(Op(None, None, "prune", None, prune, reply=False))
 
     def _flush_agents_in(self, c: sa.Connection, now: float) -> None:
         seen: dict[int, float] = {}

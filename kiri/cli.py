@@ -16,7 +16,7 @@ from kiri import config
 from kiri.agents.client import HubClient, HubUnreachable
 from kiri.model.explain import worst_first
 from kiri.model.schema import NERVE_INPUTS
-from kiri.options import finite
+from kiri.options import finite, seconds
 from kiri.protocol import TASK_STATES, RpcError
 from kiri.render import ago, clip, table
 
@@ -537,32 +537,14 @@ def history(c: Ctx, atom: str, count: int) -> None:
 
 # --- schedules -----------------------------------------------------------------------------
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _seconds(value: str, least: float) -> float:
-    text = value.strip().lower()
-    if least == 0 and text == "now":
-        return 0.0
-    unit = _UNITS.get(text[-1:])
-    number = text[:-1] if unit else text
-    try:
-        seconds = float(number) * (unit or 1)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected a duration like 30s, 5m, 1h or 1d") from None
-    if not least <= seconds <= 366 * 86400:
-        raise click.BadParameter(f"{value!r}: must be between {'1 second' if least else '0'} and a year")
-    return seconds
-
-
 def _duration(_ctx: click.Context, _p: click.Parameter, value: str) -> float:
     """An interval: at least a second."""
-    return _seconds(value, 1.0)
+    return seconds(value, 1.0)
 
 
 def _delay(_ctx: click.Context, _p: click.Parameter, value: str) -> float:
     """A delay: zero (or ``now``) allowed."""
-    return _seconds(value, 0.0)
+    return seconds(value, 0.0)
 
 
 @main.group()
@@ -697,6 +679,9 @@ def status(c: Ctx) -> None:
                          version))
     agents = [(a["name"], a["role"], a["health"], ago(a["last_seen"], now)) for a in pic["agents"]]
     text = table(["ATOM", "HOST", "SEEN", "TOKENS", "SCORE", "VERDICT", "WEIGHTS"], rows)
+    keep = (pic.get("retention") or {}).get("finished_tasks_seconds")
+    kept = "forever" if keep is None else f"{keep / 86400:g} days" if keep >= 86400 else f"{keep / 3600:g} hours"
+    text += f"\n\nretention: finished tasks kept {kept}"
     text += "\n\n" + (table(["AGENT", "ROLE", "HEALTH", "LAST SEEN"], agents) if agents else "no agents yet")
     c.out(pic, text)
 

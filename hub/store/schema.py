@@ -132,6 +132,18 @@ observations = sa.Table(
     sa.Index("ix_observations_atom_host_ts", "atom", "host", "ts"),  # a stream, in time order
 )
 
+# What retention pruned from ``tasks``, so that counts of finished tasks (and Prometheus's
+# counters made from them) never go backwards when old rows are deleted.
+task_totals = sa.Table(
+    "task_totals",
+    metadata,
+    sa.Column("kind", sa.String(64), primary_key=True),
+    sa.Column("status", sa.String(16), primary_key=True),  # done, dead or cancelled
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("expiries", sa.Integer, nullable=False),
+)
+
 # A stream is an atom's readings from one host. Kept up to date in the transaction that
 # stores readings, so "every host of every atom, with its latest reading" is one small table
 # read, however long the history (metrics, status and the learning period ask it).

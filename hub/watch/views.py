@@ -11,7 +11,9 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from kiri.hub.core import retention as RT
 from kiri.hub.core.queue import counts
+from kiri.hub.core.retention import Retention
 from kiri.hub.store import db as dbmod
 from kiri.hub.store.schema import agents, decisions, observations, scores, streams, tasks, weights
 from kiri.hub.watch import learning as L
@@ -114,7 +116,7 @@ def queue_summary(c: sa.Connection) -> dict[str, Any]:
     return {"by_state": by_state, "by_kind": by_kind}
 
 
-def status(c: sa.Connection, reg: AtomRegistry, now: float) -> dict[str, Any]:
+def status(c: sa.Connection, reg: AtomRegistry, now: float, retention: Retention | None = None) -> dict[str, Any]:
     """Everything the front page shows, from one consistent snapshot."""
     active = _active_weights(c)
     by_atom: dict[str, list[dict[str, Any]]] = {}
@@ -143,7 +145,7 @@ def status(c: sa.Connection, reg: AtomRegistry, now: float) -> dict[str, Any]:
                                                   "policy": last.policy, "probs": orjson.Fragment(last.probs),
                                                   "time": last.created_at}}
     return {"time": now, "atoms": atoms_out, "nerve": nerve, "agents": agent_list(c, now),
-            "queue": queue_summary(c)}
+            "queue": queue_summary(c), "retention": (retention or Retention()).describe()}
 
 
 def observation(c: sa.Connection, reg: AtomRegistry, obs_id: int) -> dict[str, Any]:
@@ -182,6 +184,6 @@ def metrics_snapshot(c: sa.Connection, reg: AtomRegistry, db_url: str, now: floa
     a = agents.c
     roles = [(r.role, r.n) for r in c.execute(sa.select(a.role, sa.func.count().label("n"))
                                                .where(a.connected.is_(True), a.role != "cli").group_by(a.role))]
-    return {"tasks": counts(c), "outcomes": outcomes, "training": training, "atoms": atoms_out,
+    return {"tasks": counts(c), "outcomes": outcomes, "pruned": RT.totals(c), "training": training, "atoms": atoms_out,
             "nerve": None if last is None else {"action": last.action, "time": last.created_at},
             "agents": roles, "files": dbmod.file_sizes(db_url)}

@@ -70,7 +70,7 @@ def _atom(req: web.Request, name: str) -> str:
 async def get_status(req: web.Request) -> web.Response:
     query(req, NoQuery)
     hub = hub_of(req)
-    return ok(await read(req, V.status, hub.atoms, time.time()))
+    return ok(await read(req, V.status, hub.atoms, time.time(), hub.settings.retention))
 
 
 async def get_atoms(req: web.Request) -> web.Response:

@@ -44,12 +44,20 @@ class _Snapshot(Collector):
         yield depth
         outcomes = CounterMetricFamily("kiri_task_outcomes", "How tasks ended or stumbled, since the database began",
                                        labels=["kind", "outcome"])
+        # live rows plus what retention pruned (task_totals): a counter never goes backwards
+        ended: dict[tuple[str, str], float] = {}
         for row in s["tasks"]:
             if row["status"] in ("done", "dead", "cancelled"):
-                outcomes.add_metric([row["kind"], row["status"]], row["count"])
+                ended[(row["kind"], row["status"])] = ended.get((row["kind"], row["status"]), 0) + row["count"]
         for row in s["outcomes"]:
-            outcomes.add_metric([row["kind"], "failed_attempt"], row["failures"])
-            outcomes.add_metric([row["kind"], "lease_expired"], row["expiries"])
+            ended[(row["kind"], "failed_attempt")] = ended.get((row["kind"], "failed_attempt"), 0) + row["failures"]
+            ended[(row["kind"], "lease_expired")] = ended.get((row["kind"], "lease_expired"), 0) + row["expiries"]
+        for row in s.get("pruned", []):
+            for key, n in (((row["kind"], row["status"]), row["n"]), ((row["kind"], "failed_attempt"), row["failures"]),
+                           ((row["kind"], "lease_expired"), row["expiries"])):
+                ended[key] = ended.get(key, 0) + n
+        for (kind, outcome), n in sorted(ended.items()):
+            outcomes.add_metric([kind, outcome], n)
         yield outcomes
         agents = GaugeMetricFamily("kiri_agents_connected", "Agents connected now, by role", labels=["role"])
         for role, n in s["agents"]:

@@ -76,11 +76,14 @@ TABLE: tuple[Method, ...] = (
                          "tasks": [{"kind": "train", "status": "done", "count": 12}],
                          "agents": [{"agent_id": 3, "name": "trainer-1", "role": "trainer"}]})),
     Method("status", P.Empty, R.Status, group="connection", idempotent=True,
-           summary="The whole front page in one read: every atom's latest reading, score and weights, the "
-                   "nerve's latest decision, the agents and the queue (what `kiri status` prints).",
-           example=({}, {"time": 1764400000.0, "atoms": [{"name": "pulse", "latest": None, "weights": None}],
+           summary="The whole front page in one read: every atom's latest reading (overall and per host), score "
+                   "and weights, the nerve's latest decision, the agents, the queue and the retention policy "
+                   "(what `kiri status` prints).",
+           example=({}, {"time": 1764400000.0, "atoms": [{"name": "pulse", "latest": None, "weights": None,
+                                                         "hosts": []}],
                          "nerve": {"weights": None, "latest": None}, "agents": [],
-                         "queue": {"by_state": {"done": 3}, "by_kind": {"train": {"done": 3}}}})),
+                         "queue": {"by_state": {"done": 3}, "by_kind": {"train": {"done": 3}}},
+                         "retention": {"finished_tasks_seconds": 604800.0}})),
     # --- the queue ----------------------------------------------------------------------
     Method("enqueue", P.Enqueue, R.Enqueued, group="queue", events=("tasks",),
            summary="Add a task. With `dedupe_key`, while an unfinished task has the key the same task is "
@@ -278,5 +281,5 @@ IDEMPOTENT: frozenset[str] = frozenset(m.name for m in TABLE if m.idempotent)
 # Internal operations of the hub publish too (the reaper, schedules firing, a disconnect).
 TOPICS: dict[str, tuple[str, ...]] = {
     **{m.name: m.events for m in TABLE if m.events},
-    "reap": ("tasks",), "fire_schedules": ("tasks",), "disconnect": ("agents",),
+    "reap": ("tasks",), "fire_schedules": ("tasks",), "disconnect": ("agents",), "prune": ("tasks",),
 }

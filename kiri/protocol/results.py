@@ -273,9 +273,14 @@ class PendingAlerts(Result):
     alerts: list[Loose]
 
 
+class Retention(Result):
+    finished_tasks_seconds: float | None  # how long finished tasks are kept (None: forever)
+
+
 class Status(Result):
     time: float
-    atoms: list[Loose]
+    atoms: list[Loose]  # each with `hosts`: one entry per stream (the atom's latest reading per host)
     nerve: Loose | None
     agents: list[Loose]
     queue: Loose
+    retention: Retention

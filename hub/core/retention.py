@@ -1,0 +1,62 @@
+"""Retention: what the hub forgets, when, and what it keeps of it.
+
+A year of 30 s collection and scoring is two million finished tasks; kept forever they make
+every count, status and scrape slower. Finished tasks (done, dead, cancelled) older than
+``finished_tasks`` seconds are deleted, a bounded batch per transaction, with their counts
+folded into ``task_totals`` in the same transaction: a hub killed between batches has lost
+nothing and counted nothing twice. Kept always: unfinished tasks, and tasks whose weights
+name them (a weights version's lineage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from kiri.hub.store.schema import checkpoints, task_totals, tasks, weights
+
+FINISHED = ("done", "dead", "cancelled")
+
+
+@dataclass(frozen=True)
+class Retention:
+    finished_tasks: float | None = 7 * 86400.0  # seconds a finished task is kept (None: forever)
+    batch: int = 2000  # rows deleted per transaction
+
+    def describe(self) -> dict[str, Any]:
+        return {"finished_tasks_seconds": self.finished_tasks}
+
+
+def prune_tasks(c: sa.Connection, policy: Retention, now: float) -> int:
+    """Delete one batch of finished tasks past the window, folding their counts into
+    ``task_totals``; returns how many (0: nothing left to prune)."""
+    if policy.finished_tasks is None:
+        return 0
+    t = tasks.c
+    ids = c.execute(sa.select(t.id).where(t.status.in_(FINISHED), t.finished_at < now - policy.finished_tasks,
+                                          t.id.not_in(sa.select(weights.c.task_id).where(
+                                              weights.c.task_id.is_not(None))))
+                    .order_by(t.id).limit(policy.batch)).scalars().all()
+    if not ids:
+        return 0
+    groups = c.execute(sa.select(t.kind, t.status, sa.func.count(), sa.func.sum(t.failures), sa.func.sum(t.expiries))
+                       .where(t.id.in_(ids)).group_by(t.kind, t.status)).all()
+    tt = task_totals.c
+    for kind, status, n, failures, expiries in groups:
+        done = c.execute(task_totals.update().where(tt.kind == kind, tt.status == status).values(
+            n=tt.n + n, failures=tt.failures + (failures or 0), expiries=tt.expiries + (expiries or 0))).rowcount
+        if not done:
+            c.execute(task_totals.insert().values(kind=kind, status=status, n=n, failures=failures or 0,
+                                                  expiries=expiries or 0))
+    c.execute(checkpoints.delete().where(checkpoints.c.task_id.in_(ids)))
+    c.execute(tasks.delete().where(t.id.in_(ids)))
+    return len(ids)
+
+
+def totals(c: sa.Connection) -> list[dict[str, Any]]:
+    """Pruned tasks' counts per kind and final status."""
+    tt = task_totals.c
+    return [{"kind": r.kind, "status": r.status, "n": r.n, "failures": r.failures, "expiries": r.expiries}
+            for r in c.execute(sa.select(task_totals).order_by(tt.kind, tt.status))]
