@@ -462,7 +462,8 @@ def list_tasks(c: sa.Connection, p: P.Tasks, env: Env) -> dict[str, Any]:
 def get_task(c: sa.Connection, p: P.TaskRef, env: Env) -> dict[str, Any]:
     row = c.execute(sa.select(tasks).where(tasks.c.id == p.task_id)).first()
     if row is None:
-        raise NotFound(f"task {p.task_id} does not exist")
+        raise NotFound(f"task {p.task_id} does not exist (finished tasks are deleted once they are older "
+                       "than the hub's --keep-finished-tasks window)")
     d = as_dict(row)
     d.pop("lease_token")
     for key in ("params", "progress", "result"):
