@@ -70,20 +70,30 @@ def test_compiled_parts_name_every_parameter_and_column():
 
 
 def test_bulk_inserts_on_the_driver_equal_sqlalchemys(tmp_path):
-    from kiri.hub.store.schema import observations, staged_observations
+    from kiri.hub.store.schema import observations, scores, staged_observations, weights
     from kiri.hub.watch import observations as obs
+    from kiri.hub.watch import scoring as SC
 
     fast, slow = _db(tmp_path / "fast.db"), _db(tmp_path / "slow.db")
     rows = [{"atom": "pulse", "ts": 1000.0 + i, "host": None if i % 2 else f"h{i}", "data": '{"cpu": 1.0}',
              "created_at": 5.0} for i in range(50)]
     staged = [{**r, "import_id": "imp"} for r in rows]
+    weights_row = {"atom": "pulse", "version": 1, "hash": "h", "blob": b"\0", "info": "{}", "status": "active",
+                   "created_at": 1.0}
+    scored = [{"observation_id": i + 1, "atom": "pulse", "weights_id": 1, "score": 0.5 * i, "threshold": 2.0,
+               "tail_p": None if i % 3 else 0.25, "surprise": "[0.1]", "anomalous": i % 7 == 0, "created_at": 2.0}
+              for i in range(50)]
     with fast.begin() as c:
         obs._INSERT.run_many(c, rows)
         obs._STAGE.run_many(c, staged)
+        c.execute(weights.insert(), weights_row)
+        SC._INSERT_SCORES.run_many(c, scored)
     with slow.begin() as c:
         c.execute(obs._INSERT.stmt, rows)
         c.execute(obs._STAGE.stmt, staged)
-    for table in (observations, staged_observations):
+        c.execute(weights.insert(), weights_row)
+        c.execute(SC._INSERT_SCORES.stmt, scored)
+    for table in (observations, staged_observations, scores):
         with fast.connect() as a, slow.connect() as b:
             got = [tuple(r) for r in a.execute(sa.select(table).order_by(table.c.id))]
             assert got == [tuple(r) for r in b.execute(sa.select(table).order_by(table.c.id))]

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from kiri.hub.core import queue as Q
 from kiri.hub.store.db import as_dict
+from kiri.hub.store.prepared import Prepared
 from kiri.hub.store.schema import observations, scores, tasks, weights
 from kiri.hub.watch import decisions as D
 from kiri.hub.watch import learning as L
@@ -104,6 +105,10 @@ def stream_context(c: sa.Connection, atom: str, todo: list[sa.Row], k: int) -> l
     return out
 
 
+_INSERT_SCORES = Prepared(scores.insert().values(**{col: sa.bindparam(col) for col in (
+    "observation_id", "atom", "weights_id", "score", "threshold", "tail_p", "surprise", "anomalous", "created_at")}))
+
+
 def is_anomalous(s: P.ScoreIn, p: P.RecordScores) -> bool:
     """Anomalous: the tail probability under the alarm rate (calibrated weights), else score over threshold."""
     if s.tail_p is not None and p.alarm_rate is not None:
@@ -134,7 +139,7 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
              "anomalous": is_anomalous(s, p) and host_of[s.observation_id] not in learning, "created_at": env.now}
             for s in p.scores if s.observation_id not in already]
     if rows:
-        c.execute(scores.insert(), rows)
+        _INSERT_SCORES.run_many(c, rows)
     out: dict[str, Any] = {"stored": len(rows), "already": len(already),
                            "anomalous": sum(r["anomalous"] for r in rows)}
     if p.decision is not None:
