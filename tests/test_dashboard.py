@@ -101,6 +101,8 @@ def test_dashboard_draws_explains_records_feedback_and_retrains(watched, browser
     assert page.evaluate("() => state.series.pulse.tail_p.some(v => v !== null && v >= 0 && v <= 1)")
     assert page.text_content('[data-atom="pulse"] .wv').startswith("weights v")
     assert "of its training data judged anomalous" in page.text_content('[data-atom="pulse"] .wv')
+    assert page.text_content('[data-atom="pulse"] .hosts').startswith("hosts: synthetic ")  # one verdict per host
+    assert page.text_content('[data-testid="retention"]') == "finished tasks kept 7 days"
 
     # clicking the worst point shows its per-token blame: the spike is in C and M, not D or N
     x, y = page.evaluate("""() => {

@@ -113,6 +113,7 @@ function atomPanel(name) {
       el("span", { class: "score muted" }),
       el("span", { class: "seen muted" }),
       el("span", { class: "wv muted" }),
+      el("span", { class: "hosts muted" }),
       el("button", { "data-retrain": name, onclick: () => retrain(name) }, "Retrain"),
       el("button", { class: "unzoom", hidden: true, onclick: () => { delete state.zoom[name]; loadSeries(name); } },
         "Reset zoom")),
@@ -139,6 +140,10 @@ function renderAtoms(st) {
     const judged = a.weights && a.weights.judged_anomalous !== null && a.weights.judged_anomalous !== undefined
       ? ` · ${(100 * a.weights.judged_anomalous).toFixed(1)}% of its training data judged anomalous` : "";
     p.querySelector(".wv").textContent = a.weights ? `weights v${a.weights.version}${judged}` : "untrained";
+    // one verdict per stream: the atom's latest reading from each host
+    const hosts = (a.hosts || []).filter((h) => h.host !== null);
+    p.querySelector(".hosts").textContent = hosts.length
+      ? "hosts: " + hosts.map((h) => `${h.host} ${h.verdict}`).join(" · ") : "";
     p.querySelector(".unzoom").hidden = !state.zoom[a.name];
   }
 }
@@ -271,6 +276,11 @@ function renderQueue(st) {
   box.textContent = "";
   for (const s of ["queued", "leased", "done", "dead", "cancelled"]) {
     box.append(el("span", { class: "count", "data-state": s }, el("b", { text: st.queue.by_state[s] || 0 }), s));
+  }
+  const keep = st.retention ? st.retention.finished_tasks_seconds : undefined;
+  if (keep !== undefined) {
+    const kept = keep === null ? "forever" : keep >= 86400 ? `${keep / 86400} days` : `${keep / 3600} hours`;
+    box.append(el("span", { class: "muted", "data-testid": "retention", text: `finished tasks kept ${kept}` }));
   }
 }
 
