@@ -126,17 +126,17 @@ def status(c: sa.Connection, reg: AtomRegistry, now: float, retention: Retention
     for schema in reg.all_committed():
         if schema.actions:  # the nerve: its decisions are shown apart
             continue
-        latest, w = latest_observation(c, reg, schema.name), active.get(schema.name)
-        learning = L.state(c, schema.name, w, latest["host"]) if latest is not None else None
-        if learning is not None and latest is not None:
-            latest["verdict"] = "learning"
+        w = active.get(schema.name)
         hosts = by_atom.get(schema.name, [])
         for h in hosts:  # one entry per stream: the atom's latest reading from each host
             h["learning"] = L.state(c, schema.name, w, h["host"])
             if h["learning"] is not None:
                 h["verdict"] = "learning"
-        atoms_out.append({"name": schema.name, "latest": latest, "weights": w, "learning": learning,
-                          "hosts": hosts})
+        # the atom's latest reading is its newest stream's (streams are ordered by time, then id)
+        newest = max(hosts, key=lambda h: (h["time"], h["id"]), default=None)
+        latest = None if newest is None else {k: v for k, v in newest.items() if k not in ("readings", "learning")}
+        atoms_out.append({"name": schema.name, "latest": latest, "weights": w,
+                          "learning": None if newest is None else newest["learning"], "hosts": hosts})
     d = decisions.c
     last = c.execute(sa.select(d.id, d.atom, d.action, d.policy, d.probs, d.created_at)
                      .order_by(d.id.desc()).limit(1)).first()

@@ -8,6 +8,7 @@ hub restarts, so ``kiri_task_outcomes_total`` is a true counter across them.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,17 +46,15 @@ class _Snapshot(Collector):
         outcomes = CounterMetricFamily("kiri_task_outcomes", "How tasks ended or stumbled, since the database began",
                                        labels=["kind", "outcome"])
         # live rows plus what retention pruned (task_totals): a counter never goes backwards
-        ended: dict[tuple[str, str], float] = {}
+        ended: collections.Counter[tuple[str, str]] = collections.Counter()
         for row in s["tasks"]:
             if row["status"] in ("done", "dead", "cancelled"):
-                ended[(row["kind"], row["status"])] = ended.get((row["kind"], row["status"]), 0) + row["count"]
-        for row in s["outcomes"]:
-            ended[(row["kind"], "failed_attempt")] = ended.get((row["kind"], "failed_attempt"), 0) + row["failures"]
-            ended[(row["kind"], "lease_expired")] = ended.get((row["kind"], "lease_expired"), 0) + row["expiries"]
+                ended[(row["kind"], row["status"])] += row["count"]
+        for row in [*s["outcomes"], *s.get("pruned", [])]:
+            ended[(row["kind"], "failed_attempt")] += row["failures"]
+            ended[(row["kind"], "lease_expired")] += row["expiries"]
         for row in s.get("pruned", []):
-            for key, n in (((row["kind"], row["status"]), row["n"]), ((row["kind"], "failed_attempt"), row["failures"]),
-                           ((row["kind"], "lease_expired"), row["expiries"])):
-                ended[key] = ended.get(key, 0) + n
+            ended[(row["kind"], row["status"])] += row["n"]
         for (kind, outcome), n in sorted(ended.items()):
             outcomes.add_metric([kind, outcome], n)
         yield outcomes
