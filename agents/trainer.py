@@ -25,6 +25,7 @@ from kiri.protocol import RpcError
 log = logging.getLogger("kiri.trainer")
 
 PAGE = 5000
+TRAIN_WINDOW = 14 * 86400.0  # the hub's retention keeps 30 days raw: the window is always whole
 TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "context", "holdout", "trim", "patience")
 
 
@@ -40,11 +41,14 @@ def _unpack(blob: bytes) -> tuple[dict[str, Any], bytes]:
 
 def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = None,
                 hosts: dict[str, dict[str, float]] | None = None,
-                ids: list[int] | None = None) -> tuple[Any, list[float], int, int]:
+                ids: list[int] | None = None, window: dict[str, Any] | None = None
+                ) -> tuple[Any, list[float], int, int]:
     """Raw values [N, F] and times of the atom's observations up to ``obs_to`` (all, if None), paged;
-    only ``host``'s when given. ``hosts`` is filled with how many came from each host, and
-    their first and last times (the learning period reads them from the weights); ``ids``
-    with each row's observation id.
+    only ``host``'s when given; only the training window's when ``window`` says so: either
+    ``{"recent": seconds}`` (the first attempt: the hub finds where that starts and
+    ``window["since"]`` is set to it) or ``{"since": time}`` (a resume: the same rows).
+    ``hosts`` is filled with how many came from each host, and their first and last times
+    (the learning period reads them from the weights); ``ids`` with each row's observation id.
 
     Rows come in stream order: host by host, each in time order (then id), so a training
     window holds one host's consecutive readings, as scoring reads them, whatever order
@@ -61,9 +65,14 @@ def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = No
     keys: list[tuple[bool, str, float, int]] = []  # each row's place in stream order
     first = last = 0
     after = 0
+    window = {} if window is None else window
     while True:
-        page = hub.call("observations", {"atom": schema.name, "after_id": after, "limit": PAGE,
+        ask: dict[str, Any] = {"since": window["since"]} if window.get("since") is not None else (
+            {"recent": window["recent"]} if window.get("recent") is not None else {})
+        page = hub.call("observations", {"atom": schema.name, "after_id": after, "limit": PAGE, **ask,
                                          **({"host": host} if host is not None else {})})
+        if window.get("recent") is not None:
+            window["since"] = page.get("since")  # fixed now: later pages, and any resume, read the same rows
         batch = []
         for o in page["observations"]:
             if obs_to is not None and o["id"] > obs_to:
@@ -102,7 +111,8 @@ def suspects(hub: Any, atom: str, obs_ids: list[int]) -> set[int]:
     tail: dict[int, float] = {}
     after = 0
     while True:
-        page = hub.call("scores", {"atom": atom, "after_id": after, "limit": PAGE})
+        page = hub.call("scores", {"atom": atom, "after_id": after, "limit": PAGE,
+                                   "observations_from": min(wanted, default=0)})
         for sc in page["scores"]:
             if sc["observation_id"] in wanted and sc.get("tail_p") is not None:
                 tail[sc["observation_id"]] = sc["tail_p"]  # scores come oldest first: the latest wins
@@ -146,6 +156,12 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise TaskError(f"bad train parameters: {e}", retry=False) from None
 
+    recent = params.get("window", TRAIN_WINDOW)  # seconds back from the newest reading; "all": everything
+    if recent == "all":
+        recent = None
+    elif isinstance(recent, bool) or not isinstance(recent, (int, float)) or not 60 <= recent <= 1e11:
+        raise TaskError(f"bad train parameters: window must be seconds (at least 60) or 'all', got {recent!r}",
+                        retry=False)
     host = params.get("host")
     if host is not None and (not isinstance(host, str) or not host or len(host) > 200):
         raise TaskError(f"bad train parameters: host must be a host name, got {host!r}", retry=False)
@@ -153,7 +169,8 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     obs_ids: list[int] = []
     if ctx.checkpoint_in is not None:
         meta, state = _unpack(ctx.checkpoint_in.data)
-        values, times, first, last = load_values(hub, schema, meta["obs_to"], host, hosts, obs_ids)
+        values, times, first, last = load_values(hub, schema, meta["obs_to"], host, hosts, obs_ids,
+                                                 {"since": meta.get("since")})
         left = set(meta.get("left_out", []))  # the rows the interrupted run left out, exactly
         values = values[[i not in left for i in obs_ids]]
         codec = Trainer.state_codec(schema, state) or Codec.fixed(schema)
@@ -162,7 +179,8 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         parent = meta["parent_id"]
         log.info("task %s: resuming %s at step %d", ctx.task_id, schema.name, trainer.step_no)
     else:
-        values, times, first, last = load_values(hub, schema, None, host, hosts, obs_ids)
+        window: dict[str, Any] = {"recent": recent} if recent is not None else {}
+        values, times, first, last = load_values(hub, schema, None, host, hosts, obs_ids, window)
         if len(values) < 2:
             whose = f" from {host}" if host is not None else ""
             raise TaskError(f"atom {schema.name!r} has {len(values)} observation(s){whose}; push more first",
@@ -183,7 +201,8 @@ def train(ctx: TaskContext) -> dict[str, Any]:
             except RpcError:  # no active version yet: start fresh
                 parent, init = None, None
         trainer = Trainer(schema, ids, config, init=init, codec=codec)
-        meta = {"obs_from": first, "obs_to": last, "parent_id": parent, "left_out": sorted(left_out)}
+        meta = {"obs_from": first, "obs_to": last, "parent_id": parent, "left_out": sorted(left_out),
+                "since": window.get("since")}
 
     bar = _bar(trainer.total_steps, trainer.step_no)
     last_ck = time.monotonic()

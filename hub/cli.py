@@ -17,7 +17,7 @@ from kiri.hub.core.retention import Retention
 from kiri.hub.core.transport import Limits
 from kiri.hub.server import Hub, HubSettings
 from kiri.hub.store import migrate as mig
-from kiri.hub.store.db import make_engine, redact
+from kiri.hub.store.db import ensure_incremental_vacuum, make_engine, redact
 from kiri.hub.store.lock import StoreLock, StoreLocked
 from kiri.options import seconds
 
@@ -42,6 +42,19 @@ def resolve_db(db: str | None, data_dir: Path | None) -> str:
 def _keep(_ctx: click.Context, _p: click.Parameter, value: str) -> float | None:
     """A retention window: a duration of at least a minute, or ``forever`` (None)."""
     return None if value.strip().lower() == "forever" else seconds(value, 60.0, 100 * 366 * 86400)
+
+
+def _versions(_ctx: click.Context, _p: click.Parameter, value: str) -> int | None:
+    """How many weights versions to keep: a count of at least 1, or ``all`` (None)."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a count of versions or 'all'") from None
+    if not 1 <= n <= 1_000_000:
+        raise click.BadParameter(f"{n} is out of range: keep between 1 and 1000000 versions, or 'all'")
+    return n
 
 
 db_option = click.option(
@@ -97,12 +110,19 @@ def main() -> None:
 @click.option("--keep-finished-tasks", "keep_tasks", default="7d", show_default=True, callback=_keep,
               help="How long finished tasks (done, dead, cancelled) are kept before retention deletes them "
                    "(their counts are kept); a duration like 12h or 30d, or 'forever'.")
+@click.option("--keep-raw", "keep_raw", default="30d", show_default=True, callback=_keep,
+              help="How much raw history each stream keeps, back from its newest reading; older readings are "
+                   "folded into 5-minute, hourly and daily rollups (kept forever) and deleted. Trainers read "
+                   "the last 14 days. A duration, or 'forever'.")
+@click.option("--keep-weights", "keep_weights", default="5", show_default=True, callback=_versions,
+              help="Newest weights versions kept per atom, besides the active one and its ancestors; 'all' "
+                   "keeps every version.")
 @log_option
 def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: str | None,
           http_port: int, no_http: bool, synchronous: str, lease_ttl: float, backoff_base: float, backoff_cap: float,
           max_line: int, max_connections: int, max_per_address: int, hello_timeout: float,
-          wal_limit: float, tick: float, keep_tasks: float | None,
-          log_level: str) -> None:
+          wal_limit: float, tick: float, keep_tasks: float | None, keep_raw: float | None,
+          keep_weights: int | None, log_level: str) -> None:
     """Run the hub until SIGTERM/SIGINT."""
     setup_logging(log_level)
     if not config.is_loopback(host) and not token:
@@ -117,12 +137,13 @@ def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: st
                       hello_timeout=hello_timeout),
         wal_max_bytes=int(wal_limit * (1 << 20)), http_port=None if no_http else http_port,
         queue=QueueSettings(lease_ttl=lease_ttl, backoff_base=backoff_base, backoff_cap=backoff_cap),
-        retention=Retention(finished_tasks=keep_tasks),
+        retention=Retention(finished_tasks=keep_tasks, raw=keep_raw, weights=keep_weights),
     )
     lock = _lock(url)
     try:
         engine = make_engine(url, synchronous=synchronous.upper())  # type: ignore[arg-type]
         mig.upgrade(engine)
+        ensure_incremental_vacuum(engine)
     except Exception as e:
         raise click.ClickException(f"cannot open database {redact(url)}: {e}") from e
     try:

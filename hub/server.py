@@ -32,9 +32,10 @@ from kiri.hub.core.transport import Connection, Connections, Limits
 from kiri.hub.core.wakeups import LongPoll, Timers
 from kiri.hub.store import db as dbmod
 from kiri.hub.store.reader import Reader
+from kiri.hub.watch import keep as KEEP
 from kiri.hub.watch import observations as O
+from kiri.hub.watch import rollups as RU
 from kiri.hub.watch import schedules as SCH
-from kiri.hub.watch.series import SeriesCache
 from kiri.hub.web.app import HttpFace
 from kiri.hub.web.metrics import HubMetrics
 from kiri.protocol import (
@@ -55,6 +56,7 @@ from kiri.protocol import params as P
 log = logging.getLogger("kiri.hub")
 
 MAX_DEPTH = 64  # nesting of a request's params; orjson itself cannot write beyond 254
+ROLLUP_BATCH = 200  # dirty 5-minute buckets per rollup transaction (a few ms on the loop)
 MAX_STRIKES = 3  # wrong tokens, or requests before hello, before the connection is closed
 
 
@@ -99,6 +101,9 @@ class Hub:
         self.last_wal_checkpoint = time.monotonic()
         self.last_prune = 0.0  # the first tick prunes
         self.prune_backlog = False
+        self.rollup_running = False
+        self.prune_running = False
+        self.raw_pruner = KEEP.RawPruner()
         self.served: dict[str, int] = {"leases": 0, "acks": 0}
         self.atoms = O.AtomRegistry()
         self.commit = GroupCommit(self.db, settings.queue, self.loop, self._answer, caches=[self.atoms])
@@ -107,7 +112,6 @@ class Hub:
         self.events = EventBus()
         self.metrics = HubMetrics()
         self.reader = Reader(settings.db_url)
-        self.series = SeriesCache()  # chart columns, kept by the reader's threads
         self.http: HttpFace | None = None
         handlers = hub_methods.bind(self)
         self.methods: dict[str, tuple[type[BaseModel], Handler]] = {
@@ -409,27 +413,56 @@ class Hub:
             return reaped
 
         self.commit.submit(Op(None, None, "reap", None, reap, reply=False))
+        self._maybe_rollup()
         self._maybe_prune()
         self._maybe_checkpoint_wal()
 
+    def _maybe_rollup(self) -> None:
+        """Recompute one bounded batch of dirty rollup buckets (``rollups.refresh``). While a
+        backlog drains (an import, a backfill) the next batch follows a moment after this one
+        commits, so requests that arrive meanwhile go first."""
+        if self.rollup_running or self.closing:
+            return
+        self.rollup_running = True
+
+        def roll(c: sa.Connection, _p: Any, env: Q.Env) -> int:
+            return RU.refresh(c, {s.name: [f.name for f in s.fields] for s in self.atoms.all()}, ROLLUP_BATCH)
+
+        def then(fut: asyncio.Future[Any]) -> None:
+            self.rollup_running = False
+            if not fut.cancelled() and fut.exception() is None and fut.result() >= ROLLUP_BATCH:
+                self.loop.call_later(0.005, self._maybe_rollup)
+
+        self._await(Op(None, None, "rollup", None, roll, reply=False)).add_done_callback(then)
+
     def _maybe_prune(self) -> None:
-        """One bounded retention batch per pass: every ``prune_every`` seconds, or every tick
-        while the last batch was full (a backlog, after an upgrade or a long stop)."""
-        policy = self.settings.retention
-        if policy.finished_tasks is None:
+        """One retention pass (every step a bounded batch, in one transaction): every
+        ``prune_every`` seconds, or, while the last pass found work (after an upgrade, a long
+        stop or a big import), again a moment after it commits, so requests go first."""
+        if self.prune_running or self.closing:
             return
         if not self.prune_backlog and time.monotonic() - self.last_prune < self.settings.prune_every:
             return
         self.last_prune = time.monotonic()
+        self.prune_running = True
+        policy = self.settings.retention
 
-        def prune(c: sa.Connection, _p: Any, env: Q.Env) -> int:
-            n = RT.prune_tasks(c, policy, env.now)
-            self.prune_backlog = n >= policy.batch
-            if n:
-                log.info("retention: pruned %d finished task(s)", n)
-            return n
+        def prune(c: sa.Connection, _p: Any, env: Q.Env) -> dict[str, int]:
+            done = {"tasks": RT.prune_tasks(c, policy, env.now), "checkpoints": RT.prune_checkpoints(c, policy),
+                    "decisions": KEEP.prune_decisions(c, policy, env.now), "weights": KEEP.prune_weights(c, policy),
+                    "readings": self.raw_pruner.prune(c, policy, env.now)}
+            if any(done.values()):
+                log.info("retention: deleted %s", ", ".join(f"{v} {k}" for k, v in done.items() if v))
+            done["free pages"] = dbmod.incremental_vacuum(c, policy.vacuum_pages)
+            return done
 
-        self.commit.submit(Op(None, None, "prune", None, prune, reply=False))
+        def then(fut: asyncio.Future[Any]) -> None:
+            self.prune_running = False
+            self.prune_backlog = not fut.cancelled() and fut.exception() is None and any(fut.result().values())
+            if self.prune_backlog:
+                self.loop.call_later(0.005, self._maybe_prune)
+
+        self._await(Op(None, None, "prune", None, prune, reply=False)).add_done_callback(then)
 
     def _flush_agents_in(self, c: sa.Connection, now: float) -> None:
         seen: dict[int, float] = {}

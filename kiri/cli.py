@@ -679,11 +679,26 @@ def status(c: Ctx) -> None:
                          version))
     agents = [(a["name"], a["role"], a["health"], ago(a["last_seen"], now)) for a in pic["agents"]]
     text = table(["ATOM", "HOST", "SEEN", "TOKENS", "SCORE", "VERDICT", "WEIGHTS"], rows)
-    keep = (pic.get("retention") or {}).get("finished_tasks_seconds")
-    kept = "forever" if keep is None else f"{keep / 86400:g} days" if keep >= 86400 else f"{keep / 3600:g} hours"
-    text += f"\n\nretention: finished tasks kept {kept}"
+    text += "\n\n" + retention_line(pic.get("retention") or {})
     text += "\n\n" + (table(["AGENT", "ROLE", "HEALTH", "LAST SEEN"], agents) if agents else "no agents yet")
     c.out(pic, text)
+
+
+def _span(keep: float | None) -> str:
+    if keep is None:
+        return "forever"
+    n, unit = (keep / 86400, "day") if keep >= 86400 else (keep / 3600, "hour")
+    return f"{n:g} {unit}{'' if n == 1 else 's'}"
+
+
+def retention_line(r: dict[str, Any]) -> str:
+    """The retention policy in one line, as ``kiri status`` shows it."""
+    out = f"retention: finished tasks kept {_span(r.get('finished_tasks_seconds'))}"
+    if "raw_seconds" in r:
+        versions = r.get("weights_versions")
+        out += (f"; raw readings {_span(r['raw_seconds'])} per stream, then 5 min/hourly/daily rollups (forever); "
+                f"weights: active lineage + {'all' if versions is None else f'newest {versions}'}")
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

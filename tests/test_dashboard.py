@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import push, wait_until
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -102,7 +102,8 @@ def test_dashboard_draws_explains_records_feedback_and_retrains(watched, browser
     assert page.text_content('[data-atom="pulse"] .wv').startswith("weights v")
     assert "of its training data judged anomalous" in page.text_content('[data-atom="pulse"] .wv')
     assert page.text_content('[data-atom="pulse"] .hosts').startswith("hosts: synthetic ")  # one verdict per host
-    assert page.text_content('[data-testid="retention"]') == "finished tasks kept 7 days"
+    assert (page.text_content('[data-testid="retention"]')
+            == "finished tasks kept 7 days · raw readings 30 days, then rollups")
 
     # clicking the worst point shows its per-token blame: the spike is in C and M, not D or N
     x, y = page.evaluate("""() => {
@@ -201,4 +202,37 @@ def test_dashboard_asks_for_the_token_once(hub_factory, browser):
     page.wait_for_selector("#live.on", timeout=20_000)
     assert page.query_selector("#tokendlg[open]") is None
     assert not pg.foreign
+    page.close()
+
+
+def test_dashboard_picks_a_host_and_draws_min_max_bands(hub_factory, browser):
+    hub = hub_factory(http=True)
+    t0 = 1_700_000_000.0
+    for h, base in (("alpha", 2), ("beta", 12)):
+        rows = [{"added": base + (i % 5), "completed": i % 7, "switched": 1, "hour": (i // 60) % 24, "weekday": 2}
+                for i in range(2000)]
+        push(hub, "drift", rows, [t0 + 60 * i for i in range(2000)], host=h)
+    pg = Page(browser, hub.url)
+    page = pg.page
+    page.goto(hub.url + "/")
+    page.wait_for_selector("#live.on", timeout=20_000)
+    page.click('#ranges button[data-range="all"]')
+    wait_until(lambda: page.evaluate("() => !!(state.series.drift && state.series.drift.count === 4000)"), 20,
+               what="both hosts' readings in the chart")
+    # zoomed out, each bucket holds several readings: the chart fills each field's min..max band
+    s = page.evaluate("() => state.series.drift")
+    assert s["host"] is None and s["bucket"] > 0 and max(s["n"]) > 1
+    assert all(lo <= m <= hi for lo, m, hi in zip(s["min"]["added"], s["values"]["added"], s["max"]["added"],
+                                                   strict=True))
+    assert max(s["max"]["added"]) == 16 and min(s["min"]["added"]) == 2  # the band spans both hosts
+    wait_until(lambda: page.evaluate("() => state.charts.drift.drawn") > 0, 10, what="bands drawn")
+    # the host picker lists both hosts; picking one charts only its readings
+    page.wait_for_selector('select[data-host-pick="drift"]:not([hidden])', timeout=20_000)
+    options = page.eval_on_selector('select[data-host-pick="drift"]', "s => [...s.options].map(o => o.value)")
+    assert options == ["*", "alpha", "beta"]
+    page.select_option('select[data-host-pick="drift"]', "beta")
+    wait_until(lambda: page.evaluate("() => state.series.drift.host") == "beta", 20, what="beta's chart")
+    s = page.evaluate("() => state.series.drift")
+    assert s["count"] == 2000 and min(s["min"]["added"]) == 12
+    assert not pg.errors, f"console errors: {pg.errors}"
     page.close()

@@ -113,3 +113,153 @@ def test_retention_can_be_switched_off_and_refuses_nonsense(hub_factory, tmp_pat
         out = subprocess.run([sys.executable, "-m", "kiri.hub.cli", "serve", "--data-dir", str(tmp_path / "x"),
                               "--keep-finished-tasks", bad], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and "--keep-finished-tasks" in out.stderr
+
+
+# --- raw readings, decisions, weights, checkpoints ----------------------------------------
+
+FIELDS = ("added", "completed", "switched", "hour", "weekday")
+EVERY = 10.0  # seconds between readings: enough of them that a retention pass can be caught mid-way
+PER_HOST = int(4 * DAY / EVERY)
+SPAN = 4 * DAY  # of history per host
+
+
+def _seed_watch(path, now: float) -> dict:
+    """Two hosts' drift readings over four days, all scored, stored ten days ago; decisions
+    (one labelled, one alert, fifty plain old oks); ten weights versions; checkpoints."""
+    import random
+
+    import orjson
+
+    from kiri.hub.store.schema import observations
+    from kiri.hub.watch import rollups as R
+    from kiri.hub.watch.observations import note_streams
+
+    rng = random.Random(3)
+    engine = make_engine(f"sqlite:///{path}")
+    mig.upgrade(engine)
+    old = now - 10 * DAY
+    truth: dict[tuple[str, int], list[dict]] = {}  # (host, day bucket) -> values
+    with engine.begin() as c:
+        for v in range(1, 11):  # v1 <- v2 <- v3 (active); v4..v10 stand alone
+            c.execute(sa.text("INSERT INTO weights (id, atom, version, hash, blob, info, parent_id, status, created_at)"
+                              " VALUES (:v, 'drift', :v, 'h', x'00', '{}', :p, :s, :t)"),
+                      {"v": v, "p": v - 1 if 2 <= v <= 3 else None, "t": old + v,
+                       "s": "active" if v == 3 else "rejected" if v % 2 else "inactive"})
+        rows = []
+        for host in ("a", "b"):
+            for i in range(PER_HOST):
+                ts = now - SPAN + i * EVERY
+                vals = {f: rng.randint(0, 6) for f in FIELDS}
+                truth.setdefault((host, R.bucket_of(ts, 86400)), []).append(vals)
+                rows.append({"atom": "drift", "ts": ts, "host": host, "data": orjson.dumps(vals).decode(),
+                             "created_at": old})
+        c.execute(observations.insert(), rows)
+        note_streams(c, 0)
+        R.mark_where(c, observations, sa.true())
+        ids = [r[0] for r in c.execute(sa.text("SELECT id FROM observations ORDER BY id"))]
+        # every reading scored by v4; some of the first day's also by v5 (so v5 goes once they do)
+        c.execute(sa.text("INSERT INTO scores (observation_id, atom, weights_id, score, threshold, anomalous, surprise,"
+                          " created_at) VALUES (:o, 'drift', :w, 1.0, 5.0, 0, '[]', :t)"),
+                  [{"o": i, "w": 4, "t": old} for i in ids] + [{"o": i, "w": 5, "t": old} for i in ids[1000:2440]])
+        c.execute(sa.text("INSERT INTO tasks (id, kind, atom, status, run_after, created_at, updated_at, finished_at) "
+                          "VALUES (1, 'score', 'drift', 'done', :t, :t, :t, :t), "
+                          "(2, 'train', 'drift', 'queued', :t, :t, :t, NULL)"), {"t": now})
+        for tid in (1, 2):
+            c.execute(sa.text("INSERT INTO checkpoints (task_id, step, data, size, attempt, created_at) "
+                              "VALUES (:t, 1, x'00', 1, 1, 0)"), {"t": tid})
+        protect = {"labelled": ids[100], "alert": ids[PER_HOST + 20_000]}  # a's first day, b's third
+        for k, oid in enumerate([*protect.values(), *ids[200:250]]):
+            action = "alert" if oid == protect["alert"] else "ok"
+            c.execute(sa.text("INSERT INTO decisions (id, atom, observation_id, task_id, inputs, action, probs, "
+                              "policy, created_at) VALUES (:id, 'drift', :o, 1, '{}', :a, '{}', 'rule', :t)"),
+                      {"id": k + 1, "o": oid, "a": action, "t": old})
+        c.execute(sa.text("INSERT INTO labels (decision_id, verdict, action, created_at) "
+                          "VALUES (1, 'approve', 'ok', 0)"))
+        c.execute(sa.text("INSERT INTO alerts (decision_id, atom, status, created_at) VALUES (2, 'drift', 'sent', 0)"))
+    engine.dispose()
+    return {"truth": truth, "protect": protect, "n": len(ids)}
+
+
+def _day_rollups(path) -> dict[tuple[str, int], tuple[int, list[float], list[float]]]:
+    """Per host and day: readings, and each field's min and max, from the rollups (exact now)."""
+    from kiri.hub.watch import rollups as R
+
+    engine = make_engine(f"sqlite:///{path}")
+    with engine.connect() as c:
+        view = R.view(c, "drift", None, FIELDS, 86400, 0, 10**6)
+    engine.dispose()
+    return {k: (int(v[R.N]), [v[R.HEAD + 4 * j + 2] for j in range(5)], [v[R.HEAD + 4 * j + 3] for j in range(5)])
+            for k, v in view.items()}
+
+
+def _count(path, sql: str) -> int:
+    engine = make_engine(f"sqlite:///{path}")
+    with engine.connect() as c:
+        n = c.execute(sa.text(sql)).scalar_one()
+    engine.dispose()
+    return n
+
+
+def test_old_raw_readings_fold_into_rollups_and_a_killed_pass_loses_nothing(hub_factory):
+    import json
+    import os
+
+    from kiri.hub.watch import rollups as R
+
+    hub = hub_factory("--keep-raw", "1d", "--keep-weights", "5", start=False, http=True)
+    hub.data_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    seed = _seed_watch(hub.db_path, now)
+    want = {k: (len(v), [min(x[f] for x in v) for f in FIELDS], [max(x[f] for x in v) for f in FIELDS])
+            for k, v in seed["truth"].items()}
+    assert _day_rollups(hub.db_path) == want  # computed from raw rows on the fly: nothing stored yet
+    size_before = os.stat(hub.db_path).st_size
+    last = now - SPAN + (PER_HOST - 1) * EVERY
+    edge = R.bucket_of(last - DAY) * R.BASE  # whole 5-minute buckets before the window go
+
+    def old_left() -> int:
+        return _count(hub.db_path, f"SELECT count(*) FROM observations WHERE ts < {edge}")
+
+    hub.start()
+    kills = 0
+    for _ in range(3):  # killed mid-way, up to three times: each batch is whole or absent
+        total = _count(hub.db_path, "SELECT count(*) FROM observations")
+        wait_until(lambda total=total: _count(hub.db_path, "SELECT count(*) FROM observations") < total
+                   or old_left() <= 2 * R.BASE / EVERY, 60, 0.01, what="retention under way")
+        if old_left() <= 2 * R.BASE / EVERY:
+            break
+        hub.kill()
+        kills += 1
+        assert _day_rollups(hub.db_path) == want
+        hub.start()
+    assert kills >= 1
+
+    # what stays raw: the window, and the two 5-minute buckets (of one host each) that a kept
+    # decision points into
+    wait_until(lambda: old_left() == 2 * R.BASE / EVERY, 120, what="old raw readings folded")
+    wait_until(lambda: _count(hub.db_path, "SELECT count(*) FROM weights") == 9, 60, what="weights pruned")
+    assert _day_rollups(hub.db_path) == want  # every reading still counted, its extremes kept
+    protected = _count(hub.db_path, f"SELECT count(*) FROM observations WHERE id IN "
+                                    f"({seed['protect']['labelled']}, {seed['protect']['alert']})")
+    assert protected == 2
+    in_window = _count(hub.db_path, f"SELECT count(*) FROM observations WHERE ts >= {edge}")
+    assert in_window == 2 * sum(1 for i in range(PER_HOST) if now - SPAN + i * EVERY >= edge)
+    # the kept decisions stay, the plain old oks go; v5's scores went with its readings, so v5 did too
+    assert _count(hub.db_path, "SELECT group_concat(id) FROM decisions") == "1,2"
+    assert _count(hub.db_path, "SELECT group_concat(version) FROM (SELECT version FROM weights ORDER BY version)") \
+        == "1,2,3,4,6,7,8,9,10"
+    assert _count(hub.db_path, "SELECT group_concat(task_id) FROM checkpoints") == "2"  # a finished task's went
+    # the space came back to the file system
+    wait_until(lambda: _count(hub.db_path, "PRAGMA freelist_count") == 0, 60, what="free pages returned")
+    assert os.stat(hub.db_path).st_size < size_before
+    # the year chart reads the rollups; a short range still reads raw readings
+    with urllib.request.urlopen(hub.url + "/api/v1/series?atom=drift&points=100", timeout=10) as r:
+        s = json.loads(r.read())
+    assert s["count"] == seed["n"] and s["tier"] != "raw" and max(s["max"]["added"]) == 6
+    since = last - 3600
+    with urllib.request.urlopen(hub.url + f"/api/v1/series?atom=drift&points=1000&host=a&since={since}",
+                                timeout=10) as r:
+        s = json.loads(r.read())
+    assert s["tier"] == "raw" and s["count"] == 361 and set(s["n"]) == {1}
+    out = kiri(hub, "status").stdout
+    assert "raw readings 1 day per stream" in out and "newest 5" in out

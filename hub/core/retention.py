@@ -20,13 +20,29 @@ from kiri.hub.store.schema import checkpoints, task_totals, tasks, weights
 FINISHED = ("done", "dead", "cancelled")
 
 
+DAY = 86400.0
+RAW_DEFAULT = 30 * DAY
+TRAIN_WINDOW = 14 * DAY  # what trainers read by default: inside the raw window, so retention keeps it
+
+
 @dataclass(frozen=True)
 class Retention:
-    finished_tasks: float | None = 7 * 86400.0  # seconds a finished task is kept (None: forever)
+    """The policy. Raw readings: 30 days by default, counted back from each stream's newest
+    reading. That holds the trainers' 14-day window twice over and a month of full-resolution
+    history to look back on, while a year of 30 s readings costs a month of raw rows plus
+    rollups (kept forever). ``hub/watch/keep.py`` says what is always kept."""
+
+    finished_tasks: float | None = 7 * DAY  # seconds a finished task is kept (None: forever)
+    raw: float | None = RAW_DEFAULT  # seconds of raw readings kept per stream (None: forever)
+    weights: int | None = 5  # newest weights versions kept per atom, besides the active lineage (None: all)
     batch: int = 2000  # rows deleted per transaction
+    raw_batch: int = 1000  # raw readings looked at per transaction
+    vacuum_pages: int = 2000  # free pages given back to the file system per pass (4 KiB each)
 
     def describe(self) -> dict[str, Any]:
-        return {"finished_tasks_seconds": self.finished_tasks}
+        return {"finished_tasks_seconds": self.finished_tasks, "raw_seconds": self.raw,
+                "weights_versions": self.weights, "train_window_seconds": TRAIN_WINDOW,
+                "rollup_tiers_seconds": [300, 3600, 86400]}
 
 
 def prune_tasks(c: sa.Connection, policy: Retention, now: float) -> int:
@@ -52,6 +68,16 @@ def prune_tasks(c: sa.Connection, policy: Retention, now: float) -> int:
                                                   expiries=expiries or 0))
     c.execute(checkpoints.delete().where(checkpoints.c.task_id.in_(ids)))
     c.execute(tasks.delete().where(t.id.in_(ids)))
+    return len(ids)
+
+
+def prune_checkpoints(c: sa.Connection, policy: Retention) -> int:
+    """Delete the checkpoints of finished tasks: nothing resumes from them."""
+    ck = checkpoints.c
+    ids = c.execute(sa.select(ck.task_id).join(tasks, tasks.c.id == ck.task_id)
+                    .where(tasks.c.status.in_(FINISHED)).limit(policy.batch)).scalars().all()
+    if ids:
+        c.execute(checkpoints.delete().where(ck.task_id.in_(ids)))
     return len(ids)
 
 

@@ -39,6 +39,9 @@ def make_engine(url: str, synchronous: Synchronous = "NORMAL", busy_timeout_ms: 
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         return _sqlite_engine(url, "BEGIN IMMEDIATE", [
+            # First, while a new file is still empty: it then gives deleted pages back (retention
+            # runs incremental_vacuum); an older file is converted once by ensure_incremental_vacuum.
+            "PRAGMA auto_vacuum=INCREMENTAL",
             "PRAGMA journal_mode=WAL",
             f"PRAGMA synchronous={synchronous}",
             f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
@@ -121,3 +124,35 @@ def file_sizes(url: str) -> dict[str, int]:
         except FileNotFoundError:
             out[name] = 0
     return out
+
+
+def ensure_incremental_vacuum(engine: Engine) -> bool:
+    """Switch an older SQLite file to incremental auto-vacuum (one full VACUUM, logged);
+    True if it converted. Without it, space freed by retention is reused but never returned."""
+    if engine.dialect.name != "sqlite":
+        return False
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        if raw.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+            conn.rollback()
+            return False
+        path = sqlite_path(engine.url)
+        size = os.stat(path).st_size if path is not None and path.exists() else 0
+        log.warning("converting the database to incremental vacuum, once (%.0f MiB; a minute per few GiB)",
+                    size / (1 << 20))
+        raw.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        raw.execute("VACUUM")
+        conn.rollback()
+    return True
+
+
+def incremental_vacuum(conn: sa.Connection, pages: int) -> int:
+    """Give up to ``pages`` free pages back to the file system; returns how many remain free."""
+    if conn.dialect.name != "sqlite" or conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() != 2:
+        return 0
+    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cur.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()  # it runs as its rows are read
+        return int(cur.execute("PRAGMA freelist_count").fetchone()[0])
+    finally:
+        cur.close()

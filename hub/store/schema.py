@@ -158,6 +158,29 @@ streams = sa.Table(
     sa.Column("last_id", sa.Integer, nullable=False),  # the reading latest in time (then id)
 )
 
+# Aggregates per stream and time bucket (5 minutes, an hour, a day): what charts read zoomed
+# out, and what is left of raw readings after retention. See ``hub/watch/rollups.py``.
+rollups = sa.Table(
+    "rollups",
+    metadata,
+    sa.Column("atom", sa.String(32), primary_key=True),
+    sa.Column("host", sa.String(200), primary_key=True),  # "" for readings without a host
+    sa.Column("tier", sa.Integer, primary_key=True),  # bucket width in seconds
+    sa.Column("bucket", sa.BigInteger, primary_key=True),  # floor(time / tier)
+    sa.Column("n", sa.Integer, nullable=False),  # readings in the bucket
+    sa.Column("stats", sa.LargeBinary, nullable=False),  # float64 aggregates, layout in rollups.py
+    sa.Column("folded", sa.LargeBinary, nullable=True),  # the part whose raw rows retention deleted
+)
+
+# 5-minute buckets whose readings or scores changed since their rollups were computed.
+rollup_dirty = sa.Table(
+    "rollup_dirty",
+    metadata,
+    sa.Column("atom", sa.String(32), primary_key=True),
+    sa.Column("host", sa.String(200), primary_key=True),
+    sa.Column("bucket", sa.BigInteger, primary_key=True),
+)
+
 # Bulk imports land here chunk by chunk and move to `observations` in one transaction on
 # commit, so an import applies entirely or not at all even if the importer dies midway.
 staged_observations = sa.Table(
@@ -216,6 +239,7 @@ scores = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("observation_id", "weights_id"),
     sa.Index("ix_scores_atom_observation_id", "atom", "observation_id"),
+    sa.Index("ix_scores_weights_id", "weights_id"),  # which weights versions still have scores
 )
 
 # Periodic work lives in the database, not in timers in agents: the hub fires each schedule

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from kiri.hub.core.queue import Env
 from kiri.hub.store.prepared import Prepared
 from kiri.hub.store.schema import atoms, observations, staged_observations, streams
+from kiri.hub.watch import rollups as R
 from kiri.model import schema as S
 from kiri.protocol import Conflict, InvalidParams, NotFound
 from kiri.protocol import params as P
@@ -172,6 +173,7 @@ def observe(reg: AtomRegistry, c: sa.Connection, p: P.Observe, env: Env) -> dict
     before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
     _INSERT.run_many(c, rows)
     note_streams(c, before)
+    R.mark(c, R.readings_keys((r["atom"], r["host"], r["ts"]) for r in rows))
     return {"stored": len(rows), "first_id": before + 1, "last_id": before + len(rows)}
 
 
@@ -186,6 +188,7 @@ def commit_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:
     atom_names = [r[0] for r in c.execute(sa.select(staged.atom).where(staged.import_id == p.import_id).distinct())]
     c.execute(observations.insert().from_select(["atom", "ts", "host", "data", "created_at"], src))
     note_streams(c, before)
+    R.mark_where(c, staged_observations, staged.import_id == p.import_id)
     c.execute(staged_observations.delete().where(staged.import_id == p.import_id))
     return {"stored": n, "first_id": before + 1, "last_id": before + n, "atoms": atom_names}
 
@@ -203,11 +206,21 @@ def expire_staged(c: sa.Connection, now: float) -> int:
 def list_observations(reg: AtomRegistry, c: sa.Connection, p: P.Observations, env: Env) -> dict[str, Any]:
     schema = reg.get(p.atom)
     o = observations.c
-    q = sa.select(o.id, o.ts, o.host, o.data).where(o.atom == schema.name, o.id > p.after_id)
+    since = p.since
+    if p.recent is not None:
+        newest = c.execute(sa.select(sa.func.max(streams.c.last_ts)).where(streams.c.atom == schema.name)).scalar()
+        if newest is not None:
+            since = newest - p.recent if since is None else max(since, newest - p.recent)
+    after = p.after_id
+    if since is not None and after == 0:
+        # start at the window's first reading (the time index), not at the start of the history
+        first = c.execute(sa.select(sa.func.min(o.id)).where(o.atom == schema.name, o.ts >= since)).scalar()
+        after = max(after, (first or 1) - 1)
+    q = sa.select(o.id, o.ts, o.host, o.data).where(o.atom == schema.name, o.id > after)
     if p.host is not None:
         q = q.where(o.host == p.host)
-    if p.since is not None:
-        q = q.where(o.ts >= p.since)
+    if since is not None:
+        q = q.where(o.ts >= since)
     if p.until is not None:
         q = q.where(o.ts < p.until)
     rows = c.execute(q.order_by(o.id).limit(p.limit)).all()
@@ -215,4 +228,5 @@ def list_observations(reg: AtomRegistry, c: sa.Connection, p: P.Observations, en
         "atom": schema.name,
         "observations": [{"id": r.id, "time": r.ts, "host": r.host, "values": orjson.Fragment(r.data)} for r in rows],
         "next_after_id": rows[-1].id if len(rows) == p.limit else None,
+        "since": since,
     }

@@ -20,6 +20,7 @@ from kiri.hub.store.prepared import Prepared
 from kiri.hub.store.schema import observations, scores, tasks, weights
 from kiri.hub.watch import decisions as D
 from kiri.hub.watch import learning as L
+from kiri.hub.watch import rollups as R
 from kiri.hub.watch.observations import AtomRegistry
 from kiri.model.explain import blame
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
@@ -125,8 +126,9 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     if w.atom != p.atom:
         raise InvalidParams(f"weights {p.weights_id} belong to {w.atom!r}, not {p.atom!r}")
     ids = [s.observation_id for s in p.scores]
-    host_of = {r.id: r.host for r in c.execute(sa.select(observations.c.id, observations.c.host).where(
-        observations.c.id.in_(ids), observations.c.atom == p.atom))}
+    found = c.execute(sa.select(observations.c.id, observations.c.host, observations.c.ts).where(
+        observations.c.id.in_(ids), observations.c.atom == p.atom)).all()
+    host_of = {r.id: r.host for r in found}
     missing = [i for i in ids if i not in host_of]
     if missing:
         raise InvalidParams(f"observation(s) {missing[:5]} are not {p.atom!r} observations")
@@ -140,6 +142,8 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
             for s in p.scores if s.observation_id not in already]
     if rows:
         _INSERT_SCORES.run_many(c, rows)
+        new = {r["observation_id"] for r in rows}
+        R.mark(c, R.readings_keys((p.atom, r.host, r.ts) for r in found if r.id in new))
     out: dict[str, Any] = {"stored": len(rows), "already": len(already),
                            "anomalous": sum(r["anomalous"] for r in rows)}
     if p.decision is not None:
@@ -191,8 +195,14 @@ def history(reg: AtomRegistry, c: sa.Connection, p: P.History, env: Q.Env) -> di
 def list_scores(c: sa.Connection, p: P.Scores, env: Q.Env) -> dict[str, Any]:
     """Scores of an atom in the order they were recorded, each naming its observation and weights."""
     s = scores.c
+    after = p.after_id
+    if p.observations_from and after == 0:  # start where those observations' scores start (a trainer's window)
+        first = c.execute(sa.select(sa.func.min(s.id)).where(s.atom == p.atom,
+                                                              s.observation_id >= p.observations_from)).scalar()
+        after = (first or 1) - 1
     rows = c.execute(sa.select(s.id, s.observation_id, s.weights_id, s.score, s.threshold, s.anomalous, s.surprise,
-                               s.tail_p, s.created_at).where(s.atom == p.atom, s.id > p.after_id)
+                               s.tail_p, s.created_at).where(s.atom == p.atom, s.id > after,
+                                                            s.observation_id >= p.observations_from)
                      .order_by(s.id).limit(p.limit)).all()
     out = []
     for r in rows:

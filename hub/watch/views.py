@@ -17,8 +17,8 @@ from kiri.hub.core.retention import Retention
 from kiri.hub.store import db as dbmod
 from kiri.hub.store.schema import agents, decisions, observations, scores, streams, tasks, weights
 from kiri.hub.watch import learning as L
+from kiri.hub.watch import series as SR
 from kiri.hub.watch.observations import AtomRegistry
-from kiri.hub.watch.series import SeriesCache, downsample
 from kiri.model.explain import blame, verdict
 from kiri.model.schema import AtomSchema
 from kiri.protocol import NotFound
@@ -156,15 +156,14 @@ def observation(c: sa.Connection, reg: AtomRegistry, obs_id: int) -> dict[str, A
     return {"observation": _observation(reg.get_committed(row.atom), row, _latest_score(c, row.id))}
 
 
-def series(c: sa.Connection, reg: AtomRegistry, cache: SeriesCache, atom: str, since: float | None,
+def series(c: sa.Connection, reg: AtomRegistry, atom: str, host: str | None, since: float | None,
            until: float | None, points: int) -> dict[str, Any]:
     """An atom's values and scores over a time range, column by column, for a chart."""
     schema = reg.get_committed(atom)
-    cols = cache.columns(c, schema)
     out: dict[str, Any] = {"atom": schema.name, "fields": [
         {"name": f.name, "letter": f.letter, "low": f.low, "high": f.high, "buckets": f.buckets}
         for f in schema.fields], "since": since, "until": until}
-    out.update(downsample(cols, since, until, points))
+    out.update(SR.series(c, schema.name, [f.name for f in schema.fields], host, since, until, points))
     return out
 
 

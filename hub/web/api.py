@@ -11,7 +11,7 @@ import time
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from kiri.hub.core import queue as Q
 from kiri.hub.watch import scoring as SC
@@ -33,6 +33,7 @@ class SeriesQuery(Query):
     since: Annotated[float, Field(ge=0, le=1e11)] | None = None
     until: Annotated[float, Field(ge=0, le=1e11)] | None = None
     points: Annotated[int, Field(ge=10, le=V.MAX_POINTS)] = 1000
+    host: Annotated[str, StringConstraints(max_length=200)] | None = None  # "" for readings without a host
 
 
 class ObservationsBody(BaseModel):
@@ -91,7 +92,7 @@ async def get_series(req: web.Request) -> web.Response:
     if p.since is not None and p.until is not None and p.until < p.since:
         raise InvalidParams("until must not be before since")
     hub = hub_of(req)
-    return ok(await read(req, V.series, hub.atoms, hub.series, p.atom, p.since, p.until, p.points))
+    return ok(await read(req, V.series, hub.atoms, p.atom, p.host, p.since, p.until, p.points))
 
 
 async def get_observation(req: web.Request) -> web.Response:
@@ -211,8 +212,9 @@ def routes() -> list[Route]:
         Route("GET", f"{v}/atoms", get_atoms, "Every atom the hub knows, with its fields and ranges", NoQuery),
         Route("GET", f"{v}/history", get_history, "An atom's latest observations with scores and blame", P.History),
         Route("GET", f"{v}/series", get_series,
-              "An atom's values and scores over a time range, downsampled to at most `points` buckets "
-              "(each keeps its highest score)", SeriesQuery),
+              "An atom's values and scores over a time range (one host's, or all hosts'), at most `points` "
+              "buckets: raw readings zoomed in, rollups zoomed out; each bucket keeps its highest score and "
+              "each field's mean, min and max", SeriesQuery),
         Route("GET", f"{v}/observations/{{id}}", get_observation, "One observation with tokens, score and blame",
               NoQuery, path_params={"id": "integer"}),
         Route("POST", f"{v}/observations", post_observations,

@@ -83,7 +83,9 @@ TABLE: tuple[Method, ...] = (
                                                          "hosts": []}],
                          "nerve": {"weights": None, "latest": None}, "agents": [],
                          "queue": {"by_state": {"done": 3}, "by_kind": {"train": {"done": 3}}},
-                         "retention": {"finished_tasks_seconds": 604800.0}})),
+                         "retention": {"finished_tasks_seconds": 604800.0, "raw_seconds": 2592000.0,
+                                       "weights_versions": 5, "train_window_seconds": 1209600.0,
+                                       "rollup_tiers_seconds": [300, 3600, 86400]}})),
     # --- the queue ----------------------------------------------------------------------
     Method("enqueue", P.Enqueue, R.Enqueued, group="queue", events=("tasks",),
            summary="Add a task. With `dedupe_key`, while an unfinished task has the key the same task is "
@@ -173,9 +175,10 @@ TABLE: tuple[Method, ...] = (
            summary="Discard rows staged under `import_id`.",
            example=({"import_id": "imp-3f9a1c2b"}, {"discarded": 2016})),
     Method("observations", P.Observations, R.ObservationPage, group="observations", idempotent=True,
-           summary="Raw observations of an atom in id order; page with `after_id`, window with `since`/`until`.",
+           summary="Raw observations of an atom in id order; page with `after_id`, window with `since`/`until`, "
+                   "or `recent` seconds back from the atom's newest reading.",
            example=({"atom": "pulse", "limit": 1}, {"atom": "pulse", "observations": [_OBS],
-                                                     "next_after_id": 41})),
+                                                     "next_after_id": 41, "since": None})),
     # --- weights ------------------------------------------------------------------------
     Method("weights", P.WeightsQuery, R.WeightsList, group="weights", idempotent=True,
            summary="Weights versions, newest first; `active` for an atom's active one, `blob` for the bytes.",

@@ -176,6 +176,9 @@ class Observations(Params):
     limit: Annotated[int, Field(ge=1, le=5000)] = 1000
     since: float | None = None
     until: float | None = None
+    # only readings within this many seconds of the atom's newest one (a trainer's window);
+    # the reply's ``since`` says where that starts, to pass on with the next page
+    recent: Annotated[float, Field(gt=0, le=1e11)] | None = None
 
 
 class DefineAtom(Params):
@@ -305,6 +308,7 @@ class Scores(Params):
     atom: Name
     after_id: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0  # a scores.id cursor
     limit: Annotated[int, Field(ge=1, le=5000)] = 1000
+    observations_from: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0  # only scores of observations from this id
 
 
 class Retrain(Params):

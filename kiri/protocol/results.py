@@ -164,6 +164,7 @@ class ObservationPage(Result):
     atom: str
     observations: list[ObservationOut]
     next_after_id: int | None
+    since: float | None  # where the page's time window starts (from `since` or `recent`)
 
 
 class WeightsList(Result):
@@ -275,6 +276,10 @@ class PendingAlerts(Result):
 
 class Retention(Result):
     finished_tasks_seconds: float | None  # how long finished tasks are kept (None: forever)
+    raw_seconds: float | None  # raw readings kept per stream, back from its newest (None: forever)
+    weights_versions: int | None  # newest weights versions kept per atom besides the active lineage
+    train_window_seconds: float  # what trainers read by default
+    rollup_tiers_seconds: list[int]  # kept forever
 
 
 class Status(Result):

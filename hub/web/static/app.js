@@ -9,6 +9,7 @@ const state = {
   zoom: {},              // atom -> {since, until} after a drag
   charts: {},            // atom -> {u, ids, fields, key}
   series: {},            // atom -> last series reply
+  host: {},              // atom -> the host its chart shows ("" = readings without a host); absent: all
   status: null,
   running: new Map(),    // task id -> <progress>
   timers: {},
@@ -114,6 +115,9 @@ function atomPanel(name) {
       el("span", { class: "seen muted" }),
       el("span", { class: "wv muted" }),
       el("span", { class: "hosts muted" }),
+      el("select", { class: "host-pick", "data-host-pick": name, title: "whose readings the chart shows",
+                     onchange: (e) => { pickHost(name, e.target.value); } },
+        el("option", { value: "*", text: "all hosts" })),
       el("button", { "data-retrain": name, onclick: () => retrain(name) }, "Retrain"),
       el("button", { class: "unzoom", hidden: true, onclick: () => { delete state.zoom[name]; loadSeries(name); } },
         "Reset zoom")),
@@ -145,7 +149,26 @@ function renderAtoms(st) {
     p.querySelector(".hosts").textContent = hosts.length
       ? "hosts: " + hosts.map((h) => `${h.host} ${h.verdict}`).join(" · ") : "";
     p.querySelector(".unzoom").hidden = !state.zoom[a.name];
+    fillHostPicker(p.querySelector(".host-pick"), a.hosts || [], a.name);
   }
+}
+
+// The chart's host picker: all hosts (each bucket's band spans them all) or one host's stream.
+function fillHostPicker(sel, hosts, name) {
+  const want = ["*", ...hosts.map((h) => (h.host === null ? "" : h.host))];
+  const have = [...sel.options].map((o) => o.value);
+  if (want.join("\u0000") !== have.join("\u0000")) {
+    sel.textContent = "";
+    for (const v of want) sel.append(el("option", { value: v, text: v === "*" ? "all hosts" : v || "(no host)" }));
+  }
+  sel.value = name in state.host ? state.host[name] : "*";
+  sel.hidden = hosts.length < 2 && !(name in state.host);
+}
+
+function pickHost(name, value) {
+  if (value === "*") delete state.host[name];
+  else state.host[name] = value;
+  loadSeries(name).catch((e) => toast(e.message, true));
 }
 
 function seriesRange(name) {
@@ -163,6 +186,7 @@ async function loadSeries(name) {
   const q = new URLSearchParams({ atom: name, points: String(Math.min(5000, Math.max(100, Math.round(width)))) });
   if (r.since !== null && r.since !== undefined) q.set("since", String(r.since));
   if (r.until !== null && r.until !== undefined) q.set("until", String(r.until));
+  if (name in state.host) q.set("host", state.host[name]);
   const s = await api(`/api/v1/series?${q}`);
   state.series[name] = s;
   panel.querySelector(".unzoom").hidden = !state.zoom[name];
@@ -170,7 +194,12 @@ async function loadSeries(name) {
 }
 
 function drawChart(name, box, s, width) {
-  const pct = s.fields.map((f) => s.values[f.name].map((v) => (v === null ? null : (100 * (v - f.low)) / (f.high - f.low))));
+  const scale = (f) => (v) => (v === null ? null : (100 * (v - f.low)) / (f.high - f.low));
+  const pct = s.fields.map((f) => s.values[f.name].map(scale(f)));
+  // each field's min..max per bucket, drawn as a band behind its mean: a zoomed-out chart
+  // shows how far readings went, not only their average
+  const bands = s.fields.map((f) => ({ lo: (s.min || s.values)[f.name].map(scale(f)),
+                                       hi: (s.max || s.values)[f.name].map(scale(f)) }));
   const anomalies = s.score.map((v, i) => (s.anomalous[i] ? v : null));
   const tail = (s.tail_p || s.t.map(() => null)).map((p) => (p === null ? null : Math.max(p, 1e-9)));
   const data = [s.t, s.score, s.threshold, anomalies, tail, ...pct];
@@ -178,6 +207,7 @@ function drawChart(name, box, s, width) {
   let c = state.charts[name];
   if (c && c.key === key) {
     c.ids = s.id;
+    c.bands = bands;
     c.u.setData(data);
     return;
   }
@@ -204,6 +234,7 @@ function drawChart(name, box, s, width) {
     ],
     cursor: { drag: { x: true, y: false, setScale: false } },
     hooks: {
+      drawAxes: [(u) => { state.charts[name].drawn = drawBands(u, state.charts[name].bands, s.fields.length); }],
       setSelect: [(u) => {
         if (u.select.width > 4) {
           const a = u.posToVal(u.select.left, "x");
@@ -215,8 +246,9 @@ function drawChart(name, box, s, width) {
       }],
     },
   };
+  c = state.charts[name] = { u: null, ids: s.id, key, bands, drawn: 0 };
   const u = new uPlot(opts, data, box);
-  c = state.charts[name] = { u, ids: s.id, key };
+  c.u = u;
   let down = null;
   u.over.addEventListener("mousedown", (e) => { down = [e.clientX, e.clientY]; });
   u.over.addEventListener("mouseup", (e) => {
@@ -227,6 +259,36 @@ function drawChart(name, box, s, width) {
     down = null;
   });
   u.over.addEventListener("dblclick", () => { delete state.zoom[name]; loadSeries(name); });
+}
+
+// Fill each visible field's min..max band (where a bucket holds more than one reading).
+function drawBands(u, bands, nFields) {
+  if (!bands) return 0;
+  const ctx = u.ctx, xs = u.data[0];
+  let drawn = 0;
+  for (let j = 0; j < nFields; j++) {
+    const series = u.series[5 + j];
+    if (!series || !series.show) continue;
+    const { lo, hi } = bands[j];
+    ctx.save();
+    ctx.fillStyle = PALETTE[j % PALETTE.length] + "33";
+    const x = (i) => u.valToPos(xs[i], "x", true);
+    let start = -1;
+    for (let i = 0; i <= xs.length; i++) {
+      const ok = i < xs.length && lo[i] !== null && hi[i] !== null && hi[i] > lo[i];
+      if (ok && start < 0) start = i;
+      if (ok || start < 0) continue;
+      ctx.beginPath();  // a run start..i-1: along the minima, back along the maxima
+      for (let k = start; k < i; k++) ctx.lineTo(x(k), u.valToPos(lo[k], "pct", true));
+      for (let k = i - 1; k >= start; k--) ctx.lineTo(x(k), u.valToPos(hi[k], "pct", true));
+      ctx.closePath();
+      ctx.fill();
+      drawn++;
+      start = -1;
+    }
+    ctx.restore();
+  }
+  return drawn;
 }
 
 // The point a click means: the highest score within a few pixels, so a spike is easy to hit.
@@ -246,7 +308,9 @@ function fieldValue(atom, field, idx) {
   const s = state.series[atom];
   if (!s || idx === null || idx === undefined) return "–";
   const v = s.values[field][idx];
-  return v === null ? "–" : fmt(v, 2);
+  if (v === null) return "–";
+  const lo = s.min ? s.min[field][idx] : v, hi = s.max ? s.max[field][idx] : v;
+  return lo !== null && hi !== null && hi > lo ? `${fmt(v, 2)} (${fmt(lo, 2)}–${fmt(hi, 2)})` : fmt(v, 2);
 }
 
 async function showBlame(obsId) {
@@ -277,10 +341,13 @@ function renderQueue(st) {
   for (const s of ["queued", "leased", "done", "dead", "cancelled"]) {
     box.append(el("span", { class: "count", "data-state": s }, el("b", { text: st.queue.by_state[s] || 0 }), s));
   }
-  const keep = st.retention ? st.retention.finished_tasks_seconds : undefined;
-  if (keep !== undefined) {
-    const kept = keep === null ? "forever" : keep >= 86400 ? `${keep / 86400} days` : `${keep / 3600} hours`;
-    box.append(el("span", { class: "muted", "data-testid": "retention", text: `finished tasks kept ${kept}` }));
+  const r = st.retention;
+  if (r && r.finished_tasks_seconds !== undefined) {
+    const span = (k) => (k === null ? "forever" : k >= 86400 ? `${k / 86400} days` : `${k / 3600} hours`);
+    let text = `finished tasks kept ${span(r.finished_tasks_seconds)}`;
+    if (r.raw_seconds !== undefined) text += ` · raw readings ${span(r.raw_seconds)}, then rollups`;
+    box.append(el("span", { class: "muted", "data-testid": "retention", text,
+                            title: "older readings are folded into 5-minute, hourly and daily rollups, kept forever" }));
   }
 }
 

@@ -1,0 +1,161 @@
+"""What the watch loop keeps as it ages: raw readings, decisions, weights versions.
+
+Each function deletes one bounded batch in the caller's transaction and says how much it
+deleted, so a hub killed between batches has lost nothing and repeats nothing: every
+batch is whole or absent.
+
+- **Raw readings** older than ``Retention.raw`` (counted back from each stream's newest
+  reading, so an imported year keeps its last month raw) are folded into the rollups and
+  deleted, whole 5-minute buckets at a time (``rollups.fold``). A bucket stays raw while it
+  is dirty (its rollup is being recomputed), while any reading in it is referenced by a
+  decision that is kept, or has not been scored yet and arrived within the window, and for
+  as long as a training task on its atom is running.
+- **Decisions** that said ``ok``, older than the raw window, with no label and no alert.
+  Labelled decisions, alerts, suppressions and retrains stay forever.
+- **Weights versions**: kept are each atom's active version and its ancestors, the newest
+  ``Retention.weights`` versions, and any version whose scores are still stored (their
+  readings are still raw); the rest go.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from kiri.hub.core.retention import Retention
+from kiri.hub.store.schema import alerts, decisions, labels, observations, rollup_dirty, scores, streams, tasks, weights
+from kiri.hub.watch import rollups as R
+
+log = logging.getLogger("kiri.hub")
+
+MAX_LOOKS = 8  # batches of raw readings one pass may look through for a bucket it can fold
+
+
+@dataclass
+class RawPruner:
+    """Walks each stream's old raw readings a batch at a time, remembering where it got to
+    (a bucket kept raw for now is stepped over, not looked at again until the next sweep)."""
+
+    cursor: dict[tuple[str, str], float] = field(default_factory=dict)
+    turn: int = 0
+
+    def prune(self, c: sa.Connection, policy: Retention, now: float) -> int:
+        """Fold and delete one batch of old raw readings; returns how many (0: nothing to do)."""
+        if policy.raw is None:
+            return 0
+        st = streams.c
+        found = c.execute(sa.select(st.atom, st.host, st.last_ts).order_by(st.atom, st.host)).all()
+        busy = set(c.execute(sa.select(tasks.c.atom).where(tasks.c.status == "leased", tasks.c.kind == "train",
+                                                           tasks.c.atom.is_not(None))).scalars())
+        for k in range(len(found)):
+            atom, host, last_ts = found[(self.turn + k) % len(found)]
+            if atom in busy:  # a running training window stays whole
+                continue
+            n = self._stream(c, policy, now, atom, host, last_ts)
+            if n:
+                self.turn = (self.turn + k) % len(found)
+                return n
+        self.turn = 0
+        return 0
+
+    def _stream(self, c: sa.Connection, policy: Retention, now: float, atom: str, host: str, last_ts: float) -> int:
+        assert policy.raw is not None
+        edge = R.bucket_of(last_ts - policy.raw) * R.BASE  # buckets wholly before the window's start
+        start = self.cursor.get((atom, host), float("-inf"))
+        o = observations.c
+        same = o.host.is_(None) if host == "" else o.host == host
+        for _ in range(MAX_LOOKS):
+            if start >= edge:
+                break
+            rows = c.execute(sa.select(o.id, o.ts, o.created_at).where(o.atom == atom, same, o.ts >= start,
+                                                                       o.ts < edge)
+                             .order_by(o.ts, o.id).limit(policy.raw_batch)).all()
+            if not rows:
+                break
+            by_bucket: dict[int, list[sa.Row]] = {}
+            for r in rows:
+                by_bucket.setdefault(R.bucket_of(r.ts), []).append(r)
+            last = max(by_bucket)
+            if len(rows) == policy.raw_batch and len(by_bucket) > 1:
+                del by_bucket[last]  # may be cut short by the limit: next batch
+                self.cursor[(atom, host)] = start = last * R.BASE
+            else:
+                if len(rows) == policy.raw_batch:  # one bucket fuller than a batch: read it whole
+                    lo, hi = last * R.BASE - 1.0, (last + 1) * R.BASE + 1.0
+                    by_bucket[last] = [r for r in c.execute(sa.select(o.id, o.ts, o.created_at).where(
+                        o.atom == atom, same, o.ts >= lo, o.ts < hi)) if R.bucket_of(r.ts) == last]
+                self.cursor[(atom, host)] = start = (last + 1) * R.BASE
+            ok = self._foldable(c, policy, now, atom, host, by_bucket)
+            if ok:
+                return R.fold(c, atom, host, ok)
+        else:
+            return 0  # looked at enough for one transaction; the cursor goes on from here next time
+        self.cursor.pop((atom, host), None)  # swept to the window: start over next time
+        return 0
+
+    @staticmethod
+    def _foldable(c: sa.Connection, policy: Retention, now: float, atom: str, host: str,
+                  by_bucket: dict[int, list[sa.Row]]) -> list[int]:
+        assert policy.raw is not None
+        ids = [r.id for rows in by_bucket.values() for r in rows]
+        keep: set[int] = set()  # reading ids that hold their bucket raw
+        scored: set[int] = set()
+        for chunk in range(0, len(ids), 900):
+            part = ids[chunk: chunk + 900]
+            keep.update(c.execute(sa.select(decisions.c.observation_id)
+                                  .where(decisions.c.observation_id.in_(part))).scalars())
+            scored.update(c.execute(sa.select(scores.c.observation_id)
+                                    .where(scores.c.observation_id.in_(part))).scalars())
+        d = rollup_dirty.c
+        dirty = set(c.execute(sa.select(d.bucket).where(d.atom == atom, d.host == host,
+                                                         d.bucket.in_(list(by_bucket)))).scalars())
+        fresh = now - policy.raw
+        return [b for b, rows in sorted(by_bucket.items())
+                if b not in dirty and not any(r.id in keep or (r.id not in scored and r.created_at > fresh)
+                                              for r in rows)]
+
+
+def prune_decisions(c: sa.Connection, policy: Retention, now: float) -> int:
+    """Delete one batch of old ``ok`` decisions that nobody labelled and nothing alerted on."""
+    if policy.raw is None:
+        return 0
+    d = decisions.c
+    ids = c.execute(sa.select(d.id).where(d.action == "ok", d.created_at < now - policy.raw,
+                                          d.id.not_in(sa.select(labels.c.decision_id)),
+                                          d.id.not_in(sa.select(alerts.c.decision_id)))
+                    .order_by(d.id).limit(policy.batch)).scalars().all()
+    if ids:
+        c.execute(decisions.delete().where(d.id.in_(ids)))
+    return len(ids)
+
+
+def prune_weights(c: sa.Connection, policy: Retention) -> int:
+    """Delete the weights versions nothing needs any more (see the module docstring)."""
+    if policy.weights is None:
+        return 0
+    w = weights.c
+    rows = c.execute(sa.select(w.id, w.atom, w.version, w.parent_id, w.status)).all()
+    parent = {r.id: r.parent_id for r in rows}
+    keep: set[int] = set()
+    for r in rows:
+        if r.status == "active":
+            at: int | None = r.id
+            while at is not None and at not in keep:  # the active version and its ancestors
+                keep.add(at)
+                at = parent.get(at)
+    by_atom: dict[str, list[sa.Row]] = {}
+    for r in rows:
+        by_atom.setdefault(r.atom, []).append(r)
+    for versions in by_atom.values():
+        keep.update(r.id for r in sorted(versions, key=lambda r: -r.version)[: policy.weights])
+    drop = [r.id for r in rows if r.id not in keep]
+    if not drop:
+        return 0
+    drop = [i for i in drop if c.execute(sa.select(scores.c.id).where(scores.c.weights_id == i).limit(1)).first()
+            is None][: policy.batch]
+    if drop:
+        c.execute(weights.update().where(w.parent_id.in_(drop)).values(parent_id=None))
+        c.execute(weights.delete().where(w.id.in_(drop)))
+    return len(drop)

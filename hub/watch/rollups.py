@@ -1,0 +1,409 @@
+"""Rollups: per stream, 5-minute, hourly and daily aggregates that make a year's chart cheap.
+
+A year of 30 s readings is a million rows; a chart of it needs a thousand points. Each
+stream (atom, host) therefore keeps, per 5-minute bucket, hour and day, one row of
+aggregates: how many readings, each field's count/sum/min/max, how many were scored, the
+sum and the highest of their scores (with that reading's id, time and threshold), the
+lowest tail probability and how many were anomalous. A reading's score is its newest
+weights' score, as everywhere else.
+
+How they stay exact (``tests/test_rollups.py`` checks them against brute force):
+
+- Storing readings or scores marks their 5-minute buckets dirty (``rollup_dirty``) in the
+  same transaction; nothing is computed on the write path.
+- ``refresh`` recomputes a bounded batch of dirty buckets from the raw rows, then the hours
+  and days above them from the 5-minute rows (sums, minima and maxima compose exactly).
+- Retention deletes a 5-minute bucket's raw rows only whole, and in the same transaction
+  copies the bucket's aggregate into its ``folded`` column. A late reading in a bucket
+  whose raw rows are gone is then ``folded ⊕ raw``: nothing folded is lost or counted twice.
+- Reads never wait for ``refresh``: a chart computes the few dirty buckets in its range
+  on the fly, so it is exact the moment a reading is stored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import sqlalchemy as sa
+
+from kiri.hub.store.schema import observations, rollup_dirty, rollups, scores
+
+BASE = 300  # seconds in the finest tier; the raw rows fold into it
+TIERS = (300, 3600, 86400)  # each divides the next: 12 buckets make an hour, 24 hours a day
+
+# one aggregate row: HEAD columns, then 4 per field (count, sum, min, max)
+N, SCORED, SCORE_SUM, SCORE_MAX, MAX_ID, MAX_TS, MAX_THR, TAIL_MIN, ANOM = range(9)
+HEAD = 9
+_ADD = (N, SCORED, SCORE_SUM, ANOM)
+
+Key = tuple[str, str, int]  # (atom, host, 5-minute bucket index); host "" for readings without one
+
+
+def width(n_fields: int) -> int:
+    return HEAD + 4 * n_fields
+
+
+def bucket_of(ts: float, tier: int = BASE) -> int:
+    return math.floor(ts / tier)
+
+
+def parent(idx: int, tier: int) -> int:
+    """The index of the next tier's bucket that holds bucket ``idx`` of ``tier``."""
+    return idx // (TIERS[TIERS.index(tier) + 1] // tier)
+
+
+def encode(row: np.ndarray) -> bytes:
+    return np.ascontiguousarray(row, dtype="<f8").tobytes()
+
+
+def decode(blobs: Sequence[bytes], n_fields: int) -> np.ndarray:
+    if not blobs:
+        return np.empty((0, width(n_fields)))
+    return np.frombuffer(b"".join(blobs), dtype="<f8").reshape(len(blobs), width(n_fields)).copy()
+
+
+def from_readings(ids: np.ndarray, ts: np.ndarray, vals: np.ndarray, score: np.ndarray, thr: np.ndarray,
+                  tail: np.ndarray, anom: np.ndarray) -> np.ndarray:
+    """One aggregate row per reading (missing values and scores as NaN)."""
+    m, f = vals.shape
+    out = np.empty((m, width(f)))
+    scored = ~np.isnan(score)
+    out[:, N] = 1.0
+    out[:, SCORED] = scored
+    out[:, SCORE_SUM] = np.where(scored, score, 0.0)
+    out[:, SCORE_MAX] = np.where(scored, score, -np.inf)
+    out[:, MAX_ID] = np.where(scored, ids, np.nan)
+    out[:, MAX_TS] = np.where(scored, ts, np.nan)
+    out[:, MAX_THR] = np.where(scored, thr, np.nan)
+    out[:, TAIL_MIN] = np.where(np.isnan(tail), np.inf, tail)
+    out[:, ANOM] = np.where(scored, anom, 0.0)
+    have = ~np.isnan(vals)
+    out[:, HEAD::4] = have
+    out[:, HEAD + 1::4] = np.where(have, vals, 0.0)
+    out[:, HEAD + 2::4] = np.where(have, vals, np.inf)
+    out[:, HEAD + 3::4] = np.where(have, vals, -np.inf)
+    return out
+
+
+def reduce(rows: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge rows that share a group (``groups`` sorted ascending): (group ids, merged rows).
+
+    Counts and sums add, minima and maxima compose; the highest score keeps its reading's
+    id, time and threshold, ties going to the lowest id, so any grouping gives the same.
+    """
+    if len(rows) == 0:
+        return groups[:0], rows[:0]
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    out = np.empty((len(starts), rows.shape[1]))
+    f = (rows.shape[1] - HEAD) // 4
+    add = list(_ADD) + [HEAD + 4 * j for j in range(f)] + [HEAD + 4 * j + 1 for j in range(f)]
+    out[:, add] = np.add.reduceat(rows[:, add], starts, axis=0)
+    lows = [TAIL_MIN] + [HEAD + 4 * j + 2 for j in range(f)]
+    out[:, lows] = np.minimum.reduceat(rows[:, lows], starts, axis=0)
+    highs = [HEAD + 4 * j + 3 for j in range(f)]
+    if highs:
+        out[:, highs] = np.maximum.reduceat(rows[:, highs], starts, axis=0)
+    order = np.lexsort((rows[:, MAX_ID], -rows[:, SCORE_MAX], groups))  # groups keep their places
+    best = order[starts]
+    out[:, [SCORE_MAX, MAX_ID, MAX_TS, MAX_THR]] = rows[best][:, [SCORE_MAX, MAX_ID, MAX_TS, MAX_THR]]
+    return groups[starts], out
+
+
+def merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return reduce(np.stack([a, b]), np.zeros(2, dtype=np.int64))[1][0]
+
+
+# --- marking -------------------------------------------------------------------------------
+
+def _insert_ignore(c: sa.Connection) -> sa.Insert:
+    if c.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        return pg_insert(rollup_dirty).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as lite_insert
+    return lite_insert(rollup_dirty).on_conflict_do_nothing()
+
+
+def mark(c: sa.Connection, keys: Iterable[Key]) -> None:
+    """Mark 5-minute buckets dirty: their readings or scores changed in this transaction."""
+    rows = [{"atom": a, "host": h, "bucket": b} for a, h, b in set(keys)]
+    if rows:
+        c.execute(_insert_ignore(c), rows)
+
+
+def mark_where(c: sa.Connection, table: sa.Table, where: sa.ColumnElement[bool]) -> None:
+    """Mark the buckets of the readings in ``table`` that match ``where`` (one statement)."""
+    t = table.c
+    src = sa.select(t.atom, sa.func.coalesce(t.host, ""),
+                    sa.cast(sa.func.floor(t.ts / BASE), sa.BigInteger)).where(where).distinct()
+    c.execute(_insert_ignore(c).from_select(["atom", "host", "bucket"], src))
+
+
+def readings_keys(rows: Iterable[tuple[str, str | None, float]]) -> set[Key]:
+    return {(a, h or "", bucket_of(ts)) for a, h, ts in rows}
+
+
+# --- computing -----------------------------------------------------------------------------
+
+@dataclass
+class Raw:
+    """A stream's raw readings in time order, with each one's newest score."""
+
+    ids: np.ndarray
+    ts: np.ndarray
+    vals: np.ndarray
+    score: np.ndarray
+    thr: np.ndarray
+    tail: np.ndarray
+    anom: np.ndarray
+
+
+def _host_is(col: sa.ColumnElement[str | None], host: str) -> sa.ColumnElement[bool]:
+    return col.is_(None) if host == "" else col == host
+
+
+def read_raw(c: sa.Connection, atom: str, host: str, fields: Sequence[str], lo: float, hi: float,
+             limit: int | None = None) -> Raw:
+    """The stream's readings with ``lo <= ts < hi`` (time, then id order) and their newest scores."""
+    o = observations.c
+    q = (sa.select(o.id, o.ts, o.data).where(o.atom == atom, _host_is(o.host, host), o.ts >= lo, o.ts < hi)
+         .order_by(o.ts, o.id))
+    if limit is not None:
+        q = q.limit(limit)
+    rows = c.execute(q).all()
+    m, nan = len(rows), math.nan
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=m)
+    ts = np.fromiter((r[1] for r in rows), dtype=np.float64, count=m)
+    vals = np.array([[d.get(n, nan) for n in fields] for d in (orjson.loads(r[2]) for r in rows)],
+                    dtype=np.float64).reshape(m, len(fields))
+    score, thr, tail = np.full(m, nan), np.full(m, nan), np.full(m, nan)
+    anom = np.zeros(m)
+    if m:
+        s = scores.c
+        pos = {int(i): k for k, i in enumerate(ids.tolist())}
+        best: dict[int, int] = {}
+        for chunk in range(0, m, 900):
+            part = ids[chunk: chunk + 900].tolist()
+            for oid, wid, sc, th, tp, an in c.execute(
+                    sa.select(s.observation_id, s.weights_id, s.score, s.threshold, s.tail_p, s.anomalous)
+                    .where(s.observation_id.in_(part))):
+                k = pos[oid]
+                if wid >= best.get(k, -1):
+                    best[k] = wid
+                    score[k], thr[k] = sc, th
+                    tail[k] = nan if tp is None else tp
+                    anom[k] = bool(an)
+    return Raw(ids, ts, vals, score, thr, tail, anom)
+
+
+def compute_base(c: sa.Connection, atom: str, host: str, fields: Sequence[str], buckets: Sequence[int]
+                 ) -> dict[int, np.ndarray | None]:
+    """Fresh 5-minute aggregates of the given buckets: folded part ⊕ the raw rows now there
+    (None: the bucket is empty)."""
+    out: dict[int, np.ndarray | None] = {}
+    wanted = sorted(set(buckets))
+    folded = _folded(c, atom, host, wanted, len(fields))
+    for run in _runs(wanted):
+        lo, hi = run[0] * BASE, (run[-1] + 1) * BASE
+        raw = read_raw(c, atom, host, fields, lo - 1.0, hi + 1.0)  # a margin: bucket_of decides
+        b = np.floor(raw.ts / BASE).astype(np.int64)
+        keep = (b >= run[0]) & (b <= run[-1])
+        per = from_readings(raw.ids[keep], raw.ts[keep], raw.vals[keep], raw.score[keep], raw.thr[keep],
+                            raw.tail[keep], raw.anom[keep])
+        bk = b[keep]
+        order = np.argsort(bk, kind="stable")
+        idx_of, merged = reduce(per[order], bk[order])
+        got = dict(zip(idx_of.tolist(), merged, strict=True))
+        for idx in run:
+            row, fold = got.get(idx), folded.get(idx)
+            out[idx] = row if fold is None else (fold if row is None else merge(fold, row))
+    return out
+
+
+def _runs(sorted_idx: list[int], gap: int = 12) -> list[list[int]]:
+    """Consecutive bucket indexes in runs (gaps under ``gap`` joined), one raw query each."""
+    runs: list[list[int]] = []
+    for i in sorted_idx:
+        if runs and i - runs[-1][-1] <= gap:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _folded(c: sa.Connection, atom: str, host: str, buckets: list[int], n_fields: int) -> dict[int, np.ndarray]:
+    r = rollups.c
+    out: dict[int, np.ndarray] = {}
+    for chunk in range(0, len(buckets), 900):
+        for idx, blob in c.execute(sa.select(r.bucket, r.folded).where(
+                r.atom == atom, r.host == host, r.tier == BASE, r.bucket.in_(buckets[chunk: chunk + 900]),
+                r.folded.is_not(None))):
+            out[idx] = decode([blob], n_fields)[0]
+    return out
+
+
+def stored(c: sa.Connection, atom: str, hosts: Sequence[str] | None, tier: int, lo: int, hi: int,
+           n_fields: int) -> dict[tuple[str, int], np.ndarray]:
+    """Stored aggregates of ``tier`` with ``lo <= bucket <= hi``, keyed by (host, bucket)."""
+    r = rollups.c
+    q = sa.select(r.host, r.bucket, r.stats).where(r.atom == atom, r.tier == tier, r.bucket >= lo, r.bucket <= hi)
+    if hosts is not None:
+        q = q.where(r.host.in_(list(hosts)))
+    rows = c.execute(q).all()
+    stats = decode([x[2] for x in rows], n_fields)
+    return {(x[0], x[1]): stats[i] for i, x in enumerate(rows)}
+
+
+def _compose(children: dict[tuple[str, int], np.ndarray], tier: int) -> dict[tuple[str, int], np.ndarray]:
+    """The next tier's rows from ``tier``'s rows (any subset of whole parents)."""
+    if not children:
+        return {}
+    step = TIERS[TIERS.index(tier) + 1] // tier
+    keys = sorted(children, key=lambda k: (k[0], k[1] // step))
+    groups: dict[tuple[str, int], int] = {}
+    gid = np.array([groups.setdefault((h, b // step), len(groups)) for h, b in keys], dtype=np.int64)
+    _, rows = reduce(np.stack([children[k] for k in keys]), gid)
+    return dict(zip(groups, rows, strict=True))
+
+
+def view(c: sa.Connection, atom: str, hosts: Sequence[str] | None, fields: Sequence[str], tier: int,
+         lo: int, hi: int) -> dict[tuple[str, int], np.ndarray]:
+    """``tier``'s aggregates for buckets ``lo..hi``, exact now: stored rows, with the buckets
+    that dirty 5-minute buckets touch computed afresh."""
+    f = len(fields)
+    out = stored(c, atom, hosts, tier, lo, hi, f)
+    span = tier // BASE
+    d = rollup_dirty.c
+    q = sa.select(d.host, d.bucket).where(d.atom == atom, d.bucket >= lo * span, d.bucket < (hi + 1) * span)
+    if hosts is not None:
+        q = q.where(d.host.in_(list(hosts)))
+    dirty: dict[str, list[int]] = {}
+    for h, b in c.execute(q):
+        dirty.setdefault(h, []).append(b)
+    for host, buckets in dirty.items():
+        fresh = compute_base(c, atom, host, fields, buckets)
+        if tier == BASE:
+            for b, row in fresh.items():
+                if row is None:
+                    out.pop((host, b), None)
+                else:
+                    out[(host, b)] = row
+            continue
+        # rebuild each touched parent from its 5-minute rows, fresh ones in place of stale
+        tops = sorted({b // span for b in buckets})
+        base = stored(c, atom, [host], BASE, tops[0] * span, (tops[-1] + 1) * span - 1, f)
+        base = {k: v for k, v in base.items() if k[1] // span in set(tops)}
+        for b, row in fresh.items():
+            if row is None:
+                base.pop((host, b), None)
+            else:
+                base[(host, b)] = row
+        level = BASE
+        while level < tier:
+            base = _compose(base, level)
+            level = TIERS[TIERS.index(level) + 1]
+        for top in tops:
+            out.pop((host, top), None)
+        out.update(base)
+    return out
+
+
+# --- keeping them --------------------------------------------------------------------------
+
+def _upsert(c: sa.Connection, rows: list[dict[str, object]]) -> None:
+    if not rows:
+        return
+    if c.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        ins = pg_insert(rollups)
+    else:
+        from sqlalchemy.dialects.sqlite import insert as lite_insert
+        ins = lite_insert(rollups)
+    c.execute(ins.on_conflict_do_update(index_elements=["atom", "host", "tier", "bucket"],
+                                        set_={"n": ins.excluded.n, "stats": ins.excluded.stats}), rows)
+
+
+def _delete(c: sa.Connection, atom: str, host: str, tier: int, buckets: Iterable[int]) -> None:
+    r = rollups.c
+    gone = list(buckets)
+    for chunk in range(0, len(gone), 900):
+        c.execute(rollups.delete().where(r.atom == atom, r.host == host, r.tier == tier,
+                                         r.bucket.in_(gone[chunk: chunk + 900])))
+
+
+def _save(c: sa.Connection, atom: str, host: str, tier: int, rows: dict[int, np.ndarray | None]) -> None:
+    _upsert(c, [{"atom": atom, "host": host, "tier": tier, "bucket": b, "n": int(v[N]), "stats": encode(v)}
+                for b, v in rows.items() if v is not None])
+    _delete(c, atom, host, tier, [b for b, v in rows.items() if v is None])
+
+
+def refresh(c: sa.Connection, fields_of: dict[str, Sequence[str]], limit: int = 500) -> int:
+    """Recompute up to ``limit`` dirty 5-minute buckets and the hours and days above them;
+    returns how many (``limit``: there may be more)."""
+    d = rollup_dirty.c
+    keys = c.execute(sa.select(d.atom, d.host, d.bucket).order_by(d.atom, d.host, d.bucket).limit(limit)).all()
+    by_stream: dict[tuple[str, str], list[int]] = {}
+    for a, h, b in keys:
+        by_stream.setdefault((a, h), []).append(b)
+    for (atom, host), buckets in by_stream.items():
+        fields = fields_of.get(atom)
+        if fields is not None:
+            _refresh_stream(c, atom, host, list(fields), buckets)
+        for chunk in range(0, len(buckets), 900):
+            c.execute(rollup_dirty.delete().where(d.atom == atom, d.host == host,
+                                                  d.bucket.in_(buckets[chunk: chunk + 900])))
+    return len(keys)
+
+
+def _refresh_stream(c: sa.Connection, atom: str, host: str, fields: list[str], buckets: list[int]) -> None:
+    f = len(fields)
+    _save(c, atom, host, BASE, compute_base(c, atom, host, fields, buckets))
+    touched = set(buckets)
+    for level, up in itertools.pairwise(TIERS):
+        span = up // level
+        tops = sorted({b // span for b in touched})
+        children: dict[tuple[str, int], np.ndarray] = {}
+        for run in _runs(tops, gap=1):
+            children.update(stored(c, atom, [host], level, run[0] * span, (run[-1] + 1) * span - 1, f))
+        composed = {b: row for (_h, b), row in _compose(children, level).items()}
+        _save(c, atom, host, up, {t: composed.get(t) for t in tops})
+        touched = set(tops)
+
+
+def raw_ids(c: sa.Connection, atom: str, host: str, buckets: Sequence[int]) -> dict[int, list[int]]:
+    """The ids of the stream's raw readings in each of the given 5-minute buckets."""
+    o = observations.c
+    out: dict[int, list[int]] = {}
+    wanted = set(buckets)
+    for run in _runs(sorted(wanted)):
+        lo, hi = run[0] * BASE - 1.0, (run[-1] + 1) * BASE + 1.0  # a margin: bucket_of decides
+        for oid, ts in c.execute(sa.select(o.id, o.ts).where(o.atom == atom, _host_is(o.host, host),
+                                                             o.ts >= lo, o.ts < hi)):
+            b = bucket_of(ts)
+            if b in wanted:
+                out.setdefault(b, []).append(oid)
+    return out
+
+
+def fold(c: sa.Connection, atom: str, host: str, buckets: Sequence[int]) -> int:
+    """Delete the raw readings (and their scores) of whole, clean 5-minute buckets, keeping
+    each bucket's aggregate as its folded part; returns how many readings went.
+
+    The caller makes sure the buckets are not dirty: their stored aggregate is then exactly
+    what the deleted rows held, plus whatever was folded before.
+    """
+    ids = [i for group in raw_ids(c, atom, host, buckets).values() for i in group]
+    for chunk in range(0, len(ids), 900):
+        part = ids[chunk: chunk + 900]
+        c.execute(scores.delete().where(scores.c.observation_id.in_(part)))
+        c.execute(observations.delete().where(observations.c.id.in_(part)))
+    r = rollups.c
+    gone = list(buckets)
+    for chunk in range(0, len(gone), 900):
+        c.execute(rollups.update().where(r.atom == atom, r.host == host, r.tier == BASE,
+                                         r.bucket.in_(gone[chunk: chunk + 900])).values(folded=r.stats))
+    return len(ids)
