@@ -103,8 +103,9 @@ def cli_import(port: int, atom: str, path: Path) -> tuple[float, int]:
 
 
 class Hub:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *extra: str) -> None:
         self.folder = folder
+        self.extra = extra
         self.port, self.http = free_port(), free_port()
         self.log = open(folder / "hub.log", "ab")  # noqa: SIM115
         self.proc: subprocess.Popen[bytes] | None = None
@@ -116,7 +117,8 @@ class Hub:
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "kiri.hub.cli", "serve", "--data-dir", str(self.folder),
                                       "--port", str(self.port), "--http-port", str(self.http), "--log-level",
-                                      "info"], stdout=self.log, stderr=self.log)
+                                      os.environ.get("KIRI_BENCH_HUB_LOG", "info"), *self.extra],
+                                     stdout=self.log, stderr=self.log)
         wait_until(self._up, 600, what="hub")
 
     def _up(self) -> bool:
@@ -169,14 +171,21 @@ def settle(hub: Hub, what: str, timeout: float = 3600) -> float:
 @click.option("--task-days", default=365.0, show_default=True, type=click.FloatRange(0, 3650))
 @click.option("--repeat", default=10, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--skip-scoring", is_flag=True, help="Import and chart only (no training, no backfill).")
-def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, skip_scoring: bool) -> None:
+@click.option("--keep-raw", default="30d", show_default=True, help="The hub's --keep-raw.")
+def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, skip_scoring: bool,
+         keep_raw: str) -> None:
     with tempfile.TemporaryDirectory(prefix="kiri-year-") as tmp:
         folder = Path(tmp)
         print(f"{days:g} days, {hosts} host(s): writing data ...", flush=True)
         files = write_data(folder, days, hosts)
         total = sum(n for _, n in files.values())
-        hub = Hub(folder)
-        hub.start()
+        hub = Hub(folder, "--keep-raw", keep_raw)
+        hub.start()  # creates the database
+        if task_days:  # the hub is its file's only writer: the history goes in while it is stopped
+            hub.stop()
+            n = seed_tasks(folder / "kiri.db", task_days, time.time())
+            print(f"task history: {n:,} finished tasks written", flush=True)
+            hub.start()
         agents: list[subprocess.Popen[bytes]] = []
         try:
             seconds, peaks = 0.0, []
@@ -188,9 +197,6 @@ def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, ski
                       f"{peak / 2**20:.0f} MiB", flush=True)
             print(f"import: {total:,} obs in {seconds:.1f} s = {total / seconds:,.0f} obs/s; "
                   f"CLI peak RSS {max(peaks) / 2**20:.0f} MiB", flush=True)
-            if task_days:
-                n = seed_tasks(folder / "kiri.db", task_days, time.time())
-                print(f"task history: {n:,} finished tasks written", flush=True)
             print(f"database after import: {db_bytes(folder) / 2**20:.0f} MiB", flush=True)
             c = HubClient(("127.0.0.1", hub.port), role="cli", agent="bench")
             c.connect()
@@ -212,17 +218,19 @@ def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, ski
                 for atom in ATOMS:
                     c.enqueue("score", atom)
 
-                def scored() -> bool:
+                def scored() -> bool:  # cheap to ask: no score task waiting, every atom's newest reading scored
                     busy = hub.sql("select count(*) from tasks where kind = 'score' and status in "
                                    "('queued', 'leased')")[0][0]
-                    unscored = hub.sql("select count(*) from observations o where not exists "
-                                       "(select 1 from scores s where s.observation_id = o.id)")[0][0]
-                    return busy == 0 and unscored == 0
+                    newest = hub.sql("select count(*) from observations o where o.id in (select max(id) from "
+                                     "observations group by atom) and not exists (select 1 from scores s where "
+                                     "s.observation_id = o.id)")[0][0]
+                    return busy == 0 and newest == 0
 
                 wait_until(scored, 7200, interval=1.0, what="everything scored")
                 took = time.perf_counter() - t
-                n = hub.sql("select count(*) from scores")[0][0] - before
-                print(f"backfill: {n:,} scores in {took:.1f} s = {n / took:,.0f} obs/s end to end", flush=True)
+                n = total - before
+                print(f"backfill: {n:,} readings scored in {took:.1f} s = {n / took:,.0f} obs/s end to end",
+                      flush=True)
             c.close()
             for a in agents:
                 a.terminate()

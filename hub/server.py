@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -426,7 +427,11 @@ class Hub:
         self.rollup_running = True
 
         def roll(c: sa.Connection, _p: Any, env: Q.Env) -> int:
-            return RU.refresh(c, {s.name: [f.name for f in s.fields] for s in self.atoms.all()}, ROLLUP_BATCH)
+            t0 = time.perf_counter()
+            n = RU.refresh(c, {s.name: [f.name for f in s.fields] for s in self.atoms.all()}, ROLLUP_BATCH)
+            if n:
+                log.debug("rollups: %d bucket(s) recomputed (%.0f ms)", n, 1000 * (time.perf_counter() - t0))
+            return n
 
         def then(fut: asyncio.Future[Any]) -> None:
             self.rollup_running = False
@@ -448,17 +453,34 @@ class Hub:
         policy = self.settings.retention
 
         def prune(c: sa.Connection, _p: Any, env: Q.Env) -> dict[str, int]:
-            done = {"tasks": RT.prune_tasks(c, policy, env.now), "checkpoints": RT.prune_checkpoints(c, policy),
-                    "decisions": KEEP.prune_decisions(c, policy, env.now), "weights": KEEP.prune_weights(c, policy),
-                    "readings": self.raw_pruner.prune(c, policy, env.now)}
+            steps: dict[str, Callable[[], int]] = {
+                "tasks": lambda: RT.prune_tasks(c, policy, env.now),
+                "checkpoints": lambda: RT.prune_checkpoints(c, policy),
+                "decisions": lambda: KEEP.prune_decisions(c, policy, env.now),
+                "weights": lambda: KEEP.prune_weights(c, policy),
+                "readings": lambda: self.raw_pruner.prune(c, policy, env.now),
+            }
+            done, took = {}, {}
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                done[name] = step()
+                took[name] = 1000 * (time.perf_counter() - t0)
             if any(done.values()):
-                log.info("retention: deleted %s", ", ".join(f"{v} {k}" for k, v in done.items() if v))
-            done["free pages"] = dbmod.incremental_vacuum(c, policy.vacuum_pages)
+                log.info("retention: %s", ", ".join(f"{done[k]} {k} ({took[k]:.0f} ms)" for k in done
+                                                    if done[k] or took[k] > 5))
             return done
 
         def then(fut: asyncio.Future[Any]) -> None:
             self.prune_running = False
             self.prune_backlog = not fut.cancelled() and fut.exception() is None and any(fut.result().values())
+            try:  # between transactions: the space deleted rows held goes back to the file system
+                t0 = time.perf_counter()
+                free = dbmod.incremental_vacuum(self.db, policy.vacuum_pages)
+                if free or time.perf_counter() - t0 > 0.005:
+                    log.debug("retention: %d free pages left (%.0f ms)", free, 1000 * (time.perf_counter() - t0))
+                self.prune_backlog = self.prune_backlog or free > 0
+            except Exception:
+                log.exception("incremental vacuum failed; will retry")
             if self.prune_backlog:
                 self.loop.call_later(0.005, self._maybe_prune)
 

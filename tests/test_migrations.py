@@ -114,3 +114,40 @@ def test_streams_are_filled_from_an_existing_database_and_kept_equal_to_brute_fo
             got = {tuple(r) for r in c.exec_driver_sql("SELECT atom, host, n, first_ts, last_ts, last_id FROM streams")}
             assert got == _brute_streams(c)
     engine.dispose()
+
+
+def test_rollups_are_computed_for_an_existing_history_after_the_upgrade(tmp_path):
+    import random
+
+    import orjson
+
+    from kiri.hub.watch import rollups as R
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
+    migrate.upgrade(engine, "0010")  # a database from before rollups, with readings and scores
+    rng = random.Random(5)
+    fields = ("added", "completed", "switched", "hour", "weekday")
+    obs = [{"atom": "drift", "ts": 1_700_000_000.0 + rng.uniform(0, 3 * 86400), "host": rng.choice([None, "a"]),
+            "data": orjson.dumps({f: rng.randint(0, 6) for f in fields}).decode(), "created_at": 1.0}
+           for _ in range(2000)]
+    with engine.begin() as c:
+        c.execute(sa.text("INSERT INTO observations (atom, ts, host, data, created_at) "
+                          "VALUES (:atom, :ts, :host, :data, :created_at)"), obs)
+        c.execute(sa.text("INSERT INTO weights (id, atom, version, hash, blob, info, status, created_at) "
+                          "VALUES (1, 'drift', 1, 'h', x'00', '{}', 'active', 0)"))
+        c.execute(sa.text("INSERT INTO scores (observation_id, atom, weights_id, score, threshold, anomalous, "
+                          "surprise, created_at) SELECT id, 'drift', 1, id % 7, 3.0, id % 7 > 5, '[]', 0 "
+                          "FROM observations"))
+        before = {t: c.exec_driver_sql(f"SELECT count(*) FROM {t}").scalar() for t in ("observations", "scores")}
+    migrate.upgrade(engine)
+    with engine.begin() as c:
+        assert {t: c.exec_driver_sql(f"SELECT count(*) FROM {t}").scalar() for t in before} == before
+        buckets = {(h or "", R.bucket_of(o["ts"])) for o, h in ((o, o["host"]) for o in obs)}
+        assert c.exec_driver_sql("SELECT count(*) FROM rollup_dirty").scalar() == len(buckets)
+        while R.refresh(c, {"drift": fields}, limit=100):
+            pass
+        days = R.stored(c, "drift", None, 86400, 0, 10**6, len(fields))
+    assert sum(v[R.N] for v in days.values()) == 2000
+    assert sum(v[R.SCORED] for v in days.values()) == 2000
+    assert sum(v[R.ANOM] for v in days.values()) == sum(1 for i in range(1, 2001) if i % 7 > 5)
+    engine.dispose()

@@ -147,12 +147,15 @@ def ensure_incremental_vacuum(engine: Engine) -> bool:
 
 
 def incremental_vacuum(conn: sa.Connection, pages: int) -> int:
-    """Give up to ``pages`` free pages back to the file system; returns how many remain free."""
-    if conn.dialect.name != "sqlite" or conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() != 2:
+    """Give up to ``pages`` free pages back to the file system, in a transaction of its own
+    (call it between transactions); returns how many pages remain free.
+
+    Through ``executescript``: a plain ``execute`` steps the pragma once, and so frees one page.
+    """
+    if conn.dialect.name != "sqlite" or conn.in_transaction():
         return 0
-    cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cur.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()  # it runs as its rows are read
-        return int(cur.execute("PRAGMA freelist_count").fetchone()[0])
-    finally:
-        cur.close()
+    raw = conn.connection.dbapi_connection
+    if raw.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # type: ignore[union-attr]
+        return 0
+    raw.executescript(f"PRAGMA incremental_vacuum({int(pages)});")  # type: ignore[union-attr]
+    return int(raw.execute("PRAGMA freelist_count").fetchone()[0])  # type: ignore[union-attr]

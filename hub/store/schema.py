@@ -77,6 +77,9 @@ tasks = sa.Table(
         postgresql_where=sa.text("status IN ('queued', 'leased') AND dedupe_key IS NOT NULL"),
     ),
     sa.Index("ix_tasks_status_kind", "status", "kind"),
+    # retention walks finished tasks oldest first: a range of this index, whatever the table's size
+    sa.Index("ix_tasks_finished_at", "finished_at",
+             sqlite_where=sa.text("finished_at IS NOT NULL"), postgresql_where=sa.text("finished_at IS NOT NULL")),
     sa.Index("ix_tasks_parent_id", "parent_id"),
 )
 
@@ -277,6 +280,7 @@ decisions = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("task_id", "observation_id"),
     sa.Index("ix_decisions_created_at", "created_at"),
+    sa.Index("ix_decisions_observation_id", "observation_id"),  # retention: is a reading referred to?
 )
 
 labels = sa.Table(

@@ -8,8 +8,9 @@ batch is whole or absent.
   reading, so an imported year keeps its last month raw) are folded into the rollups and
   deleted, whole 5-minute buckets at a time (``rollups.fold``). A bucket stays raw while it
   is dirty (its rollup is being recomputed), while any reading in it is referenced by a
-  decision that is kept, or has not been scored yet and arrived within the window, and for
-  as long as a training task on its atom is running.
+  decision that is kept, while a reading in it or in the day after it has not been scored
+  yet (and arrived within the window: scoring reads the readings before it as context),
+  and for as long as a training task on its atom is running.
 - **Decisions** that said ``ok``, older than the raw window, with no label and no alert.
   Labelled decisions, alerts, suppressions and retrains stay forever.
 - **Weights versions**: kept are each atom's active version and its ancestors, the newest
@@ -19,6 +20,7 @@ batch is whole or absent.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ from kiri.hub.watch import rollups as R
 
 log = logging.getLogger("kiri.hub")
 
+CONTEXT_MARGIN = 86400.0  # seconds after a bucket whose unscored readings may still read it as context
 MAX_LOOKS = 8  # batches of raw readings one pass may look through for a bucket it can fold
 
 
@@ -101,20 +104,27 @@ class RawPruner:
         assert policy.raw is not None
         ids = [r.id for rows in by_bucket.values() for r in rows]
         keep: set[int] = set()  # reading ids that hold their bucket raw
-        scored: set[int] = set()
         for chunk in range(0, len(ids), 900):
-            part = ids[chunk: chunk + 900]
             keep.update(c.execute(sa.select(decisions.c.observation_id)
-                                  .where(decisions.c.observation_id.in_(part))).scalars())
-            scored.update(c.execute(sa.select(scores.c.observation_id)
-                                    .where(scores.c.observation_id.in_(part))).scalars())
+                                  .where(decisions.c.observation_id.in_(ids[chunk: chunk + 900]))).scalars())
+        # readings still to be scored need their predecessors as context: a bucket stays raw
+        # while a reading in it, or within CONTEXT_MARGIN after it, waits for its score
+        o, s = observations.c, scores.c
+        lo, hi = min(by_bucket) * R.BASE, (max(by_bucket) + 1) * R.BASE + CONTEXT_MARGIN
+        scored = sa.exists().where(s.observation_id == o.id)
+        pending = sorted(c.execute(sa.select(o.ts).where(
+            o.atom == atom, o.host.is_(None) if host == "" else o.host == host, o.ts >= lo, o.ts < hi,
+            o.created_at > now - policy.raw, ~scored)).scalars())
         d = rollup_dirty.c
         dirty = set(c.execute(sa.select(d.bucket).where(d.atom == atom, d.host == host,
                                                          d.bucket.in_(list(by_bucket)))).scalars())
-        fresh = now - policy.raw
-        return [b for b, rows in sorted(by_bucket.items())
-                if b not in dirty and not any(r.id in keep or (r.id not in scored and r.created_at > fresh)
-                                              for r in rows)]
+        out = []
+        for b, rows in sorted(by_bucket.items()):
+            start = b * R.BASE
+            waiting = bisect.bisect_left(pending, start) < bisect.bisect_left(pending, start + R.BASE + CONTEXT_MARGIN)
+            if b not in dirty and not waiting and not any(r.id in keep for r in rows):
+                out.append(b)
+        return out
 
 
 def prune_decisions(c: sa.Connection, policy: Retention, now: float) -> int:
@@ -125,7 +135,7 @@ def prune_decisions(c: sa.Connection, policy: Retention, now: float) -> int:
     ids = c.execute(sa.select(d.id).where(d.action == "ok", d.created_at < now - policy.raw,
                                           d.id.not_in(sa.select(labels.c.decision_id)),
                                           d.id.not_in(sa.select(alerts.c.decision_id)))
-                    .order_by(d.id).limit(policy.batch)).scalars().all()
+                    .order_by(d.created_at).limit(policy.batch)).scalars().all()
     if ids:
         c.execute(decisions.delete().where(d.id.in_(ids)))
     return len(ids)

@@ -6,8 +6,8 @@ Create Date: 2026-11-29
 
 Every 5-minute bucket that already holds readings is marked dirty, so the hub computes the
 rollups of an existing history in the background after the upgrade (charts are exact
-meanwhile: they compute dirty buckets on the fly). Also an index on ``scores.weights_id``,
-so retention can tell which weights versions still have scores.
+meanwhile: they compute dirty buckets on the fly). Also the indexes retention walks: scores
+by weights version, finished tasks by finish time, decisions by reading.
 """
 
 from collections.abc import Sequence
@@ -41,9 +41,14 @@ def upgrade() -> None:
     op.execute("INSERT INTO rollup_dirty (atom, host, bucket) "
                "SELECT DISTINCT atom, coalesce(host, ''), CAST(floor(ts / 300) AS BIGINT) FROM observations")
     op.create_index("ix_scores_weights_id", "scores", ["weights_id"])
+    op.create_index("ix_tasks_finished_at", "tasks", ["finished_at"], sqlite_where=sa.text("finished_at IS NOT NULL"),
+                    postgresql_where=sa.text("finished_at IS NOT NULL"))
+    op.create_index("ix_decisions_observation_id", "decisions", ["observation_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_decisions_observation_id", "decisions")
+    op.drop_index("ix_tasks_finished_at", "tasks")
     op.drop_index("ix_scores_weights_id", "scores")
     op.drop_table("rollup_dirty")
     op.drop_table("rollups")
