@@ -114,10 +114,10 @@ class Hub:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.http}"
 
-    def start(self) -> None:
+    def start(self, *more: str) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "kiri.hub.cli", "serve", "--data-dir", str(self.folder),
                                       "--port", str(self.port), "--http-port", str(self.http), "--log-level",
-                                      os.environ.get("KIRI_BENCH_HUB_LOG", "info"), *self.extra],
+                                      os.environ.get("KIRI_BENCH_HUB_LOG", "info"), *self.extra, *more],
                                      stdout=self.log, stderr=self.log)
         wait_until(self._up, 600, what="hub")
 
@@ -143,6 +143,36 @@ class Hub:
             return con.execute(q).fetchall()
         finally:
             con.close()
+
+
+LOADED = 20.0  # seconds of enqueues under read load
+
+
+def loaded_enqueues(hub: Hub, paths: list[str]) -> tuple[list[float], int]:
+    """Enqueue round trips every 10 ms while one client reads ``paths`` in a loop; the hub's peak RSS."""
+    c = HubClient(("127.0.0.1", hub.port), role="cli", agent="bench")
+    c.connect()
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for path in paths:
+                timed_get(hub.base + path)
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    rtt, peak = [], hub.rss()
+    end = time.monotonic() + LOADED
+    while time.monotonic() < end:
+        t = time.perf_counter()
+        c.enqueue("bench-noop", None, {})
+        rtt.append(time.perf_counter() - t)
+        peak = max(peak, hub.rss())
+        time.sleep(0.01)
+    stop.set()
+    th.join()
+    c.close()
+    return rtt, peak
 
 
 def db_bytes(folder: Path) -> int:
@@ -248,6 +278,8 @@ def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, ski
             year = "/api/v1/series?atom=pulse&points=1000"
             first, _ = timed_get(hub.base + year)
             print(f"\nafter a restart, the year chart's first call: {1000 * first:.1f} ms", flush=True)
+            wait_until(lambda: timed_get(hub.base + year)[0] < 1.0, 60, what="the chart workers")
+            time.sleep(3.0)  # the read workers are up
             last_t = hub.sql("select max(ts) from observations where atom = 'pulse'")[0][0]
             pages = {
                 "year chart, pulse, 1000 points": year,
@@ -264,35 +296,19 @@ def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, ski
                 print(f"  {name:34s} {1000 * statistics.median(r[0] for r in runs):8.1f} ms "
                       f"{len(runs[0][1]):>10,} bytes", flush=True)
 
-            c = HubClient(("127.0.0.1", hub.port), role="cli", agent="bench")
-            c.connect()
-            stop = threading.Event()
-
-            def reader() -> None:
-                while not stop.is_set():
-                    for path in pages.values():
-                        timed_get(hub.base + path)
-
-            readers = [threading.Thread(target=reader, daemon=True) for _ in range(2)]
-            for th in readers:
-                th.start()
-            rtt, peak = [], hub.rss()
-            end = time.monotonic() + 20
-            while time.monotonic() < end:
-                t = time.perf_counter()
-                c.enqueue("bench-noop", None, {})
-                rtt.append(time.perf_counter() - t)
-                peak = max(peak, hub.rss())
-                time.sleep(0.01)
-            stop.set()
-            for th in readers:
-                th.join()
-            c.close()
-            q = statistics.quantiles(rtt, n=100)
-            print(f"\nenqueue every 10 ms while 2 clients read charts, status and /metrics ({len(rtt)} enqueues): "
-                  f"p50 {1000 * statistics.median(rtt):.2f} ms, p99 {1000 * q[98]:.2f} ms, "
-                  f"max {1000 * max(rtt):.1f} ms")
-            print(f"hub RSS with the year loaded and charts open: {peak / 2**20:.0f} MiB")
+            print(f"\nenqueue every 10 ms for {LOADED:g} s while a client reads charts, status and /metrics:")
+            for label, procs, paths in (("reads in worker processes (default)", "2", list(pages.values())),
+                                        ("reads in hub threads", "0", list(pages.values())),
+                                        ("floor: the client reads /healthz only", "2", ["/healthz"])):
+                hub.stop()
+                hub.start("--read-processes", procs)
+                wait_until(lambda: timed_get(hub.base + year)[0] < 1.0, 60, what="the chart workers")
+                time.sleep(3.0)
+                rtt, peak = loaded_enqueues(hub, paths)
+                q = statistics.quantiles(rtt, n=100)
+                print(f"  {label:36s} p50 {1000 * statistics.median(rtt):.2f} ms, p99 {1000 * q[98]:.2f} ms, "
+                      f"max {1000 * max(rtt):.1f} ms ({len(rtt)} enqueues); hub RSS {peak / 2**20:.0f} MiB "
+                      "(its read workers not counted)", flush=True)
         finally:
             for a in agents:
                 a.terminate()

@@ -117,12 +117,15 @@ def main() -> None:
 @click.option("--keep-weights", "keep_weights", default="5", show_default=True, callback=_versions,
               help="Newest weights versions kept per atom, besides the active one and its ancestors; 'all' "
                    "keeps every version.")
+@click.option("--read-processes", default=2, show_default=True, type=click.IntRange(0, 64),
+              help="Worker processes that serve the dashboard's charts and status pages, so heavy reads never "
+                   "hold the hub's loop; 0 serves them from threads of the hub itself.")
 @log_option
 def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: str | None,
           http_port: int, no_http: bool, synchronous: str, lease_ttl: float, backoff_base: float, backoff_cap: float,
           max_line: int, max_connections: int, max_per_address: int, hello_timeout: float,
           wal_limit: float, tick: float, keep_tasks: float | None, keep_raw: float | None,
-          keep_weights: int | None, log_level: str) -> None:
+          keep_weights: int | None, read_processes: int, log_level: str) -> None:
     """Run the hub until SIGTERM/SIGINT."""
     setup_logging(log_level)
     if not config.is_loopback(host) and not token:
@@ -138,6 +141,7 @@ def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: st
         wal_max_bytes=int(wal_limit * (1 << 20)), http_port=None if no_http else http_port,
         queue=QueueSettings(lease_ttl=lease_ttl, backoff_base=backoff_base, backoff_cap=backoff_cap),
         retention=Retention(finished_tasks=keep_tasks, raw=keep_raw, weights=keep_weights),
+        read_processes=read_processes,
     )
     lock = _lock(url)
     try:

@@ -77,6 +77,7 @@ class HubSettings:
     http_host: str | None = None  # default: the same address as the TCP side
     retention: Retention = field(default_factory=Retention)
     prune_every: float = 60.0  # seconds between retention passes (sooner while a backlog drains)
+    read_processes: int = 2  # worker processes for the dashboard's heavy reads (0: threads only)
 
 
 def _raise(_c: sa.Connection, err: RpcError, _env: Q.Env) -> None:
@@ -112,7 +113,7 @@ class Hub:
         self.timers = Timers(self.loop, settings.tick, self._on_due, self._tick)
         self.events = EventBus()
         self.metrics = HubMetrics()
-        self.reader = Reader(settings.db_url)
+        self.reader = Reader(settings.db_url, processes=settings.read_processes)
         self.http: HttpFace | None = None
         handlers = hub_methods.bind(self)
         self.methods: dict[str, tuple[type[BaseModel], Handler]] = {
@@ -137,6 +138,7 @@ class Hub:
         if self.settings.http_port is not None:
             self.http = HttpFace(self)
             await self.http.start(self.settings.http_host or self.settings.host, self.settings.http_port)
+            self.reader.warm()  # the chart workers start now, not at the first chart
 
     @property
     def bound_port(self) -> int:

@@ -186,3 +186,27 @@ def metrics_snapshot(c: sa.Connection, reg: AtomRegistry, db_url: str, now: floa
     return {"tasks": counts(c), "outcomes": outcomes, "pruned": RT.totals(c), "training": training, "atoms": atoms_out,
             "nerve": None if last is None else {"action": last.action, "time": last.created_at},
             "agents": roles, "files": dbmod.file_sizes(db_url)}
+
+
+# --- pages for the read worker processes (``Reader.run_json``) ------------------------------
+# Module-level and taking plain values, so they pickle; each reads the atom registry itself.
+
+def _registry(c: sa.Connection) -> AtomRegistry:
+    reg = AtomRegistry()
+    reg.load(c)
+    return reg
+
+
+def status_page(c: sa.Connection, now: float, retention: Retention | None) -> dict[str, Any]:
+    return status(c, _registry(c), now, retention)
+
+
+def series_page(c: sa.Connection, atom: str, host: str | None, since: float | None, until: float | None,
+                points: int) -> dict[str, Any]:
+    return series(c, _registry(c), atom, host, since, until, points)
+
+
+def history_page(c: sa.Connection, p: Any, env: Any) -> dict[str, Any]:
+    from kiri.hub.watch.scoring import history
+
+    return history(_registry(c), c, p, env)

@@ -14,12 +14,11 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from kiri.hub.core import queue as Q
-from kiri.hub.watch import scoring as SC
 from kiri.hub.watch import views as V
 from kiri.hub.watch import weights as W
 from kiri.hub.watch.decisions import list_decisions
 from kiri.hub.web import streams
-from kiri.hub.web.common import NoQuery, Query, Route, body, hub_of, ok, path_int, query, read
+from kiri.hub.web.common import NoQuery, Query, Route, body, hub_of, ok, path_int, query, read, read_page
 from kiri.hub.web.streams import ProgressQuery
 from kiri.importing import clock_fields
 from kiri.protocol import InvalidParams, NotFound
@@ -71,7 +70,7 @@ def _atom(req: web.Request, name: str) -> str:
 async def get_status(req: web.Request) -> web.Response:
     query(req, NoQuery)
     hub = hub_of(req)
-    return ok(await read(req, V.status, hub.atoms, time.time(), hub.settings.retention))
+    return await read_page(req, V.status_page, time.time(), hub.settings.retention)
 
 
 async def get_atoms(req: web.Request) -> web.Response:
@@ -82,17 +81,14 @@ async def get_atoms(req: web.Request) -> web.Response:
 
 async def get_history(req: web.Request) -> web.Response:
     p = query(req, P.History)
-    hub = hub_of(req)
-    env = _env(req)
-    return ok(await read(req, lambda c: SC.history(hub.atoms, c, p, env)))
+    return await read_page(req, V.history_page, p, _env(req))
 
 
 async def get_series(req: web.Request) -> web.Response:
     p = query(req, SeriesQuery)
     if p.since is not None and p.until is not None and p.until < p.since:
         raise InvalidParams("until must not be before since")
-    hub = hub_of(req)
-    return ok(await read(req, V.series, hub.atoms, p.atom, p.host, p.since, p.until, p.points))
+    return await read_page(req, V.series_page, p.atom, p.host, p.since, p.until, p.points)
 
 
 async def get_observation(req: web.Request) -> web.Response:

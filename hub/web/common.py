@@ -158,3 +158,10 @@ def path_int(req: web.Request, name: str) -> int:
 async def read(req: web.Request, fn: Callable[..., Any], *args: Any) -> Any:
     """Run a read-only query on the hub's reader (never the writing connection)."""
     return await hub_of(req).reader.run(fn, *args)
+
+
+async def read_page(req: web.Request, fn: Callable[..., Any], *args: Any) -> web.Response:
+    """A heavy read (a chart, the status page) in a read worker process, answered as JSON
+    encoded there: the hub's loop only passes the bytes on."""
+    body = await hub_of(req).reader.run_json(fn, *args)
+    return web.Response(body=body, content_type="application/json")

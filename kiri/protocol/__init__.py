@@ -40,6 +40,10 @@ class RpcError(Exception):
         if code is not None:
             self.code = code
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickles whole (a read worker process raises it; the hub answers with it)."""
+        return self.__class__, (self.message, self.data, self.__dict__.get("code"))
+
     def to_wire(self) -> dict[str, Any]:
         err: dict[str, Any] = {"code": int(self.code), "message": self.message}
         if self.data is not None:
