@@ -250,7 +250,9 @@ def test_retrain_and_feedback_write_through_the_protocol(watched):
 
 @pytest.fixture
 def web_hub(hub_factory):
-    return hub_factory("--lease-ttl", "2", "--tick", "0.05", http=True)
+    # raw readings kept forever: these tests post readings at any time, and retention's own
+    # deletes (tested in test_retention.py) would make "a GET changed nothing" untestable
+    return hub_factory("--lease-ttl", "2", "--tick", "0.05", "--keep-raw", "forever", http=True)
 
 
 def _db_digest(path) -> str:
