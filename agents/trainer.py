@@ -19,13 +19,13 @@ from typing import Any
 
 from kiri.agents.client import schema_from_atoms
 from kiri.agents.handlers import TaskContext, TaskError
+from kiri.config import TRAIN_WINDOW  # inside the hub's raw window (30 days): always whole
 from kiri.model.schema import NERVE_INPUTS
 from kiri.protocol import RpcError
 
 log = logging.getLogger("kiri.trainer")
 
 PAGE = 5000
-TRAIN_WINDOW = 14 * 86400.0  # the hub's retention keeps 30 days raw: the window is always whole
 TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "context", "holdout", "trim", "patience")
 
 

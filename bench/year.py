@@ -202,10 +202,13 @@ def settle(hub: Hub, what: str, timeout: float = 3600) -> float:
 @click.option("--repeat", default=10, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--skip-scoring", is_flag=True, help="Import and chart only (no training, no backfill).")
 @click.option("--keep-raw", default="30d", show_default=True, help="The hub's --keep-raw.")
+@click.option("--keep-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Work in this folder and leave it there (the database, the hub's log) instead of a temp one.")
 def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, skip_scoring: bool,
-         keep_raw: str) -> None:
+         keep_raw: str, keep_dir: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="kiri-year-") as tmp:
-        folder = Path(tmp)
+        folder = Path(tmp) if keep_dir is None else keep_dir
+        folder.mkdir(parents=True, exist_ok=True)
         print(f"{days:g} days, {hosts} host(s): writing data ...", flush=True)
         files = write_data(folder, days, hosts)
         total = sum(n for _, n in files.values())

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from kiri import config
+from kiri.config import TRAIN_WINDOW
 from kiri.hub.core.queue import QueueSettings
 from kiri.hub.core.retention import Retention
 from kiri.hub.core.transport import Limits
@@ -134,6 +135,9 @@ def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: st
             "run tasks. Pass --token (or set KIRI_TOKEN), or listen on 127.0.0.1."
         )
     url = resolve_db(db, data_dir)
+    if keep_raw is not None and keep_raw < TRAIN_WINDOW:
+        log.warning("--keep-raw %s is shorter than the trainers' default window (%g days): they will train on "
+                    "what is kept", keep_raw, TRAIN_WINDOW / 86400)
     settings = HubSettings(
         db_url=url, host=host, port=port, token=token or None, tick=tick,
         limits=Limits(max_line=max_line, max_connections=max_connections, max_per_address=max_per_address,

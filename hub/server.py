@@ -102,7 +102,7 @@ class Hub:
         self.db: sa.Connection = engine.connect()
         self.last_wal_checkpoint = time.monotonic()
         self.last_prune = 0.0  # the first tick prunes
-        self.prune_backlog = False
+        self.prune_busy: set[str] = set()  # retention steps that found work last time (repeated soon)
         self.rollup_running = False
         self.prune_running = False
         self.raw_pruner = KEEP.RawPruner()
@@ -422,7 +422,7 @@ class Hub:
 
     def _maybe_rollup(self) -> None:
         """Recompute one bounded batch of dirty rollup buckets (``rollups.refresh``). While a
-        backlog drains (an import, a backfill) the next batch follows a moment after this one
+        backlog drains (an import, a backfill) the next batch follows soon after this one
         commits, so requests that arrive meanwhile go first."""
         if self.rollup_running or self.closing:
             return
@@ -435,37 +435,45 @@ class Hub:
                 log.debug("rollups: %d bucket(s) recomputed (%.0f ms)", n, 1000 * (time.perf_counter() - t0))
             return n
 
+        started = time.perf_counter()
+
         def then(fut: asyncio.Future[Any]) -> None:
             self.rollup_running = False
             if not fut.cancelled() and fut.exception() is None and fut.result() >= ROLLUP_BATCH:
-                self.loop.call_later(0.005, self._maybe_rollup)
+                # after a pause as long as the batch took: requests keep at least half the loop
+                self.loop.call_later(max(0.005, time.perf_counter() - started), self._maybe_rollup)
 
         self._await(Op(None, None, "rollup", None, roll, reply=False)).add_done_callback(then)
 
     def _maybe_prune(self) -> None:
         """One retention pass (every step a bounded batch, in one transaction): every
-        ``prune_every`` seconds, or, while the last pass found work (after an upgrade, a long
-        stop or a big import), again a moment after it commits, so requests go first."""
+        ``prune_every`` seconds, or, while steps still find work (after an upgrade, a long stop
+        or a big import), again after a pause as long as the pass took, so requests keep at
+        least half the loop. A step that found nothing waits for the next full pass."""
         if self.prune_running or self.closing:
             return
-        if not self.prune_backlog and time.monotonic() - self.last_prune < self.settings.prune_every:
+        full = time.monotonic() - self.last_prune >= self.settings.prune_every
+        if not full and not self.prune_busy:
             return
-        self.last_prune = time.monotonic()
+        if full:
+            self.last_prune = time.monotonic()
         self.prune_running = True
         policy = self.settings.retention
+        every: dict[str, Callable[[sa.Connection, float], int]] = {
+            "tasks": lambda c, now: RT.prune_tasks(c, policy, now),
+            "checkpoints": lambda c, now: RT.prune_checkpoints(c, policy),
+            "decisions": lambda c, now: KEEP.prune_decisions(c, policy, now),
+            "weights": lambda c, now: KEEP.prune_weights(c, policy),
+            "readings": lambda c, now: self.raw_pruner.prune(c, policy, now),
+        }
+        steps = every if full else {k: v for k, v in every.items() if k in self.prune_busy}
+        started = time.perf_counter()
 
         def prune(c: sa.Connection, _p: Any, env: Q.Env) -> dict[str, int]:
-            steps: dict[str, Callable[[], int]] = {
-                "tasks": lambda: RT.prune_tasks(c, policy, env.now),
-                "checkpoints": lambda: RT.prune_checkpoints(c, policy),
-                "decisions": lambda: KEEP.prune_decisions(c, policy, env.now),
-                "weights": lambda: KEEP.prune_weights(c, policy),
-                "readings": lambda: self.raw_pruner.prune(c, policy, env.now),
-            }
             done, took = {}, {}
             for name, step in steps.items():
                 t0 = time.perf_counter()
-                done[name] = step()
+                done[name] = step(c, env.now)
                 took[name] = 1000 * (time.perf_counter() - t0)
             if any(done.values()):
                 log.info("retention: %s", ", ".join(f"{done[k]} {k} ({took[k]:.0f} ms)" for k in done
@@ -474,17 +482,16 @@ class Hub:
 
         def then(fut: asyncio.Future[Any]) -> None:
             self.prune_running = False
-            self.prune_backlog = not fut.cancelled() and fut.exception() is None and any(fut.result().values())
+            ok = not fut.cancelled() and fut.exception() is None
+            self.prune_busy = {k for k, n in fut.result().items() if n} if ok else set()
             try:  # between transactions: the space deleted rows held goes back to the file system
-                t0 = time.perf_counter()
                 free = dbmod.incremental_vacuum(self.db, policy.vacuum_pages)
-                if free or time.perf_counter() - t0 > 0.005:
-                    log.debug("retention: %d free pages left (%.0f ms)", free, 1000 * (time.perf_counter() - t0))
-                self.prune_backlog = self.prune_backlog or free > 0
+                if free:
+                    self.prune_busy.add("vacuum")
             except Exception:
                 log.exception("incremental vacuum failed; will retry")
-            if self.prune_backlog:
-                self.loop.call_later(0.005, self._maybe_prune)
+            if self.prune_busy:
+                self.loop.call_later(max(0.005, time.perf_counter() - started), self._maybe_prune)
 
         self._await(Op(None, None, "prune", None, prune, reply=False)).add_done_callback(then)
 

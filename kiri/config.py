@@ -10,6 +10,7 @@ from pathlib import Path
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7746
 DEFAULT_HTTP_PORT = 7745
+TRAIN_WINDOW = 14 * 86400.0  # seconds of recent readings a train task reads by default (inside the raw window)
 
 
 def data_dir() -> Path:

@@ -225,3 +225,24 @@ def test_training_reads_each_host_as_its_own_stream_in_time_order(hub, agents_fa
     assert info["fingerprint"] != data_fingerprint(Codec.fit(S.PULSE, stored).encode(stored))
     assert set(info["hosts"]) == {"a", "b"} and info["hosts"]["b"]["n"] == len(b.rows)
     c.close()
+
+
+def test_training_reads_a_window_of_recent_readings(hub, agents_factory):
+    """By default the last 14 days (retention keeps 30 raw), counted back from the newest reading."""
+    rows = synth.generate("pulse", 20.0, seed=3, interval=3600.0).rows  # hourly, twenty days
+    c = hub.client()
+    c.call("observe", {"atom": "pulse", "observations": [{"values": r, "time": 1704067200.0 + 3600 * i}
+                                                         for i, r in enumerate(rows)]})
+    agent = _trainer(agents_factory, hub)
+    got = {}
+    for window, params in (("default", {}), ("5 days", {"window": 5 * 86400}), ("all", {"window": "all"})):
+        tid = c.enqueue("train", "pulse", {"steps": 5, "gate_margin": 1.0, **params})["task_id"]
+        wait_until(lambda tid=tid: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 120,
+                   what=f"trained on {window}")
+        got[window] = c.call("task", {"task_id": tid})["task"]["result"]["observations"]
+    assert got == {"default": 14 * 24 + 1, "5 days": 5 * 24 + 1, "all": len(rows)}
+    bad = c.enqueue("train", "pulse", {"steps": 5, "window": "soon"})["task_id"]
+    wait_until(lambda: hub.sql("select status from tasks where id=?", bad)[0][0] == "dead", 60, what="refused")
+    assert "window must be seconds" in hub.sql("select error from tasks where id=?", bad)[0][0]
+    agent.stop()
+    c.close()

@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from kiri.config import TRAIN_WINDOW
 from kiri.hub.store.schema import checkpoints, task_totals, tasks, weights
 
 FINISHED = ("done", "dead", "cancelled")
@@ -22,7 +23,6 @@ FINISHED = ("done", "dead", "cancelled")
 
 DAY = 86400.0
 RAW_DEFAULT = 30 * DAY
-TRAIN_WINDOW = 14 * DAY  # what trainers read by default: inside the raw window, so retention keeps it
 
 
 @dataclass(frozen=True)
