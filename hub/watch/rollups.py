@@ -14,8 +14,10 @@ How they stay exact (``tests/test_rollups.py`` checks them against brute force):
 - ``refresh`` recomputes a bounded batch of dirty buckets from the raw rows, then the hours
   and days above them from the 5-minute rows (sums, minima and maxima compose exactly).
 - Retention deletes a 5-minute bucket's raw rows only whole, and in the same transaction
-  copies the bucket's aggregate into its ``folded`` column. A late reading in a bucket
-  whose raw rows are gone is then ``folded ⊕ raw``: nothing folded is lost or counted twice.
+  marks the bucket's aggregate as folded (``folded``: empty for "all of it", so no second
+  copy is stored). A late reading in a bucket whose raw rows are gone is then
+  ``folded ⊕ raw`` (the folded part written out first): nothing folded is lost or counted
+  twice.
 - Reads never wait for ``refresh``: a chart computes the few dirty buckets in its range
   on the fly, so it is exact the moment a reading is stored.
 """
@@ -235,15 +237,27 @@ def _runs(sorted_idx: list[int], gap: int = 12) -> list[list[int]]:
     return runs
 
 
+ALL_FOLDED = b""  # ``folded`` when the whole aggregate is folded (no raw rows left): no second copy
+
+
 def _folded(c: sa.Connection, atom: str, host: str, buckets: list[int], n_fields: int) -> dict[int, np.ndarray]:
     r = rollups.c
     out: dict[int, np.ndarray] = {}
     for chunk in range(0, len(buckets), 900):
-        for idx, blob in c.execute(sa.select(r.bucket, r.folded).where(
+        for idx, blob, stats in c.execute(sa.select(r.bucket, r.folded, r.stats).where(
                 r.atom == atom, r.host == host, r.tier == BASE, r.bucket.in_(buckets[chunk: chunk + 900]),
                 r.folded.is_not(None))):
-            out[idx] = decode([blob], n_fields)[0]
+            out[idx] = decode([stats if blob == ALL_FOLDED else blob], n_fields)[0]
     return out
+
+
+def _materialize_folds(c: sa.Connection, atom: str, host: str, buckets: list[int]) -> None:
+    """Before their aggregates change, buckets marked all-folded keep their folded part explicitly."""
+    r = rollups.c
+    for chunk in range(0, len(buckets), 900):
+        c.execute(rollups.update().where(r.atom == atom, r.host == host, r.tier == BASE,
+                                         r.bucket.in_(buckets[chunk: chunk + 900]), r.folded == ALL_FOLDED)
+                  .values(folded=r.stats))
 
 
 def stored(c: sa.Connection, atom: str, hosts: Sequence[str] | None, tier: int, lo: int, hi: int,
@@ -256,6 +270,28 @@ def stored(c: sa.Connection, atom: str, hosts: Sequence[str] | None, tier: int, 
     rows = c.execute(q).all()
     stats = decode([x[2] for x in rows], n_fields)
     return {(x[0], x[1]): stats[i] for i, x in enumerate(rows)}
+
+
+def view_arrays(c: sa.Connection, atom: str, hosts: Sequence[str] | None, fields: Sequence[str], tier: int,
+                lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """``view`` as (bucket indexes, aggregate rows), every host's rows together: straight
+    from the table when no bucket in range is dirty (the usual case), else through ``view``."""
+    d, r = rollup_dirty.c, rollups.c
+    span = tier // BASE
+    q = sa.select(d.bucket).where(d.atom == atom, d.bucket >= lo * span, d.bucket < (hi + 1) * span)
+    if hosts is not None:
+        q = q.where(d.host.in_(list(hosts)))
+    if c.execute(q.limit(1)).first() is not None:
+        got = view(c, atom, hosts, fields, tier, lo, hi)
+        keys = list(got)
+        return (np.array([k[1] for k in keys], dtype=np.int64),
+                np.stack([got[k] for k in keys]) if keys else np.empty((0, width(len(fields)))))
+    q2 = sa.select(r.bucket, r.stats).where(r.atom == atom, r.tier == tier, r.bucket >= lo, r.bucket <= hi)
+    if hosts is not None:
+        q2 = q2.where(r.host.in_(list(hosts)))
+    rows = c.execute(q2).all()
+    return (np.fromiter((x[0] for x in rows), dtype=np.int64, count=len(rows)),
+            decode([x[1] for x in rows], len(fields)))
 
 
 def _compose(children: dict[tuple[str, int], np.ndarray], tier: int) -> dict[tuple[str, int], np.ndarray]:
@@ -361,6 +397,7 @@ def refresh(c: sa.Connection, fields_of: dict[str, Sequence[str]], limit: int = 
 
 def _refresh_stream(c: sa.Connection, atom: str, host: str, fields: list[str], buckets: list[int]) -> None:
     f = len(fields)
+    _materialize_folds(c, atom, host, buckets)
     _save(c, atom, host, BASE, compute_base(c, atom, host, fields, buckets))
     touched = set(buckets)
     for level, up in itertools.pairwise(TIERS):
@@ -405,5 +442,5 @@ def fold(c: sa.Connection, atom: str, host: str, buckets: Sequence[int]) -> int:
     gone = list(buckets)
     for chunk in range(0, len(gone), 900):
         c.execute(rollups.update().where(r.atom == atom, r.host == host, r.tier == BASE,
-                                         r.bucket.in_(gone[chunk: chunk + 900])).values(folded=r.stats))
+                                         r.bucket.in_(gone[chunk: chunk + 900])).values(folded=ALL_FOLDED))
     return len(ids)

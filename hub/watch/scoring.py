@@ -87,14 +87,16 @@ def stream_context(c: sa.Connection, atom: str, todo: list[sa.Row], k: int) -> l
         same = o.host.is_(None) if host is None else o.host == host
         first = min(rows, key=lambda r: (r.ts, r.id))
         last = max(rows, key=lambda r: (r.ts, r.id))
-        before = sa.or_(o.ts < first.ts, sa.and_(o.ts == first.ts, o.id < first.id))
+        # each (ts, id) bound also as a plain range on ts, so SQLite walks the stream index's
+        # range instead of the stream's whole history (an OR alone defeats the index)
+        before = sa.and_(o.ts <= first.ts, sa.or_(o.ts < first.ts, o.id < first.id))
         if k:
             prior = c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.atom == atom, same, before)
                               .order_by(o.ts.desc(), o.id.desc()).limit(k)).all()
             out.extend(r for r in reversed(prior) if r.id not in ids)
         if len(rows) > 1:
-            after_first = sa.or_(o.ts > first.ts, sa.and_(o.ts == first.ts, o.id > first.id))
-            before_last = sa.or_(o.ts < last.ts, sa.and_(o.ts == last.ts, o.id < last.id))
+            after_first = sa.and_(o.ts >= first.ts, sa.or_(o.ts > first.ts, o.id > first.id))
+            before_last = sa.and_(o.ts <= last.ts, sa.or_(o.ts < last.ts, o.id < last.id))
             # ids first (the stream index covers them): in time-ordered data these are just
             # the batch's own rows, and nothing more is read
             between = c.execute(sa.select(o.id).where(o.atom == atom, same, after_first, before_last)
@@ -126,8 +128,10 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     if w.atom != p.atom:
         raise InvalidParams(f"weights {p.weights_id} belong to {w.atom!r}, not {p.atom!r}")
     ids = [s.observation_id for s in p.scores]
-    found = c.execute(sa.select(observations.c.id, observations.c.host, observations.c.ts).where(
-        observations.c.id.in_(ids), observations.c.atom == p.atom)).all()
+    # by id alone (rowid lookups); with the atom in the WHERE, SQLite may walk the atom's index
+    found = [r for r in c.execute(sa.select(observations.c.id, observations.c.host, observations.c.ts,
+                                            observations.c.atom).where(observations.c.id.in_(ids)))
+             if r.atom == p.atom]
     host_of = {r.id: r.host for r in found}
     missing = [i for i in ids if i not in host_of]
     if missing:

@@ -25,11 +25,10 @@ from kiri.hub.watch import rollups as R
 RAW_MAX = 20_000  # raw readings one chart reads at most; past that it reads the 5-minute tier
 
 
-def _column(a: np.ndarray) -> list[Any]:
-    """A numpy column as JSON-ready values; missing ones (NaN, ±inf) as null."""
-    if a.dtype.kind == "f":
-        return [x if math.isfinite(x) else None for x in a.tolist()]
-    return a.tolist()
+def _column(a: np.ndarray) -> np.ndarray:
+    """A numpy column, encoded by orjson (``OPT_SERIALIZE_NUMPY``) with NaN and ±inf as null:
+    no Python object per value."""
+    return np.ascontiguousarray(a)
 
 
 def _streams(c: sa.Connection, atom: str, host: str | None) -> list[sa.Row]:
@@ -75,8 +74,8 @@ def series(c: sa.Connection, atom: str, fields: Sequence[str], host: str | None,
         out.update(_raw(c, atom, fields, host, lo, hi, points))
         return out
     tier = max(t for t in R.TIERS if t <= max(width, R.BASE))
-    rows = R.view(c, atom, hosts, fields, tier, R.bucket_of(lo, tier), R.bucket_of(hi, tier))
-    out.update(_tiered(rows, tier, lo, width, points, fields))
+    idx, stats = R.view_arrays(c, atom, hosts, fields, tier, R.bucket_of(lo, tier), R.bucket_of(hi, tier))
+    out.update(_tiered(idx, stats, tier, lo, width, points, fields))
     return out
 
 
@@ -117,17 +116,16 @@ def _raw(c: sa.Connection, atom: str, fields: Sequence[str], host: str | None, l
     return out
 
 
-def _tiered(rows: dict[tuple[str, int], np.ndarray], tier: int, lo: float, width: float, points: int,
+def _tiered(idx: np.ndarray, stats: np.ndarray, tier: int, lo: float, width: float, points: int,
             fields: Sequence[str]) -> dict[str, Any]:
-    """Rollup rows (of every host asked for) merged into ``points`` time buckets."""
-    if not rows:
+    """Rollup rows (bucket indexes, aggregates; of every host asked for) merged into ``points``
+    time buckets."""
+    if len(idx) == 0:
         return {"count": 0, "bucket": width, "tier": tier, **_empty(fields)}
-    keys = sorted(rows, key=lambda k: k[1])
-    idx = np.array([k[1] for k in keys], dtype=np.int64)
     start = idx.astype(np.float64) * tier
     group = np.clip(np.floor((start - lo) / width), 0, points - 1).astype(np.int64) if width > 0 else idx * 0
     order = np.argsort(group, kind="stable")
-    _, merged = R.reduce(np.stack([rows[keys[i]] for i in order]), group[order])
+    _, merged = R.reduce(stats[order], group[order])
     first = start[order][np.flatnonzero(np.r_[True, group[order][1:] != group[order][:-1]])]
     max_id = merged[:, R.MAX_ID]
     return {"count": int(merged[:, R.N].sum()), "bucket": width, "tier": tier, **_columns(merged, fields),

@@ -50,6 +50,9 @@ class _Snapshot(Collector):
         for row in s["tasks"]:
             if row["status"] in ("done", "dead", "cancelled"):
                 ended[(row["kind"], row["status"])] += row["count"]
+        for kind in {k for k, _ in seen}:  # a kind that never stumbled reads 0
+            ended[(kind, "failed_attempt")] += 0
+            ended[(kind, "lease_expired")] += 0
         for row in [*s["outcomes"], *s.get("pruned", [])]:
             ended[(row["kind"], "failed_attempt")] += row["failures"]
             ended[(row["kind"], "lease_expired")] += row["expiries"]
