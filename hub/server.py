@@ -37,6 +37,7 @@ from kiri.hub.watch import keep as KEEP
 from kiri.hub.watch import observations as O
 from kiri.hub.watch import rollups as RU
 from kiri.hub.watch import schedules as SCH
+from kiri.hub.watch import views as V
 from kiri.hub.web.app import HttpFace
 from kiri.hub.web.metrics import HubMetrics
 from kiri.protocol import (
@@ -138,7 +139,7 @@ class Hub:
         if self.settings.http_port is not None:
             self.http = HttpFace(self)
             await self.http.start(self.settings.http_host or self.settings.host, self.settings.http_port)
-            self.reader.warm()  # the chart workers start now, not at the first chart
+            self.reader.warm(V.warm_up)  # the chart workers start now, not at the first chart
 
     @property
     def bound_port(self) -> int:

@@ -212,3 +212,12 @@ def history_page(c: sa.Connection, p: Any, env: Any) -> dict[str, Any]:
     from kiri.hub.watch.scoring import history
 
     return history(_registry(c), c, p, env)
+
+
+def warm_up(c: sa.Connection) -> None:
+    """Each atom's whole-range chart and the status page, once, answered to no one: the
+    statements compile and the pages are read before the first person asks."""
+    reg = _registry(c)
+    for schema in reg.all_committed():
+        series(c, reg, schema.name, None, None, None, 1000)
+    status(c, reg, 0.0, None)
