@@ -30,11 +30,12 @@ from bench._hub import running_hub
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(port: int, path: Path, cwd: Path) -> tuple[float, int]:
-    """Seconds and peak RSS (bytes) of one ``kiri observe pulse --file PATH``."""
-    env = {**os.environ, "KIRI_HUB": f"127.0.0.1:{port}", "PYTHONPATH": str(cwd)}
+def run_cli(port: int, path: Path, cwd: Path | None = None, atom: str = "pulse") -> tuple[float, int]:
+    """Seconds and peak RSS (bytes) of one ``kiri observe ATOM --file PATH`` (``cwd``: another
+    checkout's kiri package)."""
+    env = {**os.environ, "KIRI_HUB": f"127.0.0.1:{port}", **({"PYTHONPATH": str(cwd)} if cwd else {})}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "kiri.cli", "observe", "pulse", "--file", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "kiri.cli", "observe", atom, "--file", str(path)],
                             cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ps = psutil.Process(proc.pid)
     peak = 0

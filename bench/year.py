@@ -38,6 +38,7 @@ import click
 import orjson
 import psutil
 
+from bench.importing import run_cli
 from kiri.agents.client import HubClient
 from kiri.model import synth
 from tests.conftest import free_port, wait_until
@@ -83,23 +84,6 @@ def seed_tasks(db: Path, days: float, now: float) -> int:
         con.commit()
     con.close()
     return len(rows)
-
-
-def cli_import(port: int, atom: str, path: Path) -> tuple[float, int]:
-    env = {**os.environ, "KIRI_HUB": f"127.0.0.1:{port}"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "kiri.cli", "observe", atom, "--file", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ps, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, ps.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.01)
-    if proc.returncode != 0:
-        raise RuntimeError(f"import failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-    return time.perf_counter() - t0, peak
 
 
 class Hub:
@@ -223,7 +207,7 @@ def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, ski
         try:
             seconds, peaks = 0.0, []
             for atom, (path, n) in files.items():
-                took, peak = cli_import(hub.port, atom, path)
+                took, peak = run_cli(hub.port, path, atom=atom)
                 seconds += took
                 peaks.append(peak)
                 print(f"  import {atom}: {n:,} obs in {took:.1f} s ({n / took:,.0f} obs/s), CLI peak RSS "

@@ -68,7 +68,7 @@ class RawPruner:
         edge = R.bucket_of(last_ts - policy.raw) * R.BASE  # buckets wholly before the window's start
         start = self.cursor.get((atom, host), float("-inf"))
         o = observations.c
-        same = o.host.is_(None) if host == "" else o.host == host
+        same = R.host_is(o.host, host)
         for _ in range(MAX_LOOKS):
             if start >= edge:
                 break
@@ -113,7 +113,7 @@ class RawPruner:
         lo, hi = min(by_bucket) * R.BASE, (max(by_bucket) + 1) * R.BASE + CONTEXT_MARGIN
         scored = sa.exists().where(s.observation_id == o.id)
         pending = sorted(c.execute(sa.select(o.ts).where(
-            o.atom == atom, o.host.is_(None) if host == "" else o.host == host, o.ts >= lo, o.ts < hi,
+            o.atom == atom, R.host_is(o.host, host), o.ts >= lo, o.ts < hi,
             o.created_at > now - policy.raw, ~scored)).scalars())
         d = rollup_dirty.c
         dirty = set(c.execute(sa.select(d.bucket).where(d.atom == atom, d.host == host,

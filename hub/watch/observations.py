@@ -149,7 +149,7 @@ def note_streams(c: sa.Connection, after_id: int) -> None:
                                  sa.func.min(o.ts).label("first"), sa.func.max(o.ts).label("last"))
                        .where(o.id > after_id).group_by(o.atom, host)).all()
     for g in groups:
-        same = o.host.is_(None) if g.host == "" else o.host == g.host
+        same = R.host_is(o.host, g.host)
         last_id = c.execute(sa.select(o.id).where(o.id > after_id, o.atom == g.atom, same)
                             .order_by(o.ts.desc(), o.id.desc()).limit(1)).scalar_one()
         newer = sa.or_(st.last_ts < g.last, sa.and_(st.last_ts == g.last, st.last_id < last_id))

@@ -54,11 +54,6 @@ def bucket_of(ts: float, tier: int = BASE) -> int:
     return math.floor(ts / tier)
 
 
-def parent(idx: int, tier: int) -> int:
-    """The index of the next tier's bucket that holds bucket ``idx`` of ``tier``."""
-    return idx // (TIERS[TIERS.index(tier) + 1] // tier)
-
-
 def encode(row: np.ndarray) -> bytes:
     return np.ascontiguousarray(row, dtype="<f8").tobytes()
 
@@ -164,7 +159,8 @@ class Raw:
     anom: np.ndarray
 
 
-def _host_is(col: sa.ColumnElement[str | None], host: str) -> sa.ColumnElement[bool]:
+def host_is(col: sa.ColumnElement[str | None], host: str) -> sa.ColumnElement[bool]:
+    """A stream's host as stored: "" (the streams' and rollups' key) is a reading without one (NULL)."""
     return col.is_(None) if host == "" else col == host
 
 
@@ -172,7 +168,7 @@ def read_raw(c: sa.Connection, atom: str, host: str, fields: Sequence[str], lo: 
              limit: int | None = None) -> Raw:
     """The stream's readings with ``lo <= ts < hi`` (time, then id order) and their newest scores."""
     o = observations.c
-    q = (sa.select(o.id, o.ts, o.data).where(o.atom == atom, _host_is(o.host, host), o.ts >= lo, o.ts < hi)
+    q = (sa.select(o.id, o.ts, o.data).where(o.atom == atom, host_is(o.host, host), o.ts >= lo, o.ts < hi)
          .order_by(o.ts, o.id))
     if limit is not None:
         q = q.limit(limit)
@@ -418,7 +414,7 @@ def raw_ids(c: sa.Connection, atom: str, host: str, buckets: Sequence[int]) -> d
     wanted = set(buckets)
     for run in _runs(sorted(wanted)):
         lo, hi = run[0] * BASE - 1.0, (run[-1] + 1) * BASE + 1.0  # a margin: bucket_of decides
-        for oid, ts in c.execute(sa.select(o.id, o.ts).where(o.atom == atom, _host_is(o.host, host),
+        for oid, ts in c.execute(sa.select(o.id, o.ts).where(o.atom == atom, host_is(o.host, host),
                                                              o.ts >= lo, o.ts < hi)):
             b = bucket_of(ts)
             if b in wanted:

@@ -51,7 +51,7 @@ def _raw_count(c: sa.Connection, atom: str, host: str | None, lo: float, hi: flo
     o = observations.c
     q = sa.select(sa.func.count()).where(o.atom == atom, o.ts >= lo, o.ts <= hi)
     if host is not None:
-        q = q.where(o.host.is_(None) if host == "" else o.host == host)
+        q = q.where(R.host_is(o.host, host))
     return int(c.execute(q).scalar() or 0)
 
 
