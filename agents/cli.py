@@ -84,6 +84,7 @@ def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None,
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     agent.install_signal_handlers()
+    roles.warm_up(serve)
     logging.getLogger("kiri.agent").info(
         "agent %s (%s) serving %s via %s:%d", client.agent, role, ",".join(serve), *address)
     agent.run()

@@ -11,7 +11,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+import numpy as np
 
 from kiri.agents import alerts
 from kiri.agents.alerts import AlertConfig
@@ -45,105 +48,143 @@ def handler(sinks: AlertConfig) -> Handler:
     return lambda ctx: score(ctx, sinks)
 
 
+def columns(rows: Any) -> dict[str, list[Any]]:
+    """Readings as columns (id, time, host, values), whether the hub sent columns or, as
+    hubs before columns did, one object per reading."""
+    if isinstance(rows, dict):
+        return rows
+    return {"id": [o["id"] for o in rows], "time": [o["time"] for o in rows],
+            "host": [o.get("host") for o in rows], "values": [o["values"] for o in rows]}
+
+
 def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
+    """Score batch after batch until the atom has nothing unscored.
+
+    Pipelined: while the hub stores one batch's scores (in a second thread, on the same
+    connection), this thread scores the next one, which it asked for by id before the hub
+    had the scores (``after_id``). At most one batch is in flight, and it is stored before
+    the next batch's decision reads the nerve's inputs, so every decision sees the scores
+    before it.
+    """
     if not ctx.atom:
         raise TaskError("a score task needs an atom", retry=False)
     hub = ctx.hub
     redeliver(hub, sinks)
-    total = anomalous = 0
+    totals = {"scored": 0, "anomalous": 0}
     weights_id = None
     actions: dict[str, int] = {}
-    while True:
-        ctx.raise_if_stopping()
-        work = hub.call("scoring_work", {"atom": ctx.atom, "limit": 2000, "context": 16})
-        if work["weights"] is None:
-            return {"scored": total, "skipped": "no active weights yet"}
-        if not work["observations"]:
-            break
-        weights_id = work["weights"]["id"]
-        sc = _scorer(hub, weights_id)
-        means, per, tail_ps, tokens = score_streams(sc, work["context"], work["observations"])
-        calibrated = sc.calibration is not None
-        # the batch's most unusual observation: lowest tail probability, else highest score
-        i = (min(range(len(means)), key=lambda j: (tail_ps[j], -means[j])) if calibrated
-             else max(range(len(means)), key=means.__getitem__))
-        obs = work["observations"][i]
-        toks = sc.schema.tokens(tokens[i])
-        worst = {"observation_id": obs["id"], "time": obs["time"], "host": obs.get("host"),
-                 "score": means[i], "threshold": sc.threshold,
-                 "tail_p": tail_ps[i], "alarm_rate": nerve_rate(sc.alarm_rate, [
-                     o for o in work["context"] + work["observations"] if o.get("host") == obs.get("host")], sinks),
-                 "blame": blame(toks, per[i])}
-        decision, payload = decide(ctx, worst, sinks)
+
+    def fetch(after: int) -> dict[str, Any]:
+        return hub.call("scoring_work", {"atom": ctx.atom, "limit": BATCH, "context": 16, "columns": True,
+                                         "after_id": after})
+
+    def store(params: dict[str, Any], payload: dict[str, Any]) -> None:
         # scores and the decision on them are stored in one transaction: a kill loses neither
-        res = hub.call("record_scores", {
-            "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": ctx.atom, "weights_id": weights_id,
-            "threshold": sc.threshold, "decision": decision,
-            **({"alarm_rate": sc.alarm_rate} if calibrated and sc.alarm_rate is not None else {}),
-            "scores": [{"observation_id": o["id"], "score": m, "surprise": s,
-                        **({"tail_p": p} if p is not None else {})}
-                       for o, m, s, p in zip(work["observations"], means, per, tail_ps, strict=True)],
-        })
-        total += res["stored"]
-        anomalous += res["anomalous"]
-        actions[decision["action"]] = actions.get(decision["action"], 0) + 1
+        res = hub.call("record_scores", params)
+        totals["scored"] += res["stored"]
+        totals["anomalous"] += res["anomalous"]
         act(hub, res["decision"], payload, sinks)
-        ctx.progress(scored=total, anomalous=anomalous)
-    return {"scored": total, "anomalous": anomalous, "weights_id": weights_id, "decisions": actions}
+
+    with ThreadPoolExecutor(1, thread_name_prefix="kiri-record") as recorder:
+        pending: Future[None] | None = None
+        work = fetch(0)
+        while True:
+            ctx.raise_if_stopping()
+            if work["weights"] is None:
+                if pending is not None:
+                    pending.result()
+                return {"scored": totals["scored"], "skipped": "no active weights yet"}
+            new, context = columns(work["observations"]), columns(work["context"])
+            if not new["id"]:
+                break
+            weights_id = work["weights"]["id"]
+            sc = _scorer(hub, weights_id)
+            means, per, tail_ps, tokens = score_streams(sc, context, new)  # while the last batch is stored
+            if pending is not None:
+                pending.result()  # raises what storing it raised (a lost lease ends the task)
+                ctx.progress(**totals)
+            calibrated = sc.calibration is not None
+            # the batch's most unusual observation: lowest tail probability, else highest score
+            i = int(np.lexsort((-means, tail_ps))[0]) if calibrated else int(np.argmax(means))
+            host = new["host"][i]
+            worst = {"observation_id": new["id"][i], "time": new["time"][i], "host": host,
+                     "score": float(means[i]), "threshold": sc.threshold,
+                     "tail_p": float(tail_ps[i]) if calibrated else None,
+                     "alarm_rate": nerve_rate(sc.alarm_rate, [
+                         t for t, h in zip(context["time"] + new["time"], context["host"] + new["host"],
+                                           strict=True) if h == host], sinks),
+                     "blame": blame(sc.schema.tokens(tokens[i].tolist()), per[i].tolist())}
+            decision, payload = decide(ctx, worst, sinks)
+            actions[decision["action"]] = actions.get(decision["action"], 0) + 1
+            params = {
+                "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": ctx.atom, "weights_id": weights_id,
+                "threshold": sc.threshold, "decision": decision,
+                **({"alarm_rate": sc.alarm_rate} if calibrated and sc.alarm_rate is not None else {}),
+                "columns": {"observation_id": new["id"], "score": means, "width": per.shape[1],
+                            "surprise": per.reshape(-1), **({"tail_p": tail_ps} if calibrated else {})},
+            }
+            work = fetch(max(new["id"]))  # the next batch, asked for before this one is stored
+            pending = recorder.submit(store, params, payload)
+        if pending is not None:
+            pending.result()
+            ctx.progress(**totals)
+    return {**totals, "weights_id": weights_id, "decisions": actions}
 
 
-def score_streams(sc: Any, context: list[dict[str, Any]], observations: list[dict[str, Any]]
-                  ) -> tuple[list[float], list[list[float]], list[float | None], list[list[int]]]:
-    """Score ``observations`` stream by stream: each host's rows (its context and its new
+BATCH = 5000  # observations per scoring_work: the most record_scores takes in one call
+
+
+def score_streams(sc: Any, context: dict[str, list[Any]], new: dict[str, list[Any]]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Score the ``new`` readings stream by stream: each host's rows (its context and its new
     ones) in time order, so a host is judged against its own history, never a neighbour's.
 
-    Returns, in the order of ``observations``: mean surprise, per-token surprise, tail
-    probability (None for uncalibrated weights) and token ids. The context rows are scored
-    too: their scores start each stream's sustained-unusualness mean.
+    Returns, in the order of ``new``: mean surprise [n], per-token surprise [n, F], tail
+    probability [n] (NaN for uncalibrated weights) and token ids [n, F]. The context rows are
+    scored too: their scores start each stream's sustained-unusualness mean.
     """
     from kiri.model.codec import values_of
 
-    at = {o["id"]: i for i, o in enumerate(observations)}  # the new rows (context rows are not in it)
-    n = len(observations)
-    means: list[float] = [0.0] * n
-    per: list[list[float]] = [[] for _ in range(n)]
-    tail_ps: list[float | None] = [None] * n
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    streams: dict[str | None, list[dict[str, Any]]] = {}
-    for o in context + observations:
-        streams.setdefault(o.get("host"), []).append(o)
-    for rows in streams.values():
-        rows.sort(key=lambda o: (o["time"], o["id"]))
-        ids = sc.encode(values_of(sc.schema, [o["values"] for o in rows]))
-        result = sc.score(ids)
-        mean = result.mean
-        start = next((j for j, o in enumerate(rows) if o["id"] in at), None)
-        if start is None:
+    n, f = len(new["id"]), sc.schema.width
+    means = np.zeros(n)
+    per = np.zeros((n, f))
+    tail_ps = np.full(n, np.nan)
+    tokens = np.zeros((n, f), dtype=np.int64)
+    ids = np.array(context["id"] + new["id"], dtype=np.int64)
+    times = np.array(context["time"] + new["time"], dtype=np.float64)
+    hosts = context["host"] + new["host"]
+    values = values_of(sc.schema, context["values"] + new["values"])
+    is_new = np.arange(len(ids)) >= len(context["id"])  # position in new: index - len(context)
+    for host in dict.fromkeys(hosts):
+        rows = np.array([k for k, h in enumerate(hosts) if h == host], dtype=np.int64)
+        rows = rows[np.lexsort((ids[rows], times[rows]))]  # the stream in (time, id) order
+        fresh = is_new[rows]
+        if not fresh.any():
             continue
-        tail = sc.tail_p(mean[start:], prefix=mean[:start].numpy())
-        # whole columns to Python at once: a tensor indexed row by row costs microseconds a row
-        mean_l, surprise_l, ids_l = mean.tolist(), result.surprise.tolist(), ids.tolist()
-        tail_l = tail.tolist() if tail is not None else None
-        for j in range(start, len(rows)):
-            i = at.get(rows[j]["id"])
-            if i is None:
-                continue
-            means[i] = mean_l[j]
-            per[i] = surprise_l[j]
-            tail_ps[i] = tail_l[j - start] if tail_l is not None else None
-            tokens[i] = ids_l[j]
+        start = int(np.argmax(fresh))
+        tok = sc.encode(values[rows])
+        result = sc.score(tok)
+        mean = result.mean.numpy()
+        tail = sc.tail_p(mean[start:], prefix=mean[:start])
+        at = rows[start:][fresh[start:]] - len(context["id"])  # where this stream's new rows go
+        means[at] = mean[start:][fresh[start:]]
+        per[at] = result.surprise.numpy()[start:][fresh[start:]]
+        tokens[at] = tok.numpy()[start:][fresh[start:]]
+        if tail is not None:
+            tail_ps[at] = tail[fresh[start:]]
     return means, per, tail_ps, tokens
 
 
-def nerve_rate(atom_rate: float | None, observations: list[dict[str, Any]], sinks: AlertConfig) -> float | None:
+def nerve_rate(atom_rate: float | None, times: list[float], sinks: AlertConfig) -> float | None:
     """Alarms per decision the nerve's rule may raise on normal data: the owner's nerve
     budget (``--alarms-per-week``) at this atom's observation interval, else the atom's own
-    rate (None for weights made before calibration, which keep the old rule)."""
+    rate (None for weights made before calibration, which keep the old rule). ``times``: the
+    deciding stream's readings."""
     from kiri.model.calibrate import alarm_rate, typical_interval
 
     if atom_rate is None or sinks.alarms_per_week is None:
         return atom_rate
-    return alarm_rate(sinks.alarms_per_week, typical_interval([o["time"] for o in observations]))
+    return alarm_rate(sinks.alarms_per_week, typical_interval(times))
 
 
 def decide(ctx: TaskContext, worst: dict[str, Any], sinks: AlertConfig) -> tuple[dict[str, Any], dict[str, Any]]:

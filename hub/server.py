@@ -423,8 +423,8 @@ class Hub:
 
     def _maybe_rollup(self) -> None:
         """Recompute one bounded batch of dirty rollup buckets (``rollups.refresh``). While a
-        backlog drains (an import, a backfill) the next batch follows soon after this one
-        commits, so requests that arrive meanwhile go first."""
+        backlog drains (an import, a backfill) the next batch follows after this one commits,
+        soon or (while requests come) after a pause, so requests go first."""
         if self.rollup_running or self.closing:
             return
         self.rollup_running = True
@@ -441,8 +441,12 @@ class Hub:
         def then(fut: asyncio.Future[Any]) -> None:
             self.rollup_running = False
             if not fut.cancelled() and fut.exception() is None and fut.result() >= ROLLUP_BATCH:
-                # after a pause as long as the batch took: requests keep at least half the loop
-                self.loop.call_later(max(0.005, time.perf_counter() - started), self._maybe_rollup)
+                # while clients keep the hub busy, after a pause three times as long as the batch
+                # took (requests keep three quarters of the loop: a backfill is not slowed by
+                # rollups of what it just stored); when they do not, right away
+                busy = time.monotonic() - self.commit.last_client < 1.0
+                self.loop.call_later(max(0.005, (3.0 if busy else 0.0) * (time.perf_counter() - started)),
+                                     self._maybe_rollup)
 
         self._await(Op(None, None, "rollup", None, roll, reply=False)).add_done_callback(then)
 

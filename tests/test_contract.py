@@ -123,6 +123,7 @@ def test_every_method_answers_in_the_shape_the_table_promises(hub):
     s("retrain", atom="pulse", reason="again")  # joins the first
     # scoring, with the nerve's decision in the same call
     s("scoring_work", atom="pulse", limit=5, context=0)
+    s("scoring_work", atom="pulse", limit=3, context=1, columns=True, after_id=1)
     score = s("lease", kinds=["score"], ttl=600)
     sid, stok = score["task"]["id"], score["lease"]["token"]
     obs = s("observations", atom="pulse")["observations"]

@@ -161,3 +161,77 @@ def test_two_hosts_feeding_one_atom_are_each_scored_as_if_alone(hub_factory, age
     assert {x.labels["host"] for x in fams["kiri_atom_score"].samples} == {"", "a", "b"}
     scorer.stop()
     c.close()
+
+
+def test_scores_as_columns_store_what_one_object_each_stores_and_bad_columns_store_nothing(hub):
+    import json
+
+    import pytest
+
+    from kiri.protocol import RpcError
+    from tests.test_contract import _weights_blob
+
+    c = hub.client()
+    pulse = {"cpu": 50.0, "mem": 40.0, "disk": 30.0, "swap": 0.0, "load": 1.0, "net": 0.0}
+    c.call("observe", {"atom": "pulse", "observations": [
+        {"time": 1000.0 + i, "host": "h1" if i % 2 else "h2", "values": {**pulse, "cpu": 50.0 + i}}
+        for i in range(12)]})
+    train = c.call("enqueue", {"kind": "train", "atom": "pulse"})["task_id"]
+    tl = c.lease(["train"], ttl=600)
+    assert tl["task"]["id"] == train
+    wid = c.call("publish_weights", {"task_id": train, "lease_token": tl["lease"]["token"], "atom": "pulse",
+                                     "blob": _weights_blob("pulse"), "loss": 0.5,
+                                     "info": {"threshold": 3.0}})["weights"]["id"]
+    # the same work as objects and as columns
+    objects = c.call("scoring_work", {"atom": "pulse", "limit": 12, "context": 0})
+    cols = c.call("scoring_work", {"atom": "pulse", "limit": 12, "context": 0, "columns": True})
+    got = cols["observations"]
+    assert [{"id": i, "time": t, "host": h, "values": v} for i, t, h, v in zip(
+        got["id"], got["time"], got["host"], got["values"], strict=True)] == objects["observations"]
+    ids = got["id"]
+    later = c.call("scoring_work", {"atom": "pulse", "limit": 12, "context": 0, "columns": True,
+                                    "after_id": ids[4]})
+    assert later["observations"]["id"] == ids[5:]
+
+    lease = c.lease(["score"], ttl=600)
+    base = {"task_id": lease["task"]["id"], "lease_token": lease["lease"]["token"], "atom": "pulse",
+            "weights_id": wid, "threshold": 3.0, "alarm_rate": 0.01}
+
+    def surprise(k: int) -> list[float]:
+        return [0.1 * k + j for j in range(6)]
+
+    before = hub.sql("select count(*) from scores")[0][0]
+    for bad in (
+        {"columns": {"observation_id": ids[:2], "score": [1.0], "width": 6, "surprise": surprise(0) + surprise(1)}},
+        {"columns": {"observation_id": ids[:2], "score": [1.0, 2.0], "width": 6, "surprise": surprise(0)}},
+        {"columns": {"observation_id": [ids[0], ids[0]], "score": [1.0, 2.0], "width": 6,
+                     "surprise": surprise(0) * 2}},
+        {"columns": {"observation_id": ids[:1], "score": [-1.0], "width": 6, "surprise": surprise(0)}},
+        {"columns": {"observation_id": ids[:1], "score": [1.0], "width": 6, "surprise": surprise(0)},
+         "scores": [{"observation_id": ids[0], "score": 1.0, "surprise": surprise(0)}]},
+        {},
+    ):
+        with pytest.raises(RpcError) as e:
+            c.call("record_scores", {**base, **bad})
+        assert e.value.code == -32602, bad  # invalid params, with nothing stored
+    assert hub.sql("select count(*) from scores")[0][0] == before
+
+    # a run of ids (read as a range) and two ids far apart (read as a list); tail_p may be null
+    for batch in (ids[:5], [ids[6], ids[11]]):
+        ks = [ids.index(i) for i in batch]
+        body = {**base, "columns": {"observation_id": batch, "score": [1.0 + k for k in ks], "width": 6,
+                                    "surprise": [x for k in ks for x in surprise(k)],
+                                    "tail_p": [None if k == 1 else 0.001 * k for k in ks]}}
+        res = c.call("record_scores", body)
+        assert res["stored"] == len(batch) and res["already"] == 0
+        again = c.call("record_scores", body)  # a resend after a lost reply stores nothing twice
+        assert again["stored"] == 0 and again["already"] == len(batch)
+    rows = hub.sql("select observation_id, score, surprise, tail_p, anomalous from scores order by observation_id")
+    assert [r[0] for r in rows] == [*ids[:5], ids[6], ids[11]]
+    for oid, score, sur, tail, anomalous in rows:
+        k = ids.index(oid)
+        assert score == 1.0 + k and json.loads(sur) == surprise(k)
+        assert tail == (None if k == 1 else 0.001 * k)
+        # below the alarm rate, or (no tail probability) over the threshold
+        assert bool(anomalous) == ((0.001 * k < 0.01) if k != 1 else (1.0 + k > 3.0))
+    c.close()

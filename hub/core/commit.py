@@ -73,6 +73,7 @@ class GroupCommit:
         self.pending: list[Op] = []
         self.scheduled = False
         self.counters: dict[str, int] = {"batches": 0, "ops": 0}
+        self.last_client = 0.0  # time.monotonic() of the last batch with a client's op in it
 
     def submit(self, op: Op) -> None:
         self.pending.append(op)
@@ -98,6 +99,8 @@ class GroupCommit:
             results, env = self._replay(ops, now)
         self.counters["batches"] += 1
         self.counters["ops"] += len(ops)
+        if any(op.conn is not None for op in ops):
+            self.last_client = time.monotonic()
         self.done(results, env)
 
     def _replay(self, ops: list[Op], now: float) -> tuple[list[Outcome], Q.Env]:

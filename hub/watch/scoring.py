@@ -9,6 +9,7 @@ the scores already there and stores nothing twice.
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -41,31 +42,64 @@ def _scored_to(c: sa.Connection, atom: str) -> int:
     return c.execute(sa.select(sa.func.max(scores.c.observation_id)).where(scores.c.atom == atom)).scalar() or 0
 
 
-def _obs(r: sa.Row) -> dict[str, Any]:
-    return {"id": r.id, "time": r.ts, "host": r.host, "values": orjson.Fragment(r.data)}
+Reading = tuple[int, float, str | None, str]  # id, ts, host, data (JSON text), as the driver reads it
+_ID, _TS, _HOST, _DATA = range(4)
+
+
+def _obs(r: Reading) -> dict[str, Any]:
+    return {"id": r[_ID], "time": r[_TS], "host": r[_HOST], "values": orjson.Fragment(r[_DATA])}
+
+
+def _columns(rows: list[Reading]) -> dict[str, Any]:
+    """Readings as columns; the stored JSON objects go out as they are, one fragment for all."""
+    return {"id": [r[_ID] for r in rows], "time": [r[_TS] for r in rows], "host": [r[_HOST] for r in rows],
+            "values": orjson.Fragment("[" + ",".join(r[_DATA] for r in rows) + "]")}
+
+
+_o = observations.c
+_READING = (_o.id, _o.ts, _o.host, _o.data)
+_TODO = Prepared(sa.select(*_READING).where(_o.atom == sa.bindparam("atom"), _o.id > sa.bindparam("done"))
+                 .order_by(_o.id).limit(sa.bindparam("limit")))
+
+
+def _stream(host_null: bool) -> sa.ColumnElement[bool]:
+    return sa.and_(_o.atom == sa.bindparam("atom"),
+                   _o.host.is_(None) if host_null else _o.host == sa.bindparam("host"))
+
+
+# each (ts, id) bound also as a plain range on ts, so SQLite walks the stream index's range
+# instead of the stream's whole history (an OR alone defeats the index)
+_BEFORE = {null: Prepared(sa.select(*_READING).where(
+    _stream(null), _o.ts <= sa.bindparam("ts"), sa.or_(_o.ts < sa.bindparam("ts"), _o.id < sa.bindparam("id")))
+    .order_by(_o.ts.desc(), _o.id.desc()).limit(sa.bindparam("k"))) for null in (True, False)}
+_BETWEEN = {null: Prepared(sa.select(_o.id).where(
+    _stream(null),
+    _o.ts >= sa.bindparam("ts0"), sa.or_(_o.ts > sa.bindparam("ts0"), _o.id > sa.bindparam("id0")),
+    _o.ts <= sa.bindparam("ts1"), sa.or_(_o.ts < sa.bindparam("ts1"), _o.id < sa.bindparam("id1")))
+    .order_by(_o.ts, _o.id).limit(sa.bindparam("limit"))) for null in (True, False)}
 
 
 def work(reg: AtomRegistry, c: sa.Connection, p: P.ScoringWork, env: Q.Env) -> dict[str, Any]:
     schema = reg.get(p.atom)
     active = c.execute(sa.select(weights.c.id, weights.c.version, weights.c.hash, weights.c.info).where(
         weights.c.atom == schema.name, weights.c.status == "active")).first()
+    empty: Any = _columns([]) if p.columns else []
     if active is None:
-        return {"weights": None, "context": [], "observations": []}
-    done = _scored_to(c, schema.name)
-    o = observations.c
-    todo = c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.atom == schema.name, o.id > done)
-                     .order_by(o.id).limit(p.limit)).all()
+        return {"weights": None, "context": empty, "observations": empty}
+    done = max(_scored_to(c, schema.name), p.after_id)
+    todo: list[Reading] = _TODO.tuples(c, {"atom": schema.name, "done": done, "limit": p.limit})
     ctx = stream_context(c, schema.name, todo, p.context)
     info = orjson.loads(active.info)
+    shape = _columns if p.columns else (lambda rows: [_obs(r) for r in rows])
     return {
         "weights": {"id": active.id, "version": active.version, "hash": active.hash,
                     "threshold": info.get("threshold")},
-        "context": [_obs(r) for r in ctx],
-        "observations": [_obs(r) for r in todo],
+        "context": shape(ctx),
+        "observations": shape(todo),
     }
 
 
-def stream_context(c: sa.Connection, atom: str, todo: list[sa.Row], k: int) -> list[sa.Row]:
+def stream_context(c: sa.Connection, atom: str, todo: list[Reading], k: int) -> list[Reading]:
     """The observations that ``todo`` must be scored against, per stream (atom, host).
 
     A stream's observations are ordered by time (then id), so each host is scored against
@@ -77,34 +111,28 @@ def stream_context(c: sa.Connection, atom: str, todo: list[sa.Row], k: int) -> l
     """
     if not todo:
         return []
-    o = observations.c
-    ids = {r.id for r in todo}
-    out: list[sa.Row] = []
-    by_host: dict[str | None, list[sa.Row]] = {}
+    ids = {r[_ID] for r in todo}
+    out: list[Reading] = []
+    by_host: dict[str | None, list[Reading]] = {}
     for r in todo:
-        by_host.setdefault(r.host, []).append(r)
+        by_host.setdefault(r[_HOST], []).append(r)
+    when = itemgetter(_TS, _ID)
     for host, rows in by_host.items():
-        same = o.host.is_(None) if host is None else o.host == host
-        first = min(rows, key=lambda r: (r.ts, r.id))
-        last = max(rows, key=lambda r: (r.ts, r.id))
-        # each (ts, id) bound also as a plain range on ts, so SQLite walks the stream index's
-        # range instead of the stream's whole history (an OR alone defeats the index)
-        before = sa.and_(o.ts <= first.ts, sa.or_(o.ts < first.ts, o.id < first.id))
+        stream = {"atom": atom, "host": host}
+        first, last = min(rows, key=when), max(rows, key=when)
         if k:
-            prior = c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.atom == atom, same, before)
-                              .order_by(o.ts.desc(), o.id.desc()).limit(k)).all()
-            out.extend(r for r in reversed(prior) if r.id not in ids)
+            prior = _BEFORE[host is None].tuples(c, {**stream, "ts": first[_TS], "id": first[_ID], "k": k})
+            out.extend(r for r in reversed(prior) if r[_ID] not in ids)
         if len(rows) > 1:
-            after_first = sa.and_(o.ts >= first.ts, sa.or_(o.ts > first.ts, o.id > first.id))
-            before_last = sa.and_(o.ts <= last.ts, sa.or_(o.ts < last.ts, o.id < last.id))
             # ids first (the stream index covers them): in time-ordered data these are just
             # the batch's own rows, and nothing more is read
-            between = c.execute(sa.select(o.id).where(o.atom == atom, same, after_first, before_last)
-                                .order_by(o.ts, o.id).limit(MAX_BETWEEN + len(rows))).scalars().all()
-            extra = [i for i in between if i not in ids][:MAX_BETWEEN]
+            between = _BETWEEN[host is None].tuples(c, {
+                **stream, "ts0": first[_TS], "id0": first[_ID], "ts1": last[_TS], "id1": last[_ID],
+                "limit": MAX_BETWEEN + len(rows)})
+            extra = [i for (i,) in between if i not in ids][:MAX_BETWEEN]
             if extra:
-                out.extend(c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.id.in_(extra))
-                                     .order_by(o.ts, o.id)).all())
+                out.extend(tuple(r) for r in c.execute(sa.select(*_READING).where(_o.id.in_(extra))
+                                                       .order_by(_o.ts, _o.id)))
     return out
 
 
@@ -112,11 +140,38 @@ _INSERT_SCORES = Prepared(scores.insert().values(**{col: sa.bindparam(col) for c
     "observation_id", "atom", "weights_id", "score", "threshold", "tail_p", "surprise", "anomalous", "created_at")}))
 
 
-def is_anomalous(s: P.ScoreIn, p: P.RecordScores) -> bool:
+def is_anomalous(score: float, tail_p: float | None, p: P.RecordScores) -> bool:
     """Anomalous: the tail probability under the alarm rate (calibrated weights), else score over threshold."""
-    if s.tail_p is not None and p.alarm_rate is not None:
-        return s.tail_p < p.alarm_rate
-    return s.score > p.threshold
+    if tail_p is not None and p.alarm_rate is not None:
+        return tail_p < p.alarm_rate
+    return score > p.threshold
+
+
+def _by_ids(c: sa.Connection, in_range: Prepared, cols: list[sa.ColumnElement[Any]], key: sa.ColumnElement[int],
+            ids: list[int], **where: Any) -> list[tuple[Any, ...]]:
+    """Rows whose ``key`` is one of ``ids`` (others may come too: the caller filters). A batch's
+    ids are usually a run, read as one range (``in_range``, bound by lo and hi); scattered
+    ones as a list (a range over them could read far more rows than asked for)."""
+    lo, hi = min(ids), max(ids)
+    if hi - lo < 4 * len(ids):
+        return in_range.tuples(c, {"lo": lo, "hi": hi, **where})
+    out: list[tuple[Any, ...]] = []
+    # "+ 0": not an index of its own (see _ALREADY)
+    extra = [getattr(key.table.c, k) + sa.literal_column("0") == v  # type: ignore[attr-defined]
+             for k, v in where.items()]
+    for k in range(0, len(ids), 900):
+        out.extend(tuple(r) for r in c.execute(sa.select(*cols).where(key.in_(ids[k:k + 900]), *extra)))
+    return out
+
+
+_FOUND_COLS = [_o.id, _o.host, _o.ts, _o.atom]
+_FOUND = Prepared(sa.select(*_FOUND_COLS).where(_o.id >= sa.bindparam("lo"), _o.id <= sa.bindparam("hi")))
+_s = scores.c
+# "weights_id + 0" keeps SQLite on the (observation_id, weights_id) index: with a plain
+# weights_id = ?, it walks every score of those weights (a backfill's batches grew quadratic)
+_ALREADY = Prepared(sa.select(_s.observation_id).where(
+    _s.observation_id >= sa.bindparam("lo"), _s.observation_id <= sa.bindparam("hi"),
+    _s.weights_id + sa.literal_column("0") == sa.bindparam("weights_id")))
 
 
 def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
@@ -127,32 +182,35 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
         raise NotFound(f"weights {p.weights_id} do not exist")
     if w.atom != p.atom:
         raise InvalidParams(f"weights {p.weights_id} belong to {w.atom!r}, not {p.atom!r}")
-    ids = [s.observation_id for s in p.scores]
+    cols = p.as_columns()
+    ids = cols.observation_id
     # by id alone (rowid lookups); with the atom in the WHERE, SQLite may walk the atom's index
-    found = [r for r in c.execute(sa.select(observations.c.id, observations.c.host, observations.c.ts,
-                                            observations.c.atom).where(observations.c.id.in_(ids)))
-             if r.atom == p.atom]
-    host_of = {r.id: r.host for r in found}
-    missing = [i for i in ids if i not in host_of]
+    wanted = set(ids)
+    found = {r[0]: (r[1], r[2]) for r in _by_ids(c, _FOUND, _FOUND_COLS, _o.id, ids)
+             if r[0] in wanted and r[3] == p.atom}  # id: (host, ts)
+    missing = [i for i in ids if i not in found]
     if missing:
         raise InvalidParams(f"observation(s) {missing[:5]} are not {p.atom!r} observations")
+    if len(wanted) != len(ids):
+        raise InvalidParams("an observation is scored twice in one call")
     info = orjson.loads(w.info)
-    learning = {h for h in set(host_of.values()) if L.is_learning(info, h)}
-    already = {r.observation_id for r in c.execute(sa.select(scores.c.observation_id).where(
-        scores.c.weights_id == p.weights_id, scores.c.observation_id.in_(ids)))}
-    rows = [{"observation_id": s.observation_id, "atom": p.atom, "weights_id": p.weights_id, "score": s.score,
-             "threshold": p.threshold, "tail_p": s.tail_p, "surprise": orjson.dumps(s.surprise).decode(),
-             "anomalous": is_anomalous(s, p) and host_of[s.observation_id] not in learning, "created_at": env.now}
-            for s in p.scores if s.observation_id not in already]
-    if rows:
-        _INSERT_SCORES.run_many(c, rows)
-        new = {r["observation_id"] for r in rows}
-        R.mark(c, R.readings_keys((p.atom, r.host, r.ts) for r in found if r.id in new))
-    out: dict[str, Any] = {"stored": len(rows), "already": len(already),
-                           "anomalous": sum(r["anomalous"] for r in rows)}
+    learning = {h for h in {host for host, _ in found.values()} if L.is_learning(info, h)}
+    already = {i for (i,) in _by_ids(c, _ALREADY, [_s.observation_id], _s.observation_id, ids,
+                                     weights_id=p.weights_id) if i in wanted}
+    width, sur, tails = cols.width, cols.surprise, cols.tail_p or [None] * len(ids)
+    keep = [k for k, i in enumerate(ids) if i not in already]
+    anomalous = [is_anomalous(cols.score[k], tails[k], p) and found[ids[k]][0] not in learning for k in keep]
+    if keep:
+        _INSERT_SCORES.run_columns(c, {
+            "observation_id": [ids[k] for k in keep], "atom": p.atom, "weights_id": p.weights_id,
+            "score": [cols.score[k] for k in keep], "threshold": p.threshold, "tail_p": [tails[k] for k in keep],
+            "surprise": [orjson.dumps(sur[k * width:(k + 1) * width]).decode() for k in keep],
+            "anomalous": anomalous, "created_at": env.now}, len(keep))
+        R.mark(c, R.readings_keys((p.atom, *found[ids[k]]) for k in keep))
+    out: dict[str, Any] = {"stored": len(keep), "already": len(already), "anomalous": sum(anomalous)}
     if p.decision is not None:
         decision = p.decision
-        host = host_of.get(decision.observation_id) if decision.observation_id is not None else None
+        host = found[decision.observation_id][0] if decision.observation_id in found else None
         if host in learning and decision.action != "ok":
             # weights that never saw this host decide nothing yet: recorded as ok, with why
             decision = decision.model_copy(update={

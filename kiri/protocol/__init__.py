@@ -133,8 +133,9 @@ TASK_STATES = ("queued", "leased", "done", "dead", "cancelled")
 
 
 def encode(obj: Any) -> bytes:
-    """Serialize one message as a single line (newline included)."""
-    return orjson.dumps(obj) + b"\n"
+    """Serialize one message as a single line (newline included); numpy arrays go out as
+    lists (a scorer's columns), without a Python object per value."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
 
 
 def request(req_id: int | str, method: str, params: dict[str, Any] | None = None) -> bytes:

@@ -210,7 +210,10 @@ TABLE: tuple[Method, ...] = (
                    "readings between them that are not new.",
            guarantees="A stream is (atom, host): each host is scored against its own readings in time order "
                       "(then id), never another host's, so late and out-of-order imports get the readings "
-                      "around them in time. A scorer sorts each host's rows by (time, id).",
+                      "around them in time. A scorer sorts each host's rows by (time, id). With `columns: true` "
+                      "`context` and `observations` are objects of columns (`id`, `time`, `host`, `values`), "
+                      "cheaper to send and read for big batches. `after_id` skips observations up to that id: "
+                      "a scorer asks for its next batch while the hub stores the last one's scores.",
            example=({"atom": "pulse", "limit": 1, "context": 0},
                     {"weights": {"id": 4, "version": 2, "hash": "5e1f…", "threshold": 3.2},
                      "context": [], "observations": [_OBS]})),
@@ -218,7 +221,10 @@ TABLE: tuple[Method, ...] = (
            events=("scores", "decisions", "tasks"),
            summary="Store scores (and the nerve's decision on them) from the scoring task that made them.",
            errors=("lease lost", "not found: the weights", "invalid params: observations of another atom"),
-           guarantees="Scores and decision are stored together or not at all; a repeat stores nothing twice.",
+           guarantees="Scores and decision are stored together or not at all; a repeat stores nothing twice. "
+                      "Scores come as `scores` (one object each) or as `columns`: `observation_id`, `score` and "
+                      "optional `tail_p` lists of one entry per observation, and `surprise` flat, `width` "
+                      "values per observation (a backfill's thousands per call are checked as a few lists).",
            example=({"task_id": 8, "lease_token": _LEASE["token"], "atom": "pulse", "weights_id": 4,
                      "threshold": 3.2, "alarm_rate": 0.0002,
                      "scores": [{"observation_id": 41, "score": 1.1, "surprise": [0.4, 0.7], "tail_p": 0.38}]},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from kiri.protocol import TASK_STATES
 
@@ -217,6 +217,11 @@ class ScoringWork(Params):
     atom: Name
     limit: Annotated[int, Field(ge=1, le=5000)] = 2000
     context: Annotated[int, Field(ge=0, le=64)] = 3
+    # only observations with a higher id: a scorer asks for its next batch before the hub
+    # has stored this one's scores
+    after_id: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    # context and observations as columns (id, time, host, values), not one object each
+    columns: bool = False
 
 
 class ScoreIn(Params):
@@ -243,6 +248,33 @@ class DecisionIn(Params):
     retrain_atom: Name | None = None
 
 
+MAX_SCORES = 5000  # scores in one record_scores
+
+
+class ScoreColumns(Params):
+    """A batch's scores as columns, one entry per observation, the per-token surprises flat
+    (``width`` per observation): checked as a few typed lists instead of a model per score,
+    which a backfill of thousands per call would spend most of its time on."""
+
+    observation_id: Annotated[list[Annotated[int, Field(ge=1, le=2**63 - 1)]],
+                              Field(min_length=1, max_length=MAX_SCORES)]
+    score: Annotated[list[Annotated[float, Field(ge=0, le=1e6)]], Field(min_length=1, max_length=MAX_SCORES)]
+    width: Annotated[int, Field(ge=0, le=64)]
+    surprise: Annotated[list[Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=MAX_SCORES * 64)]
+    # calibrated tail probabilities (null: uncalibrated weights), one per observation
+    tail_p: Annotated[list[Annotated[float, Field(ge=0, le=1)] | None], Field(max_length=MAX_SCORES)] | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> ScoreColumns:
+        n = len(self.observation_id)
+        if len(self.score) != n or (self.tail_p is not None and len(self.tail_p) != n):
+            raise ValueError("observation_id, score and tail_p must have one entry per observation")
+        if len(self.surprise) != n * self.width:
+            raise ValueError(f"surprise must hold width ({self.width}) values per observation, "
+                             f"{n * self.width} in all; got {len(self.surprise)}")
+        return self
+
+
 class RecordScores(Params):
     task_id: TaskId
     lease_token: Token
@@ -251,9 +283,30 @@ class RecordScores(Params):
     threshold: Annotated[float, Field(ge=0, le=1e6)]
     # alarms per observation the atom's budget allows: a score with tail_p below it is anomalous
     alarm_rate: Annotated[float, Field(gt=0, le=0.5)] | None = None
-    scores: Annotated[list[ScoreIn], Field(min_length=1, max_length=5000)]
+    # the scores: one object each, or (faster, for big batches) as columns; exactly one of them
+    scores: Annotated[list[ScoreIn], Field(min_length=1, max_length=MAX_SCORES)] | None = None
+    columns: ScoreColumns | None = None
     # the nerve's decision on this batch, stored in the same transaction as the scores
     decision: DecisionIn | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RecordScores:
+        if (self.scores is None) == (self.columns is None):
+            raise ValueError("give the scores either as scores (a list of objects) or as columns, not both "
+                             "and not neither")
+        if self.scores is not None and len({len(s.surprise) for s in self.scores}) > 1:
+            raise ValueError("every score's surprise must have the same length (one value per token of the atom)")
+        return self
+
+    def as_columns(self) -> ScoreColumns:
+        """The scores as columns, whichever form they came in (one object each must share a width)."""
+        if self.columns is not None:
+            return self.columns
+        assert self.scores is not None
+        return ScoreColumns.model_construct(
+            observation_id=[s.observation_id for s in self.scores], score=[s.score for s in self.scores],
+            width=len(self.scores[0].surprise), surprise=[x for s in self.scores for x in s.surprise],
+            tail_p=[s.tail_p for s in self.scores])
 
 
 class PendingAlerts(Params):

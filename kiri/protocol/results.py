@@ -189,10 +189,19 @@ class ScoringWeights(Result):
     threshold: float | None
 
 
+class ObservationColumns(Result):
+    """Readings as columns (``scoring_work`` with ``columns: true``): entry i of each is reading i."""
+
+    id: list[int]
+    time: list[float]
+    host: list[str | None]
+    values: list[dict[str, Any]]
+
+
 class ScoringWork(Result):
     weights: ScoringWeights | None
-    context: list[ObservationOut]
-    observations: list[ObservationOut]
+    context: list[ObservationOut] | ObservationColumns
+    observations: list[ObservationOut] | ObservationColumns
 
 
 class DecisionRecorded(Result):
