@@ -137,9 +137,16 @@ class Hub:
         )
         self.timers.start()
         if self.settings.http_port is not None:
+            # the read path warmed before the page is served (its statements compiled, each
+            # atom's chart and the status page read once: a few tens of ms), so the first chart
+            # after a restart is as fast as the next; the queue is served meanwhile
+            try:
+                await self.reader.run(V.warm_up)
+            except Exception:
+                log.exception("warming the read path failed; the first pages will be slower")
             self.http = HttpFace(self)
             await self.http.start(self.settings.http_host or self.settings.host, self.settings.http_port)
-            self.reader.warm(V.warm_up)  # the chart workers start now, not at the first chart
+            self.reader.warm()  # the chart workers start now, not at the first chart
 
     @property
     def bound_port(self) -> int:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.context
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -35,6 +37,27 @@ T = TypeVar("T")
 log = logging.getLogger("kiri.hub")
 
 _ENGINE: sa.Engine | None = None  # a worker process's own read engine
+
+
+WORKER_NICE = 10  # read workers yield the CPU to the hub's loop, from their start-up on
+
+
+class _NiceProcess(multiprocessing.context.SpawnProcess):
+    def start(self) -> None:
+        super().start()
+        try:  # at once, so even the worker's start-up (imports: 0.5 s of CPU) waits for the loop
+            assert self.pid is not None
+            os.setpriority(os.PRIO_PROCESS, self.pid, WORKER_NICE)
+        except (OSError, AttributeError):  # not on this platform, or not allowed: full priority
+            pass
+
+
+class _NiceSpawn(multiprocessing.context.SpawnContext):
+    """Spawn, not fork (the hub has threads, and a forked copy of its locks can deadlock),
+    at a lower CPU priority than the hub: on a small machine a chart read in a worker then
+    never takes a core the queue wants."""
+
+    Process = _NiceProcess
 
 
 def _init_worker(db_url: str) -> None:
@@ -64,8 +87,7 @@ class Reader:
 
     def _procs(self) -> ProcessPoolExecutor:
         if self.procs is None:
-            # spawn, not fork: the hub has threads, and a forked copy of its locks can deadlock
-            self.procs = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+            self.procs = ProcessPoolExecutor(self.processes, mp_context=_NiceSpawn(),
                                              initializer=_init_worker, initargs=(self.db_url,))
         return self.procs
 
