@@ -58,6 +58,7 @@ from kiri.protocol import params as P
 log = logging.getLogger("kiri.hub")
 
 MAX_DEPTH = 64  # nesting of a request's params; orjson itself cannot write beyond 254
+STAGED_EVERY = 60.0  # seconds between looks for abandoned imports (a look walks the staging index)
 ROLLUP_BATCH = 200  # dirty 5-minute buckets per rollup transaction (a few ms on the loop)
 MAX_STRIKES = 3  # wrong tokens, or requests before hello, before the connection is closed
 
@@ -106,6 +107,7 @@ class Hub:
         self.prune_busy: set[str] = set()  # retention steps that found work last time (repeated soon)
         self.rollup_running = False
         self.prune_running = False
+        self.staged_checked = 0.0  # when abandoned imports were last looked for
         self.raw_pruner = KEEP.RawPruner()
         self.served: dict[str, int] = {"leases": 0, "acks": 0}
         self.atoms = O.AtomRegistry()
@@ -414,7 +416,9 @@ class Hub:
     def _tick(self) -> None:
         def reap(c: sa.Connection, _p: Any, env: Q.Env) -> list[tuple[int, str]]:
             reaped = Q.reap(c, env)
-            O.expire_staged(c, env.now)
+            if env.now - self.staged_checked >= STAGED_EVERY:
+                self.staged_checked = env.now
+                O.expire_staged(c, env.now)
             SCH.fire_due(c, env)
             for task_id, status in reaped:
                 log.info("lease on task %s expired; task is now %s", task_id, status)

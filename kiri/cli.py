@@ -389,7 +389,8 @@ def _import(c: Ctx, atom: str, schema: Any, stream: Any, name: str, fmt: str, no
     n_bad = sent = 0
     chunk: list[dict[str, Any]] = []
     uploader = importing.Pipelined(
-        lambda rows: c.call("observe", {"atom": atom, "observations": rows, "import_id": import_id}))
+        lambda rows: c.call("observe", {"atom": atom, "columns": importing.as_columns(schema, rows),
+                                        "import_id": import_id}))
     try:
         with click.progressbar(length=max(size, 1), label="importing", file=sys.stderr, hidden=not show) as bar:
             def send() -> None:

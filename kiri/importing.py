@@ -163,6 +163,17 @@ def to_observation(schema: AtomSchema, rec: dict[str, Any], default_time: float)
     return obs
 
 
+def as_columns(schema: AtomSchema, chunk: list[dict[str, Any]]) -> dict[str, Any]:
+    """Checked observations (``to_observation``'s, values in schema order) as ``observe``'s
+    columns: the hub checks a chunk as a few typed lists instead of a model per row."""
+    out: dict[str, Any] = {"fields": list(schema.names), "values": [list(o["values"].values()) for o in chunk],
+                           "time": [o["time"] for o in chunk]}
+    hosts = [o.get("host") for o in chunk]
+    if any(h is not None for h in hosts):
+        out["host"] = hosts
+    return out
+
+
 class Pipelined:
     """Runs ``send`` on chunks in a background thread while the caller reads the next ones.
 

@@ -169,3 +169,64 @@ def test_custom_atoms_are_defined_once_and_guarded(hub):
     c = hub.client()
     assert kiri(hub, "observe", "tank", "level=9").returncode == 0
     assert _count(hub, "tank") == 2
+
+
+def test_observations_as_columns_store_what_one_object_each_stores_and_bad_columns_store_nothing(hub):
+    c = hub.client()
+    names = list(PULSE_ROW)
+    rows = [{**PULSE_ROW, "cpu": 10.0 + i} for i in range(4)]
+    c.call("observe", {"atom": "pulse", "observations": [
+        {"values": r, "time": 100.0 + i, **({"host": "h1"} if i % 2 else {})} for i, r in enumerate(rows)]})
+    # the same as columns, fields in another order and by letter, ints where floats are
+    letters = {"cpu": "C", "mem": "M"}
+    order = list(reversed(names))
+    res = c.call("observe", {"atom": "pulse", "columns": {
+        "fields": [letters.get(n, n) for n in order], "values": [[r[n] for n in order] for r in rows],
+        "time": [100.0 + i for i in range(4)], "host": [("h1" if i % 2 else None) for i in range(4)]}})
+    assert res == {"stored": 4, "first_id": 5, "last_id": 8}
+    got = hub.sql("select ts, host, data from observations order by id")
+    assert got[:4] == got[4:]
+    assert json.loads(got[0][2]) == {n: float(rows[0][n]) for n in names}  # stored by name, schema order
+    before = _count(hub)
+    cols = {"fields": names, "values": [[PULSE_ROW[n] for n in names]] * 2}
+    for bad, needle in (
+        ({**cols, "fields": [*names[:-1], "bogus"]}, "unknown field 'bogus'"),
+        ({**cols, "fields": names[:-1], "values": [[1.0] * (len(names) - 1)]}, "missing field"),
+        ({**cols, "fields": [*names[:-1], names[0]]}, "given twice"),
+        ({**cols, "values": [[1.0] * len(names), [1.0] * (len(names) - 1)]}, "values[1] has"),
+        ({**cols, "time": [1.0]}, "time must have one entry per row"),
+        ({**cols, "values": [[1.0] * len(names), ["1.0"] * len(names)]}, "values.1.0"),
+    ):
+        with pytest.raises(InvalidParams) as e:
+            c.call("observe", {"atom": "pulse", "columns": bad})
+        assert needle in e.value.message, (bad, e.value.message)
+    with pytest.raises(InvalidParams) as e:  # both forms at once
+        c.call("observe", {"atom": "pulse", "columns": cols, "observations": [{"values": PULSE_ROW}]})
+    assert "not both" in e.value.message
+    assert _count(hub) == before
+    c.close()
+
+
+def test_an_import_is_expired_only_when_it_has_sent_nothing_for_an_hour(tmp_path):
+    import sqlalchemy as sa
+
+    from kiri.hub.store.db import make_engine
+    from kiri.hub.store.schema import metadata, staged_observations
+    from kiri.hub.watch.observations import STAGED_TTL, expire_staged
+
+    eng = make_engine(f"sqlite:///{tmp_path / 'staged.db'}")
+    metadata.create_all(eng)
+    now = 1_000_000.0
+    row = {"atom": "pulse", "ts": 1.0, "host": None, "data": "{}"}
+    with eng.begin() as c:
+        # a long import still sending (its first rows are old), and one abandoned an hour ago
+        c.execute(staged_observations.insert(), [
+            {**row, "import_id": "long", "created_at": now - 3 * STAGED_TTL},
+            {**row, "import_id": "gone", "created_at": now - STAGED_TTL - 5},
+            {**row, "import_id": "long", "created_at": now - 1},
+            {**row, "import_id": "gone", "created_at": now - STAGED_TTL - 1}])
+        assert expire_staged(c, now) == 2
+        left = c.execute(sa.select(staged_observations.c.import_id, sa.func.count())
+                         .group_by(staged_observations.c.import_id)).all()
+    assert left == [("long", 2)]
+    eng.dispose()

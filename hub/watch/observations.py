@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import orjson
 import sqlalchemy as sa
 
@@ -109,11 +110,18 @@ class AtomRegistry:
         self._staged[schema.name] = schema
         return {"atom": schema.name, "created": old is None}
 
-    def validate(self, p: P.Observe, env: Env) -> list[dict[str, Any]]:
-        """Rows ready to insert; raises InvalidParams naming every bad row and field."""
+    def validate(self, p: P.Observe, env: Env) -> dict[str, list[Any]]:
+        """The rows to insert as columns (ts, host, data); raises InvalidParams naming every
+        bad row and field, and stores nothing."""
         schema = self.get(p.atom)
-        rows, errors = [], []
-        names = [f.name for f in schema.fields]
+        if p.columns is not None:
+            return self._validate_columns(schema, p.columns, env)
+        assert p.observations is not None
+        ts: list[float] = []
+        hosts: list[str | None] = []
+        data: list[str] = []
+        errors: list[dict[str, Any]] = []
+        names = schema.names
         for i, o in enumerate(p.observations):
             try:
                 checked = schema.values(o.values)  # once: stored by field name, in schema order
@@ -122,15 +130,51 @@ class AtomRegistry:
                 if len(errors) >= MAX_ERRORS:
                     break
                 continue
-            values = dict(zip(names, checked, strict=True))
-            rows.append({"atom": schema.name, "ts": env.now if o.time is None else o.time, "host": o.host,
-                         "data": orjson.dumps(values).decode(), "created_at": env.now})
-        if errors:
-            first = errors[0]
-            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-            raise InvalidParams(f"observations[{first['index']}]: {first['message']}{more}; nothing was stored",
-                                {"errors": errors})
-        return rows
+            ts.append(env.now if o.time is None else o.time)
+            hosts.append(o.host)
+            data.append(orjson.dumps(dict(zip(names, checked, strict=True))).decode())
+        _refuse(errors)
+        return {"ts": ts, "host": hosts, "data": data}
+
+    @staticmethod
+    def _validate_columns(schema: S.AtomSchema, cols: P.ObservationColumns, env: Env) -> dict[str, list[Any]]:
+        """Columns checked whole: the fields once (every one of the atom's, by name or letter,
+        nothing unknown or twice), the values as one array (finite)."""
+        by_key = {f.name: k for k, f in enumerate(schema.fields)} | {f.letter: k for k, f in enumerate(schema.fields)}
+        unknown = [f for f in cols.fields if f not in by_key]
+        if unknown:
+            raise InvalidParams(f"{schema.name}: unknown field {unknown[0]!r}; fields are "
+                                + ", ".join(f"{f.name} ({f.letter})" for f in schema.fields) + "; nothing was stored")
+        order = [by_key[f] for f in cols.fields]
+        if len(set(order)) != len(order):
+            twice = next(f for f in cols.fields if order.count(by_key[f]) > 1)
+            raise InvalidParams(f"{schema.name}: field {schema.fields[by_key[twice]].name!r} given twice; "
+                                "nothing was stored")
+        missing = [f for k, f in enumerate(schema.fields) if k not in set(order)]
+        if missing:
+            raise InvalidParams(f"{schema.name}: missing field {missing[0].name!r} ({missing[0].letter}); "
+                                "nothing was stored")
+        values = np.array(cols.values, dtype=np.float64).reshape(len(cols.values), len(order))
+        values = values[:, np.argsort(order)]  # schema order
+        finite = np.isfinite(values)
+        if not finite.all():
+            errors = [{"index": int(i), "field": schema.fields[int(j)].name,
+                       "message": f"field {schema.fields[int(j)].name!r}: not a finite number"}
+                      for i, j in np.argwhere(~finite)[:MAX_ERRORS]]
+            _refuse(errors)
+        names = schema.names
+        n = len(values)
+        return {"ts": [env.now if t is None else t for t in cols.time] if cols.time is not None else [env.now] * n,
+                "host": list(cols.host) if cols.host is not None else [None] * n,
+                "data": [orjson.dumps(dict(zip(names, row, strict=True))).decode() for row in values.tolist()]}
+
+
+def _refuse(errors: list[dict[str, Any]]) -> None:
+    if errors:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise InvalidParams(f"observations[{first['index']}]: {first['message']}{more}; nothing was stored",
+                            {"errors": errors})
 
 
 _INSERT = Prepared(observations.insert().values(
@@ -164,17 +208,17 @@ def note_streams(c: sa.Connection, after_id: int) -> None:
 
 
 def observe(reg: AtomRegistry, c: sa.Connection, p: P.Observe, env: Env) -> dict[str, Any]:
-    rows = reg.validate(p, env)
+    cols: dict[str, Any] = reg.validate(p, env)
+    n = len(cols["data"])
+    cols |= {"atom": reg.get(p.atom).name, "created_at": env.now}
     if p.import_id is not None:
-        for r in rows:
-            r["import_id"] = p.import_id
-        _STAGE.run_many(c, rows)
-        return {"staged": len(rows), "import_id": p.import_id}
+        _STAGE.run_columns(c, {**cols, "import_id": p.import_id}, n)
+        return {"staged": n, "import_id": p.import_id}
     before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
-    _INSERT.run_many(c, rows)
+    _INSERT.run_columns(c, cols, n)
     note_streams(c, before)
-    R.mark(c, R.readings_keys((r["atom"], r["host"], r["ts"]) for r in rows))
-    return {"stored": len(rows), "first_id": before + 1, "last_id": before + len(rows)}
+    R.mark(c, R.readings_keys((cols["atom"], h, t) for h, t in zip(cols["host"], cols["ts"], strict=True)))
+    return {"stored": n, "first_id": before + 1, "last_id": before + n}
 
 
 def commit_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:
@@ -199,8 +243,16 @@ def abort_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:
 
 
 def expire_staged(c: sa.Connection, now: float) -> int:
-    """Drop imports abandoned mid-way (the importer died before committing)."""
-    return c.execute(staged_observations.delete().where(staged_observations.c.created_at < now - STAGED_TTL)).rowcount
+    """Drop imports abandoned mid-way (the importer died before committing): those whose
+    newest staged row is older than ``STAGED_TTL``. An import still sending is never cut,
+    however long it has run; the newest row of each import is found on the staging index."""
+    st = staged_observations.c
+    dropped = 0
+    for import_id, last_id in c.execute(sa.select(st.import_id, sa.func.max(st.id)).group_by(st.import_id)).all():
+        last_at = c.execute(sa.select(st.created_at).where(st.id == last_id)).scalar()
+        if last_at is not None and last_at < now - STAGED_TTL:
+            dropped += c.execute(staged_observations.delete().where(st.import_id == import_id)).rowcount
+    return dropped
 
 
 def list_observations(reg: AtomRegistry, c: sa.Connection, p: P.Observations, env: Env) -> dict[str, Any]:

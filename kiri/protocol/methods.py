@@ -161,7 +161,10 @@ TABLE: tuple[Method, ...] = (
                    "`import_id` for an all-or-nothing import. New data schedules scoring.",
            errors=("invalid params: names every bad row and field; nothing is stored",),
            guarantees="All rows of a request or none. Not idempotent: resend staged chunks and commit "
-                      "once to import without duplicates.",
+                      "once to import without duplicates. Rows come as `observations` (one object each) or "
+                      "as `columns` (`fields` by name or letter, `values` one row per observation in that "
+                      "order, optional `time` and `host` lists): a bulk import's chunk is checked as a few "
+                      "typed lists. A staged import is dropped when it has sent nothing for an hour.",
            example=({"atom": "pulse", "observations": [{"time": 1764400000.0, "host": "web-1",
                                                         "values": {"cpu": 52, "mem": 61}}]},
                     {"stored": 1, "first_id": 41, "last_id": 41}), free_form=False),

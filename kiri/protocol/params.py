@@ -159,10 +159,48 @@ class ObservationIn(Params):
     values: dict[str, Any]
 
 
+MAX_OBSERVATIONS = 10_000  # observations in one observe
+
+
+class ObservationColumns(Params):
+    """A chunk of observations as columns (a bulk import's): ``values`` one row per
+    observation in the order of ``fields`` (names or letters), ``time`` and ``host`` one
+    entry each or absent (now; no host). Checked as a few typed lists, not a model each."""
+
+    fields: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=64)]],
+                      Field(min_length=1, max_length=64)]
+    values: Annotated[list[Annotated[list[float], Field(max_length=64)]],
+                      Field(min_length=1, max_length=MAX_OBSERVATIONS)]
+    time: Annotated[list[Annotated[float, Field(ge=0, le=1e11)] | None],
+                    Field(max_length=MAX_OBSERVATIONS)] | None = None
+    host: Annotated[list[Annotated[str, StringConstraints(max_length=200)] | None],
+                    Field(max_length=MAX_OBSERVATIONS)] | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> ObservationColumns:
+        n, width = len(self.values), len(self.fields)
+        for name, col in (("time", self.time), ("host", self.host)):
+            if col is not None and len(col) != n:
+                raise ValueError(f"{name} must have one entry per row of values ({n}); got {len(col)}")
+        for i, row in enumerate(self.values):
+            if len(row) != width:
+                raise ValueError(f"values[{i}] has {len(row)} values for {width} fields")
+        return self
+
+
 class Observe(Params):
     atom: Name
-    observations: Annotated[list[ObservationIn], Field(min_length=1, max_length=10_000)]
+    # one object each, or (faster, for bulk imports) as columns; exactly one of them
+    observations: Annotated[list[ObservationIn], Field(min_length=1, max_length=MAX_OBSERVATIONS)] | None = None
+    columns: ObservationColumns | None = None
     import_id: ImportId | None = None  # stage for an all-or-nothing bulk import
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Observe:
+        if (self.observations is None) == (self.columns is None):
+            raise ValueError("give the observations either as observations (a list of objects) or as columns, "
+                             "not both and not neither")
+        return self
 
 
 class ImportRef(Params):
