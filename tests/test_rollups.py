@@ -166,3 +166,26 @@ def test_rollups_match_brute_force(engine):
     assert folded > 20
     with engine.connect() as c:  # folding really deleted raw rows that the rollups still count
         assert c.execute(sa.select(sa.func.count()).select_from(observations)).scalar() < len(mirror.readings)
+
+
+def test_a_chart_of_many_hosts_over_a_long_range_reads_a_coarser_tier_than_one_host(engine):
+    from kiri.hub.watch import series as SR
+
+    reg = O.AtomRegistry()
+    year = 365 * 86400.0
+    hosts = [f"h{i}" for i in range(3)]
+    with engine.begin() as c:
+        reg.load(c)
+        for h in hosts:  # a reading at each end of a year, for each host
+            O.observe(reg, c, P.Observe(atom="drift", observations=[
+                P.ObservationIn(time=t, host=h, values={"added": 1.0, "completed": 1.0, "switched": 1.0,
+                                                            "hour": 3.0, "weekday": 2.0})
+                for t in (1000.0, 1000.0 + year)]), Env(now=1.0, settings=QueueSettings()))
+        R.refresh(c, {"drift": list(FIELDS)}, 10_000)
+    with engine.connect() as c:
+        one = SR.series(c, "drift", FIELDS, "h0", None, None, 1000)
+        every = SR.series(c, "drift", FIELDS, None, None, None, 1000)
+    # one host's year: about 8,760 hourly rows; three hosts' would be 26,280, over ROLLUP_MAX
+    assert year / 3600 <= SR.ROLLUP_MAX < len(hosts) * year / 3600
+    assert one["tier"] == 3600 and every["tier"] == 86400
+    assert one["count"] == 2 and every["count"] == 6  # every reading still in the chart

@@ -4,7 +4,8 @@ the same whatever the length of the history, and the hub keeps nothing per readi
 A chart of ``points`` points over a range asks for buckets of ``(until - since) / points``
 seconds. Narrower than the finest rollup tier (5 minutes) it reads the raw readings, if
 they are all still there and not too many; otherwise the coarsest tier no wider than a
-bucket (so a year at 1,000 points reads about 9,000 hourly rows per host). Every bucket
+bucket (so a year at 1,000 points reads about 9,000 hourly rows per host), or a coarser
+one when the hosts asked for together would need more than ``ROLLUP_MAX`` rows. Every bucket
 reports the highest score with that reading's id (an anomaly never disappears when the
 view zooms out), the lowest tail probability, whether any reading was anomalous, and each
 field's mean, minimum and maximum, so the chart can draw the band and not only a mean.
@@ -23,6 +24,9 @@ from kiri.hub.store.schema import observations, rollups, streams
 from kiri.hub.watch import rollups as R
 
 RAW_MAX = 20_000  # raw readings one chart reads at most; past that it reads the 5-minute tier
+# rollup rows one chart reads at most: all of many hosts' streams over a long range read a
+# coarser tier (a 10-host year: daily rows, 365 points) rather than 87,600 hourly rows
+ROLLUP_MAX = 20_000
 
 
 def _column(a: np.ndarray) -> np.ndarray:
@@ -74,6 +78,8 @@ def series(c: sa.Connection, atom: str, fields: Sequence[str], host: str | None,
         out.update(_raw(c, atom, fields, host, lo, hi, points))
         return out
     tier = max(t for t in R.TIERS if t <= max(width, R.BASE))
+    while tier != R.TIERS[-1] and len(hosts) * (hi - lo) / tier > ROLLUP_MAX:  # many hosts: coarser
+        tier = R.TIERS[R.TIERS.index(tier) + 1]
     idx, stats = R.view_arrays(c, atom, hosts, fields, tier, R.bucket_of(lo, tier), R.bucket_of(hi, tier))
     out.update(_tiered(idx, stats, tier, lo, width, points, fields))
     return out
