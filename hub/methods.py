@@ -52,6 +52,8 @@ def bind(hub: Hub) -> dict[str, Handler]:
         res = O.commit_import(c, p, env)
         for atom in res["atoms"]:
             SC.ensure_score_task(c, atom, env)
+        if res["remaining"]:
+            hub.loop.call_soon(hub.move_imports)  # the rest moves in steps between requests
         return res
 
     def publish_weights(c: sa.Connection, p: P.PublishWeights, env: Q.Env) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from kiri.hub.watch import keep as KEEP
 from kiri.hub.watch import observations as O
 from kiri.hub.watch import rollups as RU
 from kiri.hub.watch import schedules as SCH
+from kiri.hub.watch import scoring as SC
 from kiri.hub.watch import views as V
 from kiri.hub.web.app import HttpFace
 from kiri.hub.web.metrics import HubMetrics
@@ -108,6 +109,7 @@ class Hub:
         self.rollup_running = False
         self.prune_running = False
         self.staged_checked = 0.0  # when abandoned imports were last looked for
+        self.import_running = False
         self.raw_pruner = KEEP.RawPruner()
         self.served: dict[str, int] = {"leases": 0, "acks": 0}
         self.atoms = O.AtomRegistry()
@@ -428,6 +430,7 @@ class Hub:
             return reaped
 
         self.commit.submit(Op(None, None, "reap", None, reap, reply=False))
+        self.move_imports()
         self._maybe_rollup()
         self._maybe_prune()
         self._maybe_checkpoint_wal()
@@ -460,6 +463,32 @@ class Hub:
                                      self._maybe_rollup)
 
         self._await(Op(None, None, "rollup", None, roll, reply=False)).add_done_callback(then)
+
+    def move_imports(self) -> None:
+        """Move the next step of a committed import's rows into the observations
+        (``observations.move_step``); while steps remain, again after a pause as long as the
+        step took, so requests keep at least half the loop. Also resumes, at the first tick,
+        a commit that a stopped hub left midway."""
+        if self.import_running or self.closing:
+            return
+        self.import_running = True
+
+        def step(c: sa.Connection, _p: Any, env: Q.Env) -> bool:
+            pending = O.committing(c)
+            if not pending:
+                return False
+            for atom in O.move_step(c, pending[0], env):
+                SC.ensure_score_task(c, atom, env)
+            return True
+
+        started = time.perf_counter()
+
+        def then(fut: asyncio.Future[Any]) -> None:
+            self.import_running = False
+            if not fut.cancelled() and fut.exception() is None and fut.result():
+                self.loop.call_later(max(0.005, time.perf_counter() - started), self.move_imports)
+
+        self._await(Op(None, None, "move_import", None, step, reply=False)).add_done_callback(then)
 
     def _maybe_prune(self) -> None:
         """One retention pass (every step a bounded batch, in one transaction): every

@@ -429,6 +429,15 @@ def _import(c: Ctx, atom: str, schema: Any, stream: Any, name: str, fmt: str, no
         if isinstance(e, importing.ImportFileError):
             raise click.ClickException(str(e)) from None
         raise
+    # committed: it applies entirely; a big one moves in steps, followed here to the end
+    while res.get("remaining"):
+        time.sleep(0.2)
+        try:
+            res = c.call("commit_import", {"import_id": import_id})
+        except HubUnreachable:
+            raise click.ClickException(
+                f"{name}: committed, {res['remaining']:,} row(s) still to move when the hub went away; "
+                "the hub finishes the import when it runs again") from None
     return {**res, "skipped_count": n_bad, "skipped_lines": [{"line": b.line, "error": b.message} for b in bad]}
 
 

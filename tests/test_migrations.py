@@ -151,3 +151,27 @@ def test_rollups_are_computed_for_an_existing_history_after_the_upgrade(tmp_path
     assert sum(v[R.SCORED] for v in days.values()) == 2000
     assert sum(v[R.ANOM] for v in days.values()) == sum(1 for i in range(1, 2001) if i % 7 > 5)
     engine.dispose()
+
+
+def test_imports_staged_before_the_upgrade_can_still_be_committed_or_expire(tmp_path):
+    from kiri.hub.core.queue import Env, QueueSettings
+    from kiri.hub.watch import observations as O
+    from kiri.protocol import params as P
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'i.db'}")
+    migrate.upgrade(engine, "0012")  # two imports staged, never committed, before imports were tracked
+    with engine.begin() as c:
+        c.execute(sa.text("INSERT INTO staged_observations (import_id, atom, ts, host, data, created_at) "
+                          "VALUES (:i, 'drift', :t, NULL, :d, :at)"),
+                  [{"i": i, "t": 1000.0 + k, "at": at, "d": '{"added": 1, "completed": 1, "switched": 1, '
+                                                        '"hour": 3, "weekday": 2}'}
+                   for i, at, n in (("fresh-import", 5000.0, 3), ("old-import", 10.0, 2)) for k in range(n)])
+    migrate.upgrade(engine)
+    env = Env(now=5001.0, settings=QueueSettings())
+    with engine.begin() as c:
+        assert O.expire_staged(c, env.now) == 2  # the old one had sent nothing for an hour
+        got = O.commit_import(c, P.ImportRef(import_id="fresh-import"), env)
+        assert (got["stored"], got["remaining"], got["atoms"]) == (3, 0, ["drift"])
+        assert c.exec_driver_sql("SELECT count(*) FROM observations").scalar() == 3
+        assert c.exec_driver_sql("SELECT count(*) FROM staged_observations").scalar() == 0
+    engine.dispose()

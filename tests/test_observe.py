@@ -123,10 +123,16 @@ def test_staged_import_is_invisible_until_committed(hub):
     c = hub.client()
     assert _count(hub) == 0
     assert c.call("observations", {"atom": "pulse"})["observations"] == []
-    assert c.call("commit_import", {"import_id": imp})["stored"] == 5
+    first = c.call("commit_import", {"import_id": imp})
+    assert first["stored"] == 5 and first["remaining"] == 0
     assert _count(hub) == 5
+    assert c.call("commit_import", {"import_id": imp}) == first  # a resend after a lost reply: same answer
+    with pytest.raises(Conflict):  # committed: it applies entirely
+        c.call("abort_import", {"import_id": imp})
+    with pytest.raises(Conflict):
+        c.call("observe", {"atom": "pulse", "observations": [{"values": PULSE_ROW}], "import_id": imp})
     with pytest.raises(NotFound):
-        c.call("commit_import", {"import_id": imp})
+        c.call("commit_import", {"import_id": "c" * 16})
     other = "b" * 16
     c.call("observe", {"atom": "pulse", "observations": [{"values": PULSE_ROW}], "import_id": other})
     assert c.call("abort_import", {"import_id": other}) == {"discarded": 1}
@@ -210,23 +216,74 @@ def test_observations_as_columns_store_what_one_object_each_stores_and_bad_colum
 def test_an_import_is_expired_only_when_it_has_sent_nothing_for_an_hour(tmp_path):
     import sqlalchemy as sa
 
+    from kiri.hub.core.queue import Env, QueueSettings
+    from kiri.hub.store import migrate
     from kiri.hub.store.db import make_engine
-    from kiri.hub.store.schema import metadata, staged_observations
+    from kiri.hub.store.schema import staged_observations
+    from kiri.hub.watch import observations as O
     from kiri.hub.watch.observations import STAGED_TTL, expire_staged
+    from kiri.protocol import params as P
 
     eng = make_engine(f"sqlite:///{tmp_path / 'staged.db'}")
-    metadata.create_all(eng)
-    now = 1_000_000.0
-    row = {"atom": "pulse", "ts": 1.0, "host": None, "data": "{}"}
+    migrate.upgrade(eng)
+    reg = O.AtomRegistry()
+    t0 = 1_000_000.0
+
+    def stage(import_id: str, at: float) -> None:
+        with eng.begin() as c:
+            O.observe(reg, c, P.Observe(atom="pulse", import_id=import_id,
+                                        observations=[P.ObservationIn(values={k: float(v) for k, v in
+                                                                              PULSE_ROW.items()})]),
+                      Env(now=at, settings=QueueSettings()))
+
     with eng.begin() as c:
-        # a long import still sending (its first rows are old), and one abandoned an hour ago
-        c.execute(staged_observations.insert(), [
-            {**row, "import_id": "long", "created_at": now - 3 * STAGED_TTL},
-            {**row, "import_id": "gone", "created_at": now - STAGED_TTL - 5},
-            {**row, "import_id": "long", "created_at": now - 1},
-            {**row, "import_id": "gone", "created_at": now - STAGED_TTL - 1}])
-        assert expire_staged(c, now) == 2
+        reg.load(c)
+    stage("long-import", t0)  # a long import, still sending an hour and more after it began
+    stage("gone-import", t0 + 10)  # one abandoned after its first chunk
+    stage("done-import", t0 + 20)  # one committed, then left
+    with eng.begin() as c:
+        O.commit_import(c, P.ImportRef(import_id="done-import"), Env(now=t0 + 30, settings=QueueSettings()))
+    stage("long-import", t0 + STAGED_TTL + 15)
+    with eng.begin() as c:
+        assert expire_staged(c, t0 + STAGED_TTL + 20) == 1  # only the abandoned one's row
         left = c.execute(sa.select(staged_observations.c.import_id, sa.func.count())
                          .group_by(staged_observations.c.import_id)).all()
-    assert left == [("long", 2)]
+        assert left == [("long-import", 2)]
+        # the committed one answers the same for an hour after its last step, then is forgotten
+        assert O.progress(c, "done-import")["stored"] == 1
+        expire_staged(c, t0 + 30 + STAGED_TTL + 1)
+        assert c.exec_driver_sql("SELECT group_concat(import_id) FROM imports").scalar() == "long-import"
     eng.dispose()
+
+
+def test_a_big_import_moves_in_steps_and_a_hub_killed_midway_finishes_it(hub):
+    from kiri.hub.watch.observations import COMMIT_STEP
+    from tests.conftest import wait_until
+
+    n = 3 * COMMIT_STEP + 123
+    names = list(PULSE_ROW)
+    c = hub.client()
+    imp = "big-import-1"
+    for lo in range(0, n, 10_000):
+        k = range(lo, min(n, lo + 10_000))
+        c.call("observe", {"atom": "pulse", "import_id": imp, "columns": {
+            "fields": names, "values": [[float(i % 97)] * len(names) for i in k],
+            "time": [1_000_000.0 + 30 * i for i in k], "host": [f"h{i % 3}" for i in k]}})
+    first = c.call("commit_import", {"import_id": imp})
+    assert first["stored"] == COMMIT_STEP and first["remaining"] == n - COMMIT_STEP  # the first step
+    hub.kill()  # SIGKILL while the rest moves (or after)
+    at_kill = _count(hub)
+    assert at_kill in {k * COMMIT_STEP for k in (1, 2, 3)} | {n}  # steps land whole or not at all
+    hub.start()  # the restarted hub finishes the committed import by itself
+    wait_until(lambda: _count(hub) == n, 60, what="the import's rest moved after the restart")
+    c = hub.client()
+    done = c.call("commit_import", {"import_id": imp})
+    assert done == {"stored": n, "first_id": 1, "last_id": n, "atoms": ["pulse"], "remaining": 0}
+    assert hub.sql("select count(*) from staged_observations")[0][0] == 0
+    # every row once: no step moved twice, none lost
+    assert hub.sql("select count(distinct ts), min(ts), max(ts) from observations") == [
+        (n, 1_000_000.0, 1_000_000.0 + 30 * (n - 1))]
+    assert sorted(hub.sql("select host, n from streams")) == [(f"h{h}", len(range(h, n, 3))) for h in range(3)]
+    with pytest.raises(Conflict):
+        c.call("abort_import", {"import_id": imp})
+    c.close()

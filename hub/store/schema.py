@@ -187,8 +187,8 @@ rollup_dirty = sa.Table(
     sa.Column("bucket", sa.BigInteger, primary_key=True),
 )
 
-# Bulk imports land here chunk by chunk and move to `observations` in one transaction on
-# commit, so an import applies entirely or not at all even if the importer dies midway.
+# Bulk imports land here chunk by chunk and nothing of them is seen until they are committed,
+# so an import applies entirely or not at all even if the importer dies midway.
 staged_observations = sa.Table(
     "staged_observations",
     metadata,
@@ -200,6 +200,26 @@ staged_observations = sa.Table(
     sa.Column("data", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Index("ix_staged_observations_import_id", "import_id", "id"),
+)
+
+# Every bulk import, from its first staged chunk: how much it staged, when it last sent, and
+# once its commit is asked for, how far the move into `observations` has come. A commit moves
+# in bounded steps (a year of ten hosts is millions of rows: one transaction stalled the queue
+# for a minute); `committed_at` is its durable intent, so a hub killed midway finishes the move
+# when it starts again and a committed import still applies entirely. A finished import is
+# kept an hour, so a resent commit_import gets the same answer.
+imports = sa.Table(
+    "imports",
+    metadata,
+    sa.Column("import_id", sa.String(64), primary_key=True),
+    sa.Column("staged", sa.Integer, nullable=False),  # rows staged in all
+    sa.Column("last_at", sa.Float, nullable=False),  # its newest chunk (an import idle an hour is dropped)
+    sa.Column("committed_at", sa.Float, nullable=True),  # commit asked for
+    sa.Column("stored", sa.Integer, nullable=False),  # rows moved into observations so far
+    sa.Column("first_id", sa.Integer, nullable=True),  # lowest and highest observation id given to them
+    sa.Column("last_id", sa.Integer, nullable=True),
+    sa.Column("atoms", sa.Text, nullable=False),  # JSON list of the atoms moved so far
+    sa.Column("done_at", sa.Float, nullable=True),  # every staged row moved
 )
 
 # Every weights version names the task and data that made it and the version it started from.

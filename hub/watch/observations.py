@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from kiri.hub.core.queue import Env
 from kiri.hub.store.prepared import Prepared
-from kiri.hub.store.schema import atoms, observations, staged_observations, streams
+from kiri.hub.store.schema import atoms, imports, observations, staged_observations, streams
 from kiri.hub.watch import rollups as R
 from kiri.model import schema as S
 from kiri.protocol import Conflict, InvalidParams, NotFound
@@ -212,6 +212,7 @@ def observe(reg: AtomRegistry, c: sa.Connection, p: P.Observe, env: Env) -> dict
     n = len(cols["data"])
     cols |= {"atom": reg.get(p.atom).name, "created_at": env.now}
     if p.import_id is not None:
+        note_staged(c, p.import_id, n, env)
         _STAGE.run_columns(c, {**cols, "import_id": p.import_id}, n)
         return {"staged": n, "import_id": p.import_id}
     before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
@@ -221,42 +222,107 @@ def observe(reg: AtomRegistry, c: sa.Connection, p: P.Observe, env: Env) -> dict
     return {"stored": n, "first_id": before + 1, "last_id": before + n}
 
 
+COMMIT_STEP = 20_000  # staged rows moved per transaction (tens of ms of the hub's loop)
+
+
+def note_staged(c: sa.Connection, import_id: str, n: int, env: Env) -> None:
+    """Count a staged chunk into its import's row (created with the first chunk)."""
+    im = imports.c
+    if c.execute(sa.select(im.committed_at).where(im.import_id == import_id)).first() is not None:
+        if c.execute(imports.update().where(im.import_id == import_id, im.committed_at.is_(None))
+                     .values(staged=im.staged + n, last_at=env.now)).rowcount == 0:
+            raise Conflict(f"import {import_id!r} is already committed; stage more under a new import_id")
+        return
+    c.execute(imports.insert().values(import_id=import_id, staged=n, last_at=env.now, stored=0, atoms="[]"))
+
+
 def commit_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:
-    staged = staged_observations.c
-    n = c.execute(sa.select(sa.func.count()).where(staged.import_id == p.import_id)).scalar() or 0
-    if n == 0:
-        raise NotFound(f"no staged observations for import {p.import_id!r} (already committed, aborted or expired)")
+    """Commit an import: record the intent, move its first step, answer with the progress.
+
+    Small imports are done in this call, as one transaction. Bigger ones continue in steps
+    (``move_step``, driven by the hub between requests and by the importer asking again):
+    their rows become visible a step at a time over some seconds, and a hub killed midway
+    finishes the move when it starts again. Asking again is safe at any time and answers
+    with the same totals once done (for an hour).
+    """
+    im = imports.c
+    row = c.execute(sa.select(im.committed_at, im.done_at).where(im.import_id == p.import_id)).first()
+    if row is None:
+        raise NotFound(f"no staged observations for import {p.import_id!r} (aborted or expired)")
+    if row.committed_at is None:
+        c.execute(imports.update().where(im.import_id == p.import_id).values(committed_at=env.now, last_at=env.now))
+    if row.done_at is None:
+        move_step(c, p.import_id, env)
+    return progress(c, p.import_id)
+
+
+def progress(c: sa.Connection, import_id: str) -> dict[str, Any]:
+    im = imports.c
+    r = c.execute(sa.select(im.staged, im.stored, im.first_id, im.last_id, im.atoms)
+                  .where(im.import_id == import_id)).one()
+    return {"stored": r.stored, "first_id": r.first_id or 0, "last_id": r.last_id or 0,
+            "atoms": orjson.loads(r.atoms), "remaining": r.staged - r.stored}
+
+
+def committing(c: sa.Connection) -> list[str]:
+    """Imports whose commit is still moving rows (oldest commit first)."""
+    im = imports.c
+    return list(c.execute(sa.select(im.import_id).where(im.committed_at.is_not(None), im.done_at.is_(None))
+                          .order_by(im.committed_at)).scalars())
+
+
+def move_step(c: sa.Connection, import_id: str, env: Env) -> list[str]:
+    """Move the next ``COMMIT_STEP`` staged rows of a committing import into the observations
+    (streams, rollup marks and progress with them, in this transaction). The atoms moved."""
+    st, im = staged_observations.c, imports.c
+    mine = st.import_id == import_id
+    upto = c.execute(sa.select(st.id).where(mine).order_by(st.id).offset(COMMIT_STEP - 1).limit(1)).scalar()
+    if upto is None:
+        upto = c.execute(sa.select(sa.func.max(st.id)).where(mine)).scalar()
+    moved, atom_names = 0, []
     before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
-    src = sa.select(staged.atom, staged.ts, staged.host, staged.data, sa.literal(env.now)).where(
-        staged.import_id == p.import_id).order_by(staged.id)
-    atom_names = [r[0] for r in c.execute(sa.select(staged.atom).where(staged.import_id == p.import_id).distinct())]
-    c.execute(observations.insert().from_select(["atom", "ts", "host", "data", "created_at"], src))
-    note_streams(c, before)
-    R.mark_where(c, staged_observations, staged.import_id == p.import_id)
-    c.execute(staged_observations.delete().where(staged.import_id == p.import_id))
-    return {"stored": n, "first_id": before + 1, "last_id": before + n, "atoms": atom_names}
+    if upto is not None:
+        step = sa.and_(mine, st.id <= upto)
+        src = sa.select(st.atom, st.ts, st.host, st.data, sa.literal(env.now)).where(step).order_by(st.id)
+        moved = c.execute(observations.insert().from_select(["atom", "ts", "host", "data", "created_at"],
+                                                            src)).rowcount
+        atom_names = sorted(c.execute(sa.select(st.atom).where(step).distinct()).scalars())
+        note_streams(c, before)
+        R.mark_where(c, staged_observations, step)
+        c.execute(staged_observations.delete().where(step))
+    r = c.execute(sa.select(im.atoms, im.first_id).where(im.import_id == import_id)).one()
+    left = c.execute(sa.select(st.id).where(mine).limit(1)).first() is not None
+    c.execute(imports.update().where(im.import_id == import_id).values(
+        stored=im.stored + moved, first_id=r.first_id or (before + 1 if moved else None),
+        last_id=before + moved if moved else im.last_id,
+        atoms=orjson.dumps(sorted(set(orjson.loads(r.atoms)) | set(atom_names))).decode(),
+        done_at=None if left else env.now))
+    return atom_names
 
 
 def abort_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:
+    im = imports.c
+    committed = c.execute(sa.select(im.committed_at).where(im.import_id == p.import_id)).scalar()
+    if committed is not None:
+        raise Conflict(f"import {p.import_id!r} is committed (or being committed) and will apply entirely; "
+                       "it cannot be aborted")
     n = c.execute(staged_observations.delete().where(staged_observations.c.import_id == p.import_id)).rowcount
+    c.execute(imports.delete().where(im.import_id == p.import_id))
     return {"discarded": n}
 
 
 def expire_staged(c: sa.Connection, now: float) -> int:
-    """Drop imports abandoned mid-way (the importer died before committing): those whose
-    newest staged row is older than ``STAGED_TTL``. An import still sending is never cut,
-    however long it has run; the newest row of each import is found on the staging index."""
-    st = staged_observations.c
+    """Drop imports abandoned mid-way (the importer died before committing): those that have
+    sent nothing for ``STAGED_TTL``. An import still sending is never cut, however long it
+    has run, nor one being committed. Finished imports are forgotten after the same hour."""
+    im = imports.c
+    c.execute(imports.delete().where(im.done_at < now - STAGED_TTL))
     dropped = 0
-    import_id = ""
-    # import by import (a seek each on the index, not a walk over every staged row: an
-    # import of millions stages millions before it commits)
-    while (import_id := c.execute(sa.select(st.import_id).where(st.import_id > import_id)
-                                  .order_by(st.import_id).limit(1)).scalar()) is not None:
-        last_at = c.execute(sa.select(st.created_at).where(st.import_id == import_id)
-                            .order_by(st.id.desc()).limit(1)).scalar()
-        if last_at is not None and last_at < now - STAGED_TTL:
-            dropped += c.execute(staged_observations.delete().where(st.import_id == import_id)).rowcount
+    for import_id in c.execute(sa.select(im.import_id).where(im.committed_at.is_(None),
+                                                              im.last_at < now - STAGED_TTL)).scalars().all():
+        dropped += c.execute(staged_observations.delete().where(
+            staged_observations.c.import_id == import_id)).rowcount
+        c.execute(imports.delete().where(im.import_id == import_id))
     return dropped
 
 

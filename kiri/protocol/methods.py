@@ -170,12 +170,21 @@ TABLE: tuple[Method, ...] = (
                     {"stored": 1, "first_id": 41, "last_id": 41}), free_form=False),
     Method("commit_import", P.ImportRef, R.ImportCommitted, group="observations",
            events=("observations", "tasks"),
-           summary="Move every row staged under `import_id` into the observations, in one transaction.",
-           errors=("not found: nothing staged under that id (expired after an hour, or committed)",),
+           summary="Commit an import: every row staged under `import_id` moves into the observations. Up "
+                   "to 20,000 rows in this call's transaction; a bigger import moves on in steps of 20,000 "
+                   "between other requests (`remaining` says how many rows are still to move: ask again "
+                   "to follow it).",
+           errors=("not found: nothing staged under that id (aborted, or expired after an hour)",),
+           guarantees="A committed import applies entirely: the commit is recorded with its first step, and "
+                      "a hub stopped midway finishes it when it starts again. A big import's rows become "
+                      "visible a step at a time. Asking again is safe: it answers with the progress, and "
+                      "for an hour after the last step with the same totals (`first_id`..`last_id` span "
+                      "the import's ids; other observations may interleave between steps).",
            example=({"import_id": "imp-3f9a1c2b"},
-                    {"stored": 2016, "first_id": 42, "last_id": 2057, "atoms": ["pulse"]})),
+                    {"stored": 2016, "first_id": 42, "last_id": 2057, "atoms": ["pulse"], "remaining": 0})),
     Method("abort_import", P.ImportRef, R.ImportAborted, group="observations", idempotent=True,
            summary="Discard rows staged under `import_id`.",
+           errors=("conflict: the import is committed (it will apply entirely)",),
            example=({"import_id": "imp-3f9a1c2b"}, {"discarded": 2016})),
     Method("observations", P.Observations, R.ObservationPage, group="observations", idempotent=True,
            summary="Raw observations of an atom in id order; page with `after_id`, window with `since`/`until`, "

@@ -147,6 +147,7 @@ class ImportCommitted(Result):
     first_id: int
     last_id: int
     atoms: list[str]
+    remaining: int = 0  # rows still to move (a big import moves in steps); 0: all stored
 
 
 class ImportAborted(Result):
