@@ -163,11 +163,14 @@ def db_bytes(folder: Path) -> int:
     return sum(os.stat(p).st_size for p in folder.glob("kiri.db*"))
 
 
-def settle(hub: Hub, what: str, timeout: float = 3600) -> float:
-    """Wait until rollups are computed and retention has nothing left to do (the file stops shrinking)."""
+def settle(hub: Hub, what: str, timeout: float = 3600, retention: bool = True) -> float:
+    """Wait until rollups are computed and (``retention``) retention has nothing left to do
+    (the file stops shrinking)."""
     t = time.perf_counter()
     wait_until(lambda: hub.sql("select count(*) from rollup_dirty")[0][0] == 0, timeout, interval=1.0,
                what=f"rollups after {what}")
+    if not retention:
+        return time.perf_counter() - t
     last, still = db_bytes(hub.folder), 0
     while still < 3 and time.perf_counter() - t < timeout:
         time.sleep(2.0)
@@ -186,10 +189,13 @@ def settle(hub: Hub, what: str, timeout: float = 3600) -> float:
 @click.option("--repeat", default=10, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--skip-scoring", is_flag=True, help="Import and chart only (no training, no backfill).")
 @click.option("--keep-raw", default="30d", show_default=True, help="The hub's --keep-raw.")
+@click.option("--wait-retention/--no-wait-retention", default=True, show_default=True,
+              help="Wait for retention to fold the old raw readings before the charts (else they are read "
+                   "while it still works, as a user would right after a big import).")
 @click.option("--keep-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Work in this folder and leave it there (the database, the hub's log) instead of a temp one.")
 def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, skip_scoring: bool,
-         keep_raw: str, keep_dir: Path | None) -> None:
+         keep_raw: str, wait_retention: bool, keep_dir: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="kiri-year-") as tmp:
         folder = Path(tmp) if keep_dir is None else keep_dir
         folder.mkdir(parents=True, exist_ok=True)
@@ -253,8 +259,9 @@ def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, ski
                 a.terminate()
                 a.wait(60)
             agents.clear()
-            took = settle(hub, "import and scoring")
-            print(f"rollups and retention settled in {took:.0f} s; database now {db_bytes(folder) / 2**20:.0f} MiB "
+            took = settle(hub, "import and scoring", retention=wait_retention)
+            what = "rollups and retention" if wait_retention else "rollups (retention still folding)"
+            print(f"{what} settled in {took:.0f} s; database now {db_bytes(folder) / 2**20:.0f} MiB "
                   f"({hub.sql('select count(*) from observations')[0][0]:,} raw readings kept, "
                   f"{hub.sql('select count(*) from rollups')[0][0]:,} rollup rows, "
                   f"{hub.sql('select count(*) from tasks')[0][0]:,} tasks)", flush=True)
