@@ -222,7 +222,7 @@ def observe(reg: AtomRegistry, c: sa.Connection, p: P.Observe, env: Env) -> dict
     return {"stored": n, "first_id": before + 1, "last_id": before + n}
 
 
-COMMIT_STEP = 20_000  # staged rows moved per transaction (tens of ms of the hub's loop)
+COMMIT_STEP = 5_000  # staged rows moved per transaction (about 25 ms of the hub's loop)
 
 
 def note_staged(c: sa.Connection, import_id: str, n: int, env: Env) -> None:

@@ -171,7 +171,7 @@ TABLE: tuple[Method, ...] = (
     Method("commit_import", P.ImportRef, R.ImportCommitted, group="observations",
            events=("observations", "tasks"),
            summary="Commit an import: every row staged under `import_id` moves into the observations. Up "
-                   "to 20,000 rows in this call's transaction; a bigger import moves on in steps of 20,000 "
+                   "to 5,000 rows in this call's transaction; a bigger import moves on in steps of 5,000 "
                    "between other requests (`remaining` says how many rows are still to move: ask again "
                    "to follow it).",
            errors=("not found: nothing staged under that id (aborted, or expired after an hour)",),
