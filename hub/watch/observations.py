@@ -186,24 +186,31 @@ _STAGE = Prepared(staged_observations.insert().values(
 
 
 def note_streams(c: sa.Connection, after_id: int) -> None:
-    """Fold the readings stored with ids above ``after_id`` (this transaction's) into ``streams``."""
+    """Fold the readings stored with ids above ``after_id`` (this transaction's) into ``streams``.
+
+    Their rows are read once by id (a range of the table itself) and grouped here: asked of
+    SQLite per stream, "the newest of these" walked the atom's time index back from its
+    newest reading, across every other host's, so importing one host's past behind the
+    others' got slower with each host already there (a ten-host year: minutes)."""
     o, st = observations.c, streams.c
-    host = sa.func.coalesce(o.host, "")
-    groups = c.execute(sa.select(o.atom, host.label("host"), sa.func.count().label("n"),
-                                 sa.func.min(o.ts).label("first"), sa.func.max(o.ts).label("last"))
-                       .where(o.id > after_id).group_by(o.atom, host)).all()
-    for g in groups:
-        same = R.host_is(o.host, g.host)
-        last_id = c.execute(sa.select(o.id).where(o.id > after_id, o.atom == g.atom, same)
-                            .order_by(o.ts.desc(), o.id.desc()).limit(1)).scalar_one()
-        newer = sa.or_(st.last_ts < g.last, sa.and_(st.last_ts == g.last, st.last_id < last_id))
-        done = c.execute(streams.update().where(st.atom == g.atom, st.host == g.host).values(
-            n=st.n + g.n,
-            first_ts=sa.case((st.first_ts > g.first, g.first), else_=st.first_ts),
-            last_ts=sa.case((newer, g.last), else_=st.last_ts),
+    groups: dict[tuple[str, str], list[Any]] = {}  # (atom, host) -> [n, first ts, (last ts, last id)]
+    for oid, atom, host, ts in c.execute(sa.select(o.id, o.atom, o.host, o.ts).where(o.id > after_id)):
+        g = groups.get((atom, host or ""))
+        if g is None:
+            groups[(atom, host or "")] = [1, ts, (ts, oid)]
+        else:
+            g[0] += 1
+            g[1] = min(g[1], ts)
+            g[2] = max(g[2], (ts, oid))
+    for (atom, host), (n, first, (last, last_id)) in groups.items():
+        newer = sa.or_(st.last_ts < last, sa.and_(st.last_ts == last, st.last_id < last_id))
+        done = c.execute(streams.update().where(st.atom == atom, st.host == host).values(
+            n=st.n + n,
+            first_ts=sa.case((st.first_ts > first, first), else_=st.first_ts),
+            last_ts=sa.case((newer, last), else_=st.last_ts),
             last_id=sa.case((newer, last_id), else_=st.last_id))).rowcount
         if not done:
-            c.execute(streams.insert().values(atom=g.atom, host=g.host, n=g.n, first_ts=g.first, last_ts=g.last,
+            c.execute(streams.insert().values(atom=atom, host=host, n=n, first_ts=first, last_ts=last,
                                               last_id=last_id))
 
 
