@@ -59,7 +59,6 @@ from kiri.protocol import params as P
 log = logging.getLogger("kiri.hub")
 
 MAX_DEPTH = 64  # nesting of a request's params; orjson itself cannot write beyond 254
-STAGED_EVERY = 60.0  # seconds between looks for abandoned imports (a look walks the staging index)
 ROLLUP_BATCH = 200  # dirty 5-minute buckets per rollup transaction (a few ms on the loop)
 MAX_STRIKES = 3  # wrong tokens, or requests before hello, before the connection is closed
 
@@ -108,7 +107,6 @@ class Hub:
         self.prune_busy: set[str] = set()  # retention steps that found work last time (repeated soon)
         self.rollup_running = False
         self.prune_running = False
-        self.staged_checked = 0.0  # when abandoned imports were last looked for
         self.import_running = False
         self.raw_pruner = KEEP.RawPruner()
         self.served: dict[str, int] = {"leases": 0, "acks": 0}
@@ -418,9 +416,7 @@ class Hub:
     def _tick(self) -> None:
         def reap(c: sa.Connection, _p: Any, env: Q.Env) -> list[tuple[int, str]]:
             reaped = Q.reap(c, env)
-            if env.now - self.staged_checked >= STAGED_EVERY:
-                self.staged_checked = env.now
-                O.expire_staged(c, env.now)
+            O.expire_staged(c, env.now)  # the imports table: a few rows, not the staged ones
             SCH.fire_due(c, env)
             for task_id, status in reaped:
                 log.info("lease on task %s expired; task is now %s", task_id, status)

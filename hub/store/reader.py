@@ -91,11 +91,8 @@ class Reader:
                                              initializer=_init_worker, initargs=(self.db_url,))
         return self.procs
 
-    def warm(self, fn: Callable[[sa.Connection], Any] | None = None) -> None:
-        """Start the worker processes now (in the background), not at the first chart; and
-        run ``fn`` once in a thread, so the first read served there finds its caches warm."""
-        if fn is not None:
-            self.pool.submit(self._run, fn, ())
+    def warm(self) -> None:
+        """Start the worker processes now (in the background), not at the first chart."""
         if self.processes:
             procs = self._procs()
             self.warming = [procs.submit(_ready) for _ in range(self.processes)]

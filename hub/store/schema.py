@@ -77,10 +77,10 @@ tasks = sa.Table(
         postgresql_where=sa.text("status IN ('queued', 'leased') AND dedupe_key IS NOT NULL"),
     ),
     sa.Index("ix_tasks_status_kind", "status", "kind"),
-    # retention walks finished tasks oldest first: a range of this index, whatever the table's size
     sa.Index("ix_tasks_troubled", "kind", "failures", "expiries",  # /metrics: the tasks that stumbled
              sqlite_where=sa.text("failures > 0 OR expiries > 0"),
              postgresql_where=sa.text("failures > 0 OR expiries > 0")),
+    # retention walks finished tasks oldest first: a range of this index, whatever the table's size
     sa.Index("ix_tasks_finished_at", "finished_at",
              sqlite_where=sa.text("finished_at IS NOT NULL"), postgresql_where=sa.text("finished_at IS NOT NULL")),
     sa.Index("ix_tasks_parent_id", "parent_id"),

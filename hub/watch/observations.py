@@ -146,11 +146,11 @@ class AtomRegistry:
             raise InvalidParams(f"{schema.name}: unknown field {unknown[0]!r}; fields are "
                                 + ", ".join(f"{f.name} ({f.letter})" for f in schema.fields) + "; nothing was stored")
         order = [by_key[f] for f in cols.fields]
-        if len(set(order)) != len(order):
+        if len(given := set(order)) != len(order):
             twice = next(f for f in cols.fields if order.count(by_key[f]) > 1)
             raise InvalidParams(f"{schema.name}: field {schema.fields[by_key[twice]].name!r} given twice; "
                                 "nothing was stored")
-        missing = [f for k, f in enumerate(schema.fields) if k not in set(order)]
+        missing = [f for k, f in enumerate(schema.fields) if k not in given]
         if missing:
             raise InvalidParams(f"{schema.name}: missing field {missing[0].name!r} ({missing[0].letter}); "
                                 "nothing was stored")
@@ -235,11 +235,11 @@ COMMIT_STEP = 5_000  # staged rows moved per transaction (about 25 ms of the hub
 def note_staged(c: sa.Connection, import_id: str, n: int, env: Env) -> None:
     """Count a staged chunk into its import's row (created with the first chunk)."""
     im = imports.c
-    if c.execute(sa.select(im.committed_at).where(im.import_id == import_id)).first() is not None:
-        if c.execute(imports.update().where(im.import_id == import_id, im.committed_at.is_(None))
-                     .values(staged=im.staged + n, last_at=env.now)).rowcount == 0:
-            raise Conflict(f"import {import_id!r} is already committed; stage more under a new import_id")
+    if c.execute(imports.update().where(im.import_id == import_id, im.committed_at.is_(None))
+                 .values(staged=im.staged + n, last_at=env.now)).rowcount:
         return
+    if c.execute(sa.select(im.import_id).where(im.import_id == import_id)).first() is not None:
+        raise Conflict(f"import {import_id!r} is already committed; stage more under a new import_id")
     c.execute(imports.insert().values(import_id=import_id, staged=n, last_at=env.now, stored=0, atoms="[]"))
 
 
