@@ -99,14 +99,12 @@ def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = No
     return values[order] if order else values, [times[i] for i in order], first, last
 
 
-def suspects(hub: Any, atom: str, obs_ids: list[int]) -> set[int]:
-    """Observations whose latest recorded score had a tail probability under ``robust.SUSPECT_P``.
+def scored_tail_p(hub: Any, atom: str, obs_ids: list[int]) -> dict[int, float]:
+    """Each observation's latest recorded tail probability (those never scored are absent).
 
-    What the atom judged unusual while watching, as the Detector's retrains read it from
-    their own verdicts: a retrain does not learn it as normal (``robust.learnable``).
+    What the atom judged unusual while watching, as the Detector's retrains read their own
+    verdicts: a retrain does not learn the excess of it as normal (``robust.suspects``).
     """
-    from kiri.model.robust import SUSPECT_P
-
     wanted = set(obs_ids)
     tail: dict[int, float] = {}
     after = 0
@@ -119,18 +117,34 @@ def suspects(hub: Any, atom: str, obs_ids: list[int]) -> set[int]:
         if not page["next_after_id"]:
             break
         after = page["next_after_id"]
-    return {i for i, p in tail.items() if p < SUSPECT_P}
+    return tail
 
 
-def learn_from(schema: Any, obs_ids: list[int], left_out: set[int], times: list[float]) -> Any:
-    """[N] bool: the rows to train on, leaving out ``left_out`` as ``robust.learnable`` decides."""
+def normal_share(hub: Any, atom: str) -> float:
+    """The share of normal readings the active weights put under ``SUSPECT_P`` (what a retrain
+    may leave out beyond), from their held-out windows; ``SUSPECT_P`` when unknown."""
+    from kiri.model.calibrate import SUSPECT_P
+
+    try:
+        active = hub.call("weights", {"atom": atom, "active": True})["weights"][0]
+    except (RpcError, IndexError):
+        return SUSPECT_P
+    share = (active.get("info") or {}).get("suspect_share")
+    return float(share) if isinstance(share, int | float) and 0.0 <= share <= 1.0 else SUSPECT_P
+
+
+def learn_from(schema: Any, obs_ids: list[int], tail_p: dict[int, float], times: list[float],
+               rate: float, share: float) -> Any:
+    """[N] bool: the rows to train on, leaving out the suspects (``robust.suspects`` of their
+    recorded tail probabilities, against alarm rate ``rate`` and normal ``share``) as
+    ``robust.learnable`` decides."""
     import numpy as np
 
     from kiri.model.calibrate import typical_interval
-    from kiri.model.robust import learnable, persist_for
+    from kiri.model.robust import learnable, persist_for, suspects
 
-    flagged = np.fromiter((i in left_out for i in obs_ids), dtype=bool, count=len(obs_ids))
-    return learnable(schema, flagged, persist_for(typical_interval(times)))
+    p = np.fromiter((tail_p.get(i, np.nan) for i in obs_ids), dtype=np.float64, count=len(obs_ids))
+    return learnable(schema, suspects(p, rate, share), persist_for(typical_interval(times)))
 
 
 def train(ctx: TaskContext) -> dict[str, Any]:
@@ -187,8 +201,9 @@ def train(ctx: TaskContext) -> dict[str, Any]:
                             retry=False)
         # what the atom found unusual while watching is not learned as normal; the ids go
         # into the checkpoint, so a resumed run trains on exactly the same rows
-        left_out = suspects(hub, schema.name, obs_ids)
-        keep = learn_from(schema, obs_ids, left_out, times)
+        rate = alarm_rate(float(params.get("alarms_per_week", DEFAULT_ALARMS_PER_WEEK)), typical_interval(times))
+        keep = learn_from(schema, obs_ids, scored_tail_p(hub, schema.name, obs_ids), times, rate,
+                          normal_share(hub, schema.name))
         left_out = {i for i, k in zip(obs_ids, keep.tolist(), strict=True) if not k}
         values = values[keep]
         codec = Codec.fit(schema, values)  # edges from this data: a retrain follows a stream that moved

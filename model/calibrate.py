@@ -169,6 +169,19 @@ class Calibration:
         return cls(Tail.from_dict(d["point"]), Tail.from_dict(d["sustained"]), int(d.get("n", 0)))
 
 
+SUSPECT_P = 0.05  # a reading this unusual is suspect: retrains leave out the excess of them (robust.suspects)
+
+
+def suspect_share(calibration: Calibration, scores: np.ndarray) -> float:
+    """Share of these (normal) scores whose tail probability falls under ``SUSPECT_P``.
+
+    ``SUSPECT_P`` for a continuous score; far less where scores come in clumps (a quiet
+    night scores the same few values over and over), which is why it is measured: a
+    retrain leaves out only the suspects beyond this share."""
+    s = np.asarray(scores, dtype=np.float64)
+    return float((calibration.tail_p(s) < SUSPECT_P).mean()) if len(s) else SUSPECT_P
+
+
 def alarm_rate(alarms_per_week: float, interval: float) -> float:
     """Alarms per observation that a budget of ``alarms_per_week`` allows at one reading per ``interval`` s."""
     if not (alarms_per_week > 0 and math.isfinite(alarms_per_week)):

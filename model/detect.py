@@ -145,7 +145,9 @@ class Detector:
         self.buckets = buckets
         self.scorer: Scorer | None = None
         self.history = np.empty((0, 0))
-        self.flags = np.zeros(0, dtype=bool)  # each history row: judged anomalous (left out of retraining)?
+        self.flags = np.zeros(0, dtype=bool)  # each history row: judged anomalous (context looked past)?
+        self.history_p = np.empty(0)  # each history row's tail probability (what retrains leave out)
+        self.normal_share = cal.SUSPECT_P  # share of normal readings the current model puts under SUSPECT_P
         self.alarmed = np.zeros(0, dtype=bool)  # the latest rows' raw alarm flags (for onsets)
         self.past_scores = np.empty(0)
         self.scores = np.empty(0)  # scores given while watching (out of sample), newest last
@@ -198,6 +200,7 @@ class Detector:
         self.scorer = Scorer(load_weights(self.blob))
         if flagged is None:
             self.flags = fitted.flagged
+            self.history_p = np.where(fitted.flagged, 0.0, np.nan)  # the fit's own verdicts; not scored
         # Recalibrate on this stream's recent normal: the scores it got while being watched
         # (each from a model that had not seen it) that were not judged anomalous. Far more
         # of them than a training run holds out, and they hold every kind of day it has had.
@@ -205,6 +208,9 @@ class Detector:
         if len(ref) >= MIN_RECENT:
             self.scorer.calibration = cal.Calibration.fit(ref)
             self.scorer.threshold = self.scorer.calibration.threshold(self.alarm_rate)
+            self.normal_share = cal.suspect_share(self.scorer.calibration, ref)
+        else:
+            self.normal_share = float(load_weights(self.blob).info.get("suspect_share", cal.SUSPECT_P))
 
     # --- scoring ----------------------------------------------------------------------------
 
@@ -227,7 +233,8 @@ class Detector:
             parts.append(self._score_chunk(values[at:end]))
             at = end
             if self.learn and at < n:
-                self._train(self.history[-window:], init=self.blob, flagged=self.flags[-window:])
+                self._train(self.history[-window:], init=self.blob,
+                            flagged=robust.suspects(self.history_p[-window:], self.alarm_rate, self.normal_share))
                 self.retrains += 1
         surprise, tail_p, verdict, flagged, tok_s, toks = (np.concatenate([p[i] for p in parts]) for i in range(6))
         return Detection(self.schema, surprise, tail_p, verdict, flagged, tok_s, toks, self.alarm_rate)
@@ -244,6 +251,7 @@ class Detector:
         self.history = np.concatenate([self.history, values]) if len(self.history) else values
         flags = tail_p < self.alarm_rate
         self.flags = np.concatenate([self.flags, tail_p < max(self.alarm_rate, robust.SUSPECT_P)])
+        self.history_p = np.concatenate([self.history_p, tail_p])
         verdict = onsets(np.concatenate([self.alarmed, flags]), self.persist)[len(self.alarmed):]
         self.alarmed = np.concatenate([self.alarmed, flags])[-self.persist:]
         self.past_scores = np.concatenate([self.past_scores[-64:], mean])

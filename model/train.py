@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kiri.model.calibrate import Calibration
+from kiri.model.calibrate import Calibration, suspect_share
 from kiri.model.codec import Codec
 from kiri.model.gpt import Atom
 from kiri.model.schema import AtomSchema
@@ -399,6 +399,7 @@ class Trainer:
                         calibrated_on="holdout" if held else "all", held_out=len(self.held),
                         score_p50=q[0], score_p99=q[1], score_p999=q[2], scoring=ORDINAL,
                         judged_anomalous=float((p < rate).mean()) if len(p) else 0.0,
+                        suspect_share=suspect_share(calib, ref),
                         codec=codec.to_dict())
             self.model.train()
         return save_weights(self.schema, self.model, {**base, **(info or {})})

@@ -87,7 +87,7 @@ def test_publishing_is_fenced_by_the_lease(hub):
 
 
 def _mark_unusual(hub, agents_factory, ids: list[int]) -> None:
-    """Weights v1, and scores under them saying observations ``ids`` were unusual (tail_p 0.001)."""
+    """Weights v1, and scores under them saying observations ``ids`` were alarms (tail_p 1e-6)."""
     c = hub.client()
     tid = c.enqueue("train", "pulse", {"steps": 5})["task_id"]
     agent = _trainer(agents_factory, hub)
@@ -99,7 +99,7 @@ def _mark_unusual(hub, agents_factory, ids: list[int]) -> None:
     assert got["task"]["atom"] == "pulse"
     c.call("record_scores", {"task_id": got["task"]["id"], "lease_token": got["lease"]["token"], "atom": "pulse",
                              "weights_id": wid, "threshold": 1.0, "alarm_rate": 1e-3,
-                             "scores": [{"observation_id": i, "score": 9.0, "surprise": [9.0] * 6, "tail_p": 0.001}
+                             "scores": [{"observation_id": i, "score": 9.0, "surprise": [9.0] * 6, "tail_p": 1e-6}
                                         for i in ids]})
     c.call("ack", {"task_id": got["task"]["id"], "lease_token": got["lease"]["token"]})
     c.close()
@@ -107,7 +107,7 @@ def _mark_unusual(hub, agents_factory, ids: list[int]) -> None:
 
 def test_killed_trainer_resumes_from_checkpoint_with_bitwise_the_same_weights(hub, agents_factory):
     rows = _push(hub, 2.0, seed=3)
-    unusual = list(range(50, 5000, 97))  # scored as unusual earlier: left out, before and after the kill
+    unusual = list(range(50, 5000, 97))  # scored as alarms earlier: left out, before and after the kill
     _mark_unusual(hub, agents_factory, unusual)
     cfg = {"steps": 4000, "batch_size": 32, "seed": 5}  # ~6 s: time to be killed mid-run
     c = hub.client()
