@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import click
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from kiri import config
 from kiri.config import TRAIN_WINDOW
@@ -37,7 +39,28 @@ def setup_logging(level: str) -> None:
 
 
 def resolve_db(db: str | None, data_dir: Path | None) -> str:
-    return db or config.default_db_url(data_dir)
+    """The database URL: ``--db`` as a SQLAlchemy URL (``dialect://…``) or a plain path to a
+    SQLite file (created if missing, in a folder that exists); the data dir's default without it."""
+    if not db:
+        return config.default_db_url(data_dir)
+    if "://" not in db:
+        path = Path(db).expanduser().absolute()
+        if path.is_dir():
+            raise click.BadParameter(f"{db} is a folder; give the database file's path", param_hint="--db")
+        if not path.parent.is_dir():
+            raise click.BadParameter(f"{db}: folder {path.parent} does not exist", param_hint="--db")
+        return f"sqlite:///{path}"
+    try:
+        url = make_url(db)
+    except (ArgumentError, ValueError):
+        raise click.BadParameter("not a database URL (dialect://user@host/name) or a file path",
+                                 param_hint="--db") from None
+    try:
+        url.get_dialect()
+    except NoSuchModuleError:
+        raise click.BadParameter(f"no database driver for {url.drivername!r} (sqlite:///PATH, or "
+                                 "postgresql+psycopg://user@host/name)", param_hint="--db") from None
+    return db
 
 
 def _keep(_ctx: click.Context, _p: click.Parameter, value: str) -> float | None:
@@ -59,8 +82,8 @@ def _versions(_ctx: click.Context, _p: click.Parameter, value: str) -> int | Non
 
 
 db_option = click.option(
-    "--db", envvar="KIRI_DB", metavar="URL",
-    help="SQLAlchemy URL of the database [default: sqlite file kiri.db in the data dir].",
+    "--db", envvar="KIRI_DB", metavar="URL|PATH",
+    help="Database: a SQLAlchemy URL, or the path of a SQLite file [default: kiri.db in the data dir].",
 )
 data_dir_option = click.option(
     "--data-dir", envvar="KIRI_DATA_DIR", type=click.Path(file_okay=False, path_type=Path),

@@ -71,6 +71,24 @@ def test_cli_migrate_and_check(tmp_path):
     assert sa.inspect(engine).get_table_names() == ["alembic_version"]
 
 
+def test_db_takes_a_plain_path_and_refuses_what_is_neither_path_nor_url(tmp_path):
+    run = [sys.executable, "-m", "kiri.hub.cli"]
+    out = subprocess.run([*run, "migrate", "--db", "plain.db"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "plain.db").exists() and f"sqlite:///{tmp_path / 'plain.db'}" in out.stdout
+    out = subprocess.run([*run, "check", "--db", str(tmp_path / "plain.db")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "no drift" in out.stdout
+    for bad, says in ((str(tmp_path / "missing" / "x.db"), "does not exist"), (str(tmp_path), "is a folder"),
+                      ("postgresql+psycopg://u:secret@:::x", "not a database URL"),
+                      ("nosuchdb://a@b/c", "no database driver")):
+        out = subprocess.run([*run, "check", "--db", bad], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert "secret" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.db", "plain.db.lock"]
+
+
 def _brute_streams(c: sa.Connection) -> set[tuple]:
     """Streams computed from scratch: per atom and host, count, first and last time, latest id."""
     rows = c.exec_driver_sql("SELECT atom, coalesce(host, ''), count(*), min(ts), max(ts) FROM observations "
