@@ -488,16 +488,26 @@ def weights_show(c: Ctx, ref: str) -> None:
     w = _resolve(c, ref)
     info = w["info"]
     q = info.get("quality") or {}
+    origin = (f"warm start from version id {w['parent_id']}" if w["parent_id"] is not None
+              else "trained from scratch")
+    if w["obs_from"] is not None:
+        data = (f"  data         observations {w['obs_from']}..{w['obs_to']} ({info.get('observations', '?')} used"
+                + (f", left out {info['left_out']} that scored as unusual)" if info.get("left_out") else ")"))
+    elif "labels" in info:  # the nerve learns from the owner's labels, not from observations
+        data = f"  data         {info['labels']} labels from the owner"
+    else:
+        data = "  data         -"
     lines = [
         f"weights {w['id']}: {w['atom']} version {w['version']}  [{w['status']}]",
         f"  hash         {w['hash']}",
-        f"  made by      task {w['task_id']}, from version id {w['parent_id'] or '-'} (warm start)",
-        f"  data         observations {w['obs_from']}..{w['obs_to']} ({info.get('observations', '?')} used"
-        + (f", left out {info['left_out']} that scored as unusual)" if info.get("left_out") else ")"),
+        f"  made by      task {w['task_id'] if w['task_id'] is not None else '-'}, {origin}",
+        data,
         f"  training     {info.get('steps')} steps, final loss {w['loss']:.4f}, context {info.get('context')}"
         if w["loss"] is not None else "  training     -",
-        f"  threshold    {info.get('threshold', 0):.3f} nats (p99 of held-out scores {info.get('score_p99', 0):.3f})",
     ]
+    if "threshold" in info:
+        lines.append(f"  threshold    {info['threshold']:.3f} nats (p99 of held-out scores "
+                     f"{info.get('score_p99', 0):.3f})")
     if "calibration" in info:  # weights made since calibrated scoring
         lines.append(f"  calibrated   on {info.get('calibrated_on')} scores; alarm rate "
                      f"{info.get('alarm_rate', 0):.2e} per observation; "

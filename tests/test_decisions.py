@@ -174,6 +174,9 @@ def test_retrain_decision_gives_one_train_task_and_feedback_teaches_the_nerve(hu
 
     blob = base64.b64decode(c.call("weights", {"atom": "nerve", "active": True, "blob": True})["weights"][0]["blob"])
     assert Nerve(blob).decide({"pulse": 7.0}, 3.0, 6).action == "suppress"
+    shown = kiri(hub, "weights", "show", "nerve:1").stdout  # the nerve's facts, not an atom's
+    assert "22 labels from the owner" in shown and "trained from scratch" in shown
+    assert "None" not in shown and "threshold" not in shown
     # and the live loop follows it: a later weekend-night spike, scored by a real scorer, is suppressed
     c.call("cancel", {"task_id": task_id})
     c.call("fail", {"task_id": task_id, "lease_token": tok, "error": "test done with it"})

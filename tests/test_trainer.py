@@ -190,6 +190,7 @@ def test_weights_cli_lists_shows_and_rolls_back(hub, agents_factory):
     assert "pulse:2" in listed and "active" in listed and "inactive" in listed
     shown = kiri(hub, "weights", "show", "pulse:1").stdout
     assert "pulse version 1  [inactive]" in shown and "observations 1..1440" in shown and "separation" in shown
+    assert "trained from scratch" in shown and "threshold" in shown and "None" not in shown
     assert "pulse:1 is now active" in kiri(hub, "weights", "activate", "1").stdout
     assert "[active]" in kiri(hub, "weights", "show", "pulse:1").stdout
     out = kiri(hub, "weights", "show", "pulse:x", ok=False)
