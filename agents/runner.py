@@ -49,7 +49,8 @@ class Agent:
         self.stopping = threading.Event()
         self.idle = False
         self.current: TaskContext | None = None
-        self.done = 0
+        self.done = 0  # tasks acked
+        self.handled = 0  # tasks worked to an end of any kind (acked, failed, lease lost): what max_tasks counts
         self._signals = 0
         self.beater = Heartbeater(client)
 
@@ -78,12 +79,13 @@ class Agent:
     # --- the loop ----------------------------------------------------------------------
 
     def run(self) -> int:
-        """Work until stopped (or ``max_tasks`` done); returns the number of tasks acked."""
+        """Work until stopped (or ``max_tasks`` worked, whether they succeeded or failed);
+        returns the number of tasks acked."""
         self.beater.start()
         reply: dict[str, Any] | None = None
         try:
             while not self.stopping.is_set():
-                if self.max_tasks is not None and self.done >= self.max_tasks:
+                if self.max_tasks is not None and self.handled >= self.max_tasks:
                     break
                 if reply is None or reply.get("task") is None:
                     reply = self._lease()
@@ -99,7 +101,7 @@ class Agent:
             self.client.close()
             if self.journal is not None:
                 self.journal.close()
-        log.info("agent stopped after %d task(s)", self.done)
+        log.info("agent stopped after %d task(s), %d acked", self.handled, self.done)
         return self.done
 
     def _lease(self) -> dict[str, Any] | None:
@@ -165,6 +167,7 @@ class Agent:
         finally:
             self.beater.unwatch()
             self.current = None
+            self.handled += 1
         return self._finish(task_id, token, ctx, *outcome)
 
     def _finish(self, task_id: int, token: str, ctx: TaskContext, what: str,
@@ -173,7 +176,7 @@ class Agent:
             log.warning("task %s: lease lost; dropping its result", task_id)
             return None
         more = what == "ack" and not self.stopping.is_set() and (
-            self.max_tasks is None or self.done + 1 < self.max_tasks)
+            self.max_tasks is None or self.handled < self.max_tasks)
         if more:
             body["next"] = {"kinds": self.kinds, **({"ttl": self.ttl} if self.ttl else {})}
         try:

@@ -161,6 +161,18 @@ def test_failing_handler_retries_then_dies_with_its_error(hub, agents_factory):
     agent.stop()
 
 
+def test_max_tasks_counts_a_failed_task_and_the_agent_exits(hub, agents_factory):
+    c = hub.client()
+    failing = c.enqueue("fail", params={"message": "no"}, max_attempts=2)["task_id"]
+    agent = agents_factory(hub, "fail,echo", "--max-tasks", "1")
+    assert agent.proc.wait(30) == 0  # it worked its one task (which failed) and left
+    t = c.call("task", {"task_id": failing})["task"]
+    assert t["attempts"] == 1 and t["status"] == "queued"  # failed once, waiting for its retry
+    later = c.enqueue("echo", params={"x": 1})["task_id"]
+    assert c.call("task", {"task_id": later})["task"]["status"] == "queued"  # nobody took it
+    c.close()
+
+
 def test_concurrent_clients_never_double_lease(hub):
     """Many raw clients leasing at once from one queue: each task goes to exactly one."""
     ids = set(_enqueue_many(hub, 400))
