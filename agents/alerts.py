@@ -42,6 +42,18 @@ class AlertConfig:
     attempts: int = 3
     timeout: float = 5.0
 
+    def check(self) -> None:
+        """Refuse a half-configured sink, naming what is missing: one that cannot deliver
+        must stop the agent at start, not drop every alert in silence."""
+        if self.telegram_token and not self.telegram_chat:
+            raise ValueError("Telegram alerts need a chat id too: --telegram-chat "
+                             "(env KIRI_TELEGRAM_CHAT or KIRI_TELEGRAM_CHAT_ID)")
+        if self.telegram_chat and not self.telegram_token:
+            raise ValueError("Telegram alerts need a bot token too: --telegram-token (env KIRI_TELEGRAM_TOKEN)")
+        for url in self.webhooks:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"alert webhook {url!r} is not an http:// or https:// URL")
+
 
 def _retrying(cfg: AlertConfig) -> Retrying:
     return Retrying(retry=retry_if_exception_type((OSError, SinkError)), stop=stop_after_attempt(cfg.attempts),

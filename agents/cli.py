@@ -46,7 +46,8 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
               help="POST alerts as JSON here (repeatable; env KIRI_ALERT_WEBHOOK).")
 @click.option("--alert-command", envvar="KIRI_ALERT_COMMAND", help="Run this with the alert JSON on stdin.")
 @click.option("--telegram-token", envvar="KIRI_TELEGRAM_TOKEN", help="Telegram bot token for alerts.")
-@click.option("--telegram-chat", envvar="KIRI_TELEGRAM_CHAT", help="Telegram chat id for alerts.")
+@click.option("--telegram-chat", envvar=["KIRI_TELEGRAM_CHAT", "KIRI_TELEGRAM_CHAT_ID"],
+              help="Telegram chat id for alerts (env KIRI_TELEGRAM_CHAT, or KIRI's KIRI_TELEGRAM_CHAT_ID).")
 @click.option("--telegram-url", envvar="KIRI_TELEGRAM_URL", default="https://api.telegram.org", show_default=True)
 @click.option("--alert-cooldown", default=600.0, show_default=True, type=click.FloatRange(0, 30 * 86400),
               help="Seconds after an alert for an atom during which its alerts are held back.")
@@ -76,6 +77,10 @@ def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None,
         webhooks=[w for item in webhooks for w in item.split() if w], command=alert_command,
         telegram_token=telegram_token, telegram_chat=telegram_chat, telegram_url=telegram_url,
         cooldown=alert_cooldown, max_age=alert_max_age, alarms_per_week=alarms_per_week)
+    try:
+        sinks.check()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     serve = kinds or ROLE_KINDS[role]
     client = HubClient(address, token=token, agent=name, role=role, kinds=serve, reconnect_for=None)
     try:

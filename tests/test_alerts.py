@@ -45,3 +45,24 @@ def test_failing_sinks_are_retried_then_reported_without_leaking_secrets(tmp_pat
     assert out["telegram"].startswith("failed") and "SECRET-TOKEN" not in out["telegram"]
     hook.close()
     dead.close()
+
+
+def test_half_configured_sinks_stop_the_agent_at_start_and_kiris_chat_id_is_read():
+    import os
+    import subprocess
+
+    def start(**env: str) -> subprocess.CompletedProcess:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("KIRI_TELEGRAM")}
+        # an unknown kind is refused after the sinks are checked: it ends the run at once
+        return subprocess.run([sys.executable, "-m", "kiri.agents.cli", "--role", "scorer", "--hub", "127.0.0.1:1",
+                               "--kinds", "nosuch"], capture_output=True, text=True, timeout=60,
+                              env={**clean, **env})
+
+    out = start(KIRI_TELEGRAM_TOKEN="123:abc")
+    assert out.returncode == 2 and "need a chat id" in out.stderr and "KIRI_TELEGRAM_CHAT_ID" in out.stderr
+    out = start(KIRI_TELEGRAM_CHAT="-1001")
+    assert out.returncode == 2 and "need a bot token" in out.stderr
+    out = start(KIRI_TELEGRAM_TOKEN="123:abc", KIRI_TELEGRAM_CHAT_ID="-1001")  # KIRI's name for the chat
+    assert out.returncode == 2 and "no handler for task kind" in out.stderr, out.stderr
+    out = start(KIRI_ALERT_WEBHOOK="hooks.example.com/x")
+    assert out.returncode == 2 and "not an http" in out.stderr
