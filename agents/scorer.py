@@ -229,10 +229,14 @@ def act(hub: Any, recorded: dict[str, Any], payload: dict[str, Any], sinks: Aler
 
 
 def send(hub: Any, payload: dict[str, Any], sinks: AlertConfig) -> None:
+    """Deliver to every sink and record the outcome: ``sent`` when every sink delivered,
+    ``partial`` when some failed, ``failed`` when all did (the detail says which), so a
+    broken sink is seen, not assumed sent. (With no sink configured, the log is the sink.)"""
     outcome = alerts.deliver(payload, sinks)
-    ok = len(outcome) == 1 or any(v == "sent" for k, v in outcome.items() if k != "log")
-    hub.call("alert_result", {"alert_id": payload["alert_id"], "status": "sent" if ok else "failed",
-                              "detail": json.dumps(outcome)})
+    real = {k: v for k, v in outcome.items() if k != "log"} or outcome
+    ok = [v == "sent" for v in real.values()]
+    status = "sent" if all(ok) else "partial" if any(ok) else "failed"
+    hub.call("alert_result", {"alert_id": payload["alert_id"], "status": status, "detail": json.dumps(outcome)})
 
 
 def redeliver(hub: Any, sinks: AlertConfig) -> None:

@@ -65,7 +65,9 @@ def _observe(hub, values: dict, t: float) -> None:
 def test_an_incident_alerts_the_webhook_exactly_once_and_calm_data_does_not(hub, agents_factory):
     _trained(hub, agents_factory)
     hook = Receiver(fail_first=1)  # the first POST fails: the sink retries
-    scorer = agents_factory(hub, "score", "--lease-ttl", "2", "--alert-webhook", hook.url, "--alert-cooldown", "3600")
+    broken = Receiver(fail_first=10**6)  # a second sink that never delivers
+    scorer = agents_factory(hub, "score", "--lease-ttl", "2", "--alert-webhook", hook.url,
+                            "--alert-webhook", broken.url, "--alert-cooldown", "3600")
     wait_until(lambda: _all_done(hub), 60, what="backlog scored")
     import time
 
@@ -87,11 +89,16 @@ def test_an_incident_alerts_the_webhook_exactly_once_and_calm_data_does_not(hub,
     assert hub.sql("select count(*) from decisions where observation_id is null")[0][0] == 0
     statuses = [r[0] for r in hub.sql("select status from alerts order by id")]
     live = [s for s in statuses if s != "stale"]  # the backlog's alarms were recorded, not sent
-    assert live[0] == "sent" and set(live[1:]) == {"cooled"}  # ... but the owner heard once
+    # ... but the owner heard once, and sees that one of the two sinks failed
+    assert live[0] == "partial" and set(live[1:]) == {"cooled"}
+    (detail,) = hub.sql("select detail from alerts where status = 'partial'")[0]
+    assert f'"webhook {hook.url}": "sent"' in detail and f'"webhook {broken.url}": "failed' in detail
     out = kiri(hub, "decisions").stdout
-    assert "alert" in out and "cooled" in out and "rule:" in out
+    assert "alert" in out and "cooled" in out and "partial" in out and "rule:" in out
+    assert "partial" in {d["alert"] for d in hub.client().call("decisions", {"limit": 100})["decisions"]}
     scorer.stop()
     hook.close()
+    broken.close()
 
 
 def test_the_nerve_budget_sets_how_readily_its_rule_alerts(hub, agents_factory):

@@ -74,7 +74,7 @@ def insert(c: sa.Connection, task_id: int, atom: str, p: P.DecisionIn,
     out: dict[str, Any] = {"decision_id": did, "already": False, "alert": None}
     if p.action == "alert":
         recent = c.execute(sa.select(alerts.c.id).where(
-            alerts.c.atom == atom, alerts.c.status.in_(["pending", "sent"]),
+            alerts.c.atom == atom, alerts.c.status.in_(["pending", "sent", "partial"]),
             alerts.c.created_at > env.now - p.cooldown).limit(1)).first()
         status = "stale" if p.stale else "cooled" if recent is not None else "pending"
         aid = c.execute(alerts.insert().values(decision_id=did, atom=atom, status=status, created_at=env.now)

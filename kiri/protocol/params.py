@@ -377,7 +377,7 @@ class RecordDecision(DecisionIn):
 
 class AlertResult(Params):
     alert_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
-    status: Annotated[str, StringConstraints(pattern="^(sent|failed)$")]
+    status: Annotated[str, StringConstraints(pattern="^(sent|partial|failed)$")]
     detail: Annotated[str, StringConstraints(max_length=8000)] | None = None
 
 

@@ -263,7 +263,7 @@ class NerveInputs(Result):
 
 class AlertRecorded(Result):
     alert_id: int
-    status: Literal["sent", "failed"]
+    status: Literal["sent", "partial", "failed"]
 
 
 class DecisionPage(Result):
