@@ -8,6 +8,8 @@ interrupts it at a clean point. Raising ``TaskError(retry=False)`` fails it for 
 
 from __future__ import annotations
 
+import collections
+import logging
 import struct
 import threading
 import time
@@ -26,6 +28,10 @@ class TaskError(Exception):
 
 class TaskInterrupted(Exception):
     """Raised inside a handler when it must stop now (shutdown, cancel, or lease lost)."""
+
+
+log = logging.getLogger("kiri.agent")
+TRAIL = 500  # training steps a heartbeat carries one by one
 
 
 @dataclass
@@ -50,15 +56,38 @@ class TaskContext:
     lease_lost: bool = False
     _progress: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # the latest steps one by one (step, loss, lr), for clients that plot every step
+    _trail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TRAIL))
 
     def progress(self, **fields: Any) -> None:
         """Record progress; the heartbeat thread sends the latest with its next beat."""
         with self._lock:
             self._progress.update(fields)
 
+    def step(self, step: int, loss: float, lr: float) -> None:
+        """Record one training step; the next beats carry the latest ``TRAIL`` of them as
+        ``trail`` (so a client that wants every step, like KIRI's monitor page, gets them)."""
+        with self._lock:
+            self._trail.append((step, loss, lr))
+
     def progress_snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return dict(self._progress)
+            out = dict(self._progress)
+            if self._trail:
+                steps, losses, lrs = zip(*self._trail, strict=True)
+                out["trail"] = {"step": list(steps), "loss": list(losses), "lr": list(lrs)}
+            return out
+
+    def report(self) -> None:
+        """Send the progress now rather than with the next beat (up to 2 s away): a run
+        shorter than one beat still shows every step it took."""
+        if self.hub is None:
+            return
+        try:
+            self.hub.call("heartbeat", {"task_id": self.task_id, "lease_token": self.lease_token,
+                                        "progress": self.progress_snapshot() or None})
+        except Exception as e:  # noqa: BLE001 (the heartbeat thread reports a lost lease; this is a courtesy)
+            log.warning("task %s: progress report failed: %s", self.task_id, e)
 
     def checkpoint(self, step: int, data: bytes) -> None:
         """Store resumable state at the hub now; the next attempt starts from it."""

@@ -222,20 +222,23 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     bar = _bar(trainer.total_steps, trainer.step_no)
     last_ck = time.monotonic()
 
-    def progress(p: Any) -> None:
-        ctx.progress(step=p.step, steps=p.steps, loss=round(p.loss, 4), lr=p.lr)
-        if bar is not None:
-            bar.update(p.step - bar.pos)
+    def progress(p: Any) -> None:  # every step: the step's own line for clients that plot each
+        ctx.step(p.step, round(p.loss, 4), p.lr)
+        if p.step % 25 == 0 or p.step >= p.steps:
+            ctx.progress(step=p.step, steps=p.steps, loss=round(p.loss, 4), lr=p.lr)
+            if bar is not None:
+                bar.update(p.step - bar.pos)
 
     while not trainer.finished:
         slice_end = min(trainer.total_steps, trainer.step_no + 25)
-        trainer.run(until=slice_end, on_progress=progress, every=25)
+        trainer.run(until=slice_end, on_progress=progress, every=1)
         if time.monotonic() - last_ck >= every and not trainer.finished:
             ctx.checkpoint(trainer.step_no, _pack(meta, trainer.state_bytes()))
             last_ck = time.monotonic()
         ctx.raise_if_stopping()
     if bar is not None:
         bar.render_finish()
+    ctx.report()  # every step reaches the hub before the task ends, however short the run
     gate = quality_gate(hub, schema, trainer, values, float(params.get("gate_margin", 0.1)))
     rate = alarm_rate(float(params.get("alarms_per_week", DEFAULT_ALARMS_PER_WEEK)), typical_interval(times))
     blob = trainer.weights_bytes({"task_id": ctx.task_id, "obs_from": meta["obs_from"], "obs_to": meta["obs_to"],

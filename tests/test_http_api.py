@@ -203,14 +203,27 @@ def test_training_progress_streams_as_ndjson_and_sse(watched):
 
 
 def test_kiri_train_alias_streams_its_lines(watched):
-    # Step lines come with the trainer's heartbeats (every 2 s): the run must outlast a few
-    # (300 steps, KIRI's default, now finish in well under a second).
-    lines = [json.loads(x) for x in stream(watched.hub.url, "/api/train?atom=drift&steps=5000", method="POST") if x]
+    # one line per step, as KIRI sent them, however fast the run (300 steps, KIRI's default,
+    # take well under a second, less than one heartbeat)
+    lines = [json.loads(x) for x in stream(watched.hub.url, "/api/train?atom=drift&steps=300", method="POST") if x]
     assert "info" in lines[0]
     steps = [x for x in lines if "step" in x]
-    assert steps and all(set(x) == {"step", "loss", "lr", "total"} and x["total"] == 5000 for x in steps)
-    assert [x["step"] for x in steps] == sorted(x["step"] for x in steps)
-    assert lines[-1]["done"] is True and lines[-1]["final_loss"] > 0
+    assert all(set(x) == {"step", "loss", "lr", "total"} and x["total"] == 300 for x in steps)
+    assert [x["step"] for x in steps] == list(range(1, 301))
+    done = lines[-1]
+    assert done["done"] is True and done["final_loss"] > 0
+    # and it says whether the new weights were taken (the quality gate may refuse them)
+    assert done["accepted"] == (done["weights_status"] == "active") and done["reason"]
+    lines = [json.loads(x) for x in stream(watched.hub.url, "/api/train?atom=drift&steps=300&every=100",
+                                           method="POST") if x]
+    assert [x["step"] for x in lines if "step" in x] == [100, 200, 300]
+
+
+def test_kiri_train_alias_refuses_at_once_when_no_trainer_is_connected(hub_factory):
+    hub = hub_factory(http=True)
+    r = post(hub, "/api/train?atom=pulse&steps=10")
+    assert r.status == 503 and "no trainer agent is connected" in r.json["error"]["message"]
+    assert hub.sql("select count(*) from tasks")[0][0] == 0  # nothing was queued
 
 
 def test_weights_activate_rolls_back_and_rescoring_follows(watched):

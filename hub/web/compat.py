@@ -2,8 +2,9 @@
 
 The shapes follow KIRI's server: ``/api/status`` keys atoms by name with ``metrics``,
 ``tokens`` (one string), ``score``, ``per_token`` and ``verdict``; ``/api/history`` is a
-list; ``/api/train`` streams NDJSON lines ``{step, loss, lr, total}`` and ends with
-``{done, final_loss, steps}``. Two deliberate differences: collection and training happen
+list; ``/api/train`` streams NDJSON lines ``{step, loss, lr, total}``, one per step (the
+trainer's heartbeats carry its latest steps one by one), and ends with ``{done, final_loss,
+steps}`` plus whether the quality gate accepted the weights. Two deliberate differences: collection and training happen
 in agents (the hub only queues the work), and ``GET /api/collect`` does not collect,
 because no GET ever writes: it returns the latest readings; ``POST /api/collect`` queues a
 collection and waits for it.
@@ -23,12 +24,12 @@ from aiohttp import web
 from pydantic import Field, ValidationError
 
 from kiri.hub.core import queue as Q
-from kiri.hub.store.schema import decisions, observations, tasks, weights
+from kiri.hub.store.schema import agents, decisions, observations, tasks, weights
 from kiri.hub.watch import scoring as SC
 from kiri.hub.watch import views as V
 from kiri.hub.web.common import NoQuery, Query, Route, body, hub_of, ok, query, read
 from kiri.hub.web.streams import ENDED, follow
-from kiri.protocol import InvalidParams, NotFound
+from kiri.protocol import InvalidParams, NotFound, Unavailable
 from kiri.protocol import params as P
 
 COLLECT_ATOMS = ("pulse", "rhythm")
@@ -147,6 +148,26 @@ def _states(c: sa.Connection, ids: list[int]) -> dict[int, str]:
 class KiriTrain(Query):
     atom: P.Name = "pulse"
     steps: Annotated[int, Field(ge=1, le=1_000_000)] = 300
+    every: Annotated[int, Field(ge=1, le=1_000_000)] = 1  # one line per this many steps
+
+
+def _trainers(c: sa.Connection) -> int:
+    """Connected agents that serve ``train`` tasks."""
+    n = 0
+    for (kinds,) in c.execute(sa.select(agents.c.kinds).where(agents.c.connected.is_(True))):
+        try:
+            n += "train" in (orjson.loads(kinds) if kinds else [])
+        except orjson.JSONDecodeError:
+            continue
+    return n
+
+
+def _gate(c: sa.Connection, weights_id: Any) -> tuple[str | None, str | None]:
+    """A published version's status and the quality gate's reason."""
+    if not isinstance(weights_id, int):
+        return None, None
+    row = c.execute(sa.select(weights.c.status, weights.c.reason).where(weights.c.id == weights_id)).first()
+    return (row.status, row.reason) if row is not None else (None, None)
 
 
 async def train(req: web.Request) -> web.StreamResponse:
@@ -158,6 +179,10 @@ async def train(req: web.Request) -> web.StreamResponse:
         atom = hub.atoms.get(p.atom).name
     except InvalidParams:
         raise NotFound(f"unknown atom: {p.atom}") from None
+    if not await read(req, _trainers):
+        # KIRI trained in the server; here an agent does, and without one this would wait forever
+        raise Unavailable("no trainer agent is connected: start one with `kiri-agent --role trainer`; "
+                          "nothing was queued")
     res = await hub.call("retrain", {"atom": atom, "reason": "POST /api/train", "params": {"steps": p.steps}})
     task_id = res["task_id"]
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
@@ -172,22 +197,40 @@ async def train(req: web.Request) -> web.StreamResponse:
             await line({"info": f"task {task_id} {note}; waiting for a trainer agent", "task_id": task_id})
             last: dict[str, Any] = {}
             task: dict[str, Any] = {"status": "queued"}
+            sent = 0  # the last step given its own line
             async for kind, data in story:
                 if kind == "progress" and "step" in data:
                     last = data
-                    await line({"step": data.get("step"), "loss": data.get("loss"), "lr": data.get("lr"),
-                                "total": data.get("steps")})
+                    total = data.get("steps")
+                    for step, loss, lr in _steps(data):  # each step since the last line, as KIRI sent them
+                        if step > sent and (step % p.every == 0 or step == total):
+                            await line({"step": step, "loss": loss, "lr": lr, "total": total})
+                            sent = step
                 elif kind in ("state", "end"):
                     task = data
             if task["status"] == "done":
                 result = task.get("result") if isinstance(task.get("result"), dict) else {}
+                status, reason = await read(req, _gate, result.get("weights_id"))
                 await line({"done": True, "final_loss": result.get("loss", last.get("loss")),
                             "steps": result.get("steps", last.get("steps", p.steps)), "task_id": task_id,
+                            "accepted": status == "active", "weights_status": status, "reason": reason,
                             "result": result})
             elif task["status"] in ENDED:
                 await line({"error": task.get("error") or f"training {task['status']}", "task_id": task_id})
             await resp.write_eof()
     return resp
+
+
+def _steps(progress: dict[str, Any]) -> list[tuple[int, Any, Any]]:
+    """(step, loss, lr) of every step a progress report carries (its ``trail``), else its latest."""
+    trail = progress.get("trail")
+    if isinstance(trail, dict):
+        try:
+            return [(int(s), lo, lr) for s, lo, lr in zip(trail["step"], trail["loss"], trail["lr"], strict=True)]
+        except (KeyError, TypeError, ValueError):
+            pass
+    step = progress.get("step")
+    return [(int(step), progress.get("loss"), progress.get("lr"))] if isinstance(step, int) else []
 
 
 class KiriFeedback(Query):
