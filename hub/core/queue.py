@@ -231,7 +231,11 @@ _heartbeat_stmt = Prepared(
 
 
 def heartbeat(c: sa.Connection, p: P.Heartbeat, env: Env) -> dict[str, Any]:
-    progress = _json(p.progress, "progress") if p.progress is not None else None
+    # a ``trail`` (a trainer's latest steps one by one) goes to the task's followers with the
+    # progress event, but is not stored: the task keeps its latest figures, not hundreds of them
+    kept = p.progress if p.progress is None or "trail" not in p.progress else {
+        k: v for k, v in p.progress.items() if k != "trail"}
+    progress = _json(kept, "progress") if kept is not None else None
     row = _heartbeat_stmt.first(c, {"tid": p.task_id, "tok": p.lease_token, "now": env.now, "prog": progress})
     if row is None:
         raise _lost(c, p.task_id)

@@ -104,7 +104,9 @@ TABLE: tuple[Method, ...] = (
                       "a lease that expires.",
            example=({"kinds": ["train"], "wait": 30}, {"task": _TASK, "lease": _LEASE})),
     Method("heartbeat", P.Heartbeat, R.Beat, group="queue", fenced=True, idempotent=True,
-           summary="Extend a lease by its ttl and report progress; `cancel: true` asks the worker to stop.",
+           summary="Extend a lease by its ttl and report progress; `cancel: true` asks the worker to stop. "
+                   "A progress `trail` (a trainer's latest steps, `{step, loss, lr}` lists) reaches the "
+                   "task's followers but is not stored.",
            errors=("lease lost: the task is not leased to this token (expired and re-leased, or finished)",),
            example=({"task_id": 7, "lease_token": _LEASE["token"], "progress": {"step": 120, "of": 500}},
                     {"expires_at": 1764400060.0, "cancel": False})),
