@@ -122,14 +122,21 @@ def test_kiri_aliases_keep_their_shapes(watched):
     st = get(hub, "/api/status").json
     for atom in ("pulse", "drift"):
         a = st[atom]
-        assert set(a) >= {"metrics", "tokens", "score", "per_token", "verdict"}
+        assert set(a) >= {"metrics", "tokens", "score", "per_token", "verdict", "params"}
         assert isinstance(a["tokens"], str) and a["tokens"].split() == list(a["per_token"])
-        assert a["verdict"] in ("normal", "anomaly")
+        # KIRI's bands on the score, and kiri's own learned verdict beside them
+        band = "normal" if a["score"] < 2 else "elevated" if a["score"] < 5 else "anomaly"
+        assert a["verdict"] == band and a["kiri_verdict"] in ("normal", "anomaly") and a["threshold"] > 0
+    assert set(st["pulse"]["metrics"]) == {"C", "M", "D", "S", "L", "N"}  # KIRI's monitor reads metrics.C
+    assert set(st["drift"]["metrics"]) == {"T", "C", "S", "H", "W"}
+    assert st["pulse"]["params"] == 27840  # KIRI's pulse atom, parameter for parameter
     assert st["rhythm"]["verdict"] == "not_trained"
     assert st["stats"]["total_observations"] == hub.sql("select count(*) from observations")[0][0]
     hist = get(hub, "/api/history?atom=pulse&n=3").json
     assert isinstance(hist, list) and len(hist) == 3
-    assert set(hist[0]) == {"timestamp", "tokens", "score", "verdict", "metrics"} and hist[0]["metrics"]["cpu"] >= 0
+    assert set(hist[0]) == {"timestamp", "tokens", "score", "verdict", "metrics", "per_token", "kiri_verdict",
+                            "threshold"}
+    assert hist[0]["metrics"]["C"] >= 0 and hist[0]["verdict"] in ("normal", "elevated", "anomaly")
     latest = get(hub, "/api/collect").json
     assert latest["pulse"]["metrics"] and latest["rhythm"] is None
 

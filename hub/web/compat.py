@@ -39,26 +39,46 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, UTC).isoformat()
 
 
+ELEVATED, ANOMALY = 2.0, 5.0  # KIRI's verdict bands on the score: normal below 2, elevated below 5
+
+
 def _verdict(item: dict[str, Any] | None, trained: bool) -> str:
+    """KIRI's verdict: its fixed bands on the score (kiri's own, learned one is ``kiri_verdict``)."""
     if item is None or item.get("score") is None:
         return "not_trained" if not trained else "unscored"
-    return "anomaly" if item.get("anomalous") else "normal"
+    score = float(item["score"])
+    return "normal" if score < ELEVATED else "elevated" if score < ANOMALY else "anomaly"
 
 
-def _kiri_obs(item: dict[str, Any] | None, trained: bool) -> dict[str, Any]:
+def n_params(schema: Any) -> int:
+    """The atom model's parameter count (token and position embeddings, the blocks' four
+    matrices, the output head): what KIRI reports per atom, without loading torch here."""
+    d, z = schema.size.n_embd, schema.size
+    return 2 * schema.vocab_size * d + z.block_size * d + 12 * d * d * z.n_layer
+
+
+def _kiri_obs(item: dict[str, Any] | None, trained: bool, schema: Any) -> dict[str, Any]:
+    """One reading as KIRI showed it: metrics keyed by token letter (C, M, ...), tokens as one
+    string, the per-token surprise, KIRI's verdict band, and kiri's own learned verdict beside it."""
+    out: dict[str, Any] = {"metrics": {}, "tokens": "", "score": 0.0, "per_token": {},
+                           "verdict": _verdict(item, trained), "kiri_verdict": None, "threshold": None,
+                           "tail_p": None, "timestamp": None, "params": n_params(schema)}
     if item is None:
-        return {"metrics": {}, "tokens": "", "score": 0.0, "per_token": {}, "verdict": _verdict(None, trained),
-                "timestamp": None}
-    return {"metrics": item["values"], "tokens": " ".join(item["tokens"]), "score": item.get("score") or 0.0,
-            "per_token": {b["token"]: round(b["surprise"], 3) for b in item.get("blame") or []},
-            "verdict": _verdict(item, trained), "timestamp": _iso(item["time"])}
+        return out
+    values = item["values"]
+    out.update(metrics={f.letter: values[f.name] for f in schema.fields if f.name in values},
+               tokens=" ".join(item["tokens"]), score=item.get("score") or 0.0,
+               per_token={b["token"]: round(b["surprise"], 3) for b in item.get("blame") or []},
+               kiri_verdict=None if item.get("anomalous") is None else "anomaly" if item["anomalous"] else "normal",
+               threshold=item.get("threshold"), tail_p=item.get("tail_p"), timestamp=_iso(item["time"]))
+    return out
 
 
 def _status(c: sa.Connection, hub: Any, now: float) -> dict[str, Any]:
     st = V.status(c, hub.atoms, now)
     out: dict[str, Any] = {"timestamp": _iso(now)}
     for a in st["atoms"]:
-        out[a["name"]] = _kiri_obs(a["latest"], a["weights"] is not None)
+        out[a["name"]] = _kiri_obs(a["latest"], a["weights"] is not None, hub.atoms.get(a["name"]))
     n_obs = c.execute(sa.select(sa.func.count()).select_from(observations)).scalar() or 0
     last = c.execute(sa.select(sa.func.max(weights.c.created_at))).scalar()
     n_anom = c.execute(sa.select(sa.func.count()).select_from(decisions)
@@ -82,11 +102,13 @@ def _history(c: sa.Connection, hub: Any, p: KiriHistory) -> list[dict[str, Any]]
     env = Q.Env(now=time.time(), settings=hub.settings.queue)
     res = SC.history(hub.atoms, c, P.History(atom=p.atom, n=p.n), env)
     trained = c.execute(sa.select(weights.c.id).where(weights.c.atom == res["atom"]).limit(1)).first() is not None
+    schema = hub.atoms.get(res["atom"])
     out = []
     for item in res["observations"]:
-        k = _kiri_obs(item, trained)
+        k = _kiri_obs(item, trained, schema)
         out.append({"timestamp": k["timestamp"], "tokens": k["tokens"], "score": k["score"],
-                    "verdict": k["verdict"], "metrics": k["metrics"]})
+                    "verdict": k["verdict"], "metrics": k["metrics"], "per_token": k["per_token"],
+                    "kiri_verdict": k["kiri_verdict"], "threshold": k["threshold"]})
     return out
 
 
@@ -100,7 +122,7 @@ def _latest(c: sa.Connection, hub: Any) -> dict[str, Any]:
     out = {}
     for atom in COLLECT_ATOMS:
         item = V.latest_observation(c, hub.atoms, atom)
-        out[atom] = None if item is None else _kiri_obs(item, atom in trained)
+        out[atom] = None if item is None else _kiri_obs(item, atom in trained, hub.atoms.get(atom))
     return out
 
 
