@@ -14,13 +14,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, BinaryIO
 
 import orjson
 
 from kiri.model.schema import AtomSchema, Field, ObservationError
 
-SPECIAL = ("time", "host", "label")
+SPECIAL = ("time", "ts", "host", "label")
+# KIRI wrote each line's clock as letters even where the atom has no such field (its pulse
+# lines carry H, the hour): derived from the line's time, they are dropped where the atom
+# has no field of that letter
+KIRI_CLOCK = ("H", "W")
 FORMATS = ("jsonl", "csv")
 
 
@@ -148,15 +153,37 @@ def observations(schema: AtomSchema, stream: BinaryIO, name: str, fmt: str,
                 yield Bad(n, str(e))
 
 
-def to_observation(schema: AtomSchema, rec: dict[str, Any], default_time: float) -> dict[str, Any]:
-    t = rec.get("time", default_time)
-    try:
-        t = float(t)
-    except (TypeError, ValueError):
-        raise ValueError(f"time {t!r} is not a number (epoch seconds)") from None
+def parse_time(raw: Any) -> float:
+    """Epoch seconds from a number, or from an ISO 8601 string as KIRI wrote (``ts``:
+    ``2026-02-14T14:05:00``, local time unless it names its offset)."""
+    if isinstance(raw, str):
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+        try:
+            t = datetime.fromisoformat(raw.strip()).timestamp()
+        except (ValueError, OverflowError, OSError):
+            shown = repr(raw) if len(raw) <= 40 else repr(raw[:40]) + "..."
+            raise ValueError(f"time {shown} is neither epoch seconds nor an ISO 8601 date and time") from None
+    elif isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ValueError(f"time {raw!r} is not a number (epoch seconds) or an ISO 8601 string")
+    else:
+        t = float(raw)
     if not 0 <= t <= 1e11:
-        raise ValueError(f"time {t!r} is out of range (epoch seconds)")
-    checked = schema.values(clock_fields(schema, {k: v for k, v in rec.items() if k not in SPECIAL}, t))
+        raise ValueError(f"time {raw!r} is out of range")
+    return t
+
+
+def to_observation(schema: AtomSchema, rec: dict[str, Any], default_time: float) -> dict[str, Any]:
+    if "time" in rec and "ts" in rec:
+        raise ValueError("give the time once: 'time' or KIRI's 'ts', not both")
+    t = parse_time(rec["time"] if "time" in rec else rec["ts"] if "ts" in rec else default_time)
+    values = {k: v for k, v in rec.items() if k not in SPECIAL}
+    for letter in KIRI_CLOCK:
+        if letter in values and schema.field_by_key(letter) is None:
+            del values[letter]
+    checked = schema.values(clock_fields(schema, values, t))
     obs: dict[str, Any] = {"time": t, "values": dict(zip(schema.names, checked, strict=True))}
     if rec.get("host") is not None:
         obs["host"] = str(rec["host"])[:200]

@@ -67,6 +67,34 @@ def test_bulk_jsonl_is_all_or_nothing_with_exact_lines(hub, tmp_path):
     assert times == sorted(times) and times[0] == 1704067200
 
 
+def test_kiri_history_lines_import_as_kiri_wrote_them(hub, tmp_path):
+    import datetime as dt
+
+    # KIRI's own lines: letter keys, an ISO local time in ts, and (pulse) the hour as H
+    kiri_lines = {
+        "pulse": ['{"C":52,"M":55,"D":40,"S":10,"L":1,"N":1,"H":14,"ts":"2026-02-14T14:05:00"}',
+                  '{"C":12,"M":48,"D":40,"S":9,"L":0.4,"N":1,"H":3,"ts":"2026-02-15T03:00:30"}'],
+        "rhythm": ['{"I":30,"A":42,"H":14,"W":5,"ts":"2026-02-14T14:05:00"}'],
+        "drift": ['{"T":3,"C":2,"S":2,"H":14,"W":5,"ts":"2026-02-14T14:00:00"}'],
+    }
+    for atom, lines in kiri_lines.items():
+        f = tmp_path / f"{atom}.jsonl"
+        f.write_text("\n".join(lines) + "\n")
+        res = json.loads(kiri(hub, "--json", "observe", atom, "--file", str(f)).stdout)
+        assert res["stored"] == len(lines), res
+    got = hub.sql("select ts, data from observations where atom = 'pulse' order by ts")
+    assert got[0][0] == dt.datetime(2026, 2, 14, 14, 5).timestamp()  # KIRI wrote local time
+    assert json.loads(got[0][1]) == {"cpu": 52.0, "mem": 55.0, "disk": 40.0, "swap": 10.0, "load": 1.0, "net": 1.0}
+    (rhythm,) = hub.sql("select data from observations where atom = 'rhythm'")
+    assert json.loads(rhythm[0]) == {"idle": 30.0, "activity": 42.0, "hour": 14.0, "weekday": 5.0}
+    # a malformed KIRI line names its file and line, and nothing is imported
+    f = tmp_path / "bad.jsonl"
+    f.write_text(kiri_lines["pulse"][0] + "\n" + '{"C":1,"M":1,"D":1,"S":1,"L":1,"N":1,"ts":"14:05 yesterday"}\n')
+    out = kiri(hub, "observe", "pulse", "--file", str(f), ok=False)
+    assert f"{f}: 1 bad line(s)" in out.stderr and "line 2: time '14:05 yesterday'" in out.stderr
+    assert hub.sql("select count(*) from observations where atom = 'pulse'")[0][0] == 2
+
+
 def test_bulk_import_from_standard_input_in_either_format(hub):
     lines = "".join(json.dumps({**PULSE_ROW, "time": 1704067200 + 30 * i, "host": "h1"}) + "\n" for i in range(4500))
     res = json.loads(kiri(hub, "--json", "observe", "pulse", "--file", "-", stdin=lines).stdout)
