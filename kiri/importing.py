@@ -178,7 +178,7 @@ def parse_time(raw: Any) -> float:
 def to_observation(schema: AtomSchema, rec: dict[str, Any], default_time: float) -> dict[str, Any]:
     if "time" in rec and "ts" in rec:
         raise ValueError("give the time once: 'time' or KIRI's 'ts', not both")
-    t = parse_time(rec["time"] if "time" in rec else rec["ts"] if "ts" in rec else default_time)
+    t = parse_time(rec["time"] if "time" in rec else rec.get("ts", default_time))
     values = {k: v for k, v in rec.items() if k not in SPECIAL}
     for letter in KIRI_CLOCK:
         if letter in values and schema.field_by_key(letter) is None:
