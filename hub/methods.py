@@ -100,6 +100,7 @@ def bind(hub: Hub) -> dict[str, Handler]:
         "fail": Q.fail,
         "cancel": Q.cancel,
         "retry": Q.retry,
+        "retry_dead": Q.retry_dead,
         "task": Q.get_task,
         "tasks": Q.list_tasks,
         "atoms": atoms.list,

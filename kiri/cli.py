@@ -184,12 +184,29 @@ def cancel(c: Ctx, task_id: int) -> None:
 
 
 @main.command()
-@click.argument("task_id", type=click.IntRange(1))
+@click.argument("task_id", type=click.IntRange(1), required=False)
+@click.option("--dead", is_flag=True, help="Every dead task (the oldest --limit), not one.")
+@click.option("--kind", help="With --dead: only dead tasks of this kind.")
+@click.option("--limit", default=10_000, show_default=True, type=click.IntRange(1, 100_000),
+              help="With --dead: at most this many.")
 @pass_ctx
-def retry(c: Ctx, task_id: int) -> None:
-    """Put a dead (or cancelled) task back in the queue with fresh attempts."""
-    res = c.call("retry", {"task_id": task_id})
-    c.out(res, f"task {task_id}: {res['status']}")
+def retry(c: Ctx, task_id: int | None, dead: bool, kind: str | None, limit: int) -> None:
+    """Put a dead (or cancelled) task back in the queue with fresh attempts; --dead: all dead ones."""
+    if dead == (task_id is not None):
+        raise click.UsageError("give a TASK_ID or --dead, not both")
+    if kind is not None and not dead:
+        raise click.UsageError("--kind goes with --dead")
+    if task_id is not None:
+        res = c.call("retry", {"task_id": task_id})
+        c.out(res, f"task {task_id}: {res['status']}")
+        return
+    res = c.call("retry_dead", {**({"kind": kind} if kind else {}), "limit": limit})
+    what = f"dead {kind} task(s)" if kind else "dead task(s)"
+    text = f"queued {len(res['retried'])} {what} again"
+    if res["skipped"]:
+        text += (f"; {len(res['skipped'])} stay dead, their work already pending under the same dedupe key "
+                 f"({', '.join(map(str, res['skipped'][:10]))}{' ...' if len(res['skipped']) > 10 else ''})")
+    c.out(res, text)
 
 
 @main.command()

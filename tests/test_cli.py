@@ -84,6 +84,35 @@ def test_synth_is_byte_reproducible_and_labels_anomalies():
     assert bad.returncode == 2
 
 
+def test_retry_dead_requeues_every_dead_task_of_a_kind_in_one_go(hub):
+    c = hub.client()
+
+    def dead(kind: str, key: str | None = None) -> int:
+        tid = c.enqueue(kind, dedupe_key=key)["task_id"] if key else c.enqueue(kind)["task_id"]
+        got = c.lease([kind], ttl=30)
+        assert got["task"]["id"] == tid
+        c.call("fail", {"task_id": tid, "lease_token": got["lease"]["token"], "error": "bug", "retry": False})
+        return tid
+
+    resize = [dead("resize") for _ in range(3)]
+    keyed = dead("resize", "nightly")
+    pending = c.enqueue("resize", dedupe_key="nightly")["task_id"]  # the same work, queued anew
+    other = dead("other")
+    out = kiri(hub, "retry", "--dead", "--kind", "resize")
+    assert "queued 3 dead resize task(s) again" in out.stdout and "1 stay dead" in out.stdout
+    status = dict(hub.sql("select id, status from tasks"))
+    assert [status[t] for t in resize] == ["queued"] * 3 and status[keyed] == "dead"
+    assert status[pending] == "queued" and status[other] == "dead"
+    assert hub.sql("select attempts from tasks where id = ?", resize[0])[0][0] == 0  # fresh attempts
+    res = json.loads(kiri(hub, "--json", "retry", "--dead").stdout)
+    assert res["retried"] == [other] and res["skipped"] == [keyed]
+    for args, says in ((["retry"], "TASK_ID or --dead"), (["retry", "1", "--dead"], "not both"),
+                       (["retry", "1", "--kind", "x"], "--kind goes with --dead")):
+        out = kiri(hub, *args, ok=False)
+        assert out.returncode == 2 and says in out.stderr
+    c.close()
+
+
 def test_atoms_lists_presets_and_validates_custom_files(tmp_path):
     out = kiri(None, "atoms").stdout
     assert "pulse: vocab 43" in out and "rhythm: vocab 30" in out and "retrain" in out

@@ -146,6 +146,10 @@ def test_every_method_answers_in_the_shape_the_table_promises(hub):
     sched = s("schedule_add", kind="echo", every=60)["schedule_id"]
     s("schedules")
     s("schedule_rm", schedule_id=sched)
+    t3 = s("enqueue", kind="echo3")["task_id"]  # (after the lease calls checked by position below)
+    l3 = s("lease", kinds=["echo3"], ttl=600)
+    s("fail", task_id=t3, lease_token=l3["lease"]["token"], error="boom", retry=False)
+    assert s("retry_dead", kind="echo3") == {"retried": [t3], "skipped": []}
     # the pictures
     s("stats")
     s("status")

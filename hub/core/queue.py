@@ -389,6 +389,34 @@ def retry(c: sa.Connection, p: P.TaskRef, env: Env) -> dict[str, Any]:
     return {"status": "queued"}
 
 
+def retry_dead(c: sa.Connection, p: P.RetryDead, env: Env) -> dict[str, Any]:
+    """Every dead task (of ``p.kind``), oldest first, back in the queue with fresh attempts:
+    what a user does after fixing what killed them. A task whose dedupe key a pending task
+    holds stays dead (the work is already queued), as ``retry`` refuses it."""
+    q = sa.select(tasks.c.id, tasks.c.kind, tasks.c.dedupe_key).where(tasks.c.status == "dead")
+    if p.kind is not None:
+        q = q.where(tasks.c.kind == p.kind)
+    rows = c.execute(q.order_by(tasks.c.id).limit(p.limit)).all()
+    retried: list[int] = []
+    skipped: list[int] = []
+    keys: set[str] = set()
+    for row in rows:
+        if row.dedupe_key is not None and (row.dedupe_key in keys
+                                           or c.execute(_find_dedupe, {"key": row.dedupe_key}).scalar() is not None):
+            skipped.append(row.id)
+            continue
+        if row.dedupe_key is not None:
+            keys.add(row.dedupe_key)
+        retried.append(row.id)
+    for i in range(0, len(retried), 500):
+        c.execute(tasks.update().where(tasks.c.id.in_(retried[i: i + 500])).values(
+            status="queued", attempts=0, run_after=env.now, cancel_requested=False,
+            finished_at=None, lease_expires_at=None, updated_at=env.now))
+    again = set(retried)
+    env.available.extend({r.kind for r in rows if r.id in again})
+    return {"retried": retried, "skipped": skipped}
+
+
 # --- the reaper ------------------------------------------------------------------------
 
 def reap(c: sa.Connection, env: Env) -> list[tuple[int, str]]:

@@ -138,6 +138,10 @@ TABLE: tuple[Method, ...] = (
            summary="Queue a dead or cancelled task again, with fresh attempts.",
            errors=("not found", "conflict: the task is not dead or cancelled"),
            example=({"task_id": 7}, {"status": "queued"})),
+    Method("retry_dead", P.RetryDead, R.RequeuedDead, group="queue", events=("tasks",),
+           summary="Queue every dead task again (of one kind, the oldest `limit`), with fresh attempts, "
+                   "in one transaction; those whose dedupe key a pending task holds stay dead.",
+           example=({"kind": "resize"}, {"retried": [7, 9], "skipped": []})),
     Method("task", P.TaskRef, R.TaskDetail, group="queue", idempotent=True,
            summary="One task, every field but its lease token, and its checkpoint's metadata.",
            errors=("not found",),

@@ -94,6 +94,11 @@ class TaskRef(Params):
     task_id: TaskId
 
 
+class RetryDead(Params):
+    kind: Name | None = None  # only dead tasks of this kind
+    limit: Annotated[int, Field(ge=1, le=100_000)] = 10_000  # the oldest this many
+
+
 class Tasks(Params):
     status: Annotated[str, StringConstraints(pattern="^(" + "|".join(TASK_STATES) + ")$")] | None = None
     kind: Name | None = None

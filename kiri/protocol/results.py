@@ -104,6 +104,11 @@ class Requeued(Result):
     status: Literal["queued"]
 
 
+class RequeuedDead(Result):
+    retried: list[int]  # task ids queued again
+    skipped: list[int]  # dead tasks left dead: a pending task holds their dedupe key
+
+
 class TaskDetail(Result):
     task: Loose  # every column of the task but its lease token, and its checkpoint's metadata
 
