@@ -82,6 +82,7 @@ def bind(hub: Hub) -> dict[str, Handler]:
                     **dbmod.file_sizes(hub.settings.db_url), **hub.counters(),
                     "connections": len(hub.connections), "waiting_leases": len(hub.longpoll)},
             "tasks": Q.counts(c),
+            "throughput": Q.throughput(c, env.now),
             "agents": sorted(agents, key=lambda a: a["name"] or ""),
         }
 

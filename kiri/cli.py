@@ -212,7 +212,7 @@ def retry(c: Ctx, task_id: int | None, dead: bool, kind: str | None, limit: int)
 @main.command()
 @pass_ctx
 def stats(c: Ctx) -> None:
-    """Task counts by kind and status, and the connected agents."""
+    """Task counts by kind and status, throughput over the last hour, and the connected agents."""
     res = c.call("stats")
     by_kind: dict[str, dict[str, int]] = {}
     for row in res["tasks"]:
@@ -228,6 +228,15 @@ def stats(c: Ctx) -> None:
         table(["KIND", *(s.upper() for s in TASK_STATES)], rows) if rows else "no tasks",
         "",
     ]
+    recent = res.get("throughput") or []
+    if recent:
+        def secs(x: float | None) -> str:
+            return "-" if x is None else f"{x * 1000:.0f} ms" if x < 1 else f"{x:.1f} s"
+
+        parts += ["last hour:", table(
+            ["KIND", "DONE", "PER MIN", "MEAN", "P95", "DEAD", "ERROR RATE"],
+            [(r["kind"], r["done"], f"{r['per_minute']:.1f}", secs(r["mean_s"]), secs(r["p95_s"]), r["dead"],
+              "-" if r["error_rate"] is None else f"{100 * r['error_rate']:.1f}%") for r in recent]), ""]
     agents = res["agents"]
     if agents:
         parts.append(table(["AGENT", "ROLE", "PEER", "LAST SEEN"],

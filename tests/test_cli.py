@@ -113,6 +113,25 @@ def test_retry_dead_requeues_every_dead_task_of_a_kind_in_one_go(hub):
     c.close()
 
 
+def test_stats_show_the_last_hours_throughput_durations_and_error_rate(hub):
+    c = hub.client()
+    for i in range(3):
+        tid = c.enqueue("resize", params={"i": i})["task_id"]
+        got = c.lease(["resize"], ttl=30)
+        c.call("ack", {"task_id": tid, "lease_token": got["lease"]["token"], "result": {}})
+    tid = c.enqueue("resize")["task_id"]
+    got = c.lease(["resize"], ttl=30)
+    c.call("fail", {"task_id": tid, "lease_token": got["lease"]["token"], "error": "bug", "retry": False})
+    c.enqueue("resize")  # still queued: not in the hour's figures
+    (row,) = json.loads(kiri(hub, "--json", "stats").stdout)["throughput"]
+    assert row["kind"] == "resize" and (row["done"], row["dead"], row["cancelled"]) == (3, 1, 0)
+    assert row["error_rate"] == 0.25 and row["per_minute"] == 3 / 60
+    assert 0 <= row["mean_s"] <= row["p95_s"] < 60
+    out = kiri(hub, "stats").stdout
+    assert "last hour:" in out and "ERROR RATE" in out and "25.0%" in out
+    c.close()
+
+
 def test_atoms_lists_presets_and_validates_custom_files(tmp_path):
     out = kiri(None, "atoms").stdout
     assert "pulse: vocab 43" in out and "rhythm: vocab 30" in out and "retrain" in out

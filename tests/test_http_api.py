@@ -141,6 +141,17 @@ def test_kiri_aliases_keep_their_shapes(watched):
     assert latest["pulse"]["metrics"] and latest["rhythm"] is None
 
 
+def test_task_stats_give_the_last_hours_throughput(watched):
+    r = get(watched.hub, "/api/v1/tasks/stats")
+    assert r.status == 200
+    kinds = {row["kind"]: row for row in r.json["last_hour"]}
+    assert kinds["train"]["done"] >= 1 and kinds["train"]["mean_s"] > 0 and kinds["train"]["error_rate"] == 0
+    assert {(x["kind"], x["status"]) for x in r.json["counts"]} >= {("train", "done")}
+    text = get(watched.hub, "/metrics").raw.decode()
+    assert 'kiri_tasks_completed_last_hour{kind="train"}' in text
+    assert 'kiri_task_duration_p95_seconds{kind="train"}' in text and 'kiri_task_error_ratio{kind="train"} 0.0' in text
+
+
 def test_metrics_parse_and_carry_the_series(watched):
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import random
 import secrets
 from collections.abc import Iterable
@@ -507,6 +508,34 @@ def get_task(c: sa.Connection, p: P.TaskRef, env: Env) -> dict[str, Any]:
     ).first()
     d["checkpoint"] = as_dict(ck) if ck else None
     return {"task": d}
+
+
+THROUGHPUT_WINDOW = 3600.0
+
+
+def throughput(c: sa.Connection, now: float, window: float = THROUGHPUT_WINDOW) -> list[dict[str, Any]]:
+    """Per kind, the tasks that ended in the last ``window`` seconds: how many completed,
+    died or were cancelled, the completed ones' mean and 95th-percentile duration (from
+    their first lease to their end, retries included) and the error rate (dead among done and dead).
+    Reads only that window's rows (``ix_tasks_finished``)."""
+    t = tasks.c
+    per: dict[str, dict[str, Any]] = {}
+    for r in c.execute(sa.select(t.kind, t.status, t.started_at, t.finished_at).where(t.finished_at > now - window)):
+        k = per.setdefault(r.kind, {"kind": r.kind, "done": 0, "dead": 0, "cancelled": 0, "durations": []})
+        if r.status in ("done", "dead", "cancelled"):
+            k[r.status] += 1
+        if r.status == "done" and r.started_at is not None:
+            k["durations"].append(max(0.0, r.finished_at - r.started_at))
+    out = []
+    for kind in sorted(per):
+        k = per.pop(kind)
+        d = sorted(k.pop("durations"))
+        ended = k["done"] + k["dead"]
+        out.append({**k, "window": window, "per_minute": k["done"] / (window / 60.0),
+                    "mean_s": sum(d) / len(d) if d else None,
+                    "p95_s": d[min(len(d) - 1, math.ceil(0.95 * len(d)) - 1)] if d else None,
+                    "error_rate": k["dead"] / ended if ended else None})
+    return out
 
 
 def counts(c: sa.Connection) -> list[dict[str, Any]]:

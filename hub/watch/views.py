@@ -12,7 +12,7 @@ import orjson
 import sqlalchemy as sa
 
 from kiri.hub.core import retention as RT
-from kiri.hub.core.queue import counts
+from kiri.hub.core.queue import counts, throughput
 from kiri.hub.core.retention import Retention
 from kiri.hub.store import db as dbmod
 from kiri.hub.store.schema import agents, decisions, observations, scores, streams, tasks, weights
@@ -186,6 +186,7 @@ def metrics_snapshot(c: sa.Connection, reg: AtomRegistry, db_url: str, now: floa
     roles = [(r.role, r.n) for r in c.execute(sa.select(a.role, sa.func.count().label("n"))
                                                .where(a.connected.is_(True), a.role != "cli").group_by(a.role))]
     return {"tasks": counts(c), "outcomes": outcomes, "pruned": RT.totals(c), "training": training, "atoms": atoms_out,
+            "throughput": throughput(c, now),
             "nerve": None if last is None else {"action": last.action, "time": last.created_at},
             "agents": roles, "files": dbmod.file_sizes(db_url)}
 

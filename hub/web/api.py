@@ -113,6 +113,12 @@ async def get_agents(req: web.Request) -> web.Response:
     return ok({"agents": await read(req, V.agent_list, time.time())})
 
 
+async def get_task_stats(req: web.Request) -> web.Response:
+    query(req, NoQuery)
+    now = time.time()
+    return ok({"counts": await read(req, Q.counts), "last_hour": await read(req, Q.throughput, now)})
+
+
 class WeightsList(Query):
     atom: P.Name | None = None
     limit: Annotated[int, Field(ge=1, le=1000)] = 50
@@ -217,6 +223,9 @@ def routes() -> list[Route]:
               "Store observations (validated like `kiri observe`; all or nothing)", body=ObservationsBody, write=True),
         Route("GET", f"{v}/tasks", get_tasks, "The queue, newest first", P.Tasks),
         Route("POST", f"{v}/tasks", post_task, "Enqueue a task", body=P.Enqueue, write=True),
+        Route("GET", f"{v}/tasks/stats", get_task_stats,
+              "Tasks by kind and state, and per kind over the last hour: completed, dead, mean and "
+              "95th-percentile duration, error rate", NoQuery),
         Route("GET", f"{v}/tasks/{{id}}", get_task, "One task with its checkpoint", NoQuery,
               path_params={"id": "integer"}),
         Route("POST", f"{v}/tasks/{{id}}/cancel", post_cancel, "Cancel a task", write=True,

@@ -61,6 +61,24 @@ class _Snapshot(Collector):
         for (kind, outcome), n in sorted(ended.items()):
             outcomes.add_metric([kind, outcome], n)
         yield outcomes
+        done = GaugeMetricFamily("kiri_tasks_completed_last_hour", "Tasks completed in the last hour, by kind",
+                                 labels=["kind"])
+        mean = GaugeMetricFamily("kiri_task_duration_mean_seconds",
+                                 "Mean duration of the tasks completed in the last hour (first lease to end)",
+                                 labels=["kind"])
+        p95 = GaugeMetricFamily("kiri_task_duration_p95_seconds",
+                                "95th-percentile duration of the tasks completed in the last hour", labels=["kind"])
+        errors = GaugeMetricFamily("kiri_task_error_ratio",
+                                   "Dead among the tasks that ended in the last hour (done or dead), by kind",
+                                   labels=["kind"])
+        for row in s.get("throughput", []):
+            done.add_metric([row["kind"]], row["done"])
+            if row["mean_s"] is not None:
+                mean.add_metric([row["kind"]], row["mean_s"])
+                p95.add_metric([row["kind"]], row["p95_s"])
+            if row["error_rate"] is not None:
+                errors.add_metric([row["kind"]], row["error_rate"])
+        yield from (done, mean, p95, errors)
         agents = GaugeMetricFamily("kiri_agents_connected", "Agents connected now, by role", labels=["role"])
         for role, n in s["agents"]:
             agents.add_metric([role], n)

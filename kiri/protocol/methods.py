@@ -70,10 +70,12 @@ TABLE: tuple[Method, ...] = (
            summary="A round trip through the hub's batch loop and a database transaction.",
            example=({}, {"pong": True, "time": 1764400000.0})),
     Method("stats", P.Empty, R.Stats, group="connection", idempotent=True,
-           summary="The hub's version, database sizes and counters, task counts by kind and state, and the "
-                   "connected agents.",
+           summary="The hub's version, database sizes and counters, task counts by kind and state, "
+                   "throughput per kind over the last hour, and the connected agents.",
            example=({}, {"hub": {"version": "0.1.0", "protocol": 1, "pid": 812, "uptime": 3600.0},
                          "tasks": [{"kind": "train", "status": "done", "count": 12}],
+                         "throughput": [{"kind": "train", "done": 3, "dead": 0, "cancelled": 0, "window": 3600.0,
+                                         "per_minute": 0.05, "mean_s": 41.2, "p95_s": 63.0, "error_rate": 0.0}],
                          "agents": [{"agent_id": 3, "name": "trainer-1", "role": "trainer"}]})),
     Method("status", P.Empty, R.Status, group="connection", idempotent=True,
            summary="The whole front page in one read: every atom's latest reading (overall and per host), score "

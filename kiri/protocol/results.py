@@ -127,6 +127,7 @@ class KindCount(Result):
 class Stats(Result):
     hub: Loose
     tasks: list[KindCount]
+    throughput: list[Loose]  # per kind over the last hour: done, dead, cancelled, per_minute, mean_s, p95_s, error_rate
     agents: list[Loose]
 
 
