@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from kiri import config
-from kiri.agents import roles
+from kiri.agents import custom, roles
 from kiri.agents.alerts import AlertConfig
 from kiri.agents.client import HubClient
 from kiri.agents.roles import ROLE_KINDS
@@ -31,6 +31,9 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 @click.option("--role", required=True, type=click.Choice(sorted(ROLE_KINDS)),
               help="What this agent does; picks the task kinds it serves.")
 @click.option("--kinds", callback=_kinds, help="Comma-separated task kinds to serve instead of the role's.")
+@click.option("--handler", "handler_specs", multiple=True, metavar="[KIND=]MODULE:FUNCTION",
+              help="Serve tasks of KIND (default: the function's name) with your own Python function "
+                   "(repeatable; the working directory is importable).")
 @click.option("--hub", "hub", envvar="KIRI_HUB", default=None, metavar="HOST:PORT",
               help=f"Hub address (env KIRI_HUB) [default: 127.0.0.1:{config.DEFAULT_PORT}].")
 @click.option("--token", envvar="KIRI_TOKEN", help="Hub token (env KIRI_TOKEN).")
@@ -60,7 +63,8 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
               help="torch intra-op threads; parallelism comes from more agents.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None, name: str | None,
+def main(role: str, kinds: list[str] | None, handler_specs: tuple[str, ...], hub: str | None, token: str | None,
+         name: str | None,
          wait: float, lease_ttl: float | None, max_tasks: int | None, journal: Path | None,
          webhooks: tuple[str, ...], alert_command: str | None, telegram_token: str | None,
          telegram_chat: str | None, telegram_url: str, alert_cooldown: float, alert_max_age: float,
@@ -81,11 +85,15 @@ def main(role: str, kinds: list[str] | None, hub: str | None, token: str | None,
         sinks.check()
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    serve = kinds or ROLE_KINDS[role]
+    try:
+        own = custom.load(handler_specs)
+    except custom.HandlerError as e:
+        raise click.UsageError(str(e)) from None
+    serve = kinds or [*ROLE_KINDS[role], *(k for k in own if k not in ROLE_KINDS[role])]
     client = HubClient(address, token=token, agent=name, role=role, kinds=serve, reconnect_for=None)
     try:
-        agent = Agent(client, roles.handlers(sinks), serve, wait=wait, ttl=lease_ttl, max_tasks=max_tasks,
-                      journal=journal)
+        agent = Agent(client, {**roles.handlers(sinks), **own}, serve, wait=wait, ttl=lease_ttl,
+                      max_tasks=max_tasks, journal=journal)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     agent.install_signal_handlers()

@@ -173,6 +173,45 @@ def test_max_tasks_counts_a_failed_task_and_the_agent_exits(hub, agents_factory)
     c.close()
 
 
+def test_a_users_own_functions_run_as_tasks_like_the_built_in_ones(hub, agents_factory, tmp_path, monkeypatch):
+    (tmp_path / "userjobs.py").write_text(
+        "from kiri.agents.handlers import TaskError\n"
+        "def resize(ctx):\n"
+        "    ctx.progress(step=1, steps=1)\n"
+        "    return {'w': ctx.params['w'] * 2, 'attempt': ctx.attempt}\n"
+        "def explode(ctx):\n"
+        "    raise RuntimeError('disk on fire')\n"
+        "def refuse(ctx):\n"
+        "    raise TaskError('bad input', retry=False)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    c = hub.client()
+    ok = c.enqueue("resize", params={"w": 21})["task_id"]
+    boom = c.enqueue("boom", max_attempts=2)["task_id"]
+    no = c.enqueue("refuse", max_attempts=5)["task_id"]
+    agent = agents_factory(hub, "resize,boom,refuse", "--handler", "userjobs:resize",
+                           "--handler", "boom=userjobs:explode", "--handler", "userjobs:refuse")
+    wait_until(lambda: {r[0] for r in hub.sql("select status from tasks")} == {"done", "dead"}, 60,
+               what="every task ended")
+    t = c.call("task", {"task_id": ok})["task"]
+    assert t["status"] == "done" and t["result"] == {"w": 42, "attempt": 1}
+    t = c.call("task", {"task_id": boom})["task"]  # an exception is retried, then the task dies with it
+    assert t["status"] == "dead" and t["attempts"] == 2 and "RuntimeError: disk on fire" in t["error"]
+    t = c.call("task", {"task_id": no})["task"]  # TaskError(retry=False) ends it at once
+    assert t["status"] == "dead" and t["attempts"] == 1 and t["error"] == "bad input"
+    agent.stop()
+    c.close()
+
+
+def test_a_handler_that_cannot_be_imported_stops_the_agent_at_start(hub, agents_factory, tmp_path, monkeypatch):
+    (tmp_path / "brokenjobs.py").write_text("import no_such_dependency\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    for spec, says in (("brokenjobs:f", "cannot import brokenjobs: ModuleNotFoundError"),
+                       ("json:no_such_function", "json has no no_such_function"), ("nonsense", "expected [KIND=]")):
+        agent = agents_factory(hub, "echo", "--handler", spec)
+        assert agent.proc.wait(30) == 2
+        assert says in agent.log_path.read_text()
+
+
 def test_concurrent_clients_never_double_lease(hub):
     """Many raw clients leasing at once from one queue: each task goes to exactly one."""
     ids = set(_enqueue_many(hub, 400))
