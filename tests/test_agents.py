@@ -212,6 +212,28 @@ def test_a_handler_that_cannot_be_imported_stops_the_agent_at_start(hub, agents_
         assert says in agent.log_path.read_text()
 
 
+def test_python_client_enqueues_waits_and_gathers_children(hub, agents_factory):
+    import kiri
+
+    agent = agents_factory(hub, "echo,fail")
+    with kiri.Client(f"127.0.0.1:{hub.port}", token=hub.token) as c:
+        parent = c.enqueue("echo", {"n": 1})
+        assert c.wait(parent, timeout=30) == {"echo": {"n": 1}}
+        kids = [c.enqueue("echo", {"i": i}, parent=parent) for i in range(5)]
+        assert c.wait_all(kids, timeout=30) == [{"echo": {"i": i}} for i in range(5)]
+        assert {c.task(k)["parent_id"] for k in kids} == {parent}
+        bad = c.enqueue("fail", {"message": "nope", "retry": False})
+        with pytest.raises(kiri.TaskFailed, match="nope") as err:
+            c.wait(bad, timeout=30)
+        assert err.value.task["status"] == "dead"
+        idle = c.enqueue("nobody_serves_this")
+        with pytest.raises(TimeoutError, match="still queued"):
+            c.wait(idle, timeout=0.3)
+        states = [t["status"] for t in c.updates(c.enqueue("echo", {"x": 2}), timeout=30)]
+        assert states[-1] == "done"
+    agent.stop()
+
+
 def test_concurrent_clients_never_double_lease(hub):
     """Many raw clients leasing at once from one queue: each task goes to exactly one."""
     ids = set(_enqueue_many(hub, 400))
