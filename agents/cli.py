@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from kiri import config
+from kiri import config, config_file
 from kiri.agents import custom, roles
 from kiri.agents.alerts import AlertConfig
 from kiri.agents.client import HubClient
@@ -28,6 +28,7 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_file.option("agent", "alerts")
 @click.option("--role", required=True, type=click.Choice(sorted(ROLE_KINDS)),
               help="What this agent does; picks the task kinds it serves.")
 @click.option("--kinds", callback=_kinds, help="Comma-separated task kinds to serve instead of the role's.")

@@ -13,7 +13,7 @@ import click
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from kiri import config
+from kiri import config, config_file
 from kiri.config import TRAIN_WINDOW
 from kiri.hub.core.queue import QueueSettings
 from kiri.hub.core.retention import Retention
@@ -102,6 +102,7 @@ def main() -> None:
 
 
 @main.command()
+@config_file.option("hub")
 @db_option
 @data_dir_option
 @click.option("--host", envvar="KIRI_LISTEN", default=config.DEFAULT_HOST, show_default=True,

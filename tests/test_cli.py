@@ -132,6 +132,50 @@ def test_stats_show_the_last_hours_throughput_durations_and_error_rate(hub):
     c.close()
 
 
+def test_one_config_file_for_hub_and_agents_with_flags_and_env_overriding_it(tmp_path):
+    import socket
+
+    from kiri.agents.client import HubClient
+    from tests.conftest import free_port, wait_until
+
+    def agent(*args: str, **env: str) -> subprocess.CompletedProcess:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("KIRI_TELEGRAM", "KIRI_HUB"))}
+        return subprocess.run([sys.executable, "-m", "kiri.agents.cli", *args], capture_output=True, text=True,
+                              timeout=60, env={**clean, **env})
+
+    cfg = tmp_path / "k.toml"
+    cfg.write_text('[agent]\nrole = "scorer"\nhub = "127.0.0.1:1"\nkinds = "nosuch"\n'
+                   '[alerts]\ntelegram-token = "1:x"\ntelegram_chat_id = "-100"\n')
+    out = agent("--config", str(cfg))  # the file's sinks are whole, so it gets as far as the unknown kind
+    assert out.returncode == 2 and "no handler for task kind(s) nosuch" in out.stderr, out.stderr
+    out = agent("--kinds", "other", KIRI_CONFIG=str(cfg))  # a flag overrides the file
+    assert "no handler for task kind(s) other" in out.stderr
+    for body, says in (('[agent]\nrole = "scorer"\ncolour = 3\n', "[agent] unknown key 'colour'; keys are"),
+                       ('[agent]\nlease-ttl = "soon"\n', "[agent] lease-ttl: 'soon' is not a valid"),
+                       ('[agents]\nrole = 1\n', "unknown table [agents]"), ("[agent\n", "not valid TOML")):
+        cfg.write_text(body)
+        out = agent("--config", str(cfg))
+        assert out.returncode == 2 and f"{cfg}: " in out.stderr and says in out.stderr, out.stderr
+    # the hub finds kiri.toml in its data dir
+    port = free_port()
+    (tmp_path / "kiri.toml").write_text(f'[hub]\nport = {port}\nno-http = true\nkeep-raw = "60d"\n')
+    env = {**os.environ, "KIRI_DATA_DIR": str(tmp_path)}
+    hub = subprocess.Popen([sys.executable, "-m", "kiri.hub.cli", "serve"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(up, 60, what="the hub on the config file's port")
+        with HubClient(("127.0.0.1", port)) as c:
+            assert c.call("status")["retention"]["raw_seconds"] == 60 * 86400
+        assert (tmp_path / "kiri.db").exists()
+    finally:
+        hub.terminate()
+        hub.wait(30)
+
+
 def test_atoms_lists_presets_and_validates_custom_files(tmp_path):
     out = kiri(None, "atoms").stdout
     assert "pulse: vocab 43" in out and "rhythm: vocab 30" in out and "retrain" in out

@@ -517,7 +517,7 @@ def throughput(c: sa.Connection, now: float, window: float = THROUGHPUT_WINDOW) 
     """Per kind, the tasks that ended in the last ``window`` seconds: how many completed,
     died or were cancelled, the completed ones' mean and 95th-percentile duration (from
     their first lease to their end, retries included) and the error rate (dead among done and dead).
-    Reads only that window's rows (``ix_tasks_finished``)."""
+    Reads only that window's rows (``ix_tasks_finished_at``)."""
     t = tasks.c
     per: dict[str, dict[str, Any]] = {}
     for r in c.execute(sa.select(t.kind, t.status, t.started_at, t.finished_at).where(t.finished_at > now - window)):

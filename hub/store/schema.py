@@ -77,7 +77,6 @@ tasks = sa.Table(
         postgresql_where=sa.text("status IN ('queued', 'leased') AND dedupe_key IS NOT NULL"),
     ),
     sa.Index("ix_tasks_status_kind", "status", "kind"),
-    sa.Index("ix_tasks_finished", "finished_at"),  # throughput over the last hour (queue.throughput)
     sa.Index("ix_tasks_troubled", "kind", "failures", "expiries",  # /metrics: the tasks that stumbled
              sqlite_where=sa.text("failures > 0 OR expiries > 0"),
              postgresql_where=sa.text("failures > 0 OR expiries > 0")),
