@@ -406,9 +406,22 @@ def _import(c: Ctx, atom: str, schema: Any, stream: Any, name: str, fmt: str, no
     """
     import uuid
 
+    import_id = uuid.uuid4().hex
+    try:
+        staged = _stage(c, import_id, atom, schema, stream, name, fmt, now, skip_bad)
+    except BaseException:
+        _abort(c, import_id)
+        raise
+    staged.pop("sent")
+    return {**_commit(c, import_id, name), **staged}
+
+
+def _stage(c: Ctx, import_id: str, atom: str, schema: Any, stream: Any, name: str, fmt: str, now: float,
+           skip_bad: bool) -> dict[str, Any]:
+    """Stage one file's observations under ``import_id`` (nothing is stored until the commit);
+    returns its counts. Raises (with every bad line named) when a bad line dooms it."""
     from kiri import importing
 
-    import_id = uuid.uuid4().hex
     show = sys.stderr.isatty() and not c.as_json and stream is not sys.stdin.buffer
     size = os.fstat(stream.fileno()).st_size if show else 0
     bad: list[importing.Bad] = []
@@ -447,13 +460,21 @@ def _import(c: Ctx, atom: str, schema: Any, stream: Any, name: str, fmt: str, no
             uploader.close()
             if not sent:
                 raise click.ClickException(f"{name}: no valid observations to import")
-        res = c.call("commit_import", {"import_id": import_id})
     except BaseException as e:
         with contextlib.suppress(BaseException):
             uploader.close()  # let a chunk in flight land before the import is dropped
-        _abort(c, import_id)
         if isinstance(e, importing.ImportFileError):
             raise click.ClickException(str(e)) from None
+        raise
+    return {"sent": sent, "skipped_count": n_bad, "skipped_lines": [{"line": b.line, "error": b.message} for b in bad]}
+
+
+def _commit(c: Ctx, import_id: str, name: str) -> dict[str, Any]:
+    """Commit a staged import and follow it to the end (a big one moves in steps)."""
+    try:
+        res = c.call("commit_import", {"import_id": import_id})
+    except BaseException:
+        _abort(c, import_id)
         raise
     # committed: it applies entirely; a big one moves in steps, followed here to the end
     while res.get("remaining"):
@@ -464,7 +485,61 @@ def _import(c: Ctx, atom: str, schema: Any, stream: Any, name: str, fmt: str, no
             raise click.ClickException(
                 f"{name}: committed, {res['remaining']:,} row(s) still to move when the hub went away; "
                 "the hub finishes the import when it runs again") from None
-    return {**res, "skipped_count": n_bad, "skipped_lines": [{"line": b.line, "error": b.message} for b in bad]}
+    return res
+
+
+@main.group("import")
+def import_group() -> None:
+    """Bring another tool's data in."""
+
+
+@import_group.command("kiri")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--skip-bad", is_flag=True, help="Import the good lines and report the bad ones.")
+@pass_ctx
+def import_kiri(c: Ctx, directory: Path, skip_bad: bool) -> None:
+    """A KIRI data directory: every atom's JSON lines (pulse.jsonl, rhythm.jsonl, ...), in one
+    import that applies entirely or not at all, with a summary per file.
+
+    A file belongs to the atom its name starts with (``pulse.jsonl``, ``pulse-2026-02.jsonl``);
+    KIRI's lines are read as KIRI wrote them (letter keys, ISO ``ts``).
+    """
+    import uuid
+
+    from kiri.model import schema as S
+
+    atoms = {a["name"]: S.AtomSchema.from_dict({k: v for k, v in a.items() if k != "preset"})
+             for a in c.call("atoms")["atoms"] if a["name"] != "nerve"}
+    files: list[tuple[Path, str]] = []
+    ignored: list[str] = []
+    for f in sorted(directory.glob("*.jsonl")):
+        atom = next((a for a in sorted(atoms, key=len, reverse=True)
+                     if f.stem == a or f.stem.startswith((f"{a}-", f"{a}_", f"{a}."))), None)
+        if atom is None:
+            ignored.append(f.name)
+        else:
+            files.append((f, atom))
+    if not files:
+        raise click.ClickException(f"{directory}: no KIRI history here (expected ATOM.jsonl for one of "
+                                   f"{', '.join(sorted(atoms))})")
+    import_id = uuid.uuid4().hex
+    now = time.time()
+    per_file = []
+    try:
+        for f, atom in files:
+            with f.open("rb") as stream:
+                got = _stage(c, import_id, atom, atoms[atom], stream, str(f), "jsonl", now, skip_bad)
+            per_file.append({"file": f.name, "atom": atom, "staged": got["sent"], "skipped": got["skipped_count"],
+                             "skipped_lines": got["skipped_lines"][:20]})
+    except BaseException:
+        _abort(c, import_id)
+        raise
+    res = _commit(c, import_id, str(directory))
+    lines = [f"{p['file']}: {p['staged']} observation(s) into {p['atom']}"
+             + (f", skipped {p['skipped']} bad line(s)" if p["skipped"] else "") for p in per_file]
+    lines += [f"{name}: not an atom's history, left alone" for name in ignored]
+    lines.append(f"imported {res['stored']} observation(s) from {len(per_file)} file(s) in one commit")
+    c.out({**res, "files": per_file, "ignored": ignored}, "\n".join(lines))
 
 
 def _abort(c: Ctx, import_id: str) -> None:

@@ -95,6 +95,35 @@ def test_kiri_history_lines_import_as_kiri_wrote_them(hub, tmp_path):
     assert hub.sql("select count(*) from observations where atom = 'pulse'")[0][0] == 2
 
 
+def test_a_kiri_data_directory_imports_in_one_commit_with_a_summary_per_file(hub, tmp_path):
+    kiri_dir = tmp_path / "kiri-data"
+    kiri_dir.mkdir()
+    (kiri_dir / "pulse.jsonl").write_text(
+        '{"C":52,"M":55,"D":40,"S":10,"L":1,"N":1,"H":14,"ts":"2026-02-14T14:05:00"}\n'
+        '{"C":53,"M":55,"D":40,"S":10,"L":1,"N":1,"H":14,"ts":"2026-02-14T14:05:30"}\n')
+    (kiri_dir / "rhythm-2026-02.jsonl").write_text('{"I":30,"A":42,"H":14,"W":5,"ts":"2026-02-14T14:05:00"}\n')
+    (kiri_dir / "drift.jsonl").write_text('{"T":3,"C":2,"S":2,"H":14,"W":5,"ts":"2026-02-14T14:00:00"}\n')
+    (kiri_dir / "notes.jsonl").write_text('{"x": 1}\n')
+    res = json.loads(kiri(hub, "--json", "import", "kiri", str(kiri_dir)).stdout)
+    assert res["stored"] == 4 and res["ignored"] == ["notes.jsonl"]
+    assert {(f["file"], f["atom"], f["staged"]) for f in res["files"]} == {
+        ("pulse.jsonl", "pulse", 2), ("rhythm-2026-02.jsonl", "rhythm", 1), ("drift.jsonl", "drift", 1)}
+    assert dict(hub.sql("select atom, count(*) from observations group by atom")) == {"pulse": 2, "rhythm": 1,
+                                                                                      "drift": 1}
+    out = kiri(hub, "import", "kiri", str(kiri_dir)).stdout  # the text summary names each file
+    assert "pulse.jsonl: 2 observation(s) into pulse" in out and "notes.jsonl: not an atom's history" in out
+    # one bad line in one file: nothing from any file is imported, and the line is named
+    (kiri_dir / "drift.jsonl").write_text('{"T":3,"C":2,"S":2,"H":14,"W":5,"ts":"not a time"}\n')
+    out = kiri(hub, "import", "kiri", str(kiri_dir), ok=False)
+    assert out.returncode == 1 and "drift.jsonl: 1 bad line(s)" in out.stderr and "line 1: time" in out.stderr
+    assert hub.sql("select count(*) from observations")[0][0] == 8  # the two good imports, nothing more
+    assert hub.sql("select count(*) from staged_observations")[0][0] == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = kiri(hub, "import", "kiri", str(empty), ok=False)
+    assert out.returncode == 1 and "no KIRI history here" in out.stderr
+
+
 def test_bulk_import_from_standard_input_in_either_format(hub):
     lines = "".join(json.dumps({**PULSE_ROW, "time": 1704067200 + 30 * i, "host": "h1"}) + "\n" for i in range(4500))
     res = json.loads(kiri(hub, "--json", "observe", "pulse", "--file", "-", stdin=lines).stdout)
