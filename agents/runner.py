@@ -146,6 +146,7 @@ class Agent:
         if self.stopping.is_set():
             ctx.stop_event.set()
         ttl = float(lease.get("ttl") or max(1.0, lease["expires_at"] - time.time()))
+        ctx.beat = lambda: self.beater.beat(ctx, token, ttl)
         self.beater.watch(ctx, token, ttl)
         log.debug("task %s (%s) attempt %s started", task_id, ctx.kind, ctx.attempt)
         outcome: tuple[str, dict[str, Any]]
@@ -248,9 +249,11 @@ class Heartbeater:
                     return
                 if self._job is not job:
                     continue  # the task ended (or another began) while we waited
-            self._beat(*job)
+            self.beat(*job)
 
-    def _beat(self, ctx: TaskContext, token: str, _ttl: float) -> None:
+    def beat(self, ctx: TaskContext, token: str, _ttl: float) -> None:
+        """One heartbeat for ctx's lease now (from this thread or the handler's: the client is
+        shared and locked); a lost lease or a cancel stops the handler at its next check."""
         try:
             reply = self.client.call("heartbeat", {
                 "task_id": ctx.task_id, "lease_token": token,

@@ -166,7 +166,8 @@ def train(ctx: TaskContext) -> dict[str, Any]:
     try:
         config = TrainConfig.from_params({k: params[k] for k in TRAIN_KEYS if k in params})
         every = float(params.get("checkpoint_every", 30.0))
-        alarm_rate(float(params.get("alarms_per_week", DEFAULT_ALARMS_PER_WEEK)), 300.0)  # checked before training
+        per_week = float(params.get("alarms_per_week", DEFAULT_ALARMS_PER_WEEK))
+        alarm_rate(per_week, 300.0)  # checked before training
     except (TypeError, ValueError) as e:
         raise TaskError(f"bad train parameters: {e}", retry=False) from None
 
@@ -187,6 +188,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
                                                  {"since": meta.get("since")})
         left = set(meta.get("left_out", []))  # the rows the interrupted run left out, exactly
         values = values[[i not in left for i in obs_ids]]
+        rate = alarm_rate(per_week, typical_interval(times))
         codec = Trainer.state_codec(schema, state) or Codec.fixed(schema)
         ids = codec.encode(values)
         trainer = Trainer.resume(schema, ids, state)
@@ -201,7 +203,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
                             retry=False)
         # what the atom found unusual while watching is not learned as normal; the ids go
         # into the checkpoint, so a resumed run trains on exactly the same rows
-        rate = alarm_rate(float(params.get("alarms_per_week", DEFAULT_ALARMS_PER_WEEK)), typical_interval(times))
+        rate = alarm_rate(per_week, typical_interval(times))
         keep = learn_from(schema, obs_ids, scored_tail_p(hub, schema.name, obs_ids), times, rate,
                           normal_share(hub, schema.name))
         left_out = {i for i, k in zip(obs_ids, keep.tolist(), strict=True) if not k}
@@ -240,7 +242,6 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         bar.render_finish()
     ctx.report()  # every step reaches the hub before the task ends, however short the run
     gate = quality_gate(hub, schema, trainer, values, float(params.get("gate_margin", 0.1)))
-    rate = alarm_rate(float(params.get("alarms_per_week", DEFAULT_ALARMS_PER_WEEK)), typical_interval(times))
     blob = trainer.weights_bytes({"task_id": ctx.task_id, "obs_from": meta["obs_from"], "obs_to": meta["obs_to"],
                                   "quality": gate, "hosts": hosts, "host": host,
                                   "left_out": len(meta.get("left_out", []))}, alarm_rate=rate)

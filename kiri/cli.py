@@ -506,10 +506,10 @@ def import_kiri(c: Ctx, directory: Path, skip_bad: bool) -> None:
     """
     import uuid
 
-    from kiri.model import schema as S
+    from kiri.agents.client import schema_from_atoms
 
-    atoms = {a["name"]: S.AtomSchema.from_dict({k: v for k, v in a.items() if k != "preset"})
-             for a in c.call("atoms")["atoms"] if a["name"] != "nerve"}
+    listed = c.call("atoms")["atoms"]
+    atoms = {a["name"]: schema_from_atoms(listed, a["name"]) for a in listed if a["name"] != "nerve"}
     files: list[tuple[Path, str]] = []
     ignored: list[str] = []
     for f in sorted(directory.glob("*.jsonl")):

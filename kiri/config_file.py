@@ -31,6 +31,7 @@ import click
 from kiri import config
 
 NAME = "kiri.toml"
+TABLES = ("hub", "agent", "alerts")
 ALIASES = {"telegram-chat-id": "telegram-chat"}  # KIRI's name for the chat
 
 
@@ -67,9 +68,10 @@ def defaults(ctx: click.Context, path: Path, sections: tuple[str, ...]) -> dict[
     """The ``default_map`` for ``ctx``'s command from these tables of the file, each value
     checked as its flag would be."""
     data = _read(path)
-    unknown_tables = sorted(set(data) - {"hub", "agent", "alerts", "cli"})
+    unknown_tables = sorted(set(data) - set(TABLES))
     if unknown_tables:
-        raise click.UsageError(f"{path}: unknown table [{unknown_tables[0]}]; tables are [hub], [agent], [alerts]")
+        raise click.UsageError(f"{path}: unknown table [{unknown_tables[0]}]; tables are "
+                               + ", ".join(f"[{t}]" for t in TABLES))
     assert ctx.command is not None
     opts = _options(ctx.command)
     out: dict[str, Any] = {}

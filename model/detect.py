@@ -197,7 +197,8 @@ class Detector:
         fitted = robust.fit(self.schema, values, config, self.alarm_rate, init=init, flagged=flagged,
                             persist=self.persist, horizon=self.every if self.learn else 0)
         self.blob = fitted.blob
-        self.scorer = Scorer(load_weights(self.blob))
+        weights = load_weights(self.blob)
+        self.scorer = Scorer(weights)
         if flagged is None:
             self.flags = fitted.flagged
             self.history_p = np.where(fitted.flagged, 0.0, np.nan)  # the fit's own verdicts; not scored
@@ -210,7 +211,7 @@ class Detector:
             self.scorer.threshold = self.scorer.calibration.threshold(self.alarm_rate)
             self.normal_share = cal.suspect_share(self.scorer.calibration, ref)
         else:
-            self.normal_share = float(load_weights(self.blob).info.get("suspect_share", cal.SUSPECT_P))
+            self.normal_share = float(weights.info.get("suspect_share", cal.SUSPECT_P))
 
     # --- scoring ----------------------------------------------------------------------------
 

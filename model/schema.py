@@ -100,6 +100,14 @@ class AtomSchema:
         start = 1 + sum(f.buckets for f in self.fields)
         return list(range(start, start + len(self.actions)))
 
+    @property
+    def n_params(self) -> int:
+        """The atom model's parameter count, from the schema alone (no torch): token and
+        position embeddings, each block's four matrices (q/k/v, projection, two MLP layers;
+        no biases, RMSNorm unweighted), the output head. ``Atom.n_params`` counts the same."""
+        d, z = self.size.n_embd, self.size
+        return 2 * self.vocab_size * d + z.block_size * d + 12 * d * d * z.n_layer
+
     def max_context(self) -> int:
         """Most whole previous observations that fit the block with BOS and the target."""
         return max(0, (self.size.block_size + 1 - 1 - self.width) // self.width)

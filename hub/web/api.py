@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
+import sqlalchemy as sa
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -113,10 +114,13 @@ async def get_agents(req: web.Request) -> web.Response:
     return ok({"agents": await read(req, V.agent_list, time.time())})
 
 
+def _task_stats(c: sa.Connection, now: float) -> dict[str, Any]:
+    return {"counts": Q.counts(c), "last_hour": Q.throughput(c, now)}
+
+
 async def get_task_stats(req: web.Request) -> web.Response:
     query(req, NoQuery)
-    now = time.time()
-    return ok({"counts": await read(req, Q.counts), "last_hour": await read(req, Q.throughput, now)})
+    return ok(await read(req, _task_stats, time.time()))
 
 
 class WeightsList(Query):

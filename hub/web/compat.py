@@ -50,19 +50,12 @@ def _verdict(item: dict[str, Any] | None, trained: bool) -> str:
     return "normal" if score < ELEVATED else "elevated" if score < ANOMALY else "anomaly"
 
 
-def n_params(schema: Any) -> int:
-    """The atom model's parameter count (token and position embeddings, the blocks' four
-    matrices, the output head): what KIRI reports per atom, without loading torch here."""
-    d, z = schema.size.n_embd, schema.size
-    return 2 * schema.vocab_size * d + z.block_size * d + 12 * d * d * z.n_layer
-
-
 def _kiri_obs(item: dict[str, Any] | None, trained: bool, schema: Any) -> dict[str, Any]:
     """One reading as KIRI showed it: metrics keyed by token letter (C, M, ...), tokens as one
     string, the per-token surprise, KIRI's verdict band, and kiri's own learned verdict beside it."""
     out: dict[str, Any] = {"metrics": {}, "tokens": "", "score": 0.0, "per_token": {},
                            "verdict": _verdict(item, trained), "kiri_verdict": None, "threshold": None,
-                           "tail_p": None, "timestamp": None, "params": n_params(schema)}
+                           "tail_p": None, "timestamp": None, "params": schema.n_params}
     if item is None:
         return out
     values = item["values"]
