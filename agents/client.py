@@ -144,6 +144,12 @@ class HubClient:
             self.closed = True
             self._drop()
 
+    def reset(self) -> None:
+        """Drop the connection; the next call opens a fresh one. For after an interrupt that
+        may have cut a call in half, leaving half a request sent or a reply unread."""
+        with self._lock:
+            self._drop()
+
     # --- calls -------------------------------------------------------------------------
 
     def call(self, method: str, params: dict[str, Any] | None = None, *,

@@ -29,6 +29,11 @@ class TaskInterrupted(Exception):
     """Raised inside a handler when it must stop now (shutdown, cancel, or lease lost)."""
 
 
+class DeadlinePassed(BaseException):
+    """Raised inside a handler whose attempt ran past the task's deadline. A BaseException
+    (as KeyboardInterrupt is), so a handler's ``except Exception`` cannot swallow it."""
+
+
 TRAIL = 500  # training steps a heartbeat carries one by one
 
 
@@ -53,6 +58,8 @@ class TaskContext:
     stop_event: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
     lease_lost: bool = False
+    deadline_at: float | None = None  # epoch seconds this attempt must end by (the task's deadline)
+    deadline_seen: bool = False  # the handler was interrupted at its deadline and stopped
     _progress: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # the latest steps one by one (step, loss, lr), for clients that plot every step

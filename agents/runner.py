@@ -1,7 +1,11 @@
 """The agent loop: lease -> run the handler (heartbeating) -> ack or fail, until stopped.
 
 The main thread runs the handler; a heartbeat thread keeps the lease alive, carries
-progress, and learns of cancels and lost leases. On SIGTERM/SIGINT the agent stops
+progress, and learns of cancels and lost leases. A task with a deadline is interrupted
+when it passes (``DeadlinePassed`` raised in the handler by SIGALRM) and fails like any
+failure; a handler that will not stop even then (it swallows the interrupt, or is stuck in
+C code) is failed by the heartbeat thread, and the agent process exits so that it really
+stops: its service manager starts a fresh one. On SIGTERM/SIGINT the agent stops
 leasing, tells the handler to stop at its next check, and hands the task back at once
 (a release) so another agent can continue from the last checkpoint.
 """
@@ -9,11 +13,14 @@ leasing, tells the handler to stop at its next check, and hands the task back at
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
+import os
 import signal
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -21,13 +28,45 @@ from typing import Any
 import orjson
 
 from kiri.agents.client import HubClient, HubUnreachable
-from kiri.agents.handlers import Checkpoint, Handler, TaskContext, TaskError, TaskInterrupted
+from kiri.agents.handlers import Checkpoint, DeadlinePassed, Handler, TaskContext, TaskError, TaskInterrupted
 from kiri.protocol import LeaseLost, RpcError
 
 log = logging.getLogger("kiri.agent")
 
+DEADLINE_GRACE = 5.0  # seconds a handler interrupted at its deadline has to stop before the agent exits
+EXIT_HUNG = 3  # the agent's exit status when a handler would not stop at its deadline
+
+
 class _Stop(BaseException):
     """Raised by the signal handler to break out of an idle long-poll."""
+
+
+@contextlib.contextmanager
+def _interrupt_at(ctx: TaskContext, seconds: float | None) -> Iterator[None]:
+    """Raise ``DeadlinePassed`` in this (the main) thread once ``seconds`` have passed.
+    Python runs signal handlers between bytecodes and retries an interrupted sleep or read
+    only after running them, so a handler sleeping, waiting on I/O or looping in Python is
+    stopped where it stands. Elsewhere than the main thread no signal can reach it: the
+    heartbeat thread's hard stop is then the only one."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    armed = True
+
+    def on_alarm(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal armed
+        if armed:
+            armed = False
+            raise DeadlinePassed(f"deadline passed: the attempt ran longer than {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 class Agent:
@@ -146,13 +185,22 @@ class Agent:
         if self.stopping.is_set():
             ctx.stop_event.set()
         ttl = float(lease.get("ttl") or max(1.0, lease["expires_at"] - time.time()))
+        deadline = task.get("deadline")
+        if deadline is not None:
+            ctx.deadline_at = time.time() + deadline
         ctx.beat = lambda: self.beater.beat(ctx, token, ttl)
         self.beater.watch(ctx, token, ttl)
         log.debug("task %s (%s) attempt %s started", task_id, ctx.kind, ctx.attempt)
         outcome: tuple[str, dict[str, Any]]
         try:
-            result = self.handlers[ctx.kind](ctx)
+            with _interrupt_at(ctx, deadline):
+                result = self.handlers[ctx.kind](ctx)
             outcome = ("ack", {"result": result if isinstance(result, dict) else {"value": result}})
+        except DeadlinePassed as e:
+            ctx.deadline_seen = True
+            log.warning("task %s: %s; stopped", task_id, e)
+            self.client.reset()  # the interrupt may have cut one of the handler's calls in half
+            outcome = ("fail", {"error": str(e), "retry": True})
         except TaskInterrupted as e:
             outcome = ("fail", {"error": f"interrupted: {e}", "retry": True,
                                 "release": not ctx.cancelled})
@@ -249,7 +297,23 @@ class Heartbeater:
                     return
                 if self._job is not job:
                     continue  # the task ended (or another began) while we waited
+            ctx = job[0]
+            if ctx.deadline_at is not None and not ctx.deadline_seen and time.time() > ctx.deadline_at + DEADLINE_GRACE:
+                self._give_up(ctx, job[1])
             self.beat(*job)
+
+    def _give_up(self, ctx: TaskContext, token: str) -> None:
+        """The handler ran past its deadline and did not stop when interrupted: fail the task
+        (it retries or dies like any failure) and end this process, the one sure way to stop
+        a thread that will not stop."""
+        log.critical("task %s ran past its deadline and did not stop within %g s of the interrupt; "
+                     "failing it and exiting (status %d) so it really stops", ctx.task_id, DEADLINE_GRACE, EXIT_HUNG)
+        with contextlib.suppress(RpcError, HubUnreachable):
+            self.client.call("fail", {"task_id": ctx.task_id, "lease_token": token, "retry": True,
+                                      "error": "deadline passed, and the handler did not stop when interrupted: "
+                                               "its agent exited to stop it"})
+        logging.shutdown()
+        os._exit(EXIT_HUNG)
 
     def beat(self, ctx: TaskContext, token: str, _ttl: float) -> None:
         """One heartbeat for ctx's lease now (from this thread or the handler's: the client is

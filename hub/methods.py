@@ -102,6 +102,8 @@ def bind(hub: Hub) -> dict[str, Handler]:
         "cancel": Q.cancel,
         "retry": Q.retry,
         "retry_dead": Q.retry_dead,
+        "kinds": Q.list_kinds,
+        "set_kind": Q.set_kind,
         "task": Q.get_task,
         "tasks": Q.list_tasks,
         "atoms": atoms.list,

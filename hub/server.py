@@ -324,8 +324,9 @@ class Hub:
             publish_batch(self.events, results)
         for t in env.due:
             self.timers.arm(t)
-        if env.available and self.longpoll.waiters:
-            self.longpoll.wake(env.available)
+        if (env.available or env.freed) and self.longpoll.waiters:
+            # freed: a leased task ended, so a kind at its concurrency limit has room again
+            self.longpoll.wake(env.available + env.freed)
 
     def _finish(self, op: Op, result: Any, err: RpcError | None, out: dict[Connection, list[bytes]]) -> None:
         """Turn one op's outcome into its reply (buffered per connection in ``out``)."""
@@ -421,8 +422,8 @@ class Hub:
             for task_id, status in reaped:
                 log.info("lease on task %s expired; task is now %s", task_id, status)
             self._flush_agents_in(c, env.now)
-            if self.longpoll.waiters and not env.available and Q.any_ready(c, env.now):
-                env.available.extend(self.longpoll.waiting_kinds())
+            if self.longpoll.waiters and not env.available:
+                env.available.extend(Q.ready_kinds(c, self.longpoll.waiting_kinds(), env.now))
             return reaped
 
         self.commit.submit(Op(None, None, "reap", None, reap, reply=False))

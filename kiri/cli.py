@@ -92,10 +92,13 @@ def _param(ctx: click.Context, _p: click.Parameter, values: tuple[str, ...]) -> 
 @click.option("--delay", default=0.0, show_default=True, type=click.FloatRange(0), help="Seconds to wait first.")
 @click.option("--max-attempts", default=5, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--dedupe-key", help="Skip if an unfinished task with this key exists.")
+@click.option("--deadline", metavar="DURATION", callback=lambda _c, _p, v: None if v is None else _deadline(v),
+              help="How long one attempt may run (30s, 5m, 2h) before its agent stops it and it fails "
+                   "[default: the kind's deadline, if it has one].")
 @pass_ctx
 def enqueue(c: Ctx, kind: str, atom: str | None, params: dict[str, Any], steps: int | None,
             alarms_per_week: float | None, priority: int, delay: float, max_attempts: int,
-            dedupe_key: str | None) -> None:
+            dedupe_key: str | None, deadline: float | None) -> None:
     """Queue a task of KIND (train, collect, score, ...) for ATOM; prints its id."""
     if steps is not None:
         params["steps"] = steps
@@ -107,6 +110,8 @@ def enqueue(c: Ctx, kind: str, atom: str | None, params: dict[str, Any], steps: 
         body["atom"] = atom
     if dedupe_key:
         body["dedupe_key"] = dedupe_key
+    if deadline is not None:
+        body["deadline"] = deadline
     res = c.call("enqueue", body)
     note = " (already queued: deduplicated)" if res["deduplicated"] else ""
     c.out(res, f"{res['task_id']}{note}")
@@ -209,6 +214,85 @@ def retry(c: Ctx, task_id: int | None, dead: bool, kind: str | None, limit: int)
     c.out(res, text)
 
 
+def _deadline(value: str) -> float:
+    return seconds(value, 0.1, 7 * 86400)
+
+
+def _kind_line(k: dict[str, Any]) -> str:
+    limit = "no limit" if k["concurrency"] is None else f"at most {k['concurrency']} at once"
+    deadline = "no deadline" if k["deadline"] is None else f"deadline {k['deadline']:g} s"
+    state = "PAUSED" if k["paused"] else "running"
+    return f"{k['kind']}: {state}, {limit}, {deadline}; {k['queued']} queued, {k['leased']} leased"
+
+
+@main.command()
+@pass_ctx
+def kinds(c: Ctx) -> None:
+    """Every kind of task with settings or unfinished work: paused, limit, deadline, counts."""
+    res = c.call("kinds")
+    rows = [(k["kind"], "paused" if k["paused"] else "running", k["concurrency"] or "-",
+             "-" if k["deadline"] is None else f"{k['deadline']:g} s", k["queued"], k["leased"])
+            for k in res["kinds"]]
+    c.out(res, table(["KIND", "STATE", "CONCURRENCY", "DEADLINE", "QUEUED", "LEASED"], rows) if rows
+          else "no kinds with settings or unfinished tasks")
+
+
+def _set_kind(c: Ctx, body: dict[str, Any]) -> None:
+    res = c.call("set_kind", body)
+    c.out(res, _kind_line(res["kind"]) + ("" if res["changed"] else " (unchanged)"))
+
+
+@main.command()
+@click.argument("kind")
+@pass_ctx
+def pause(c: Ctx, kind: str) -> None:
+    """Stop leasing tasks of KIND (tasks already running go on); ``kiri resume`` undoes it."""
+    _set_kind(c, {"kind": kind, "paused": True})
+
+
+@main.command()
+@click.argument("kind")
+@pass_ctx
+def resume(c: Ctx, kind: str) -> None:
+    """Lease tasks of KIND again; waiting agents take them at once."""
+    _set_kind(c, {"kind": kind, "paused": False})
+
+
+def _or_none(convert: Any) -> Any:
+    def callback(_c: click.Context, _p: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return ...  # not given: left as it is
+        return None if value.strip().lower() == "none" else convert(value)
+    return callback
+
+
+def _concurrency(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a whole number of tasks, or none") from None
+    if not 1 <= n <= 100_000:
+        raise click.BadParameter(f"{value!r}: must be between 1 and 100000, or none")
+    return n
+
+
+@main.command()
+@click.argument("kind")
+@click.option("--concurrency", metavar="N|none", callback=_or_none(_concurrency),
+              help="At most N tasks of KIND leased at once, across all agents; none: no limit.")
+@click.option("--deadline", metavar="DURATION|none", callback=_or_none(_deadline),
+              help="How long an attempt may run when its task names no deadline (30s, 5m, 2h); none: no limit.")
+@pass_ctx
+def kind(c: Ctx, kind: str, concurrency: Any, deadline: Any) -> None:
+    """Show KIND's settings, or change its concurrency limit or default deadline."""
+    body: dict[str, Any] = {"kind": kind}
+    if concurrency is not ...:
+        body["concurrency"] = concurrency
+    if deadline is not ...:
+        body["deadline"] = deadline
+    _set_kind(c, body)
+
+
 @main.command()
 @pass_ctx
 def stats(c: Ctx) -> None:
@@ -245,6 +329,16 @@ def stats(c: Ctx) -> None:
         parts.append("no agents connected")
     c.out(res, "\n".join(parts))
 
+
+
+@main.command()
+@pass_ctx
+def mcp(c: Ctx) -> None:
+    """Serve the Model Context Protocol on stdin/stdout: status, history, decisions, feedback,
+    enqueue, tasks and task as tools for an assistant (add `kiri mcp` to its MCP servers)."""
+    from kiri import mcp_server  # here, not at the top: the SDK takes a while to import
+
+    mcp_server.serve(c.client())
 
 
 # --- atoms and synthetic data (local: no hub needed) ---------------------------------------

@@ -42,10 +42,12 @@ class Client:
 
     def enqueue(self, kind: str, params: dict[str, Any] | None = None, *, atom: str | None = None,
                 priority: int | None = None, delay: float | None = None, max_attempts: int | None = None,
-                dedupe_key: str | None = None, parent: int | None = None) -> int:
-        """Queue a task; its id (an existing one's, when ``dedupe_key`` matches an unfinished task)."""
+                dedupe_key: str | None = None, parent: int | None = None, deadline: float | None = None) -> int:
+        """Queue a task; its id (an existing one's, when ``dedupe_key`` matches an unfinished task).
+        ``deadline``: seconds one attempt may run before its agent stops it (default: the kind's)."""
         res = self.hub.enqueue(kind, atom=atom, params=params, priority=priority, delay=delay,
-                               max_attempts=max_attempts, dedupe_key=dedupe_key, parent_id=parent)
+                               max_attempts=max_attempts, dedupe_key=dedupe_key, parent_id=parent,
+                               deadline=deadline)
         return int(res["task_id"])
 
     def task(self, task_id: int) -> dict[str, Any]:
@@ -88,6 +90,21 @@ class Client:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             out.append(self.wait(tid, left))
         return out
+
+    def pause(self, kind: str) -> dict[str, Any]:
+        """Lease no task of ``kind`` until ``resume``; those running go on. The kind's settings."""
+        return self.hub.call("set_kind", {"kind": kind, "paused": True})["kind"]
+
+    def resume(self, kind: str) -> dict[str, Any]:
+        return self.hub.call("set_kind", {"kind": kind, "paused": False})["kind"]
+
+    def limit(self, kind: str, concurrency: int | None) -> dict[str, Any]:
+        """At most ``concurrency`` tasks of ``kind`` leased at once, across all agents (None: no limit)."""
+        return self.hub.call("set_kind", {"kind": kind, "concurrency": concurrency})["kind"]
+
+    def kinds(self) -> list[dict[str, Any]]:
+        """Every kind with settings or unfinished tasks: paused, concurrency, deadline, counts."""
+        return list(self.hub.call("kinds")["kinds"])
 
     def close(self) -> None:
         self.hub.close()

@@ -231,6 +231,15 @@ def test_python_client_enqueues_waits_and_gathers_children(hub, agents_factory):
             c.wait(idle, timeout=0.3)
         states = [t["status"] for t in c.updates(c.enqueue("echo", {"x": 2}), timeout=30)]
         assert states[-1] == "done"
+        assert c.pause("echo")["paused"] is True
+        held = c.enqueue("echo", {"held": 1}, deadline=30)
+        with pytest.raises(TimeoutError, match="still queued"):
+            c.wait(held, timeout=0.5)
+        assert c.limit("echo", 1)["concurrency"] == 1
+        assert {k["kind"]: k["queued"] for k in c.kinds()}["echo"] == 1
+        c.resume("echo")
+        assert c.wait(held, timeout=30) == {"echo": {"held": 1}}
+        assert c.task(held)["deadline"] == 30.0
     agent.stop()
 
 
@@ -257,3 +266,60 @@ def test_concurrent_clients_never_double_lease(hub):
     for t in threads:
         t.join(60)
     assert sorted(got) == sorted(ids)
+
+
+HANGING_JOBS = (
+    "import time\n"
+    "def hang(ctx):\n"
+    "    time.sleep(3600)\n"
+    "def spin(ctx):\n"
+    "    while True:\n"
+    "        pass\n"
+    "def stubborn(ctx):\n"
+    "    while True:\n"
+    "        try:\n"
+    "            time.sleep(3600)\n"
+    "        except BaseException:\n"
+    "            pass\n"
+    "def quick(ctx):\n"
+    "    return {'ok': True}\n"
+)
+
+
+def test_a_handler_past_its_deadline_is_stopped_and_its_task_fails_like_any_failure(
+        hub, agents_factory, tmp_path, monkeypatch):
+    (tmp_path / "hangjobs.py").write_text(HANGING_JOBS)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    c = hub.client()
+    hang = c.enqueue("hang", deadline=0.5, max_attempts=2)["task_id"]
+    c.call("set_kind", {"kind": "spin", "deadline": 0.5})  # the kind's default deadline
+    spin = c.enqueue("spin", max_attempts=1)["task_id"]
+    agent = agents_factory(hub, "hang,spin,quick", "--handler", "hangjobs:hang", "--handler", "hangjobs:spin",
+                           "--handler", "hangjobs:quick")
+    wait_until(lambda: {r[0] for r in hub.sql("select status from tasks")} == {"dead"}, 60,
+               what="both hanging tasks to die")
+    for tid, attempts in ((hang, 2), (spin, 1)):
+        t = c.call("task", {"task_id": tid})["task"]
+        assert t["attempts"] == attempts and t["failures"] == attempts
+        assert "deadline passed: the attempt ran longer than 0.5 s" in t["error"]
+    # the agent stopped the handlers and lives on: it runs the next task
+    quick = c.enqueue("quick")["task_id"]
+    wait_until(lambda: c.call("task", {"task_id": quick})["task"]["status"] == "done", 30, what="the next task")
+    assert agent.proc.poll() is None
+    agent.stop()
+    c.close()
+
+
+def test_a_handler_that_will_not_stop_at_its_deadline_is_failed_and_its_agent_exits(
+        hub, agents_factory, tmp_path, monkeypatch):
+    (tmp_path / "hangjobs.py").write_text(HANGING_JOBS)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    c = hub.client()
+    tid = c.enqueue("stubborn", deadline=0.3, max_attempts=3)["task_id"]
+    agent = agents_factory(hub, "stubborn", "--handler", "hangjobs:stubborn")
+    assert agent.proc.wait(60) == 3
+    t = c.call("task", {"task_id": tid})["task"]
+    assert t["status"] == "queued" and t["failures"] == 1  # retried like any failure, not lost
+    assert "did not stop when interrupted" in t["error"]
+    assert "ran past its deadline" in agent.log_path.read_text()
+    c.close()

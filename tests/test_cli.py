@@ -186,3 +186,27 @@ def test_atoms_lists_presets_and_validates_custom_files(tmp_path):
     bad.write_text('name = "tank"\nfields = [{letter = "L", name = "level", low = 10, high = 0, buckets = 4}]\n')
     out = kiri(None, "atoms", "--file", str(bad), ok=False)
     assert out.returncode == 1 and "must be below high" in out.stderr
+
+
+def test_pause_resume_limit_and_deadlines_of_a_kind(hub):
+    tid = kiri(hub, "enqueue", "resize", "--deadline", "90s").stdout.strip()
+    assert json.loads(kiri(hub, "--json", "task", tid).stdout)["task"]["deadline"] == 90.0
+    assert "resize: PAUSED, no limit, no deadline; 1 queued, 0 leased" in kiri(hub, "pause", "resize").stdout
+    assert "(unchanged)" in kiri(hub, "pause", "resize").stdout
+    c = hub.client()
+    assert c.lease(["resize"]) == {"task": None}
+    out = kiri(hub, "kind", "resize", "--concurrency", "2", "--deadline", "5m").stdout
+    assert "at most 2 at once, deadline 300 s" in out
+    listed = kiri(hub, "kinds").stdout
+    assert "resize" in listed and "paused" in listed and "300 s" in listed
+    assert "running" in kiri(hub, "resume", "resize").stdout
+    assert c.lease(["resize"])["task"]["id"] == int(tid)
+    out = kiri(hub, "kind", "resize", "--concurrency", "none", "--deadline", "none").stdout
+    assert "no limit, no deadline; 0 queued, 1 leased" in out
+    for args in (["--concurrency", "0"], ["--concurrency", "x"], ["--deadline", "-1s"], ["--deadline", "8d"]):
+        bad = kiri(hub, "kind", "resize", *args, ok=False)
+        assert bad.returncode == 2 and args[0] in bad.stderr
+    bad = kiri(hub, "enqueue", "resize", "--deadline", "0", ok=False)
+    assert bad.returncode == 2 and "--deadline" in bad.stderr
+    row = json.loads(kiri(hub, "--json", "kinds").stdout)["kinds"][0]
+    assert (row["paused"], row["concurrency"], row["deadline"]) == (False, None, None)

@@ -150,6 +150,8 @@ def test_every_method_answers_in_the_shape_the_table_promises(hub):
     l3 = s("lease", kinds=["echo3"], ttl=600)
     s("fail", task_id=t3, lease_token=l3["lease"]["token"], error="boom", retry=False)
     assert s("retry_dead", kind="echo3") == {"retried": [t3], "skipped": []}
+    assert s("set_kind", kind="echo3", paused=True, deadline=30)["kind"]["queued"] == 1
+    assert {k["kind"]: k["paused"] for k in s("kinds")["kinds"]}["echo3"] is True
     # the pictures
     s("stats")
     s("status")

@@ -335,6 +335,20 @@ def test_observations_and_tasks_through_http(web_hub, agents_factory):
     assert post(hub, f"/api/v1/tasks/{dead}/retry").json["status"] == "queued"
 
 
+def test_kinds_are_paused_limited_and_listed_through_http(web_hub):
+    hub = web_hub
+    post(hub, "/api/v1/tasks", {"kind": "resize", "deadline": 60.0})
+    r = post(hub, "/api/v1/kinds/resize", {"paused": True, "concurrency": 2})
+    assert r.status == 200 and r.json["changed"] and r.json["kind"]["queued"] == 1
+    r = post(hub, "/api/v1/kinds/resize", {"concurrency": None})  # left out stays, null clears
+    assert (r.json["kind"]["paused"], r.json["kind"]["concurrency"]) == (True, None)
+    listed = {k["kind"]: k for k in get(hub, "/api/v1/kinds").json["kinds"]}
+    assert listed["resize"]["paused"] is True and listed["resize"]["queued"] == 1
+    post(hub, "/api/v1/kinds/echo", {"concurrency": 3})
+    text = get(hub, "/metrics").raw.decode()
+    assert 'kiri_kind_paused{kind="resize"} 1.0' in text and 'kiri_kind_concurrency_limit{kind="echo"} 3.0' in text
+
+
 def test_events_feed_pushes_changes(web_hub):
     hub = web_hub
     got: list[tuple[str, object]] = []
@@ -364,6 +378,10 @@ BAD = [
     ("GET", "/api/v1/series?atom=pulse&points=1", None, {}, 400, "points"),
     ("GET", "/api/v1/series?atom=pulse&since=nan", None, {}, 400, "since"),
     ("GET", "/api/v1/tasks?status=nope", None, {}, 400, "status"),
+    ("POST", "/api/v1/kinds/resize", b'{"concurrency": 0}', {"Content-Type": "application/json"}, 400, "concurrency"),
+    ("POST", "/api/v1/kinds/resize", b'{"paused": "yes"}', {"Content-Type": "application/json"}, 400, "paused"),
+    ("POST", "/api/v1/kinds/resize", b'{"limit": 3}', {"Content-Type": "application/json"}, 400, "limit"),
+    ("POST", "/api/v1/kinds/bad%20kind", b'{"paused": true}', {"Content-Type": "application/json"}, 400, "kind"),
     ("GET", "/api/v1/tasks?limit=100000", None, {}, 400, "limit"),
     ("GET", "/api/v1/tasks/abc", None, {}, 400, "integer"),
     ("GET", "/api/v1/tasks/0", None, {}, 400, "positive"),

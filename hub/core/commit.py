@@ -113,6 +113,7 @@ class GroupCommit:
                     res = self._exec(op, one_env)
                 self._committed()
                 env.available += one_env.available
+                env.freed += one_env.freed
                 env.due += one_env.due
             except Exception as e:
                 self._rolled_back()

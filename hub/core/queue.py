@@ -24,7 +24,7 @@ from sqlalchemy import literal_column
 
 from kiri.hub.store.db import as_dict
 from kiri.hub.store.prepared import Prepared
-from kiri.hub.store.schema import agents, checkpoints, tasks
+from kiri.hub.store.schema import agents, checkpoints, kinds, tasks
 from kiri.protocol import Conflict, InvalidParams, LeaseLost, NotFound
 from kiri.protocol import params as P
 
@@ -48,6 +48,7 @@ class Env:
     settings: QueueSettings
     agent: str | None = None
     available: list[str] = field(default_factory=list)  # kinds that became leasable now
+    freed: list[str] = field(default_factory=list)  # kinds a leased task of ended (room under a limit)
     due: list[float] = field(default_factory=list)  # future run_after times to wake at
 
 
@@ -76,7 +77,7 @@ _insert_task = Prepared(
     .values(kind=bp("v_kind"), atom=bp("v_atom"), params=bp("v_params"), priority=bp("v_priority"),
             status="queued", run_after=bp("v_run_after"), max_attempts=bp("v_max"),
             dedupe_key=bp("v_dedupe"), parent_id=bp("v_parent"), created_at=bp("v_now"),
-            updated_at=bp("v_now"))
+            updated_at=bp("v_now"), deadline=bp("v_deadline"))
     .returning(tasks.c.id)
 )
 _find_dedupe = sa.select(tasks.c.id).where(
@@ -98,7 +99,7 @@ def enqueue(c: sa.Connection, p: P.Enqueue, env: Env) -> dict[str, Any]:
     row = _insert_task.first(c, {
         "v_kind": p.kind, "v_atom": p.atom, "v_params": params_text, "v_priority": p.priority,
         "v_run_after": run_after, "v_max": p.max_attempts, "v_dedupe": p.dedupe_key,
-        "v_parent": p.parent_id, "v_now": env.now,
+        "v_parent": p.parent_id, "v_now": env.now, "v_deadline": p.deadline,
     })
     assert row is not None
     task_id = row["id"]
@@ -111,11 +112,24 @@ def enqueue(c: sa.Connection, p: P.Enqueue, env: Env) -> dict[str, Any]:
 
 # --- lease -----------------------------------------------------------------------------
 
+def _held_back(kind: sa.BindParameter[Any]) -> sa.Exists:
+    """The kind is paused, or as many of it are leased as its concurrency allows. A kind
+    without settings has no row: one primary-key probe, and the count runs only for a kind
+    with a limit (on the status/kind index, over its leased tasks alone)."""
+    running = tasks.alias("running")
+    leased_now = (sa.select(sa.func.count()).select_from(running)
+                  .where(running.c.status == LEASED, running.c.kind == kind).scalar_subquery())
+    return sa.exists().where(kinds.c.kind == kind, sa.or_(
+        kinds.c.paused, sa.and_(kinds.c.concurrency.is_not(None), kinds.c.concurrency <= leased_now)))
+
+
 def _next_ready(n_kinds: int) -> sa.ScalarSelect[Any]:
-    """The best ready task among n kinds: one index probe per kind, then the best of those."""
+    """The best ready task among n kinds: one index probe per kind, then the best of those;
+    a kind paused or at its concurrency limit offers none."""
     probes = [
         sa.select(tasks.c.id, tasks.c.priority, tasks.c.run_after)
-        .where(tasks.c.status == QUEUED, tasks.c.kind == bp(f"k{i}"), tasks.c.run_after <= bp("now"))
+        .where(tasks.c.status == QUEUED, tasks.c.kind == bp(f"k{i}"), tasks.c.run_after <= bp("now"),
+               ~_held_back(bp(f"k{i}")))
         .order_by(tasks.c.priority.desc(), tasks.c.run_after, tasks.c.id)
         .limit(1)
         .subquery(f"p{i}")
@@ -130,6 +144,11 @@ def _next_ready(n_kinds: int) -> sa.ScalarSelect[Any]:
         .limit(1)
         .scalar_subquery()
     )
+
+
+# (spelled out: SQLAlchemy drops the table names inside RETURNING, and "kind = kind" would
+# compare the kinds table's column with itself)
+_kind_deadline = sa.text("(SELECT kinds.deadline FROM kinds WHERE kinds.kind = tasks.kind)")
 
 
 def _lease_stmt(n_kinds: int) -> sa.Update:
@@ -147,7 +166,8 @@ def _lease_stmt(n_kinds: int) -> sa.Update:
             updated_at=bp("now"),
         )
         .returning(tasks.c.id, tasks.c.kind, tasks.c.atom, tasks.c.params, tasks.c.attempts,
-                   tasks.c.max_attempts, tasks.c.priority, tasks.c.parent_id, tasks.c.run_after)
+                   tasks.c.max_attempts, tasks.c.priority, tasks.c.parent_id, tasks.c.run_after,
+                   sa.func.coalesce(tasks.c.deadline, _kind_deadline).label("deadline"))
     )
 
 
@@ -178,6 +198,7 @@ def lease(c: sa.Connection, p: P.Lease, env: Env) -> dict[str, Any] | None:
             "id": row["id"], "kind": row["kind"], "atom": row["atom"], "params": _frag(row["params"]),
             "attempt": row["attempts"], "max_attempts": row["max_attempts"],
             "priority": row["priority"], "parent_id": row["parent_id"], "ready_at": row["run_after"],
+            "deadline": row["deadline"],
             "checkpoint": (
                 {"step": ck["step"], "data": base64.b64encode(ck["data"]).decode()} if ck else None
             ),
@@ -281,7 +302,7 @@ _ack_stmt = Prepared(
     .where(_fence)
     .values(status="done", result=bp("res"), lease_expires_at=None,
             finished_at=bp("now"), updated_at=bp("now"))
-    .returning(tasks.c.id)
+    .returning(tasks.c.id, tasks.c.kind)
 )
 _drop_checkpoint_stmt = checkpoints.delete().where(checkpoints.c.task_id == bp("tid"))
 _drop_checkpoint = Prepared(_drop_checkpoint_stmt)
@@ -292,6 +313,7 @@ def ack(c: sa.Connection, p: P.Ack, env: Env) -> dict[str, Any]:
     row = _ack_stmt.first(c, {"tid": p.task_id, "tok": p.lease_token, "now": env.now, "res": result})
     if row is not None:
         _drop_checkpoint.run(c, {"tid": p.task_id})
+        env.freed.append(row["kind"])
         if p.next is not None:
             nxt = lease(c, P.Lease(kinds=p.next.kinds, ttl=p.next.ttl), env)
             return {"status": "done", "next": nxt or {"task": None}}
@@ -323,6 +345,7 @@ def fail(c: sa.Connection, p: P.Fail, env: Env) -> dict[str, Any]:
         raise _lost(c, p.task_id)
     where = tasks.c.id == p.task_id
     common = {"lease_expires_at": None, "updated_at": env.now}
+    env.freed.append(row.kind)
     if row.cancel_requested:
         c.execute(tasks.update().where(where).values(
             status="cancelled", finished_at=env.now, error=p.error, **common))
@@ -418,7 +441,58 @@ def retry_dead(c: sa.Connection, p: P.RetryDead, env: Env) -> dict[str, Any]:
     return {"retried": retried, "skipped": skipped}
 
 
-# --- the reaper ------------------------------------------------------------------------
+# --- kinds: pause, concurrency, default deadline ------------------------------------------
+
+def _kind_rows(c: sa.Connection, only: str | None = None) -> list[dict[str, Any]]:
+    """Every kind that has settings or unfinished tasks, with its queued and leased counts."""
+    counts_q = (sa.select(tasks.c.kind, tasks.c.status, sa.func.count().label("n"))
+                .where(tasks.c.status.in_(["queued", "leased"])).group_by(tasks.c.kind, tasks.c.status))
+    set_q = sa.select(kinds)
+    if only is not None:
+        counts_q = counts_q.where(tasks.c.kind == only)
+        set_q = set_q.where(kinds.c.kind == only)
+    out: dict[str, dict[str, Any]] = {}
+
+    def row(kind: str) -> dict[str, Any]:
+        return out.setdefault(kind, {"kind": kind, "paused": False, "concurrency": None, "deadline": None,
+                                     "queued": 0, "leased": 0, "updated_at": None})
+
+    for r in c.execute(set_q):
+        row(r.kind).update(paused=bool(r.paused), concurrency=r.concurrency, deadline=r.deadline,
+                           updated_at=r.updated_at)
+    for r in c.execute(counts_q):
+        row(r.kind)[r.status] = r.n
+    return [out[k] for k in sorted(out)]
+
+
+def list_kinds(c: sa.Connection, _p: P.Empty, _env: Env) -> dict[str, Any]:
+    return {"kinds": _kind_rows(c)}
+
+
+def set_kind(c: sa.Connection, p: P.SetKind, env: Env) -> dict[str, Any]:
+    """Change the settings given (a setting given as null is cleared); the rest stay. Waiting
+    agents are woken when the change lets more of the kind run (resumed, limit raised)."""
+    given = {f: getattr(p, f) for f in ("paused", "concurrency", "deadline") if f in p.model_fields_set}
+    if given.get("paused", False) is None:
+        raise InvalidParams("paused is true or false; it cannot be cleared")
+    before = _kind_rows(c, p.kind)
+    old = before[0] if before else {"paused": False, "concurrency": None, "deadline": None}
+    new = {"paused": old["paused"], "concurrency": old["concurrency"], "deadline": old["deadline"], **given}
+    changed = any(new[f] != old[f] for f in new)
+    if changed:
+        values = {**new, "updated_at": env.now}
+        if c.execute(kinds.update().where(kinds.c.kind == p.kind).values(**values)).rowcount == 0:
+            c.execute(kinds.insert().values(kind=p.kind, **values))
+        room_before = 0 if old["paused"] else (old["concurrency"] or math.inf)
+        room_after = 0 if new["paused"] else (new["concurrency"] or math.inf)
+        if room_after > room_before:  # as many wake-ups as tasks that may now start
+            ready = c.execute(sa.select(sa.func.count()).where(
+                tasks.c.status == QUEUED, tasks.c.kind == p.kind, tasks.c.run_after <= env.now)).scalar() or 0
+            env.available.extend([p.kind] * int(min(ready, room_after - room_before, 1000)))
+    return {"kind": _kind_rows(c, p.kind)[0], "changed": changed}
+
+
+# --- the reaper ---------------------------------------------------------------------
 
 def reap(c: sa.Connection, env: Env) -> list[tuple[int, str]]:
     """Return expired leases to the queue (or to dead / cancelled); durable, not lazy."""
@@ -445,8 +519,7 @@ def reap(c: sa.Connection, env: Env) -> list[tuple[int, str]]:
         .returning(tasks.c.id, tasks.c.kind, tasks.c.status)
     ).all()
     for r in rows:
-        if r.status == "queued":
-            env.available.append(r.kind)
+        (env.available if r.status == "queued" else env.freed).append(r.kind)
     return [(r.id, r.status) for r in rows]
 
 
@@ -457,10 +530,14 @@ def next_due(c: sa.Connection, now: float) -> float | None:
     ).scalar()
 
 
-def any_ready(c: sa.Connection, now: float) -> bool:
-    return c.execute(
-        sa.select(tasks.c.id).where(tasks.c.status == QUEUED, tasks.c.run_after <= now).limit(1)
-    ).first() is not None
+def ready_kinds(c: sa.Connection, kinds_: Iterable[str], now: float) -> list[str]:
+    """Which of these kinds have a task a lease would take now (ready, and the kind neither
+    paused nor at its limit): one index probe per kind, however many tasks wait paused."""
+    out = []
+    for kind in dict.fromkeys(kinds_):
+        if c.execute(sa.select(_next_ready(1)), {"k0": kind, "now": now}).scalar() is not None:
+            out.append(kind)
+    return out
 
 
 # --- reads -----------------------------------------------------------------------------

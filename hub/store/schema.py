@@ -47,6 +47,7 @@ tasks = sa.Table(
     sa.Column("started_at", sa.Float, nullable=True),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("finished_at", sa.Float, nullable=True),
+    sa.Column("deadline", sa.Float, nullable=True),  # seconds one attempt may run; null: the kind's default
     sa.CheckConstraint(
         "status IN ('queued', 'leased', 'done', 'dead', 'cancelled')", name="status"
     ),
@@ -84,6 +85,19 @@ tasks = sa.Table(
     sa.Index("ix_tasks_finished_at", "finished_at",
              sqlite_where=sa.text("finished_at IS NOT NULL"), postgresql_where=sa.text("finished_at IS NOT NULL")),
     sa.Index("ix_tasks_parent_id", "parent_id"),
+)
+
+# What the owner set for a kind of task: paused (nothing of it is leased), at most
+# `concurrency` of it leased at once across all agents, and the execution deadline its tasks
+# get when they carry none. A kind without a row has none of these.
+kinds = sa.Table(
+    "kinds",
+    metadata,
+    sa.Column("kind", sa.String(64), primary_key=True),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("concurrency", sa.Integer, nullable=True),
+    sa.Column("deadline", sa.Float, nullable=True),
+    sa.Column("updated_at", sa.Float, nullable=False),
 )
 
 checkpoints = sa.Table(

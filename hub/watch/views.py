@@ -15,7 +15,7 @@ from kiri.hub.core import retention as RT
 from kiri.hub.core.queue import counts, throughput
 from kiri.hub.core.retention import Retention
 from kiri.hub.store import db as dbmod
-from kiri.hub.store.schema import agents, decisions, observations, scores, streams, tasks, weights
+from kiri.hub.store.schema import agents, decisions, kinds, observations, scores, streams, tasks, weights
 from kiri.hub.watch import learning as L
 from kiri.hub.watch import series as SR
 from kiri.hub.watch.observations import AtomRegistry
@@ -187,6 +187,8 @@ def metrics_snapshot(c: sa.Connection, reg: AtomRegistry, db_url: str, now: floa
                                                .where(a.connected.is_(True), a.role != "cli").group_by(a.role))]
     return {"tasks": counts(c), "outcomes": outcomes, "pruned": RT.totals(c), "training": training, "atoms": atoms_out,
             "throughput": throughput(c, now),
+            "kinds": [{"kind": r.kind, "paused": bool(r.paused), "concurrency": r.concurrency}
+                      for r in c.execute(sa.select(kinds.c.kind, kinds.c.paused, kinds.c.concurrency))],
             "nerve": None if last is None else {"action": last.action, "time": last.created_at},
             "agents": roles, "files": dbmod.file_sizes(db_url)}
 

@@ -185,6 +185,34 @@ async def post_retry(req: web.Request) -> web.Response:
     return ok(await hub_of(req).call("retry", {"task_id": path_int(req, "id")}))
 
 
+class KindBody(BaseModel):
+    """``set_kind``'s settings: a key left out stays as it is; ``null`` clears it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    paused: bool | None = None
+    concurrency: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    deadline: P.Deadline | None = None
+
+
+def _kinds(c: sa.Connection) -> dict[str, Any]:
+    return Q.list_kinds(c, P.Empty(), Q.Env(now=time.time(), settings=Q.QueueSettings()))
+
+
+async def get_kinds(req: web.Request) -> web.Response:
+    query(req, NoQuery)
+    return ok(await read(req, _kinds))
+
+
+async def post_kind(req: web.Request) -> web.Response:
+    raw = await body(req)
+    try:
+        b = KindBody.model_validate(raw)
+    except ValidationError as e:
+        raise InvalidParams(P.describe(e)) from None
+    kind = req.match_info["kind"]
+    return ok(await hub_of(req).call("set_kind", {"kind": kind, **b.model_dump(include=b.model_fields_set)}))
+
+
 async def post_activate(req: web.Request) -> web.Response:
     await body(req)
     atom = _atom(req, req.match_info["atom"])
@@ -230,6 +258,12 @@ def routes() -> list[Route]:
         Route("GET", f"{v}/tasks/stats", get_task_stats,
               "Tasks by kind and state, and per kind over the last hour: completed, dead, mean and "
               "95th-percentile duration, error rate", NoQuery),
+        Route("GET", f"{v}/kinds", get_kinds,
+              "Every kind with settings or unfinished tasks: paused, concurrency limit, default deadline, "
+              "queued and leased counts", NoQuery),
+        Route("POST", f"{v}/kinds/{{kind}}", post_kind,
+              "Pause or resume a kind, set its concurrency limit or default deadline (keys left out stay; "
+              "null clears)", body=KindBody, write=True, path_params={"kind": "string"}),
         Route("GET", f"{v}/tasks/{{id}}", get_task, "One task with its checkpoint", NoQuery,
               path_params={"id": "integer"}),
         Route("POST", f"{v}/tasks/{{id}}/cancel", post_cancel, "Cancel a task", write=True,

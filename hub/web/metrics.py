@@ -79,6 +79,16 @@ class _Snapshot(Collector):
             if row["error_rate"] is not None:
                 errors.add_metric([row["kind"]], row["error_rate"])
         yield from (done, mean, p95, errors)
+        paused = GaugeMetricFamily("kiri_kind_paused", "1 while the owner has paused a kind (nothing of it is leased)",
+                                   labels=["kind"])
+        limit = GaugeMetricFamily("kiri_kind_concurrency_limit",
+                                  "At most this many tasks of a kind leased at once (kinds with a limit)",
+                                  labels=["kind"])
+        for row in s.get("kinds", []):
+            paused.add_metric([row["kind"]], 1 if row["paused"] else 0)
+            if row["concurrency"] is not None:
+                limit.add_metric([row["kind"]], row["concurrency"])
+        yield from (paused, limit)
         agents = GaugeMetricFamily("kiri_agents_connected", "Agents connected now, by role", labels=["role"])
         for role, n in s["agents"]:
             agents.add_metric([role], n)

@@ -53,7 +53,8 @@ GROUPS = {
 }
 
 _TASK = {"id": 7, "kind": "train", "atom": "pulse", "params": {"epochs": 1}, "attempt": 1, "max_attempts": 5,
-         "priority": 0, "parent_id": None, "ready_at": 1764400000.0, "checkpoint": None}
+         "priority": 0, "parent_id": None, "ready_at": 1764400000.0, "checkpoint": None,
+         "deadline": None}
 _LEASE = {"token": "9f0c3d2a41b7e8c6d5f4a3b2c1d0e9f8", "expires_at": 1764400030.0, "ttl": 30.0}
 _OBS = {"id": 41, "time": 1764400000.0, "host": "web-1", "values": {"cpu": 52.0, "mem": 61.0}}
 
@@ -144,6 +145,21 @@ TABLE: tuple[Method, ...] = (
            summary="Queue every dead task again (of one kind, the oldest `limit`), with fresh attempts, "
                    "in one transaction; those whose dedupe key a pending task holds stay dead.",
            example=({"kind": "resize"}, {"retried": [7, 9], "skipped": []})),
+    Method("kinds", P.Empty, R.Kinds, group="queue", idempotent=True,
+           summary="Every kind with settings or unfinished tasks: paused, concurrency limit, default "
+                   "deadline, and how many of it are queued and leased.",
+           example=({}, {"kinds": [{"kind": "resize", "paused": False, "concurrency": 2, "deadline": 60.0,
+                                    "queued": 14, "leased": 2, "updated_at": 1764400000.0}]})),
+    Method("set_kind", P.SetKind, R.KindSet, group="queue", idempotent=True, events=("tasks",),
+           summary="Pause or resume a kind, cap how many of it are leased at once (across all agents), "
+                   "or set the deadline its tasks get when they carry none. Settings not given stay; "
+                   "`concurrency` or `deadline` given as null is cleared.",
+           guarantees="A paused kind is leased by no one, and a kind at its limit by no one until one of "
+                      "its leased tasks ends; tasks already leased run on. Resuming or raising the limit "
+                      "wakes waiting agents at once. A deadline applies to attempts leased after it is set.",
+           example=({"kind": "resize", "concurrency": 2, "paused": False},
+                    {"kind": {"kind": "resize", "paused": False, "concurrency": 2, "deadline": None,
+                              "queued": 14, "leased": 2, "updated_at": 1764400000.0}, "changed": True})),
     Method("task", P.TaskRef, R.TaskDetail, group="queue", idempotent=True,
            summary="One task, every field but its lease token, and its checkpoint's metadata.",
            errors=("not found",),

@@ -18,6 +18,7 @@ Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}
 TaskId = Annotated[int, Field(ge=1, le=2**63 - 1)]
 Token = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 MAX_DELAY = 10 * 365 * 86400.0
+Deadline = Annotated[float, Field(ge=0.1, le=7 * 86400.0)]  # seconds one attempt of a task may run
 
 
 class Params(BaseModel):
@@ -47,6 +48,7 @@ class Enqueue(Params):
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
     dedupe_key: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
     parent_id: TaskId | None = None
+    deadline: Deadline | None = None  # null: the kind's default deadline, if it has one
 
 
 class Lease(Params):
@@ -92,6 +94,15 @@ class Fail(Params):
 
 class TaskRef(Params):
     task_id: TaskId
+
+
+class SetKind(Params):
+    """Change what is given, keep what is not; a setting given as null is cleared."""
+
+    kind: Name
+    paused: bool | None = None
+    concurrency: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    deadline: Deadline | None = None
 
 
 class RetryDead(Params):

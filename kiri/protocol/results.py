@@ -61,6 +61,7 @@ class LeasedTask(Result):
     parent_id: int | None
     ready_at: float
     checkpoint: CheckpointRef | None
+    deadline: float | None  # seconds this attempt may run (its own, else its kind's); null: no limit
 
 
 class LeaseInfo(Result):
@@ -102,6 +103,25 @@ class Cancelled(Result):
 
 class Requeued(Result):
     status: Literal["queued"]
+
+
+class KindSettings(Result):
+    kind: str
+    paused: bool
+    concurrency: int | None  # at most this many leased at once, across all agents; null: no limit
+    deadline: float | None  # seconds an attempt may run when its task names none; null: no limit
+    queued: int
+    leased: int
+    updated_at: float | None  # null: never set (the kind only has tasks)
+
+
+class Kinds(Result):
+    kinds: list[KindSettings]
+
+
+class KindSet(Result):
+    kind: KindSettings
+    changed: bool
 
 
 class RequeuedDead(Result):
