@@ -67,6 +67,12 @@ def bind(hub: Hub) -> dict[str, Handler]:
         SC.ensure_score_task(c, p.atom, env)
         return res
 
+    def import_weights(c: sa.Connection, p: P.ImportWeights, env: Q.Env) -> dict[str, Any]:
+        res = W.import_(c, atoms.get(p.atom), p, env)
+        if p.activate and not res["already"]:
+            SC.ensure_score_task(c, p.atom, env)
+        return res
+
     def retrain(c: sa.Connection, p: P.Retrain, env: Q.Env) -> dict[str, Any]:
         atoms.get(p.atom)  # an unknown atom is invalid params
         return RT.retrain(c, p, env)
@@ -114,6 +120,7 @@ def bind(hub: Hub) -> dict[str, Handler]:
         "observations": lambda c, p, env: O.list_observations(atoms, c, p, env),
         "weights": W.query,
         "publish_weights": publish_weights,
+        "import_weights": import_weights,
         "activate_weights": activate_weights,
         "retrain": retrain,
         "scoring_work": lambda c, p, env: SC.work(atoms, c, p, env),

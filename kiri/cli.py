@@ -728,6 +728,44 @@ def weights_activate(c: Ctx, ref: str) -> None:
 
 
 
+
+@weights.command("import")
+@click.argument("atom")
+@click.argument("path", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--activate", is_flag=True, help="Score with them from now on (default: stored inactive; "
+                                                "`kiri weights activate` later).")
+@pass_ctx
+def weights_import(c: Ctx, atom: str, path: str, activate: bool) -> None:
+    """Bring KIRI's trained weights for ATOM in (its JSON weight file; - for stdin) as a new version."""
+    import base64
+    import json
+
+    from kiri.model.header import WeightsError
+    from kiri.model.kiri_weights import MAX_FILE_BYTES, blob_from_kiri
+
+    try:
+        with click.open_file(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise click.ClickException(f"{path}: {e.strerror or e}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise click.ClickException(f"{path}: over {MAX_FILE_BYTES >> 20} MiB; a KIRI weight file is a few hundred KiB")
+    try:  # Python's own json, as KIRI wrote it: a diverged run's NaN is read, then named by matrix and cell
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise click.ClickException(f"{path}: not JSON ({e})") from None
+    schema = _hub_schema(c, atom)
+    try:
+        blob = blob_from_kiri(schema, doc, source=os.path.basename(path) if path != "-" else "stdin")
+    except WeightsError as e:
+        raise click.ClickException(f"{path}: {e}") from None
+    res = c.call("import_weights", {"atom": atom, "blob": base64.b64encode(blob).decode(), "activate": activate,
+                                    "reason": f"imported from KIRI weight file {path}"})
+    w = res["weights"]
+    state = "already imported as" if res["already"] else "imported as"
+    c.out(res, f"{path}: {state} {w['atom']}:{w['version']} ({w['status']}, {schema.n_params} parameters)")
+
+
 @main.command()
 @click.argument("atom")
 @click.option("-n", "count", default=20, show_default=True, type=click.IntRange(1, 1000))

@@ -108,6 +108,17 @@ class AtomSchema:
         d, z = self.size.n_embd, self.size
         return 2 * self.vocab_size * d + z.block_size * d + 12 * d * d * z.n_layer
 
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The atom model's tensors by state-dict name, with their shapes (no torch): what a
+        weights blob for this schema must hold, checked by the hub from the blob's header."""
+        d, z, v = self.size.n_embd, self.size, self.vocab_size
+        out: dict[str, tuple[int, ...]] = {"wte.weight": (v, d), "wpe.weight": (z.block_size, d)}
+        for i in range(z.n_layer):
+            out |= {f"blocks.{i}.qkv.weight": (3 * d, d), f"blocks.{i}.proj.weight": (d, d),
+                    f"blocks.{i}.fc1.weight": (4 * d, d), f"blocks.{i}.fc2.weight": (d, 4 * d)}
+        out["lm_head.weight"] = (v, d)
+        return out
+
     def max_context(self) -> int:
         """Most whole previous observations that fit the block with BOS and the target."""
         return max(0, (self.size.block_size + 1 - 1 - self.width) // self.width)

@@ -119,6 +119,8 @@ def test_every_method_answers_in_the_shape_the_table_promises(hub):
     s("ack", task_id=train, lease_token=tl["lease"]["token"])
     s("weights", atom="pulse", active=True)
     s("activate_weights", atom="pulse", version=w["version"])
+    imported = s("import_weights", atom="pulse", blob=_weights_blob("pulse"), reason="contract")
+    assert imported["weights"]["atom"] == "pulse"
     s("retrain", atom="pulse", reason="contract test")
     s("retrain", atom="pulse", reason="again")  # joins the first
     # scoring, with the nerve's decision in the same call

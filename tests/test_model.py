@@ -120,6 +120,8 @@ def test_pulse_has_kiris_parameter_count():
     assert Atom.for_schema(S.PULSE).n_params() == 27_840
     for schema in S.PRESETS.values():  # the hub's torch-free count agrees with the model's
         assert schema.n_params == Atom.for_schema(schema).n_params(), schema.name
+        shapes = {k: tuple(v.shape) for k, v in Atom.for_schema(schema).state_dict().items()}
+        assert schema.tensor_shapes() == shapes, schema.name
 
 
 def _pulse_ids(days: float = 2, seed: int = 0) -> torch.Tensor:

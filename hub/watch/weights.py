@@ -17,7 +17,8 @@ from kiri.hub.core import queue as Q
 from kiri.hub.core.queue import Env
 from kiri.hub.store.db import as_dict
 from kiri.hub.store.schema import weights
-from kiri.model.header import WeightsError, read_meta
+from kiri.model.header import WeightsError, read_header, read_meta
+from kiri.model.schema import AtomSchema
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
 from kiri.protocol import params as P
 
@@ -88,6 +89,38 @@ def publish(c: sa.Connection, p: P.PublishWeights, env: Env) -> dict[str, Any]:
     ).returning(weights.c.id)).scalar_one()
     row = c.execute(sa.select(*_SUMMARY).where(weights.c.id == wid)).one()
     return {"weights": _row(row), "already": False}
+
+
+def import_(c: sa.Connection, schema: AtomSchema, p: P.ImportWeights, env: Env) -> dict[str, Any]:
+    """Store weights made outside kiri's training (a KIRI weight file, converted by the CLI):
+    a version with no task, inactive unless ``activate``. The blob must be for this atom's
+    schema exactly, tensor by tensor (read from its header: the hub loads no tensors)."""
+    blob = Q.decode_base64(p.blob, "blob", "blob", MAX_BLOB)
+    meta = blob_meta(blob)
+    if meta.get("schema") != schema.to_dict():
+        raise InvalidParams(f"blob holds weights for another layout than atom {p.atom!r}'s "
+                            f"({(meta.get('schema') or {}).get('name')!r})")
+    header = read_header(blob)
+    found = {k.removeprefix("model."): tuple(v.get("shape", ())) for k, v in header.items()
+             if k != "__metadata__" and isinstance(v, dict)}
+    if found != schema.tensor_shapes() or any(v.get("dtype") != "F32" for k, v in header.items()
+                                              if k != "__metadata__" and isinstance(v, dict)):
+        raise InvalidParams(f"blob's tensors do not match atom {p.atom!r}'s model")
+    same = c.execute(sa.select(*_SUMMARY).where(weights.c.atom == p.atom,
+                                                weights.c.hash == hashlib.sha256(blob).hexdigest())).first()
+    if same is not None:  # the same file imported again: the version it already is
+        return {"weights": _row(same), "already": True}
+    version = (c.execute(sa.select(sa.func.max(weights.c.version)).where(weights.c.atom == p.atom)).scalar() or 0) + 1
+    if p.activate:
+        c.execute(weights.update().where(weights.c.atom == p.atom, weights.c.status == "active")
+                  .values(status="inactive"))
+    wid = c.execute(weights.insert().values(
+        atom=p.atom, version=version, hash=hashlib.sha256(blob).hexdigest(), blob=blob,
+        info=orjson.dumps(meta.get("info", {})).decode(), task_id=None, parent_id=None,
+        status="active" if p.activate else "inactive", reason=p.reason or "imported",
+        created_at=env.now, activated_at=env.now if p.activate else None,
+    ).returning(weights.c.id)).scalar_one()
+    return {"weights": _row(c.execute(sa.select(*_SUMMARY).where(weights.c.id == wid)).one()), "already": False}
 
 
 def activate(c: sa.Connection, p: P.ActivateWeights, env: Env) -> dict[str, Any]:

@@ -262,6 +262,13 @@ class PublishWeights(Params):
     reason: Annotated[str, StringConstraints(max_length=4000)] | None = None
 
 
+class ImportWeights(Params):
+    atom: Name
+    blob: str  # base64 safetensors, kiri weights for the atom's schema
+    activate: bool = False
+    reason: Annotated[str, StringConstraints(max_length=4000)] | None = None
+
+
 class ActivateWeights(Params):
     atom: Name
     version: Annotated[int, Field(ge=1, le=2**31)]
