@@ -323,3 +323,41 @@ def test_a_handler_that_will_not_stop_at_its_deadline_is_failed_and_its_agent_ex
     assert "did not stop when interrupted" in t["error"]
     assert "ran past its deadline" in agent.log_path.read_text()
     c.close()
+
+
+def test_a_users_handler_killed_midway_resumes_from_its_checkpoint_like_a_built_in_one(
+        hub, agents_factory, tmp_path, monkeypatch):
+    (tmp_path / "stepjobs.py").write_text(
+        "import struct\n"
+        "def tally(ctx):\n"
+        "    step, total = 0, 0\n"
+        "    if ctx.checkpoint_in is not None:\n"
+        "        step = ctx.checkpoint_in.step\n"
+        "        (total,) = struct.unpack('<q', ctx.checkpoint_in.data)\n"
+        "    start = step\n"
+        "    while step < 60:\n"
+        "        step += 1\n"
+        "        total += step\n"
+        "        ctx.sleep(0.05)\n"
+        "        if step % 5 == 0:\n"
+        "            ctx.checkpoint(step, struct.pack('<q', total))\n"
+        "    return {'sum': total, 'resumed_from': start, 'attempt': ctx.attempt}\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    c = hub.client()
+    tid = c.enqueue("tally")["task_id"]
+    first = agents_factory(hub, "tally", "--handler", "stepjobs:tally", "--lease-ttl", "1")
+
+    def checkpointed_step() -> int:
+        rows = hub.sql("select step from checkpoints where task_id=?", tid)
+        return rows[0][0] if rows else 0
+
+    wait_until(lambda: checkpointed_step() >= 20, 30, what="a checkpoint at step >= 20")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    saved = checkpointed_step()
+    second = agents_factory(hub, "tally", "--handler", "stepjobs:tally", "--lease-ttl", "1")
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 60, what="done")
+    t = c.call("task", {"task_id": tid})["task"]
+    assert t["result"]["resumed_from"] >= saved >= 20 and t["result"]["attempt"] == 2
+    assert t["result"]["sum"] == sum(range(1, 61)) and t["expiries"] == 1  # the killed lease expired, once
+    second.stop()
