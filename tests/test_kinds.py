@@ -109,3 +109,11 @@ def test_a_task_gets_its_own_deadline_else_its_kind_default(hub):
     assert hub.sql("select deadline from tasks where id in (?, ?) order by id", own, bare) == [(5.0,), (None,)]
     with pytest.raises(InvalidParams):
         c.enqueue("resize", deadline=0.0)
+
+
+def test_setting_nothing_on_a_kind_nobody_has_used_changes_nothing(hub):
+    c = hub.client()
+    res = c.call("set_kind", {"kind": "never-used"})
+    assert res == {"kind": {"kind": "never-used", "paused": False, "concurrency": None, "deadline": None,
+                            "queued": 0, "leased": 0, "updated_at": None}, "changed": False}
+    assert hub.sql("select count(*) from kinds") == [(0,)]

@@ -27,10 +27,10 @@ def _steps(lease: Prepared) -> list[tuple[Prepared, dict]]:
     """A task's life on the hot path: insert, lease, heartbeat, ack, and reads between."""
     now = 1000.0
     insert = {"v_kind": "echo", "v_atom": None, "v_params": "{}", "v_priority": 3, "v_run_after": now,
-              "v_max": 5, "v_dedupe": None, "v_parent": None, "v_now": now}
+              "v_max": 5, "v_dedupe": None, "v_parent": None, "v_now": now, "v_deadline": None}
     return [
         (Q._insert_task, insert),
-        (Q._insert_task, {**insert, "v_priority": 9, "v_atom": "pulse"}),
+        (Q._insert_task, {**insert, "v_priority": 9, "v_atom": "pulse", "v_deadline": 7.5}),
         (lease, {"k0": "echo", "now": now + 1, "owner": "a", "tok": "t1", "ttl": 30.0, "expires": now + 31}),
         (Q._get_checkpoint, {"tid": 2}),
         (Q._heartbeat_stmt, {"tid": 2, "tok": "t1", "now": now + 2, "prog": '{"step": 1}'}),
@@ -53,6 +53,7 @@ def test_driver_path_equals_sqlalchemy_path(tmp_path):
             got_slow.append([as_dict(r) for r in result] if result.returns_rows else [])
     assert got_fast == got_slow
     assert got_fast[2][0]["id"] == 2 and got_fast[2][0]["priority"] == 9  # the best task was leased
+    assert got_fast[2][0]["deadline"] == 7.5
     for table in (tasks, checkpoints):
         with fast.connect() as a, slow.connect() as b:
             rows_a = [tuple(r) for r in a.execute(sa.select(table))]
@@ -66,7 +67,7 @@ def test_compiled_parts_name_every_parameter_and_column():
     assert sql.count("?") == len(names)
     assert {"k0", "k1", "now", "owner", "tok", "ttl", "expires"} <= set(names) | set(consts)
     assert columns == ["id", "kind", "atom", "params", "attempts", "max_attempts", "priority", "parent_id",
-                       "run_after"]
+                       "run_after", "deadline"]
 
 
 def test_bulk_inserts_on_the_driver_equal_sqlalchemys(tmp_path):

@@ -476,7 +476,8 @@ def set_kind(c: sa.Connection, p: P.SetKind, env: Env) -> dict[str, Any]:
     if given.get("paused", False) is None:
         raise InvalidParams("paused is true or false; it cannot be cleared")
     before = _kind_rows(c, p.kind)
-    old = before[0] if before else {"paused": False, "concurrency": None, "deadline": None}
+    old = ({f: before[0][f] for f in ("paused", "concurrency", "deadline")} if before
+           else {"paused": False, "concurrency": None, "deadline": None})
     new = {"paused": old["paused"], "concurrency": old["concurrency"], "deadline": old["deadline"], **given}
     changed = any(new[f] != old[f] for f in new)
     if changed:
@@ -489,7 +490,9 @@ def set_kind(c: sa.Connection, p: P.SetKind, env: Env) -> dict[str, Any]:
             ready = c.execute(sa.select(sa.func.count()).where(
                 tasks.c.status == QUEUED, tasks.c.kind == p.kind, tasks.c.run_after <= env.now)).scalar() or 0
             env.available.extend([p.kind] * int(min(ready, room_after - room_before, 1000)))
-    return {"kind": _kind_rows(c, p.kind)[0], "changed": changed}
+    after = _kind_rows(c, p.kind)  # empty: nothing set and no tasks (a no-op on an unknown kind)
+    return {"kind": after[0] if after else {"kind": p.kind, **old, "queued": 0, "leased": 0, "updated_at": None},
+            "changed": changed}
 
 
 # --- the reaper ---------------------------------------------------------------------
