@@ -42,7 +42,7 @@ class _Stop(BaseException):
 
 
 @contextlib.contextmanager
-def _interrupt_at(ctx: TaskContext, seconds: float | None) -> Iterator[None]:
+def _interrupt_at(seconds: float | None) -> Iterator[None]:
     """Raise ``DeadlinePassed`` in this (the main) thread once ``seconds`` have passed.
     Python runs signal handlers between bytecodes and retries an interrupted sleep or read
     only after running them, so a handler sleeping, waiting on I/O or looping in Python is
@@ -193,7 +193,7 @@ class Agent:
         log.debug("task %s (%s) attempt %s started", task_id, ctx.kind, ctx.attempt)
         outcome: tuple[str, dict[str, Any]]
         try:
-            with _interrupt_at(ctx, deadline):
+            with _interrupt_at(deadline):
                 result = self.handlers[ctx.kind](ctx)
             outcome = ("ack", {"result": result if isinstance(result, dict) else {"value": result}})
         except DeadlinePassed as e:

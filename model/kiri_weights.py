@@ -10,7 +10,10 @@ microgpt-style state dict it was built on::
 
 Rows are output units, as in ``torch.nn.Linear.weight``, so each matrix maps onto a tensor of
 ``Atom`` as it is, except that kiri keeps Q, K and V in one matrix (``qkv``: wq, then wk, then
-wv). The matrices may also sit under ``"state_dict"`` (or ``"weights"``) beside other keys.
+wv). The matrices may also sit under ``"state_dict"`` (or ``"weights"``) beside other keys, a
+matrix may be one flat row-major list, and the whole file may be the seed's flat parameter
+list (``[p.data for p in params]``: every matrix above in that order, row by row), bare or
+under ``"params"``.
 
 KIRI tokenized with each field's equal-width buckets over its declared range, which is
 kiri's fixed codec, so imported weights carry no fitted codec and score the tokens KIRI
@@ -45,16 +48,29 @@ def expected_shapes(schema: AtomSchema) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _matrices(doc: Any) -> dict[str, Any]:
+def _matrices(doc: Any, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    if isinstance(doc, dict):
+        for key in ("state_dict", "weights", "params"):
+            if isinstance(doc.get(key), dict | list):
+                doc = doc[key]
+                break
+    if isinstance(doc, list):  # the flat parameter list, matrices in the seed's order
+        total = sum(r * c for r, c in shapes.values())
+        if len(doc) != total:
+            raise WeightsError(f"a flat parameter list of {len(doc)} numbers; the model has {total}")
+        out, at = {}, 0
+        for name, (r, c) in shapes.items():
+            out[name], at = doc[at: at + r * c], at + r * c
+        return out
     if not isinstance(doc, dict):
-        raise WeightsError("a KIRI weight file is a JSON object of matrices")
-    for key in ("state_dict", "weights"):
-        if isinstance(doc.get(key), dict):
-            return dict(doc[key])
+        raise WeightsError("a KIRI weight file is a JSON object of matrices, or a list of parameters")
     return dict(doc)
 
 
 def _tensor(name: str, rows: Any, shape: tuple[int, int]) -> torch.Tensor:
+    if isinstance(rows, list) and len(rows) == shape[0] * shape[1] and shape[1] > 1 and not any(
+            isinstance(x, list) for x in rows[:1]):  # one flat row-major list
+        rows = [rows[i * shape[1]: (i + 1) * shape[1]] for i in range(shape[0])]
     want = f"{shape[0]} rows of {shape[1]} numbers"
     if not isinstance(rows, list) or len(rows) != shape[0]:
         got = f"{len(rows)} rows" if isinstance(rows, list) else type(rows).__name__
@@ -76,8 +92,11 @@ def _not_for(schema: AtomSchema) -> str:
 def atom_from_kiri(schema: AtomSchema, doc: Any) -> Atom:
     """The ``Atom`` holding a KIRI weight file's parameters; ``WeightsError`` naming the first
     matrix that is missing, unexpected, of the wrong shape or not numbers."""
-    mats = _matrices(doc)
     shapes = expected_shapes(schema)
+    try:
+        mats = _matrices(doc, shapes)
+    except WeightsError as e:
+        raise WeightsError(f"{_not_for(schema)}: {e}") from None
     missing = [k for k in shapes if k not in mats]
     extra = sorted(k for k in mats if k not in shapes)
     if missing or extra:

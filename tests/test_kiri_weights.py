@@ -170,3 +170,25 @@ def test_other_bad_imports_are_refused_and_store_nothing(hub, tmp_path):
         with pytest.raises(InvalidParams):
             c.call("import_weights", {"atom": "pulse", "blob": blob})
     assert hub.sql("select count(*) from weights") == [(0,)]
+
+
+def test_the_seeds_flat_parameter_list_and_flat_matrices_read_as_the_same_model():
+    import torch
+
+    from kiri.model.kiri_weights import atom_from_kiri, expected_shapes
+
+    schema = S.PULSE
+    sd = kiri_weight_file(schema, seed=11)
+    flat = [x for name in expected_shapes(schema) for row in sd[name] for x in row]  # [p.data for p in params]
+    assert len(flat) == schema.n_params
+    flat_rows = {name: [x for row in m for x in row] for name, m in sd.items()}
+    models = [atom_from_kiri(schema, doc) for doc in (sd, {"state_dict": sd}, flat, {"params": flat}, flat_rows)]
+    for m in models[1:]:
+        for (name, a), b in zip(models[0].state_dict().items(), m.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    from kiri.model.header import WeightsError
+
+    with pytest.raises(WeightsError, match="a flat parameter list of 27839 numbers; the model has 27840"):
+        atom_from_kiri(schema, flat[:-1])
+    with pytest.raises(WeightsError, match="JSON object of matrices"):
+        atom_from_kiri(schema, "weights")
