@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from kiri.hub.server import Hub
 
 
+THROUGHPUT_EVERY = 5.0  # seconds a `stats` reply may reuse the last hour's figures
+
+
 def pong(_c: sa.Connection, _p: Any, env: Q.Env) -> dict[str, Any]:
     return {"pong": True, "time": env.now}
 
@@ -77,6 +80,15 @@ def bind(hub: Hub) -> dict[str, Handler]:
         atoms.get(p.atom)  # an unknown atom is invalid params
         return RT.retrain(c, p, env)
 
+    seen: list[Any] = [None, []]  # when the last hour's throughput was read, and what it was
+
+    def last_hour(c: sa.Connection, now: float) -> list[dict[str, Any]]:
+        """The last hour's throughput, read at most every THROUGHPUT_EVERY seconds: ``stats``
+        runs on the loop and clients poll it, and a busy hour is tens of ms to read."""
+        if seen[0] is None or not 0 <= now - seen[0] < THROUGHPUT_EVERY:
+            seen[:] = [now, Q.throughput(c, now)]
+        return list(seen[1])
+
     def stats(c: sa.Connection, _p: P.Empty, env: Q.Env) -> dict[str, Any]:
         agents = [
             {"agent_id": x.agent_id, "name": x.agent, "role": x.role, "peer": x.peer, "last_seen": x.last_seen}
@@ -88,7 +100,7 @@ def bind(hub: Hub) -> dict[str, Handler]:
                     **dbmod.file_sizes(hub.settings.db_url), **hub.counters(),
                     "connections": len(hub.connections), "waiting_leases": len(hub.longpoll)},
             "tasks": Q.counts(c),
-            "throughput": Q.throughput(c, env.now),
+            "throughput": last_hour(c, env.now),
             "agents": sorted(agents, key=lambda a: a["name"] or ""),
         }
 

@@ -262,3 +262,42 @@ def test_resent_ack_and_lease_still_hands_out_work(hub):
     again = c.call("ack", {"task_id": a, "lease_token": got["lease"]["token"], "next": {"kinds": ["echo"]}})
     assert first["status"] == "done" and again["status"] == "already_done"
     assert again["next"]["task"] is not None and again["next"]["task"]["id"] != first["next"]["task"]["id"]
+
+
+def test_last_hours_throughput_equals_brute_force(tmp_path):
+    import math
+    import random
+
+    from kiri.hub.core import queue as Q
+    from kiri.hub.store import migrate as mig
+    from kiri.hub.store.db import make_engine
+    from kiri.hub.store.schema import tasks
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'k.db'}")
+    mig.upgrade(engine)
+    now, rng = 1_000_000.0, random.Random(5)
+    rows = []
+    for _ in range(3000):
+        end = now - rng.uniform(0, 7200)  # half inside the hour, half before it
+        start = None if rng.random() < 0.05 else end - rng.expovariate(0.5) + (5 if rng.random() < 0.02 else 0)
+        rows.append({"kind": rng.choice(["echo", "train", "score"]), "status": rng.choice(["done"] * 6 + ["dead",
+                     "cancelled"]), "run_after": 0.0, "created_at": 0.0, "updated_at": 0.0,
+                     "started_at": start, "finished_at": end})
+    rows.append({"kind": "idle", "status": "queued", "run_after": 0.0, "created_at": 0.0, "updated_at": 0.0,
+                 "started_at": None, "finished_at": None})
+    with engine.begin() as c:
+        c.execute(tasks.insert(), rows)
+    with engine.connect() as c:
+        got = {r["kind"]: r for r in Q.throughput(c, now)}
+    recent = [r for r in rows if r.get("finished_at") is not None and r["finished_at"] > now - 3600]
+    assert set(got) == {r["kind"] for r in recent}
+    for kind, g in got.items():
+        mine = [r for r in recent if r["kind"] == kind]
+        n = {s: sum(r["status"] == s for r in mine) for s in ("done", "dead", "cancelled")}
+        d = sorted(max(0.0, r["finished_at"] - r["started_at"]) for r in mine
+                   if r["status"] == "done" and r["started_at"] is not None)
+        assert {s: g[s] for s in n} == n
+        assert g["mean_s"] == pytest.approx(sum(d) / len(d))
+        assert g["p95_s"] == pytest.approx(d[math.ceil(0.95 * len(d)) - 1])
+        assert g["error_rate"] == pytest.approx(n["dead"] / (n["done"] + n["dead"]))
+        assert g["per_minute"] == pytest.approx(n["done"] / 60)

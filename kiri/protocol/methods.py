@@ -72,7 +72,8 @@ TABLE: tuple[Method, ...] = (
            example=({}, {"pong": True, "time": 1764400000.0})),
     Method("stats", P.Empty, R.Stats, group="connection", idempotent=True,
            summary="The hub's version, database sizes and counters, task counts by kind and state, "
-                   "throughput per kind over the last hour, and the connected agents.",
+                   "throughput per kind over the last hour (read at most every 5 s; `GET /api/v1/tasks/stats` "
+                   "reads it fresh), and the connected agents.",
            example=({}, {"hub": {"version": "0.1.0", "protocol": 1, "pid": 812, "uptime": 3600.0},
                          "tasks": [{"kind": "train", "status": "done", "count": 12}],
                          "throughput": [{"kind": "train", "done": 3, "dead": 0, "cancelled": 0, "window": 3600.0,
