@@ -130,21 +130,24 @@ def test_kiri_weights_score_as_kiris_own_forward_pass(hub, agents_factory, tmp_p
     assert "KIRI weight file" in reason and task is None
 
 
-@pytest.mark.parametrize(("mutate", "says"), [
+BAD_FILES = [
     (lambda sd: sd.pop("layer1.mlp_fc2"), "missing layer1.mlp_fc2"),
     (lambda sd: sd.update(extra=[[0.0]]), "unexpected extra"),
     (lambda sd: sd["wpe"].pop(), "wpe: expected 16 rows of 32 numbers, found 15 rows"),
     (lambda sd: sd["lm_head"][3].append(0.1), "lm_head[3]: expected 32 numbers, found 33"),
     (lambda sd: sd["layer0.attn_wq"][0].__setitem__(5, "x"), "layer0.attn_wq[0][5]: 'x' is not a finite number"),
     (lambda sd: sd["wte"][0].__setitem__(0, 1e400), "wte[0][0]: inf is not a finite number"),
-])
-def test_a_bad_kiri_weight_file_is_refused_naming_what_is_wrong_and_stores_nothing(hub, tmp_path, mutate, says):
-    sd = kiri_weight_file(S.PULSE, std=0.08)
-    mutate(sd)
-    path = tmp_path / "w.json"
-    path.write_text(json.dumps(sd))
-    out = kiri(hub, "weights", "import", "pulse", str(path), ok=False)
-    assert out.returncode == 1 and says in out.stderr, out.stderr
+]
+
+
+def test_a_bad_kiri_weight_file_is_refused_naming_what_is_wrong_and_stores_nothing(hub, tmp_path):
+    for i, (mutate, says) in enumerate(BAD_FILES):
+        sd = kiri_weight_file(S.PULSE, std=0.08)
+        mutate(sd)
+        path = tmp_path / f"w{i}.json"
+        path.write_text(json.dumps(sd))
+        out = kiri(hub, "weights", "import", "pulse", str(path), ok=False)
+        assert out.returncode == 1 and says in out.stderr, out.stderr
     assert hub.sql("select count(*) from weights") == [(0,)]
 
 
