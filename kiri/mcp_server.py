@@ -55,7 +55,7 @@ def build(hub: HubClient) -> MCPServer:
         return call("status", {})
 
     @server.tool()
-    def history(atom: str, n: Annotated[int, Field(ge=1, le=1000)] = 20) -> dict[str, Any]:
+    def history(atom: str, n: Limit = 20) -> dict[str, Any]:
         """An atom's latest `n` observations, oldest first, with tokens, score, verdict and
         which fields were most surprising (blame)."""
         return call("history", {"atom": atom, "n": n})

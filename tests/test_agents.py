@@ -86,10 +86,10 @@ def test_hub_killed_and_restarted_while_agents_work(hub, agents_factory):
     _assert_each_done_exactly_once(hub, agents, ids)
 
 
-def test_killed_checkpointing_task_resumes_from_its_checkpoint(hub, agents_factory):
-    c = hub.client()
-    tid = c.enqueue("count", params={"n": 60, "interval": 0.05, "every": 5})["task_id"]
-    first = agents_factory(hub, "count", "--lease-ttl", "1")
+def _kill_after_checkpoint(hub, agents_factory, tid: int, *agent_args: str):
+    """Start an agent, SIGKILL it once the task has checkpointed step 20 or later, and start
+    another: returns the step saved when it died and the second agent."""
+    first = agents_factory(hub, *agent_args)
 
     def checkpointed_step() -> int:
         rows = hub.sql("select step from checkpoints where task_id=?", tid)
@@ -99,7 +99,13 @@ def test_killed_checkpointing_task_resumes_from_its_checkpoint(hub, agents_facto
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     saved = checkpointed_step()
-    second = agents_factory(hub, "count", "--lease-ttl", "1")
+    return saved, agents_factory(hub, *agent_args)
+
+
+def test_killed_checkpointing_task_resumes_from_its_checkpoint(hub, agents_factory):
+    c = hub.client()
+    tid = c.enqueue("count", params={"n": 60, "interval": 0.05, "every": 5})["task_id"]
+    saved, second = _kill_after_checkpoint(hub, agents_factory, tid, "count", "--lease-ttl", "1")
     wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 60)
     result = c.call("task", {"task_id": tid})["task"]["result"]
     assert result["resumed_from"] >= saved >= 20
@@ -345,17 +351,8 @@ def test_a_users_handler_killed_midway_resumes_from_its_checkpoint_like_a_built_
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     c = hub.client()
     tid = c.enqueue("tally")["task_id"]
-    first = agents_factory(hub, "tally", "--handler", "stepjobs:tally", "--lease-ttl", "1")
-
-    def checkpointed_step() -> int:
-        rows = hub.sql("select step from checkpoints where task_id=?", tid)
-        return rows[0][0] if rows else 0
-
-    wait_until(lambda: checkpointed_step() >= 20, 30, what="a checkpoint at step >= 20")
-    first.proc.send_signal(signal.SIGKILL)
-    first.proc.wait(10)
-    saved = checkpointed_step()
-    second = agents_factory(hub, "tally", "--handler", "stepjobs:tally", "--lease-ttl", "1")
+    saved, second = _kill_after_checkpoint(hub, agents_factory, tid, "tally", "--handler", "stepjobs:tally",
+                                           "--lease-ttl", "1")
     wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 60, what="done")
     t = c.call("task", {"task_id": tid})["task"]
     assert t["result"]["resumed_from"] >= saved >= 20 and t["result"]["attempt"] == 2

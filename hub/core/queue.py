@@ -443,7 +443,7 @@ def retry_dead(c: sa.Connection, p: P.RetryDead, env: Env) -> dict[str, Any]:
 
 # --- kinds: pause, concurrency, default deadline ------------------------------------------
 
-def _kind_rows(c: sa.Connection, only: str | None = None) -> list[dict[str, Any]]:
+def kind_rows(c: sa.Connection, only: str | None = None) -> list[dict[str, Any]]:
     """Every kind that has settings or unfinished tasks, with its queued and leased counts."""
     counts_q = (sa.select(tasks.c.kind, tasks.c.status, sa.func.count().label("n"))
                 .where(tasks.c.status.in_(["queued", "leased"])).group_by(tasks.c.kind, tasks.c.status))
@@ -466,16 +466,14 @@ def _kind_rows(c: sa.Connection, only: str | None = None) -> list[dict[str, Any]
 
 
 def list_kinds(c: sa.Connection, _p: P.Empty, _env: Env) -> dict[str, Any]:
-    return {"kinds": _kind_rows(c)}
+    return {"kinds": kind_rows(c)}
 
 
 def set_kind(c: sa.Connection, p: P.SetKind, env: Env) -> dict[str, Any]:
     """Change the settings given (a setting given as null is cleared); the rest stay. Waiting
     agents are woken when the change lets more of the kind run (resumed, limit raised)."""
     given = {f: getattr(p, f) for f in ("paused", "concurrency", "deadline") if f in p.model_fields_set}
-    if given.get("paused", False) is None:
-        raise InvalidParams("paused is true or false; it cannot be cleared")
-    before = _kind_rows(c, p.kind)
+    before = kind_rows(c, p.kind)
     old = ({f: before[0][f] for f in ("paused", "concurrency", "deadline")} if before
            else {"paused": False, "concurrency": None, "deadline": None})
     new = {"paused": old["paused"], "concurrency": old["concurrency"], "deadline": old["deadline"], **given}
@@ -490,7 +488,7 @@ def set_kind(c: sa.Connection, p: P.SetKind, env: Env) -> dict[str, Any]:
             ready = c.execute(sa.select(sa.func.count()).where(
                 tasks.c.status == QUEUED, tasks.c.kind == p.kind, tasks.c.run_after <= env.now)).scalar() or 0
             env.available.extend([p.kind] * int(min(ready, room_after - room_before, 1000)))
-    after = _kind_rows(c, p.kind)  # empty: nothing set and no tasks (a no-op on an unknown kind)
+    after = kind_rows(c, p.kind)  # empty: nothing set and no tasks (a no-op on an unknown kind)
     return {"kind": after[0] if after else {"kind": p.kind, **old, "queued": 0, "leased": 0, "updated_at": None},
             "changed": changed}
 

@@ -76,19 +76,25 @@ def publish(c: sa.Connection, p: P.PublishWeights, env: Env) -> dict[str, Any]:
     parent = c.execute(sa.select(weights.c.id).where(weights.c.id == p.parent_id)).first() if p.parent_id else True
     if parent is None:
         raise NotFound(f"parent weights {p.parent_id} do not exist")
-    version = (c.execute(sa.select(sa.func.max(weights.c.version)).where(weights.c.atom == p.atom)).scalar() or 0) + 1
-    status = "active" if p.activate else "rejected"
-    if p.activate:
-        c.execute(weights.update().where(weights.c.atom == p.atom, weights.c.status == "active")
+    return _store(c, p.atom, blob, {**meta.get("info", {}), **p.info}, env.now, activate=p.activate,
+                  held="rejected", task_id=p.task_id, parent_id=p.parent_id, obs_from=p.obs_from,
+                  obs_to=p.obs_to, loss=p.loss, reason=p.reason)
+
+
+def _store(c: sa.Connection, atom: str, blob: bytes, info: dict[str, Any], now: float, *, activate: bool,
+           held: str, **lineage: Any) -> dict[str, Any]:
+    """A new version of ``atom``: the next number, active (the previous active one made
+    inactive) or ``held`` ("rejected" by the quality gate, "inactive" when imported)."""
+    version = (c.execute(sa.select(sa.func.max(weights.c.version)).where(weights.c.atom == atom)).scalar() or 0) + 1
+    if activate:
+        c.execute(weights.update().where(weights.c.atom == atom, weights.c.status == "active")
                   .values(status="inactive"))
     wid = c.execute(weights.insert().values(
-        atom=p.atom, version=version, hash=hashlib.sha256(blob).hexdigest(), blob=blob,
-        info=orjson.dumps({**meta.get("info", {}), **p.info}).decode(), task_id=p.task_id,
-        parent_id=p.parent_id, obs_from=p.obs_from, obs_to=p.obs_to, loss=p.loss, status=status,
-        reason=p.reason, created_at=env.now, activated_at=env.now if p.activate else None,
+        atom=atom, version=version, hash=hashlib.sha256(blob).hexdigest(), blob=blob,
+        info=orjson.dumps(info).decode(), status="active" if activate else held, created_at=now,
+        activated_at=now if activate else None, **lineage,
     ).returning(weights.c.id)).scalar_one()
-    row = c.execute(sa.select(*_SUMMARY).where(weights.c.id == wid)).one()
-    return {"weights": _row(row), "already": False}
+    return {"weights": _row(c.execute(sa.select(*_SUMMARY).where(weights.c.id == wid)).one()), "already": False}
 
 
 def import_(c: sa.Connection, schema: AtomSchema, p: P.ImportWeights, env: Env) -> dict[str, Any]:
@@ -100,27 +106,17 @@ def import_(c: sa.Connection, schema: AtomSchema, p: P.ImportWeights, env: Env) 
     if meta.get("schema") != schema.to_dict():
         raise InvalidParams(f"blob holds weights for another layout than atom {p.atom!r}'s "
                             f"({(meta.get('schema') or {}).get('name')!r})")
-    header = read_header(blob)
-    found = {k.removeprefix("model."): tuple(v.get("shape", ())) for k, v in header.items()
-             if k != "__metadata__" and isinstance(v, dict)}
-    if found != schema.tensor_shapes() or any(v.get("dtype") != "F32" for k, v in header.items()
-                                              if k != "__metadata__" and isinstance(v, dict)):
+    tensors = {k.removeprefix("model."): v for k, v in read_header(blob).items()
+               if k != "__metadata__" and isinstance(v, dict)}
+    if ({k: tuple(v.get("shape", ())) for k, v in tensors.items()} != schema.tensor_shapes()
+            or any(v.get("dtype") != "F32" for v in tensors.values())):
         raise InvalidParams(f"blob's tensors do not match atom {p.atom!r}'s model")
     same = c.execute(sa.select(*_SUMMARY).where(weights.c.atom == p.atom,
                                                 weights.c.hash == hashlib.sha256(blob).hexdigest())).first()
     if same is not None:  # the same file imported again: the version it already is
         return {"weights": _row(same), "already": True}
-    version = (c.execute(sa.select(sa.func.max(weights.c.version)).where(weights.c.atom == p.atom)).scalar() or 0) + 1
-    if p.activate:
-        c.execute(weights.update().where(weights.c.atom == p.atom, weights.c.status == "active")
-                  .values(status="inactive"))
-    wid = c.execute(weights.insert().values(
-        atom=p.atom, version=version, hash=hashlib.sha256(blob).hexdigest(), blob=blob,
-        info=orjson.dumps(meta.get("info", {})).decode(), task_id=None, parent_id=None,
-        status="active" if p.activate else "inactive", reason=p.reason or "imported",
-        created_at=env.now, activated_at=env.now if p.activate else None,
-    ).returning(weights.c.id)).scalar_one()
-    return {"weights": _row(c.execute(sa.select(*_SUMMARY).where(weights.c.id == wid)).one()), "already": False}
+    return _store(c, p.atom, blob, meta.get("info", {}), env.now, activate=p.activate, held="inactive",
+                  reason=p.reason or "imported")
 
 
 def activate(c: sa.Connection, p: P.ActivateWeights, env: Env) -> dict[str, Any]:

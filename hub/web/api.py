@@ -185,17 +185,14 @@ async def post_retry(req: web.Request) -> web.Response:
     return ok(await hub_of(req).call("retry", {"task_id": path_int(req, "id")}))
 
 
-class KindBody(BaseModel):
-    """``set_kind``'s settings: a key left out stays as it is; ``null`` clears it."""
+class KindBody(P.KindSettings):
+    """``set_kind``'s settings in a request body, where an unknown key is refused."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    paused: bool | None = None
-    concurrency: Annotated[int, Field(ge=1, le=100_000)] | None = None
-    deadline: P.Deadline | None = None
 
 
 def _kinds(c: sa.Connection) -> dict[str, Any]:
-    return Q.list_kinds(c, P.Empty(), Q.Env(now=time.time(), settings=Q.QueueSettings()))
+    return {"kinds": Q.kind_rows(c)}
 
 
 async def get_kinds(req: web.Request) -> web.Response:

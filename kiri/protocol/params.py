@@ -96,13 +96,18 @@ class TaskRef(Params):
     task_id: TaskId
 
 
-class SetKind(Params):
-    """Change what is given, keep what is not; a setting given as null is cleared."""
+class KindSettings(Params):
+    """A kind's settings as ``set_kind`` takes them: what is given changes, what is not stays
+    (``model_fields_set``); ``concurrency`` or ``deadline`` given as null is cleared, and
+    ``paused`` is true or false."""
 
-    kind: Name
-    paused: bool | None = None
+    paused: bool = False
     concurrency: Annotated[int, Field(ge=1, le=100_000)] | None = None
     deadline: Deadline | None = None
+
+
+class SetKind(KindSettings):
+    kind: Name
 
 
 class RetryDead(Params):
