@@ -520,37 +520,24 @@ def _stage(c: Ctx, import_id: str, atom: str, schema: Any, stream: Any, name: st
     size = os.fstat(stream.fileno()).st_size if show else 0
     bad: list[importing.Bad] = []
     n_bad = sent = 0
-    chunk: list[dict[str, Any]] = []
     uploader = importing.Pipelined(
-        lambda rows: c.call("observe", {"atom": atom, "columns": importing.as_columns(schema, rows),
-                                        "import_id": import_id}))
+        lambda columns: c.call("observe", {"atom": atom, "columns": columns, "import_id": import_id}))
     try:
         with click.progressbar(length=max(size, 1), label="importing", file=sys.stderr, hidden=not show) as bar:
-            def send() -> None:
-                nonlocal sent, chunk
-                uploader.put(chunk)
-                sent += len(chunk)
-                chunk = []
+            for chunk in importing.chunks(schema, stream, name, fmt, now, CHUNK):
+                n_bad += len(chunk.bad)
+                bad.extend(chunk.bad[:MAX_REPORTED - len(bad)])
+                if chunk.columns is not None and (skip_bad or not n_bad):
+                    uploader.put(chunk.columns)
+                    sent += chunk.n
                 if show:
                     bar.update(stream.tell() - bar.pos)
-
-            for item in importing.observations(schema, stream, name, fmt, now):
-                if isinstance(item, importing.Bad):
-                    n_bad += 1
-                    if len(bad) < MAX_REPORTED:
-                        bad.append(item)
-                elif skip_bad or not n_bad:
-                    chunk.append(item)
-                    if len(chunk) >= CHUNK:
-                        send()
             if n_bad and not skip_bad:
                 shown = "\n".join(f"  line {b.line}: {b.message}" for b in bad[:20])
                 more = f"\n  ... and {n_bad - 20} more" if n_bad > 20 else ""
                 raise click.ClickException(
                     f"{name}: {n_bad} bad line(s); nothing was imported (use --skip-bad to import the rest)\n"
                     f"{shown}{more}")
-            if chunk:
-                send()
             uploader.close()
             if not sent:
                 raise click.ClickException(f"{name}: no valid observations to import")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO
 
+import numpy as np
 import orjson
 
 from kiri.model.schema import AtomSchema, Field, ObservationError
@@ -97,15 +98,16 @@ def parse_pairs(items: Sequence[str]) -> dict[str, str]:
 def _jsonl(stream: BinaryIO, name: str) -> Iterator[tuple[int, Any]]:
     for n, raw in enumerate(stream, start=1):
         try:
+            yield n, orjson.loads(raw)  # checks UTF-8 itself: no decode of the good lines
+            continue
+        except orjson.JSONDecodeError as e:
+            error = e
+        try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ImportFileError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start} of line {n})") from None
-        if not line.strip():
-            continue
-        try:
-            yield n, orjson.loads(line)
-        except orjson.JSONDecodeError as e:
-            yield n, ValueError(f"not valid JSON ({e})")
+        if line.strip():
+            yield n, ValueError(f"not valid JSON ({error})")
 
 
 def _csv(stream: BinaryIO, name: str) -> Iterator[tuple[int, Any]]:
@@ -136,21 +138,6 @@ def records(stream: BinaryIO, name: str, fmt: str) -> Iterator[tuple[int, Any]]:
 def format_of(path: str) -> str:
     """A file's format from its extension: CSV for .csv, else JSON lines (stdin too)."""
     return "csv" if path.lower().endswith(".csv") else "jsonl"
-
-
-def observations(schema: AtomSchema, stream: BinaryIO, name: str, fmt: str,
-                 default_time: float) -> Iterator[dict[str, Any] | Bad]:
-    """Each line as an observation ready for the protocol, or a ``Bad`` naming its line and reason."""
-    for n, rec in records(stream, name, fmt):
-        if isinstance(rec, Exception):
-            yield Bad(n, str(rec))
-        elif not isinstance(rec, dict):
-            yield Bad(n, "expected a JSON object of field: value")
-        else:
-            try:
-                yield to_observation(schema, rec, default_time)
-            except (ObservationError, ValueError) as e:
-                yield Bad(n, str(e))
 
 
 def parse_time(raw: Any) -> float:
@@ -201,6 +188,121 @@ def as_columns(schema: AtomSchema, chunk: list[dict[str, Any]]) -> dict[str, Any
     return out
 
 
+@dataclass
+class Chunk:
+    """Up to a chunk's worth of a file's lines: the good ones as ``observe``'s columns (None
+    when there are none) and the bad ones named."""
+
+    columns: dict[str, Any] | None
+    n: int
+    bad: list[Bad]
+
+
+def chunks(schema: AtomSchema, stream: BinaryIO, name: str, fmt: str, default_time: float,
+           size: int) -> Iterator[Chunk]:
+    """A file's observations ``size`` lines at a time, read as it goes (memory stays flat).
+
+    A chunk in the common shape (every line the same keys, plain numbers, a numeric time) is
+    checked as a whole (``_checked_whole``): a year of readings is a million lines, and the
+    line-by-line check cost more than the hub's storing them. Any other chunk is checked line
+    by line, which names each bad line and its reason."""
+    block: list[tuple[int, Any]] = []
+    for item in records(stream, name, fmt):
+        block.append(item)
+        if len(block) >= size:
+            yield _chunk(schema, block, default_time)
+            block = []
+    if block:
+        yield _chunk(schema, block, default_time)
+
+
+def _chunk(schema: AtomSchema, block: list[tuple[int, Any]], default_time: float) -> Chunk:
+    whole = _checked_whole(schema, [rec for _, rec in block], default_time)
+    if whole is not None:
+        return Chunk(whole, len(block), [])
+    good: list[dict[str, Any]] = []
+    bad: list[Bad] = []
+    for n, rec in block:
+        if isinstance(rec, Exception):
+            bad.append(Bad(n, str(rec)))
+        elif not isinstance(rec, dict):
+            bad.append(Bad(n, "expected a JSON object of field: value"))
+        else:
+            try:
+                good.append(to_observation(schema, rec, default_time))
+            except (ObservationError, ValueError) as e:
+                bad.append(Bad(n, str(e)))
+    return Chunk(as_columns(schema, good) if good else None, len(good), bad)
+
+
+def _checked_whole(schema: AtomSchema, recs: list[Any], default_time: float) -> dict[str, Any] | None:
+    """``as_columns`` of ``to_observation`` of every record, computed column by column, or
+    None when a record is not in the common shape or not valid (the caller then checks line
+    by line, which accepts the rest and names what is wrong). Agrees with the per-line path
+    on every chunk it accepts (``tests/test_observe.py`` compares the two)."""
+    first = recs[0]
+    if type(first) is not dict:
+        return None
+    keys = tuple(first)
+    if any(type(r) is not dict or tuple(r) != keys for r in recs):
+        return None
+    if "time" in keys and "ts" in keys:
+        return None
+    tkey = "time" if "time" in keys else "ts" if "ts" in keys else None
+    given: dict[int, str] = {}  # field's place in the schema -> its key in the records
+    for k in keys:
+        if k in SPECIAL:
+            continue
+        f = schema.field_by_key(k)
+        if f is None:
+            if k in KIRI_CLOCK:
+                continue  # KIRI's clock letters, dropped where the atom has no such field
+            return None
+        at = schema.fields.index(f)
+        if at in given:
+            return None
+        given[at] = k
+    clock = _clock(schema)
+    missing = [f for at, f in enumerate(schema.fields) if at not in given]
+    if any(f not in clock for f in missing):
+        return None
+    fields = [given[at] for at in sorted(given)]  # the records' keys, in schema order
+    if tkey is None:
+        times = [default_time] * len(recs)
+    else:
+        times = [r[tkey] for r in recs]
+        if any(type(t) is not float and type(t) is not int for t in times):
+            return None
+        times = [float(t) for t in times]
+        if not all(0 <= t <= 1e11 for t in times):
+            return None
+    raw = [r[k] for r in recs for k in fields]
+    if any(type(v) is not float and type(v) is not int for v in raw):
+        return None
+    try:
+        values = np.array(raw, dtype=np.float64).reshape(len(recs), len(fields))
+    except OverflowError:
+        return None
+    if not np.isfinite(values).all():
+        return None
+    rows = values.tolist()
+    if missing:  # the hour and weekday, from each reading's local time (as clock_fields)
+        rows = [_with_clock(schema, dict(zip(fields, row, strict=True)), t) for row, t in zip(rows, times, strict=True)]
+    out: dict[str, Any] = {"fields": list(schema.names), "values": rows, "time": times}
+    if "host" in keys:
+        hosts = [r["host"] for r in recs]
+        if any(h is not None for h in hosts):
+            if not all(h is None or (type(h) is str and len(h) <= 200) for h in hosts):
+                return None
+            out["host"] = hosts
+    return out
+
+
+def _with_clock(schema: AtomSchema, values: dict[str, float], t: float) -> list[float]:
+    filled = clock_fields(schema, values, t)
+    return [float(filled[f.name] if f.name in filled else filled[f.letter]) for f in schema.fields]
+
+
 class Pipelined:
     """Runs ``send`` on chunks in a background thread while the caller reads the next ones.
 
@@ -211,9 +313,9 @@ class Pipelined:
     ``put`` or by ``close``.
     """
 
-    def __init__(self, send: Callable[[list[dict[str, Any]]], None], depth: int = 2) -> None:
+    def __init__(self, send: Callable[[dict[str, Any]], None], depth: int = 2) -> None:
         self._send = send
-        self._queue: queue.Queue[list[dict[str, Any]] | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kiri-upload", daemon=True)
         self._thread.start()
@@ -226,7 +328,7 @@ class Pipelined:
                 except BaseException as e:  # noqa: BLE001 (handed to the caller's thread)
                     self._error = e
 
-    def put(self, chunk: list[dict[str, Any]]) -> None:
+    def put(self, chunk: dict[str, Any]) -> None:
         if self._error is not None:
             raise self._error
         self._queue.put(chunk)

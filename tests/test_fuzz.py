@@ -36,7 +36,7 @@ lines = (
 def _db_digest(hub) -> str:
     rows = []
     for table, key in (("tasks", "id"), ("checkpoints", "task_id"), ("observations", "id"),
-                       ("staged_observations", "id"), ("atoms", "name")):
+                       ("staged_chunks", "id"), ("atoms", "name")):
         rows += hub.sql(f"select * from {table} order by {key}")
     return hashlib.sha256(repr(rows).encode()).hexdigest()
 

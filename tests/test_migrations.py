@@ -191,5 +191,5 @@ def test_imports_staged_before_the_upgrade_can_still_be_committed_or_expire(tmp_
         got = O.commit_import(c, P.ImportRef(import_id="fresh-import"), env)
         assert (got["stored"], got["remaining"], got["atoms"]) == (3, 0, ["drift"])
         assert c.exec_driver_sql("SELECT count(*) FROM observations").scalar() == 3
-        assert c.exec_driver_sql("SELECT count(*) FROM staged_observations").scalar() == 0
+        assert c.exec_driver_sql("SELECT count(*) FROM staged_chunks").scalar() == 0
     engine.dispose()

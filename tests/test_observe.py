@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kiri.protocol import Conflict, InvalidParams, NotFound
 from tests.test_cli import kiri
@@ -117,7 +119,7 @@ def test_a_kiri_data_directory_imports_in_one_commit_with_a_summary_per_file(hub
     out = kiri(hub, "import", "kiri", str(kiri_dir), ok=False)
     assert out.returncode == 1 and "drift.jsonl: 1 bad line(s)" in out.stderr and "line 1: time" in out.stderr
     assert hub.sql("select count(*) from observations")[0][0] == 8  # the two good imports, nothing more
-    assert hub.sql("select count(*) from staged_observations")[0][0] == 0
+    assert hub.sql("select count(*) from staged_chunks")[0][0] == 0
     empty = tmp_path / "empty"
     empty.mkdir()
     out = kiri(hub, "import", "kiri", str(empty), ok=False)
@@ -133,7 +135,7 @@ def test_bulk_import_from_standard_input_in_either_format(hub):
     out = kiri(hub, "observe", "pulse", "--file", "-", stdin=bad, ok=False)
     assert "standard input: 1 bad line(s); nothing was imported" in out.stderr and "line 4501" in out.stderr
     assert _count(hub) == 4500  # the staged chunks were dropped
-    assert hub.sql("select count(*) from staged_observations")[0][0] == 0
+    assert hub.sql("select count(*) from staged_chunks")[0][0] == 0
     csv = "time,cpu,mem,disk,swap,load,net\n1704200000,50,50,40,10,1,1\n"
     res = json.loads(kiri(hub, "--json", "observe", "pulse", "--file", "-", "--format", "csv", stdin=csv).stdout)
     assert res["stored"] == 1 and _count(hub) == 4501
@@ -193,7 +195,7 @@ def test_staged_import_is_invisible_until_committed(hub):
     other = "b" * 16
     c.call("observe", {"atom": "pulse", "observations": [{"values": PULSE_ROW}], "import_id": other})
     assert c.call("abort_import", {"import_id": other}) == {"discarded": 1}
-    assert _count(hub) == 5 and hub.sql("select count(*) from staged_observations")[0][0] == 0
+    assert _count(hub) == 5 and hub.sql("select count(*) from staged_chunks")[0][0] == 0
 
 
 def test_observations_are_paged(hub):
@@ -276,7 +278,7 @@ def test_an_import_is_expired_only_when_it_has_sent_nothing_for_an_hour(tmp_path
     from kiri.hub.core.queue import Env, QueueSettings
     from kiri.hub.store import migrate
     from kiri.hub.store.db import make_engine
-    from kiri.hub.store.schema import staged_observations
+    from kiri.hub.store.schema import staged_chunks
     from kiri.hub.watch import observations as O
     from kiri.hub.watch.observations import STAGED_TTL, expire_staged
     from kiri.protocol import params as P
@@ -303,8 +305,8 @@ def test_an_import_is_expired_only_when_it_has_sent_nothing_for_an_hour(tmp_path
     stage("long-import", t0 + STAGED_TTL + 15)
     with eng.begin() as c:
         assert expire_staged(c, t0 + STAGED_TTL + 20) == 1  # only the abandoned one's row
-        left = c.execute(sa.select(staged_observations.c.import_id, sa.func.count())
-                         .group_by(staged_observations.c.import_id)).all()
+        left = c.execute(sa.select(staged_chunks.c.import_id, sa.func.sum(staged_chunks.c.n))
+                         .group_by(staged_chunks.c.import_id)).all()
         assert left == [("long-import", 2)]
         # the committed one answers the same for an hour after its last step, then is forgotten
         assert O.progress(c, "done-import")["stored"] == 1
@@ -321,8 +323,8 @@ def test_a_big_import_moves_in_steps_and_a_hub_killed_midway_finishes_it(hub):
     names = list(PULSE_ROW)
     c = hub.client()
     imp = "big-import-1"
-    for lo in range(0, n, 10_000):
-        k = range(lo, min(n, lo + 10_000))
+    for lo in range(0, n, COMMIT_STEP):  # a step moves whole chunks: here, one
+        k = range(lo, min(n, lo + COMMIT_STEP))
         c.call("observe", {"atom": "pulse", "import_id": imp, "columns": {
             "fields": names, "values": [[float(i % 97)] * len(names) for i in k],
             "time": [1_000_000.0 + 30 * i for i in k], "host": [f"h{i % 3}" for i in k]}})
@@ -336,7 +338,7 @@ def test_a_big_import_moves_in_steps_and_a_hub_killed_midway_finishes_it(hub):
     c = hub.client()
     done = c.call("commit_import", {"import_id": imp})
     assert done == {"stored": n, "first_id": 1, "last_id": n, "atoms": ["pulse"], "remaining": 0}
-    assert hub.sql("select count(*) from staged_observations")[0][0] == 0
+    assert hub.sql("select count(*) from staged_chunks")[0][0] == 0
     # every row once: no step moved twice, none lost
     assert hub.sql("select count(distinct ts), min(ts), max(ts) from observations") == [
         (n, 1_000_000.0, 1_000_000.0 + 30 * (n - 1))]
@@ -344,3 +346,66 @@ def test_a_big_import_moves_in_steps_and_a_hub_killed_midway_finishes_it(hub):
     with pytest.raises(Conflict):
         c.call("abort_import", {"import_id": imp})
     c.close()
+
+
+def _line_by_line(schema, recs, now):
+    """What the per-line path makes of a chunk: its columns, or the first refusal."""
+    from kiri.importing import as_columns, to_observation
+
+    good = []
+    for rec in recs:
+        if not isinstance(rec, dict):
+            return "refused"
+        try:
+            good.append(to_observation(schema, rec, now))
+        except ValueError:  # ObservationError is one
+            return "refused"
+    return as_columns(schema, good)
+
+
+_ODD = [None, True, "3.5", "x", float("nan"), float("inf"), 10**30, -0.0, 7, 2.5, [1]]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(atom=st.sampled_from(["pulse", "rhythm", "drift"]), n=st.integers(1, 6), data=st.data())
+def test_a_chunk_checked_whole_agrees_with_the_line_by_line_check(atom, n, data):
+    """The import's whole-chunk check (its fast path) either hands the chunk to the
+    line-by-line check or produces exactly the columns that check produces."""
+    from kiri.importing import _checked_whole
+    from kiri.model import schema as S
+
+    schema = S.get(atom)
+    keys = [f.name if data.draw(st.booleans()) else f.letter for f in schema.fields]
+    if data.draw(st.booleans()):  # the clock left for the importer to fill (rhythm, drift)
+        keys = [k for k, f in zip(keys, schema.fields, strict=True) if f.name not in ("hour", "weekday")]
+    extra = data.draw(st.lists(st.sampled_from(["time", "ts", "host", "host", "label", "H", "W"]), unique=True))
+    if data.draw(st.integers(0, 19)) == 0:
+        extra.append("bogus")
+    recs = []
+    for i in range(n):
+        rec = {k: data.draw(st.floats(-1e6, 1e6, allow_nan=False) | st.integers(-5, 5)
+                            | st.sampled_from(_ODD)) if data.draw(st.integers(0, 29)) == 0 else float(i)
+               for k in keys}
+        for k in extra:
+            rec[k] = {"time": data.draw(st.sampled_from([1.7e9 + 30 * i, 1.7e9 + 30 * i, -1.0, 2e11, 5])),
+                      "ts": data.draw(st.sampled_from([1.7e9, 1.7e9 + 7, "2026-02-14T14:05:00", -1.0])),
+                      "host": data.draw(st.sampled_from(["a", "c", None, "b" * 300, 5])), "label": "x",
+                      "H": 3, "W": 1, "bogus": 1.0}[k]
+        if data.draw(st.integers(0, 9)) == 0:
+            rec = dict(reversed(list(rec.items())))  # same keys, another order
+        recs.append(rec)
+    whole = _checked_whole(schema, recs, 1.7e9)
+    if whole is not None:
+        assert whole == _line_by_line(schema, recs, 1.7e9)
+
+
+@pytest.mark.parametrize("odd", _ODD, ids=repr)
+def test_a_chunk_with_one_odd_value_is_checked_as_the_lines_are(odd):
+    from kiri.importing import _checked_whole
+    from kiri.model import schema as S
+
+    schema = S.get("pulse")
+    recs = [{"time": 1.7e9 + i, **{f.name: 1.0 for f in schema.fields}} for i in range(3)]
+    recs[1]["mem"] = odd
+    whole = _checked_whole(schema, recs, 1.7e9)
+    assert whole is None or whole == _line_by_line(schema, recs, 1.7e9)

@@ -8,6 +8,9 @@ changes what they rely on, these tests fail here, loudly, and not somewhere down
 
 from __future__ import annotations
 
+import sqlite3
+
+import pytest
 import sqlalchemy as sa
 
 from kiri.hub.core import queue as Q
@@ -71,14 +74,13 @@ def test_compiled_parts_name_every_parameter_and_column():
 
 
 def test_bulk_inserts_on_the_driver_equal_sqlalchemys(tmp_path):
-    from kiri.hub.store.schema import observations, scores, staged_observations, weights
+    from kiri.hub.store.schema import observations, scores, weights
     from kiri.hub.watch import observations as obs
     from kiri.hub.watch import scoring as SC
 
     fast, slow = _db(tmp_path / "fast.db"), _db(tmp_path / "slow.db")
     rows = [{"atom": "pulse", "ts": 1000.0 + i, "host": None if i % 2 else f"h{i}", "data": '{"cpu": 1.0}',
              "created_at": 5.0} for i in range(50)]
-    staged = [{**r, "import_id": "imp"} for r in rows]
     weights_row = {"atom": "pulse", "version": 1, "hash": "h", "blob": b"\0", "info": "{}", "status": "active",
                    "created_at": 1.0}
     scored = [{"observation_id": i + 1, "atom": "pulse", "weights_id": 1, "score": 0.5 * i, "threshold": 2.0,
@@ -86,16 +88,42 @@ def test_bulk_inserts_on_the_driver_equal_sqlalchemys(tmp_path):
               for i in range(50)]
     with fast.begin() as c:
         obs._INSERT.run_many(c, rows)
-        obs._STAGE.run_many(c, staged)
         c.execute(weights.insert(), weights_row)
         SC._INSERT_SCORES.run_many(c, scored)
     with slow.begin() as c:
         c.execute(obs._INSERT.stmt, rows)
-        c.execute(obs._STAGE.stmt, staged)
         c.execute(weights.insert(), weights_row)
         c.execute(SC._INSERT_SCORES.stmt, scored)
-    for table in (observations, staged_observations, scores):
+    for table in (observations, scores):
         with fast.connect() as a, slow.connect() as b:
             got = [tuple(r) for r in a.execute(sa.select(table).order_by(table.c.id))]
             assert got == [tuple(r) for r in b.execute(sa.select(table).order_by(table.c.id))]
             assert len(got) == 50
+
+
+def test_a_bulk_insert_through_the_buffer_equals_executemany_and_rolls_back_whole(tmp_path):
+    from kiri.hub.store.bulk import BulkInsert
+    from kiri.hub.store.schema import observations
+
+    fast, slow = _db(tmp_path / "fast.db"), _db(tmp_path / "slow.db")
+    ts = [1000.0 + i / 3 for i in range(70)]
+    hosts = [None if i % 3 else f"h{i % 5}" for i in range(70)]
+    data = [f'{{"cpu": {i}.5}}' for i in range(70)]
+    bulk = BulkInsert(observations, ["ts", "host", "data"])
+    with fast.begin() as c:
+        for lo in (0, 30):  # twice on one connection: the buffer is emptied each time
+            part = slice(lo, lo + 30 if lo == 0 else 70)
+            assert bulk.run(c, {"ts": ts[part], "host": hosts[part], "data": data[part]},
+                            {"atom": "pulse", "created_at": 5.0}) == len(ts[part])
+    with slow.begin() as c:
+        c.execute(observations.insert(), [{"atom": "pulse", "ts": t, "host": h, "data": d, "created_at": 5.0}
+                                          for t, h, d in zip(ts, hosts, data, strict=True)])
+    with fast.connect() as a, slow.connect() as b:
+        got = a.execute(sa.select(observations).order_by(observations.c.id)).all()
+        assert got == b.execute(sa.select(observations).order_by(observations.c.id)).all() and len(got) == 70
+    with pytest.raises(sqlite3.IntegrityError), fast.begin() as c:  # a NULL data: nothing of the batch stays
+        bulk.run(c, {"ts": [1.0, 2.0], "host": [None, None], "data": ["{}", None]},
+                 {"atom": "pulse", "created_at": 1.0})
+    with fast.begin() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(observations)).scalar() == 70
+        assert c.exec_driver_sql("SELECT count(*) FROM temp.kiri_bulk_observations").scalar() == 0

@@ -204,18 +204,20 @@ rollup_dirty = sa.Table(
 )
 
 # Bulk imports land here chunk by chunk and nothing of them is seen until they are committed,
-# so an import applies entirely or not at all even if the importer dies midway.
-staged_observations = sa.Table(
-    "staged_observations",
+# so an import applies entirely or not at all even if the importer dies midway. A chunk is one
+# row: its checked readings as columns in one JSON payload ({"ts": [...], "host": [...] or
+# null, "data": [JSON text, ...]}), so a reading is written once more (into `observations`)
+# when the import commits, not staged, copied and deleted row by row.
+staged_chunks = sa.Table(
+    "staged_chunks",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("import_id", sa.String(64), nullable=False),
     sa.Column("atom", sa.String(32), nullable=False),
-    sa.Column("ts", sa.Float, nullable=False),
-    sa.Column("host", sa.String(200), nullable=True),
-    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("n", sa.Integer, nullable=False),  # readings in the payload
+    sa.Column("payload", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
-    sa.Index("ix_staged_observations_import_id", "import_id", "id"),
+    sa.Index("ix_staged_chunks_import_id", "import_id", "id"),
 )
 
 # Every bulk import, from its first staged chunk: how much it staged, when it last sent, and

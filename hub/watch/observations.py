@@ -14,8 +14,9 @@ import orjson
 import sqlalchemy as sa
 
 from kiri.hub.core.queue import Env
+from kiri.hub.store.bulk import BulkInsert
 from kiri.hub.store.prepared import Prepared
-from kiri.hub.store.schema import atoms, imports, observations, staged_observations, streams
+from kiri.hub.store.schema import atoms, imports, observations, staged_chunks, streams
 from kiri.hub.watch import rollups as R
 from kiri.model import schema as S
 from kiri.protocol import Conflict, InvalidParams, NotFound
@@ -180,28 +181,61 @@ def _refuse(errors: list[dict[str, Any]]) -> None:
 _INSERT = Prepared(observations.insert().values(
     atom=sa.bindparam("atom"), ts=sa.bindparam("ts"), host=sa.bindparam("host"), data=sa.bindparam("data"),
     created_at=sa.bindparam("created_at")))
-_STAGE = Prepared(staged_observations.insert().values(
-    import_id=sa.bindparam("import_id"), atom=sa.bindparam("atom"), ts=sa.bindparam("ts"),
-    host=sa.bindparam("host"), data=sa.bindparam("data"), created_at=sa.bindparam("created_at")))
+_BULK = BulkInsert(observations, ["ts", "host", "data"])
 
 
 def note_streams(c: sa.Connection, after_id: int) -> None:
-    """Fold the readings stored with ids above ``after_id`` (this transaction's) into ``streams``.
-
-    Their rows are read once by id (a range of the table itself) and grouped here: asked of
-    SQLite per stream, "the newest of these" walked the atom's time index back from its
-    newest reading, across every other host's, so importing one host's past behind the
-    others' got slower with each host already there (a ten-host year: minutes)."""
-    o, st = observations.c, streams.c
-    groups: dict[tuple[str, str], list[Any]] = {}  # (atom, host) -> [n, first ts, (last ts, last id)]
+    """Fold the readings stored with ids above ``after_id`` (this transaction's) into ``streams``,
+    read back by id (a range of the table itself). Where the readings are still at hand, as
+    when ``observe`` or an import's commit stores them, ``note_stored`` does the same without
+    reading them back."""
+    o = observations.c
+    groups: dict[tuple[str, str], list[Any]] = {}
     for oid, atom, host, ts in c.execute(sa.select(o.id, o.atom, o.host, o.ts).where(o.id > after_id)):
-        g = groups.get((atom, host or ""))
-        if g is None:
-            groups[(atom, host or "")] = [1, ts, (ts, oid)]
-        else:
-            g[0] += 1
-            g[1] = min(g[1], ts)
-            g[2] = max(g[2], (ts, oid))
+        _group(groups, atom, host, ts, oid)
+    _fold_streams(c, groups)
+
+
+def note_stored(c: sa.Connection, atom: str, hosts: list[str | None], ts: list[float], first_id: int) -> None:
+    """Fold readings just stored (one atom, ids ``first_id`` onwards in list order: one
+    insert gives them consecutive ids) into ``streams`` and mark their rollup buckets.
+
+    Grouped here rather than asked of SQLite per stream: "the newest of these" walked the
+    atom's time index back from its newest reading, across every other host's, so importing
+    one host's past behind the others' got slower with each host already there."""
+    at = np.asarray(ts, dtype=np.float64)
+    by_host: dict[str, np.ndarray] = {}
+    if hosts.count(hosts[0]) == len(hosts):  # the common case: one stream, decided in C
+        by_host[hosts[0] or ""] = np.arange(len(hosts))
+    else:
+        places: dict[str, list[int]] = {}
+        for k, h in enumerate(hosts):
+            places.setdefault(h or "", []).append(k)
+        by_host = {h: np.asarray(ks) for h, ks in places.items()}
+    groups: dict[tuple[str, str], list[Any]] = {}
+    keys: set[R.Key] = set()
+    for host, ks in by_host.items():
+        t = at[ks]
+        newest = float(t.max())
+        last = int(ks[np.flatnonzero(t == newest)[-1]])  # of equal times, the highest id
+        groups[(atom, host)] = [len(ks), float(t.min()), (newest, first_id + last)]
+        keys.update((atom, host, int(b)) for b in np.unique(np.floor(t / R.BASE)))
+    _fold_streams(c, groups)
+    R.mark(c, keys)
+
+
+def _group(groups: dict[tuple[str, str], list[Any]], atom: str, host: str | None, ts: float, oid: int) -> None:
+    g = groups.get((atom, host or ""))  # (atom, host) -> [n, first ts, (last ts, last id)]
+    if g is None:
+        groups[(atom, host or "")] = [1, ts, (ts, oid)]
+    else:
+        g[0] += 1
+        g[1] = min(g[1], ts)
+        g[2] = max(g[2], (ts, oid))
+
+
+def _fold_streams(c: sa.Connection, groups: dict[tuple[str, str], list[Any]]) -> None:
+    st = streams.c
     for (atom, host), (n, first, (last, last_id)) in groups.items():
         newer = sa.or_(st.last_ts < last, sa.and_(st.last_ts == last, st.last_id < last_id))
         done = c.execute(streams.update().where(st.atom == atom, st.host == host).values(
@@ -214,22 +248,32 @@ def note_streams(c: sa.Connection, after_id: int) -> None:
                                               last_id=last_id))
 
 
+def _store(c: sa.Connection, atom: str, ts: list[float], hosts: list[str | None], data: list[str],
+           now: float) -> tuple[int, int]:
+    """Insert checked readings of one atom, fold them into streams and rollup marks: the
+    first and last id they got."""
+    before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
+    n = len(data)
+    _BULK.run(c, {"ts": ts, "host": hosts, "data": data}, {"atom": atom, "created_at": now})
+    note_stored(c, atom, hosts, ts, before + 1)
+    return before + 1, before + n
+
+
 def observe(reg: AtomRegistry, c: sa.Connection, p: P.Observe, env: Env) -> dict[str, Any]:
     cols: dict[str, Any] = reg.validate(p, env)
-    n = len(cols["data"])
-    cols |= {"atom": reg.get(p.atom).name, "created_at": env.now}
+    atom, n = reg.get(p.atom).name, len(cols["data"])
     if p.import_id is not None:
         note_staged(c, p.import_id, n, env)
-        _STAGE.run_columns(c, {**cols, "import_id": p.import_id}, n)
+        hosts = cols["host"] if any(h is not None for h in cols["host"]) else None
+        c.execute(staged_chunks.insert().values(
+            import_id=p.import_id, atom=atom, n=n, created_at=env.now,
+            payload=orjson.dumps({"ts": cols["ts"], "host": hosts, "data": cols["data"]})))
         return {"staged": n, "import_id": p.import_id}
-    before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
-    _INSERT.run_columns(c, cols, n)
-    note_streams(c, before)
-    R.mark(c, R.readings_keys((cols["atom"], h, t) for h, t in zip(cols["host"], cols["ts"], strict=True)))
-    return {"stored": n, "first_id": before + 1, "last_id": before + n}
+    first, last = _store(c, atom, cols["ts"], cols["host"], cols["data"], env.now)
+    return {"stored": n, "first_id": first, "last_id": last}
 
 
-COMMIT_STEP = 5_000  # staged rows moved per transaction (about 25 ms of the hub's loop)
+COMMIT_STEP = 5_000  # a step moves whole staged chunks until this many readings (about 25 ms of the hub's loop)
 
 
 def note_staged(c: sa.Connection, import_id: str, n: int, env: Env) -> None:
@@ -279,32 +323,31 @@ def committing(c: sa.Connection) -> list[str]:
 
 
 def move_step(c: sa.Connection, import_id: str, env: Env) -> list[str]:
-    """Move the next ``COMMIT_STEP`` staged rows of a committing import into the observations
-    (streams, rollup marks and progress with them, in this transaction). The atoms moved."""
-    st, im = staged_observations.c, imports.c
-    mine = st.import_id == import_id
-    upto = c.execute(sa.select(st.id).where(mine).order_by(st.id).offset(COMMIT_STEP - 1).limit(1)).scalar()
-    if upto is None:
-        upto = c.execute(sa.select(sa.func.max(st.id)).where(mine)).scalar()
-    moved, atom_names = 0, []
-    before = c.execute(sa.select(sa.func.max(observations.c.id))).scalar() or 0
-    if upto is not None:
-        step = sa.and_(mine, st.id <= upto)
-        src = sa.select(st.atom, st.ts, st.host, st.data, sa.literal(env.now)).where(step).order_by(st.id)
-        moved = c.execute(observations.insert().from_select(["atom", "ts", "host", "data", "created_at"],
-                                                            src)).rowcount
-        atom_names = sorted(c.execute(sa.select(st.atom).where(step).distinct()).scalars())
-        note_streams(c, before)
-        R.mark_where(c, staged_observations, step)
-        c.execute(staged_observations.delete().where(step))
+    """Move the next staged chunks of a committing import, at least ``COMMIT_STEP`` readings
+    or what is left, into the observations (streams, rollup marks and progress with them, in
+    this transaction). The atoms moved."""
+    sc, im = staged_chunks.c, imports.c
+    moved, atom_names, first_id, last_id = 0, set(), None, None
+    while moved < COMMIT_STEP:
+        chunk = c.execute(sa.select(sc.id, sc.atom, sc.payload).where(sc.import_id == import_id)
+                          .order_by(sc.id).limit(1)).first()
+        if chunk is None:
+            break
+        cols = orjson.loads(chunk.payload)
+        n = len(cols["data"])
+        first, last = _store(c, chunk.atom, cols["ts"], cols["host"] or [None] * n, cols["data"], env.now)
+        c.execute(staged_chunks.delete().where(sc.id == chunk.id))
+        moved += n
+        atom_names.add(chunk.atom)
+        first_id, last_id = first_id or first, last
     r = c.execute(sa.select(im.atoms, im.first_id).where(im.import_id == import_id)).one()
-    left = c.execute(sa.select(st.id).where(mine).limit(1)).first() is not None
+    left = c.execute(sa.select(sc.id).where(sc.import_id == import_id).limit(1)).first() is not None
     c.execute(imports.update().where(im.import_id == import_id).values(
-        stored=im.stored + moved, first_id=r.first_id or (before + 1 if moved else None),
-        last_id=before + moved if moved else im.last_id,
-        atoms=orjson.dumps(sorted(set(orjson.loads(r.atoms)) | set(atom_names))).decode(),
+        stored=im.stored + moved, first_id=r.first_id or first_id,
+        last_id=last_id if moved else im.last_id,
+        atoms=orjson.dumps(sorted(set(orjson.loads(r.atoms)) | atom_names)).decode(),
         done_at=None if left else env.now))
-    return atom_names
+    return sorted(atom_names)
 
 
 def abort_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:
@@ -313,22 +356,28 @@ def abort_import(c: sa.Connection, p: P.ImportRef, env: Env) -> dict[str, Any]:
     if committed is not None:
         raise Conflict(f"import {p.import_id!r} is committed (or being committed) and will apply entirely; "
                        "it cannot be aborted")
-    n = c.execute(staged_observations.delete().where(staged_observations.c.import_id == p.import_id)).rowcount
+    staged = c.execute(sa.select(im.staged).where(im.import_id == p.import_id)).scalar() or 0
+    _drop_chunks(c, p.import_id)
     c.execute(imports.delete().where(im.import_id == p.import_id))
-    return {"discarded": n}
+    return {"discarded": staged}
+
+
+def _drop_chunks(c: sa.Connection, import_id: str) -> None:
+    c.execute(staged_chunks.delete().where(staged_chunks.c.import_id == import_id))
 
 
 def expire_staged(c: sa.Connection, now: float) -> int:
     """Drop imports abandoned mid-way (the importer died before committing): those that have
     sent nothing for ``STAGED_TTL``. An import still sending is never cut, however long it
-    has run, nor one being committed. Finished imports are forgotten after the same hour."""
+    has run, nor one being committed. Finished imports are forgotten after the same hour.
+    The number of readings dropped."""
     im = imports.c
     c.execute(imports.delete().where(im.done_at < now - STAGED_TTL))
     dropped = 0
-    for import_id in c.execute(sa.select(im.import_id).where(im.committed_at.is_(None),
-                                                              im.last_at < now - STAGED_TTL)).scalars().all():
-        dropped += c.execute(staged_observations.delete().where(
-            staged_observations.c.import_id == import_id)).rowcount
+    for import_id, staged in c.execute(sa.select(im.import_id, im.staged).where(
+            im.committed_at.is_(None), im.last_at < now - STAGED_TTL)).all():
+        dropped += staged
+        _drop_chunks(c, import_id)
         c.execute(imports.delete().where(im.import_id == import_id))
     return dropped
 
