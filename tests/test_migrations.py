@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from kiri.hub.store import migrate
 from kiri.hub.store.db import make_engine
-from kiri.hub.store.schema import metadata
+from kiri.hub.store.schema import metadata, observations
 
 
 def _tables(path) -> set[str]:
@@ -122,12 +122,19 @@ def test_streams_are_filled_from_an_existing_database_and_kept_equal_to_brute_fo
     with engine.connect() as c:
         stored = {tuple(r) for r in c.exec_driver_sql("SELECT atom, host, n, first_ts, last_ts, last_id FROM streams")}
         assert stored == _brute_streams(c) and len(stored) == 6
-    # then new readings, late and out of order, in batches: still equal to brute force
-    for _ in range(20):
+    # then new readings, late and out of order, in batches (stored as observe stores them, or
+    # inserted and read back): still equal to brute force
+    for k in range(20):
+        batch = rows(rng.randint(1, 40))
         with engine.begin() as c:
-            before = c.exec_driver_sql("SELECT max(id) FROM observations").scalar()
-            obs._INSERT.run_many(c, rows(rng.randint(1, 40)))
-            obs.note_streams(c, before)
+            if k % 2:
+                before = c.exec_driver_sql("SELECT max(id) FROM observations").scalar()
+                c.execute(observations.insert(), batch)
+                obs.note_streams(c, before)
+            else:
+                atom = batch[0]["atom"]
+                mine = [r for r in batch if r["atom"] == atom]
+                obs._store(c, atom, [r["ts"] for r in mine], [r["host"] for r in mine], ["{}"] * len(mine), 1.0)
         with engine.connect() as c:
             got = {tuple(r) for r in c.exec_driver_sql("SELECT atom, host, n, first_ts, last_ts, last_id FROM streams")}
             assert got == _brute_streams(c)

@@ -73,7 +73,7 @@ def test_compiled_parts_name_every_parameter_and_column():
                        "run_after", "deadline"]
 
 
-def test_bulk_inserts_on_the_driver_equal_sqlalchemys(tmp_path):
+def test_bulk_inserts_through_the_buffer_equal_sqlalchemys(tmp_path):
     from kiri.hub.store.schema import observations, scores, weights
     from kiri.hub.watch import observations as obs
     from kiri.hub.watch import scoring as SC
@@ -86,14 +86,19 @@ def test_bulk_inserts_on_the_driver_equal_sqlalchemys(tmp_path):
     scored = [{"observation_id": i + 1, "atom": "pulse", "weights_id": 1, "score": 0.5 * i, "threshold": 2.0,
                "tail_p": None if i % 3 else 0.25, "surprise": "[0.1]", "anomalous": i % 7 == 0, "created_at": 2.0}
               for i in range(50)]
+
+    def columns(bulk, batch):
+        return ({k: [r[k] for r in batch] for k in bulk.varying},
+                {k: v for k, v in batch[0].items() if k not in bulk.varying})
+
     with fast.begin() as c:
-        obs._INSERT.run_many(c, rows)
+        obs._BULK.run(c, *columns(obs._BULK, rows))
         c.execute(weights.insert(), weights_row)
-        SC._INSERT_SCORES.run_many(c, scored)
+        SC._BULK_SCORES.run(c, *columns(SC._BULK_SCORES, scored))
     with slow.begin() as c:
-        c.execute(obs._INSERT.stmt, rows)
+        c.execute(observations.insert(), rows)
         c.execute(weights.insert(), weights_row)
-        c.execute(SC._INSERT_SCORES.stmt, scored)
+        c.execute(scores.insert(), scored)
     for table in (observations, scores):
         with fast.connect() as a, slow.connect() as b:
             got = [tuple(r) for r in a.execute(sa.select(table).order_by(table.c.id))]

@@ -72,30 +72,3 @@ class Prepared:
 
     def run(self, conn: sa.Connection, params: dict[str, Any]) -> None:
         self.rows(conn, params)
-
-    def run_many(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
-        """One statement over many parameter sets (a bulk insert): the driver's executemany,
-        without SQLAlchemy's per-row parameter processing (a third of a bulk import's time)."""
-        if conn.dialect.name != "sqlite":
-            conn.execute(self.stmt, rows)
-            return
-        sql, names, consts, _ = self._sqlite or self._compile_sqlite(conn)
-        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cur.executemany(sql, [[r[n] if n in r else consts[n] for n in names] for r in rows])
-        finally:
-            cur.close()
-
-    def run_columns(self, conn: sa.Connection, columns: dict[str, Any], n: int) -> None:
-        """``run_many`` over ``n`` rows given as columns: each name a list of ``n`` values, or
-        one value (not a list) shared by every row; no dict is built per row."""
-        cols = {k: v if isinstance(v, list) else [v] * n for k, v in columns.items()}
-        if conn.dialect.name != "sqlite":
-            conn.execute(self.stmt, [dict(zip(cols, r, strict=True)) for r in zip(*cols.values(), strict=True)])
-            return
-        sql, names, consts, _ = self._sqlite or self._compile_sqlite(conn)
-        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cur.executemany(sql, zip(*(cols[k] if k in cols else [consts[k]] * n for k in names), strict=True))
-        finally:
-            cur.close()

@@ -15,7 +15,6 @@ import sqlalchemy as sa
 
 from kiri.hub.core.queue import Env
 from kiri.hub.store.bulk import BulkInsert
-from kiri.hub.store.prepared import Prepared
 from kiri.hub.store.schema import atoms, imports, observations, staged_chunks, streams
 from kiri.hub.watch import rollups as R
 from kiri.model import schema as S
@@ -178,9 +177,6 @@ def _refuse(errors: list[dict[str, Any]]) -> None:
                             {"errors": errors})
 
 
-_INSERT = Prepared(observations.insert().values(
-    atom=sa.bindparam("atom"), ts=sa.bindparam("ts"), host=sa.bindparam("host"), data=sa.bindparam("data"),
-    created_at=sa.bindparam("created_at")))
 _BULK = BulkInsert(observations, ["ts", "host", "data"])
 
 

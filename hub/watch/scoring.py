@@ -16,6 +16,7 @@ import orjson
 import sqlalchemy as sa
 
 from kiri.hub.core import queue as Q
+from kiri.hub.store.bulk import BulkInsert
 from kiri.hub.store.db import as_dict
 from kiri.hub.store.prepared import Prepared
 from kiri.hub.store.schema import observations, scores, tasks, weights
@@ -136,8 +137,7 @@ def stream_context(c: sa.Connection, atom: str, todo: list[Reading], k: int) -> 
     return out
 
 
-_INSERT_SCORES = Prepared(scores.insert().values(**{col: sa.bindparam(col) for col in (
-    "observation_id", "atom", "weights_id", "score", "threshold", "tail_p", "surprise", "anomalous", "created_at")}))
+_BULK_SCORES = BulkInsert(scores, ["observation_id", "score", "tail_p", "surprise", "anomalous"])
 
 
 def is_anomalous(score: float, tail_p: float | None, p: P.RecordScores) -> bool:
@@ -201,11 +201,12 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     keep = [k for k, i in enumerate(ids) if i not in already]
     anomalous = [is_anomalous(cols.score[k], tails[k], p) and found[ids[k]][0] not in learning for k in keep]
     if keep:
-        _INSERT_SCORES.run_columns(c, {
-            "observation_id": [ids[k] for k in keep], "atom": p.atom, "weights_id": p.weights_id,
-            "score": [cols.score[k] for k in keep], "threshold": p.threshold, "tail_p": [tails[k] for k in keep],
+        _BULK_SCORES.run(c, {
+            "observation_id": [ids[k] for k in keep], "score": [cols.score[k] for k in keep],
+            "tail_p": [tails[k] for k in keep],
             "surprise": [orjson.dumps(sur[k * width:(k + 1) * width]).decode() for k in keep],
-            "anomalous": anomalous, "created_at": env.now}, len(keep))
+            "anomalous": anomalous}, {"atom": p.atom, "weights_id": p.weights_id, "threshold": p.threshold,
+                                      "created_at": env.now})
         R.mark(c, R.readings_keys((p.atom, *found[ids[k]]) for k in keep))
     out: dict[str, Any] = {"stored": len(keep), "already": len(already), "anomalous": sum(anomalous)}
     if p.decision is not None:
