@@ -141,13 +141,23 @@ BAD_FILES = [
 
 
 def test_a_bad_kiri_weight_file_is_refused_naming_what_is_wrong_and_stores_nothing(hub, tmp_path):
+    from click.testing import CliRunner
+
+    from kiri.cli import main
+
     for i, (mutate, says) in enumerate(BAD_FILES):
         sd = kiri_weight_file(S.PULSE, std=0.08)
         mutate(sd)
         path = tmp_path / f"w{i}.json"
         path.write_text(json.dumps(sd))
-        out = kiri(hub, "weights", "import", "pulse", str(path), ok=False)
-        assert out.returncode == 1 and says in out.stderr, out.stderr
+        if i == 0:  # the CLI as a user runs it, once
+            out = kiri(hub, "weights", "import", "pulse", str(path), ok=False)
+            code, stderr = out.returncode, out.stderr
+        else:  # the same command in this process (no interpreter and torch to start each time)
+            got = CliRunner().invoke(main, ["weights", "import", "pulse", str(path)],
+                                     env={"KIRI_HUB": f"127.0.0.1:{hub.port}"})
+            code, stderr = got.exit_code, got.stderr
+        assert code == 1 and says in stderr, stderr
     assert hub.sql("select count(*) from weights") == [(0,)]
 
 
@@ -156,13 +166,16 @@ def test_other_bad_imports_are_refused_and_store_nothing(hub, tmp_path):
     path.write_text(json.dumps(kiri_weight_file(S.PULSE, std=0.08)))
     out = kiri(hub, "weights", "import", "rhythm", str(path), ok=False)  # pulse's matrices are not rhythm's
     assert out.returncode == 1 and "not KIRI weights for 'rhythm'" in out.stderr
-    out = kiri(hub, "weights", "import", "nosuch", str(path), ok=False)
-    assert out.returncode == 1 and "nosuch" in out.stderr
+    from click.testing import CliRunner
+
+    from kiri.cli import main
+
     (tmp_path / "bad.json").write_text("{not json")
-    out = kiri(hub, "weights", "import", "pulse", str(tmp_path / "bad.json"), ok=False)
-    assert out.returncode == 1 and "not JSON" in out.stderr
-    out = kiri(hub, "weights", "import", "pulse", str(tmp_path / "none.json"), ok=False)
-    assert out.returncode == 1 and "No such file" in out.stderr
+    for atom, file, says in (("nosuch", path, "nosuch"), ("pulse", tmp_path / "bad.json", "not JSON"),
+                             ("pulse", tmp_path / "none.json", "No such file")):  # the same CLI, in this process
+        got = CliRunner().invoke(main, ["weights", "import", atom, str(file)],
+                                 env={"KIRI_HUB": f"127.0.0.1:{hub.port}"})
+        assert got.exit_code == 1 and says in got.stderr, got.stderr
     # the hub checks what it is sent, whoever sends it
     from kiri.model.gpt import Atom
     from kiri.model.weights import save_weights
