@@ -20,7 +20,7 @@ from kiri.hub.core.retention import Retention
 from kiri.hub.core.transport import Limits
 from kiri.hub.server import Hub, HubSettings
 from kiri.hub.store import migrate as mig
-from kiri.hub.store.db import ensure_incremental_vacuum, make_engine, redact
+from kiri.hub.store.db import backend, driver_url, ensure_incremental_vacuum, make_engine, redact
 from kiri.hub.store.lock import StoreLock, StoreLocked
 from kiri.options import seconds
 
@@ -56,11 +56,17 @@ def resolve_db(db: str | None, data_dir: Path | None) -> str:
         raise click.BadParameter("not a database URL (dialect://user@host/name) or a file path",
                                  param_hint="--db") from None
     try:
-        url.get_dialect()
+        url = make_url(driver_url(db))
+        dialect = url.get_dialect()
     except NoSuchModuleError:
         raise click.BadParameter(f"no database driver for {url.drivername!r} (sqlite:///PATH, or "
-                                 "postgresql+psycopg://user@host/name)", param_hint="--db") from None
-    return db
+                                 "postgresql://user@host/name)", param_hint="--db") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        raise click.BadParameter(f"{url.drivername}: the driver is not installed ({e.name}); for PostgreSQL: "
+                                 "pip install 'kiri[postgresql]'", param_hint="--db") from None
+    return url.render_as_string(hide_password=False)
 
 
 def _keep(_ctx: click.Context, _p: click.Parameter, value: str) -> float | None:
@@ -265,7 +271,8 @@ def check(db: str | None, data_dir: Path | None) -> None:
     engine = make_engine(url)
     current, head = mig.current_revision(engine), mig.head_revision()
     if current != head:
-        click.echo(f"{redact(url)}: at {current or 'empty'}, head is {head}; run `kiri-hub migrate`")
+        click.echo(f"{redact(url)} ({backend(engine)}): at {current or 'empty'}, head is {head}; "
+                   "run `kiri-hub migrate`")
         sys.exit(1)
     diffs = mig.drift(engine)
     if diffs:
@@ -273,7 +280,7 @@ def check(db: str | None, data_dir: Path | None) -> None:
         for d in diffs:
             click.echo(f"  {d}")
         sys.exit(1)
-    click.echo(f"{redact(url)}: at head {head}, no drift")
+    click.echo(f"{redact(url)} ({backend(engine)}): at head {head}, no drift")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -109,8 +109,21 @@ class HubProc:
         c.connect()
         return c
 
+    @property
+    def db_url(self) -> str | None:
+        """The ``--db`` the hub was given (None: the SQLite file in its data dir)."""
+        return self.extra[self.extra.index("--db") + 1] if "--db" in self.extra else None
+
     def sql(self, query: str, *args: object) -> list[tuple]:
-        """Read the hub's database directly (a separate reader, as an operator would)."""
+        """Read the hub's database directly (a separate reader, as an operator would); ``?``
+        placeholders on either backend."""
+        if self.db_url is not None and self.db_url.startswith("postgresql"):
+            import psycopg
+            from sqlalchemy.engine import make_url
+
+            u = make_url(self.db_url)
+            with psycopg.connect(host=u.query["host"], user=u.username, dbname=u.database) as pg:
+                return [tuple(r) for r in pg.execute(query.replace("?", "%s"), args).fetchall()]
         con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
         try:
             return con.execute(query, args).fetchall()
@@ -156,6 +169,26 @@ def hub_factory(tmp_path: Path) -> Iterator:
         if h.proc and h.proc.poll() is None:
             h.proc.kill()
             h.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator:
+    """A PostgreSQL server for the whole run (started on first use): see ``tests/pg.py``."""
+    from tests.pg import PgCluster
+
+    cluster = PgCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_hub(request, hub_factory) -> HubProc:
+    """A hub on each backend in turn: SQLite (its data dir's file) and PostgreSQL."""
+    if request.param == "postgresql":
+        return hub_factory("--db", request.getfixturevalue("pg").new_database())
+    return hub_factory()
 
 
 @pytest.fixture

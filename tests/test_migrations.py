@@ -200,3 +200,17 @@ def test_imports_staged_before_the_upgrade_can_still_be_committed_or_expire(tmp_
         assert c.exec_driver_sql("SELECT count(*) FROM observations").scalar() == 3
         assert c.exec_driver_sql("SELECT count(*) FROM staged_chunks").scalar() == 0
     engine.dispose()
+
+
+def test_on_postgresql_the_migrations_build_the_same_schema_and_take_it_down_again(pg):
+    engine = make_engine(pg.new_database())
+    assert migrate.current_revision(engine) is None
+    migrate.upgrade(engine)
+    assert migrate.current_revision(engine) == migrate.head_revision()
+    assert migrate.drift(engine) == []
+    assert set(metadata.tables) <= set(sa.inspect(engine).get_table_names())
+    migrate.downgrade(engine, "base")
+    assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version"}
+    migrate.upgrade(engine)
+    assert migrate.drift(engine) == []
+    engine.dispose()

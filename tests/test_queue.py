@@ -1,4 +1,6 @@
-"""Queue semantics through the real protocol: fencing, retries, delays, priorities, dedupe."""
+"""Queue semantics through the real protocol: fencing, retries, delays, priorities, dedupe.
+
+Every test here that takes ``hub`` runs twice: on SQLite and on a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -10,6 +12,12 @@ import pytest
 
 from kiri.protocol import Conflict, LeaseLost, NotFound
 from tests.conftest import wait_until
+
+
+@pytest.fixture
+def hub(any_hub):
+    """The queue's contract holds on both backends."""
+    return any_hub
 
 
 def test_lease_ack_and_repeated_ack(hub):

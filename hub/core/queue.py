@@ -125,13 +125,19 @@ def _held_back(kind: sa.BindParameter[Any]) -> sa.Exists:
 
 def _next_ready(n_kinds: int) -> sa.ScalarSelect[Any]:
     """The best ready task among n kinds: one index probe per kind, then the best of those;
-    a kind paused or at its concurrency limit offers none."""
+    a kind paused or at its concurrency limit offers none.
+
+    On PostgreSQL, where several hubs lease from one table at once, each probe locks the task
+    it finds and skips tasks another transaction holds (``FOR UPDATE SKIP LOCKED``): two
+    hubs never pick the same task, and neither waits for the other. SQLite has one writer
+    and no such clause (SQLAlchemy leaves it out)."""
     probes = [
         sa.select(tasks.c.id, tasks.c.priority, tasks.c.run_after)
         .where(tasks.c.status == QUEUED, tasks.c.kind == bp(f"k{i}"), tasks.c.run_after <= bp("now"),
                ~_held_back(bp(f"k{i}")))
         .order_by(tasks.c.priority.desc(), tasks.c.run_after, tasks.c.id)
         .limit(1)
+        .with_for_update(skip_locked=True)
         .subquery(f"p{i}")
         for i in range(n_kinds)
     ]

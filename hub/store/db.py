@@ -25,6 +25,25 @@ def is_sqlite(url: str | sa.URL) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def driver_url(url: str) -> str:
+    """The URL with kiri's driver for its backend: a plain ``postgresql://`` (or Heroku-style
+    ``postgres://``) means psycopg 3, which kiri installs, not SQLAlchemy's default psycopg2."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        return u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return url
+
+
+def backend(engine: Engine) -> str:
+    """The database server and its version, as ``kiri-hub check`` and ``stats`` report it."""
+    with engine.connect() as c:
+        if engine.dialect.name == "sqlite":
+            return f"SQLite {c.exec_driver_sql('SELECT sqlite_version()').scalar()}"
+        if engine.dialect.name == "postgresql":
+            return f"PostgreSQL {c.exec_driver_sql('SHOW server_version').scalar()}"
+        return engine.dialect.name
+
+
 def sqlite_path(url: str | sa.URL) -> Path | None:
     u = make_url(url)
     if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":

@@ -56,14 +56,16 @@ class Prepared:
 
     def rows(self, conn: sa.Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
         if conn.dialect.name != "sqlite":
-            return [as_dict(r) for r in conn.execute(self.stmt, params)]
+            res = conn.execute(self.stmt, params)  # an UPDATE without RETURNING has no rows to iterate
+            return [as_dict(r) for r in res] if res.returns_rows else []
         cols, rows = self._fetch_sqlite(conn, params)
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def tuples(self, conn: sa.Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Rows as plain tuples in the statement's column order: the cheapest way to read many."""
         if conn.dialect.name != "sqlite":
-            return [tuple(r) for r in conn.execute(self.stmt, params)]
+            res = conn.execute(self.stmt, params)
+            return [tuple(r) for r in res] if res.returns_rows else []
         return self._fetch_sqlite(conn, params)[1]
 
     def first(self, conn: sa.Connection, params: dict[str, Any]) -> dict[str, Any] | None:

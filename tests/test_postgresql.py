@@ -1,0 +1,63 @@
+"""kiri on PostgreSQL: a real server started by the tests (``tests/pg.py``), hubs in real processes."""
+
+from __future__ import annotations
+
+import threading
+
+from kiri.agents.client import HubClient
+from tests.test_cli import kiri
+
+
+def _drain(hub, name: str, got: dict[int, list[str]], errors: list[BaseException]) -> None:
+    """Lease and ack through ``hub`` until it has nothing more to give."""
+    try:
+        c = HubClient(hub.address, agent=name)
+        c.connect()
+        while True:
+            res = c.lease(["echo"], ttl=60)
+            if res["task"] is None:
+                return
+            tid = res["task"]["id"]
+            got.setdefault(tid, []).append(name)
+            assert c.call("ack", {"task_id": tid, "lease_token": res["lease"]["token"]})["status"] == "done"
+    except BaseException as e:  # noqa: BLE001 (raised again in the test's thread)
+        errors.append(e)
+
+
+def test_two_hubs_over_one_database_never_hand_out_a_task_twice(hub_factory, pg):
+    url = pg.new_database()
+    a = hub_factory("--db", url)
+    b = hub_factory("--db", url)  # a second hub on the same database starts and serves
+    ids = [a.client().enqueue("echo")["task_id"] for _ in range(150)]
+    ids += [b.client().enqueue("echo")["task_id"] for _ in range(150)]
+    got: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+    workers = [threading.Thread(target=_drain, args=(h, f"{tag}{k}", got, errors))
+               for tag, h in (("a", a), ("b", b)) for k in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert not errors, errors
+    assert sorted(got) == sorted(ids)
+    assert all(len(names) == 1 for names in got.values()), {t: n for t, n in got.items() if len(n) > 1}
+    assert {n[0][0] for n in got.values()} == {"a", "b"}  # both hubs handed work out
+    assert a.sql("SELECT status, max(attempts), count(*) FROM tasks GROUP BY status") == [("done", 1, 300)]
+
+
+def test_the_hub_says_which_database_it_runs_on(hub_factory, pg, tmp_path):
+    url = pg.new_database()
+    kiri_hub = ["-m", "kiri.hub.cli"]
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, *kiri_hub, "migrate", "--db", url], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, *kiri_hub, "check", "--db", url], capture_output=True, text=True)
+    assert out.returncode == 0 and "PostgreSQL 15" in out.stdout and "no drift" in out.stdout, out.stdout
+    out = subprocess.run([sys.executable, *kiri_hub, "check", "--db", str(tmp_path / "k.db")],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "SQLite 3." in out.stdout, out.stdout  # empty: not at head
+    hub = hub_factory("--db", url.replace("postgresql+psycopg://", "postgresql://"))  # the plain URL works
+    assert "postgresql" in hub.client().call("stats", {})["hub"]["db"]
+    assert kiri(hub, "enqueue", "echo").stdout.strip() == "1"
