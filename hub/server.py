@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from kiri import PROTOCOL_VERSION, __version__
 from kiri.hub import methods as hub_methods
+from kiri.hub.core import peers
 from kiri.hub.core import queue as Q
 from kiri.hub.core import retention as RT
 from kiri.hub.core.commit import GroupCommit, Handler, Op, Outcome
@@ -111,7 +112,13 @@ class Hub:
         self.raw_pruner = KEEP.RawPruner()
         self.served: dict[str, int] = {"leases": 0, "acks": 0}
         self.atoms = O.AtomRegistry()
-        self.commit = GroupCommit(self.db, settings.queue, self.loop, self._answer, caches=[self.atoms])
+        # several hubs may share a PostgreSQL database: each batch tells the others what it made
+        # leasable (NOTIFY, delivered at commit), and each hub listens (``peers``)
+        self.me = peers.hub_id()
+        self.shared = self.db.dialect.name == "postgresql"
+        self.listener: peers.Listener | None = None
+        self.commit = GroupCommit(self.db, settings.queue, self.loop, self._answer, caches=[self.atoms],
+                                  before_commit=self._announce if self.shared else None)
         self.longpoll = LongPoll(self.loop, self.commit.submit)
         self.timers = Timers(self.loop, settings.tick, self._on_due, self._tick)
         self.events = EventBus()
@@ -138,6 +145,10 @@ class Hub:
             backlog=512,
         )
         self.timers.start()
+        if self.shared:
+            self.listener = peers.Listener(self.settings.db_url, self.me, self._heard_from_peer)
+            self.listener.start()
+            await self.loop.run_in_executor(None, self.listener.listening.wait, 10.0)
         if self.settings.http_port is not None:
             # the read path warmed before the page is served (its statements compiled, each
             # atom's chart and the status page read once: a few tens of ms), so the first chart
@@ -164,6 +175,8 @@ class Hub:
         if self.http is not None:
             await self.http.stop()
         self.timers.stop()
+        if self.listener is not None:
+            self.listener.stop()
         if self.commit.pending:
             self.commit.run()
         self.longpoll.answer_all()
@@ -310,6 +323,19 @@ class Hub:
         return op.fut
 
     # --- after commit: replies, events, wake-ups ---------------------------------------
+
+    def _announce(self, c: sa.Connection, env: Q.Env) -> None:
+        peers.announce(c, self.me, env)
+
+    def _heard_from_peer(self, kinds: list[str] | None, due: float | None) -> None:
+        """Another hub committed work (called from the listener's thread)."""
+        self.loop.call_soon_threadsafe(self._peer_work, kinds, due)
+
+    def _peer_work(self, kinds: list[str] | None, due: float | None) -> None:
+        if due is not None:
+            self.timers.arm(due)
+        if kinds is None or kinds:
+            self.longpoll.wake(kinds)
 
     def _answer(self, results: list[Outcome], env: Q.Env) -> None:
         out: dict[Connection, list[bytes]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from kiri.agents.client import HubClient
+from tests.conftest import wait_until
 from tests.test_cli import kiri
 
 
@@ -61,3 +62,20 @@ def test_the_hub_says_which_database_it_runs_on(hub_factory, pg, tmp_path):
     hub = hub_factory("--db", url.replace("postgresql+psycopg://", "postgresql://"))  # the plain URL works
     assert "postgresql" in hub.client().call("stats", {})["hub"]["db"]
     assert kiri(hub, "enqueue", "echo").stdout.strip() == "1"
+
+
+def test_an_agent_waiting_on_one_hub_gets_a_task_enqueued_through_another(hub_factory, pg):
+    url = pg.new_database()
+    # a tick far beyond the wait: only the other hub's notification can wake the waiter in time
+    a = hub_factory("--db", url, "--tick", "60")
+    b = hub_factory("--db", url, "--tick", "60")
+    got: list[dict] = []
+    waiter = threading.Thread(target=lambda: got.append(a.client().lease(["echo"], wait=20.0, ttl=30)))
+    waiter.start()
+    wait_until(lambda: a.client().call("stats", {})["hub"]["waiting_leases"] == 1, what="the lease to wait")
+    tid = b.client().enqueue("echo", params={"n": 1})["task_id"]
+    delayed = b.client().enqueue("echo", delay=1.0)["task_id"]  # due later: a's timer is armed from b's word
+    waiter.join(30)
+    assert got and got[0]["task"] is not None and got[0]["task"]["id"] == tid
+    second = a.client().lease(["echo"], wait=20.0, ttl=30)
+    assert second["task"] is not None and second["task"]["id"] == delayed

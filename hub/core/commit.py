@@ -64,8 +64,10 @@ class GroupCommit:
     """Collects ops and runs each turn's ops in one transaction (see the module docstring)."""
 
     def __init__(self, db: sa.Connection, settings: Q.QueueSettings, loop: asyncio.AbstractEventLoop,
-                 done: Callable[[list[Outcome], Q.Env], None], caches: list[Transactional]) -> None:
+                 done: Callable[[list[Outcome], Q.Env], None], caches: list[Transactional],
+                 before_commit: Callable[[sa.Connection, Q.Env], None] | None = None) -> None:
         self.db = db
+        self.before_commit = before_commit  # last words inside each transaction (other hubs' wake-up)
         self.settings = settings
         self.loop = loop
         self.done = done  # answers the batch after it committed
@@ -92,6 +94,8 @@ class GroupCommit:
         try:
             with self.db.begin():
                 results = [self._exec(op, env) for op in ops]
+                if self.before_commit is not None:
+                    self.before_commit(self.db, env)
             self._committed()
         except Exception:
             self._rolled_back()
@@ -111,6 +115,8 @@ class GroupCommit:
             try:
                 with self.db.begin():
                     res = self._exec(op, one_env)
+                    if self.before_commit is not None:
+                        self.before_commit(self.db, one_env)
                 self._committed()
                 env.available += one_env.available
                 env.freed += one_env.freed

@@ -1,0 +1,102 @@
+"""Wake-ups across hubs that share one PostgreSQL database: ``NOTIFY`` out, ``LISTEN`` in.
+
+A hub wakes its own waiting leases the moment a batch makes work available (``LongPoll``),
+but an agent long-polling on hub A knows nothing of a task enqueued through hub B. So every
+batch that made tasks leasable, freed room under a concurrency limit or set a future due
+time also sends a notification, in its own transaction: PostgreSQL delivers it when (and
+only if) the transaction commits, so a peer never wakes for work that rolled back. Each hub
+listens on a connection of its own, in a thread, and hands what it hears to its loop. This
+is pgqueuer's and procrastinate's approach; there is no polling in the hot path.
+
+SQLite has one hub per database file, so none of this runs there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from kiri.hub.core.queue import Env
+
+log = logging.getLogger("kiri.hub")
+
+CHANNEL = "kiri_wake"
+MAX_PAYLOAD = 7000  # PostgreSQL's limit is 8000 bytes; beyond it, "wake every waiter"
+
+
+def hub_id() -> str:
+    """This hub's name on the channel (its own notifications come back to it, and are ignored)."""
+    return uuid.uuid4().hex
+
+
+def announce(c: sa.Connection, me: str, env: Env) -> None:
+    """Tell the other hubs what this transaction made leasable (before it commits)."""
+    if c.dialect.name != "postgresql" or not (env.available or env.freed or env.due):
+        return
+    kinds = env.available + env.freed  # one entry per task: each wakes one waiter, as on this hub
+    payload = orjson.dumps({"hub": me, "kinds": kinds, "due": min(env.due) if env.due else None})
+    if len(payload) > MAX_PAYLOAD:
+        payload = orjson.dumps({"hub": me, "kinds": None, "due": min(env.due) if env.due else None})
+    c.exec_driver_sql("SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": CHANNEL, "payload": payload.decode()})
+
+
+def conninfo(url: str) -> dict[str, Any]:
+    """psycopg's connection arguments from the hub's SQLAlchemy URL."""
+    u = make_url(url)
+    args: dict[str, Any] = u.translate_connect_args(username="user", database="dbname")
+    args.update({k: v for k, v in u.query.items() if isinstance(v, str)})
+    return args
+
+
+class Listener:
+    """A thread that listens for the other hubs' notifications and hands each to ``on_wake``
+    (``kinds``: the kinds to wake waiters of, None for all; ``due``: a time to wake at).
+    A lost connection is made again after a pause; waiters it missed meanwhile are found by
+    the hub's periodic tick, as before there was a channel."""
+
+    def __init__(self, url: str, me: str, on_wake: Callable[[list[str] | None, float | None], None]) -> None:
+        self.args = conninfo(url)
+        self.me = me
+        self.on_wake = on_wake
+        self.stopped = threading.Event()
+        self.listening = threading.Event()  # set once LISTEN is in place (tests and start-up wait on it)
+        self.thread = threading.Thread(target=self._run, name="kiri-listen", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+
+    def _run(self) -> None:
+        import psycopg  # the [postgresql] extra: only a hub on PostgreSQL gets here
+
+        while not self.stopped.is_set():
+            try:
+                with psycopg.connect(**self.args, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening.set()
+                    while not self.stopped.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            self._heard(note.payload)
+            except psycopg.Error as e:
+                self.listening.clear()
+                log.warning("listening for other hubs failed (%s); again in 1 s", e)
+                self.stopped.wait(1.0)
+
+    def _heard(self, payload: str) -> None:
+        try:
+            msg = orjson.loads(payload)
+            if msg.get("hub") == self.me:
+                return
+            self.on_wake(msg.get("kinds"), msg.get("due"))
+        except Exception:  # a stranger's payload on our channel must not stop the thread
+            log.exception("could not read a notification from another hub: %.200r", payload)
