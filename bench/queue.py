@@ -5,7 +5,14 @@ Throughput: N `kiri-agent` processes serve the `echo` kind; the bench enqueues T
 and ack is committed before its reply. Latency: one idle agent long-polls; the bench
 enqueues one task at a time and the agent reports when its lease reply arrived.
 
+With ``--db pg`` the same runs on PostgreSQL (a throwaway server the bench starts, as the
+tests do; or ``--db postgresql://...``, an existing database the bench empties first), with
+``synchronous_commit`` on and off, through one hub and through two hubs sharing the
+database (agents split between them, tasks enqueued through the first; the latency agent
+waits on the second, so its wake-up crosses hubs).
+
     python bench/queue.py [--tasks 20000] [--agents 1,4,8] [--synchronous NORMAL,FULL]
+    python bench/queue.py --db pg [--hubs 1,2] [--agents 1,4,8]
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ import _paths  # noqa: F401  (must come first: see bench/_paths.py)
 
 # isort: split
 
+import contextlib
 import multiprocessing as mp
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import click
 import orjson
@@ -56,17 +65,19 @@ def count_done(client: HubClient) -> int:
     return sum(r["count"] for r in client.call("stats")["tasks"] if r["status"] == "done")
 
 
-def throughput(port: int, n_agents: int, n_tasks: int) -> float:
+def throughput(ports: list[int], n_agents: int, n_tasks: int) -> float:
+    """Agents spread over the hubs round robin; tasks enqueued through the first hub."""
     procs = [subprocess.Popen([sys.executable, "-m", "kiri.agents.cli", "--role", "trainer", "--kinds", "echo",
-                               "--hub", f"127.0.0.1:{port}", "--log-level", "warning", "--wait", "5"])
-             for _ in range(n_agents)]
-    c = HubClient(("127.0.0.1", port))
+                               "--hub", f"127.0.0.1:{ports[i % len(ports)]}", "--log-level", "warning", "--wait", "5"])
+             for i in range(n_agents)]
+    clients = [HubClient(("127.0.0.1", p)) for p in ports]
+    c = clients[0]
     try:
-        while c.call("stats")["hub"]["waiting_leases"] < n_agents:
+        while sum(k.call("stats")["hub"]["waiting_leases"] for k in clients) < n_agents:
             time.sleep(0.05)
         before = count_done(c)
         t0 = time.perf_counter()
-        pipelined_enqueue(port, n_tasks)
+        pipelined_enqueue(ports[0], n_tasks)
         # `stats` counts every task (O(table)), so poll gently: it is the bench's overhead, not the queue's
         while count_done(c) - before < n_tasks:
             time.sleep(0.05)
@@ -76,7 +87,8 @@ def throughput(port: int, n_agents: int, n_tasks: int) -> float:
             p.terminate()
         for p in procs:
             p.wait(30)
-        c.close()
+        for k in clients:
+            k.close()
 
 
 def _latency_agent(port: int, n: int, out: mp.Queue) -> None:
@@ -90,15 +102,17 @@ def _latency_agent(port: int, n: int, out: mp.Queue) -> None:
         out.put((r["task"]["params"]["sent"], t))
 
 
-def latency(port: int, n: int = 300) -> list[float]:
+def latency(port: int, agent_port: int | None = None, n: int = 300) -> list[float]:
+    """Enqueue through ``port``; the idle agent waits on ``agent_port`` (another hub) or the same."""
     q: mp.Queue = mp.Queue()
-    agent = mp.Process(target=_latency_agent, args=(port, n, q))
+    agent = mp.Process(target=_latency_agent, args=(agent_port or port, n, q))
     agent.start()
     q.get(timeout=30)
     c = HubClient(("127.0.0.1", port))
+    watch = HubClient(("127.0.0.1", agent_port or port))
     samples = []
     for _ in range(n):
-        while c.call("stats")["hub"]["waiting_leases"] < 1:
+        while watch.call("stats")["hub"]["waiting_leases"] < 1:
             time.sleep(0.0005)
         sent = time.time()
         c.enqueue("echo", params={"sent": sent})
@@ -107,6 +121,7 @@ def latency(port: int, n: int = 300) -> list[float]:
         time.sleep(0.002)
     agent.join(30)
     c.close()
+    watch.close()
     return samples
 
 
@@ -115,22 +130,81 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
+@contextlib.contextmanager
+def hubs(count: int, *extra: str) -> Iterator[list[int]]:
+    """``count`` hubs with the same arguments (on PostgreSQL: the same database)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(running_hub(*extra))[0] for _ in range(count)]
+
+
+def _pg_databases(db: str) -> Iterator[str]:
+    """Fresh, empty PostgreSQL databases: on a throwaway server (``pg``), or ``db`` emptied each time."""
+    if db == "pg":
+        from tests.pg import PgCluster
+
+        cluster = PgCluster()
+        try:
+            while True:
+                yield cluster.new_database()
+        finally:
+            cluster.stop()
+    import sqlalchemy as sa
+
+    from kiri.hub.store.db import driver_url
+
+    while True:
+        engine = sa.create_engine(driver_url(db))
+        with engine.begin() as c:
+            c.exec_driver_sql("DROP SCHEMA public CASCADE")
+            c.exec_driver_sql("CREATE SCHEMA public")
+        engine.dispose()
+        yield driver_url(db)
+
+
 @click.command()
 @click.option("--tasks", default=20000, show_default=True)
 @click.option("--agents", default="1,4,8", show_default=True)
-@click.option("--synchronous", default="NORMAL,FULL", show_default=True)
+@click.option("--synchronous", default="NORMAL,FULL", show_default=True,
+              help="SQLite's synchronous settings; on PostgreSQL, synchronous_commit on and off are both run.")
 @click.option("--repeat", default=3, show_default=True, help="Throughput runs per setting (median reported).")
-def main(tasks: int, agents: str, synchronous: str, repeat: int) -> None:
-    for sync in synchronous.split(","):
-        for n in (int(x) for x in agents.split(",")):
-            with running_hub("--synchronous", sync) as (port, _):  # a fresh database per setting
-                runs = [throughput(port, n, tasks) for _ in range(repeat)]
-            print(f"synchronous={sync:6s} agents={n}: {statistics.median(runs):8.0f} tasks/s "
-                  f"(median of {repeat}; runs {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
-        with running_hub("--synchronous", sync) as (port, _):
-            lat = latency(port)
-            print(f"synchronous={sync:6s} enqueue-to-start latency, idle agent: p50 {pct(lat, 50):.3f} ms  "
-                  f"p90 {pct(lat, 90):.3f} ms  p99 {pct(lat, 99):.3f} ms  (n={len(lat)})", flush=True)
+@click.option("--db", default="sqlite", show_default=True,
+              help="sqlite, pg (a throwaway PostgreSQL server), or a postgresql:// URL (emptied first).")
+@click.option("--hubs", "hub_counts", default="1,2", show_default=True, help="Hubs sharing the database (PostgreSQL).")
+def main(tasks: int, agents: str, synchronous: str, repeat: int, db: str, hub_counts: str) -> None:
+    if db == "sqlite":
+        for sync in synchronous.split(","):
+            for n in (int(x) for x in agents.split(",")):
+                with running_hub("--synchronous", sync) as (port, _):  # a fresh database per setting
+                    runs = [throughput([port], n, tasks) for _ in range(repeat)]
+                print(f"synchronous={sync:6s} agents={n}: {statistics.median(runs):8.0f} tasks/s "
+                      f"(median of {repeat}; runs {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
+            with running_hub("--synchronous", sync) as (port, _):
+                lat = latency(port)
+                print(f"synchronous={sync:6s} enqueue-to-start latency, idle agent: p50 {pct(lat, 50):.3f} ms  "
+                      f"p90 {pct(lat, 90):.3f} ms  p99 {pct(lat, 99):.3f} ms  (n={len(lat)})", flush=True)
+        return
+    fresh = _pg_databases(db)
+    try:
+        for commit in ("on", "off"):
+            def url(commit: str = commit) -> str:
+                base = next(fresh)
+                return f"{base}{'&' if '?' in base else '?'}options=-csynchronous_commit%3D{commit}"
+
+            for n_hubs in (int(x) for x in hub_counts.split(",")):
+                for n in (int(x) for x in agents.split(",")):
+                    with hubs(n_hubs, "--db", url()) as ports:
+                        runs = [throughput(ports, n, tasks) for _ in range(repeat)]
+                    print(f"postgresql synchronous_commit={commit:3s} hubs={n_hubs} agents={n}: "
+                          f"{statistics.median(runs):8.0f} tasks/s (median of {repeat}; "
+                          f"runs {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
+                with hubs(n_hubs, "--db", url()) as ports:
+                    lat = latency(ports[0], ports[-1])
+                where = "across hubs" if n_hubs > 1 else "one hub"
+                print(f"postgresql synchronous_commit={commit:3s} hubs={n_hubs} enqueue-to-start latency, idle agent "
+                      f"({where}): p50 {pct(lat, 50):.3f} ms  p90 {pct(lat, 90):.3f} ms  p99 {pct(lat, 99):.3f} ms "
+                      f"(n={len(lat)})", flush=True)
+    finally:
+        fresh.close()
 
 
 if __name__ == "__main__":
