@@ -35,8 +35,9 @@ def _kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 @click.option("--handler", "handler_specs", multiple=True, metavar="[KIND=]MODULE:FUNCTION",
               help="Serve tasks of KIND (default: the function's name) with your own Python function "
                    "(repeatable; the working directory is importable).")
-@click.option("--hub", "hub", envvar="KIRI_HUB", default=None, metavar="HOST:PORT",
-              help=f"Hub address (env KIRI_HUB) [default: 127.0.0.1:{config.DEFAULT_PORT}].")
+@click.option("--hub", "hub", envvar="KIRI_HUB", default=None, metavar="HOST:PORT[,HOST:PORT]",
+              help=f"Hub address (env KIRI_HUB) [default: 127.0.0.1:{config.DEFAULT_PORT}]; several hubs "
+                   "sharing one PostgreSQL as a list: the agent moves to the next when one goes away.")
 @click.option("--token", envvar="KIRI_TOKEN", help="Hub token (env KIRI_TOKEN).")
 @click.option("--name", help="Agent name shown in stats [default: ROLE-HOST-PID].")
 @click.option("--wait", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
@@ -75,7 +76,7 @@ def main(role: str, kinds: list[str] | None, handler_specs: tuple[str, ...], hub
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:
-        address = config.parse_address(hub) if hub else config.hub_address()
+        address = config.parse_addresses(hub) if hub else config.hub_addresses()
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--hub") from None
     sinks = AlertConfig(

@@ -60,7 +60,7 @@ class HubUnreachable(ConnectionError):
 class HubClient:
     def __init__(
         self,
-        address: tuple[str, int] | None = None,
+        address: tuple[str, int] | list[tuple[str, int]] | None = None,
         *,
         token: str | None = None,
         agent: str | None = None,
@@ -70,7 +70,11 @@ class HubClient:
         reconnect_for: float | None = 10.0,
         max_line: int = 64 << 20,
     ) -> None:
-        self.address = address or config.hub_address()
+        # one hub, or several sharing one PostgreSQL: a connection that cannot be made (or is
+        # lost) moves on to the next, and a lease taken through one is kept through another
+        self.addresses: list[tuple[str, int]] = (list(address) if isinstance(address, list)
+                                                 else [address] if address else config.hub_addresses())
+        self._at = 0
         self.token = token if token is not None else os.environ.get("KIRI_TOKEN")
         self.role = role
         self.agent = agent or f"{role}-{socket.gethostname()}-{os.getpid()}"
@@ -93,6 +97,16 @@ class HubClient:
             if self._sock is None:
                 self._retrying(self._connect_once)
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """The hub this client talks to now."""
+        return self.addresses[self._at]
+
+    def _next_hub(self) -> None:
+        if len(self.addresses) > 1:
+            self._at = (self._at + 1) % len(self.addresses)
+            log.info("trying the next hub, %s:%s", *self.address)
+
     def _retrying(self, fn: Any) -> Any:
         stop = stop_never if self.reconnect_for is None else stop_after_delay(self.reconnect_for)
         retryer = Retrying(
@@ -102,19 +116,23 @@ class HubClient:
             reraise=True,
             before_sleep=before_sleep_log(log, logging.INFO),
         )
-        host, port = self.address
         try:
             return retryer(fn)
         except OSError as e:
+            where = ", ".join(f"{h}:{p}" for h, p in self.addresses)
             raise HubUnreachable(
-                f"cannot reach the kiri hub at {host}:{port} ({e.strerror or e}); "
+                f"cannot reach the kiri hub at {where} ({e.strerror or e}); "
                 "is `kiri-hub serve` running? (set KIRI_HUB=host:port to point elsewhere)"
             ) from e
 
     def _connect_once(self) -> None:
         if self.closed:
             raise HubUnreachable("client is closed")
-        sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        try:
+            sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        except OSError:
+            self._next_hub()  # the retry that follows tries the next hub
+            raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
         self._rfile = sock.makefile("rb")
@@ -124,6 +142,10 @@ class HubClient:
                 "version": __version__, "host": socket.gethostname(), "pid": os.getpid(),
                 "kinds": self.kinds,
             }, timeout=self.connect_timeout)
+        except OSError:
+            self._drop()
+            self._next_hub()
+            raise
         except BaseException:
             self._drop()
             raise

@@ -31,7 +31,7 @@ class Ctx:
     def client(self) -> HubClient:
         if self._client is None:
             try:
-                address = config.parse_address(self.hub) if self.hub else config.hub_address()
+                address = config.parse_addresses(self.hub) if self.hub else config.hub_addresses()
             except ValueError as e:
                 raise click.BadParameter(str(e), param_hint="--hub") from None
             self._client = HubClient(address, token=self.token, role="cli", reconnect_for=3.0)
@@ -56,7 +56,8 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--hub", envvar="KIRI_HUB", metavar="HOST:PORT", help="Hub address (env KIRI_HUB).")
+@click.option("--hub", envvar="KIRI_HUB", metavar="HOST:PORT[,HOST:PORT]",
+              help="Hub address (env KIRI_HUB); several hubs sharing one PostgreSQL as a list, tried in turn.")
 @click.option("--token", envvar="KIRI_TOKEN", help="Hub token (env KIRI_TOKEN).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.version_option(package_name="kiri")

@@ -37,7 +37,7 @@ class Client:
     """A connection to a hub for enqueueing and waiting (module doc)."""
 
     def __init__(self, hub: str | None = None, token: str | None = None, name: str | None = None) -> None:
-        address = config.parse_address(hub) if hub else config.hub_address()
+        address = config.parse_addresses(hub) if hub else config.hub_addresses()
         self.hub = HubClient(address, token=token, agent=name, role="cli")
 
     def enqueue(self, kind: str, params: dict[str, Any] | None = None, *, atom: str | None = None,

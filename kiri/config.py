@@ -30,7 +30,20 @@ def default_db_url(directory: Path | None = None) -> str:
 
 def hub_address() -> tuple[str, int]:
     """The hub agents and the CLI talk to: ``$KIRI_HUB`` as host:port, else loopback."""
-    return parse_address(os.environ.get("KIRI_HUB", f"{DEFAULT_HOST}:{DEFAULT_PORT}"))
+    return hub_addresses()[0]
+
+
+def hub_addresses() -> list[tuple[str, int]]:
+    """Every hub ``$KIRI_HUB`` names (``a:7746,b:7746``: hubs sharing one PostgreSQL), else loopback."""
+    return parse_addresses(os.environ.get("KIRI_HUB", f"{DEFAULT_HOST}:{DEFAULT_PORT}"))
+
+
+def parse_addresses(text: str) -> list[tuple[str, int]]:
+    """``host:port[,host:port...]``: the hubs to try, in order; each checked as ``parse_address``."""
+    parts = [p.strip() for p in text.split(",")]
+    if any(not p for p in parts):
+        raise ValueError(f"bad hub address list {text!r}: an empty entry (expected host:port,host:port)")
+    return [parse_address(p) for p in parts]
 
 
 def parse_address(text: str) -> tuple[str, int]:

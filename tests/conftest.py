@@ -183,17 +183,21 @@ def pg() -> Iterator:
         cluster.stop()
 
 
+# short leases, ticks and backoffs: the tests see expiries and retries in well under a second
+FAST = ("--lease-ttl", "2", "--tick", "0.05", "--backoff-base", "0.05", "--backoff-cap", "0.2")
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_hub(request, hub_factory) -> HubProc:
     """A hub on each backend in turn: SQLite (its data dir's file) and PostgreSQL."""
     if request.param == "postgresql":
-        return hub_factory("--db", request.getfixturevalue("pg").new_database())
-    return hub_factory()
+        return hub_factory(*FAST, "--db", request.getfixturevalue("pg").new_database())
+    return hub_factory(*FAST)
 
 
 @pytest.fixture
 def hub(hub_factory) -> HubProc:
-    return hub_factory("--lease-ttl", "2", "--tick", "0.05", "--backoff-base", "0.05", "--backoff-cap", "0.2")
+    return hub_factory(*FAST)
 
 
 @pytest.fixture

@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from tests.conftest import free_port
+
 
 def kiri(hub, *args: str, ok: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KIRI_HUB": f"127.0.0.1:{hub.port}" if hub else "127.0.0.1:1"}
@@ -68,6 +72,21 @@ def test_cli_bad_hub_address():
     out = subprocess.run([sys.executable, "-m", "kiri.cli", "--hub", "localhost:notaport", "stats"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not a number" in out.stderr
+    from kiri.config import parse_addresses
+
+    assert parse_addresses("a:1, b:2,[::1]:3") == [("a", 1), ("b", 2), ("::1", 3)]
+    for bad, says in (("a:1,,b:2", "an empty entry"), ("a:1,", "an empty entry"), ("a:1,b:0", "1-65535")):
+        with pytest.raises(ValueError, match=says):
+            parse_addresses(bad)
+
+
+def test_the_cli_tries_each_hub_of_its_list_in_turn(hub):
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    out = subprocess.run([sys.executable, "-m", "kiri.cli", "--hub", f"{dead},127.0.0.1:{hub.port}", "enqueue", "echo"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr
+    out = kiri(None, "--hub", f"{dead},{dead}", "stats", ok=False)
+    assert out.returncode == 1 and f"cannot reach the kiri hub at {dead}, {dead}" in out.stderr
 
 
 def test_synth_is_byte_reproducible_and_labels_anomalies():

@@ -79,3 +79,31 @@ def test_an_agent_waiting_on_one_hub_gets_a_task_enqueued_through_another(hub_fa
     assert got and got[0]["task"] is not None and got[0]["task"]["id"] == tid
     second = a.client().lease(["echo"], wait=20.0, ttl=30)
     assert second["task"] is not None and second["task"]["id"] == delayed
+
+
+def test_an_agent_moves_to_the_other_hub_when_its_hub_dies_and_keeps_its_lease(hub_factory, pg, tmp_path):
+    import subprocess
+    import sys
+
+    url = pg.new_database()
+    a = hub_factory("--db", url, "--lease-ttl", "3")
+    b = hub_factory("--db", url, "--lease-ttl", "3")
+    log = (tmp_path / "agent.log").open("ab")
+    agent = subprocess.Popen([sys.executable, "-m", "kiri.agents.cli", "--role", "trainer", "--kinds", "sleep",
+                              "--hub", f"127.0.0.1:{a.port},127.0.0.1:{b.port}", "--name", "mover",
+                              "--log-level", "info"], stdout=log, stderr=log)
+    try:
+        wait_until(lambda: a.client().call("stats", {})["hub"]["waiting_leases"] == 1, 30,
+                   what="the agent waiting on the first hub of its list")
+        tid = b.client().enqueue("sleep", params={"seconds": 5})["task_id"]
+        wait_until(lambda: b.sql("SELECT status FROM tasks WHERE id = ?", tid) == [("leased",)], 30,
+                   what="the task leased through the first hub")
+        a.kill()  # the agent's hub dies mid-task
+        wait_until(lambda: b.sql("SELECT status FROM tasks WHERE id = ?", tid) == [("done",)], 60,
+                   what="the task done through the second hub")
+        # one attempt, never expired: the agent kept its lease through the other hub and acked there
+        assert b.sql("SELECT attempts, expiries, failures FROM tasks WHERE id = ?", tid) == [(1, 0, 0)]
+        assert "trying the next hub" in (tmp_path / "agent.log").read_text()
+    finally:
+        agent.terminate()
+        agent.wait(20)
