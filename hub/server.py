@@ -130,6 +130,12 @@ class Hub:
             name: (M.BY_NAME[name].params, func) for name, func in handlers.items()
         }
 
+    @property
+    def upkeeps(self) -> bool:
+        """Whether this hub does the background upkeep (rollups, retention, moving committed
+        imports): always alone on SQLite; among hubs sharing PostgreSQL, the elected one."""
+        return not self.shared or (self.listener is not None and self.listener.leader.is_set())
+
     def counters(self) -> dict[str, int]:
         return {**self.commit.counters, **self.served}
 
@@ -137,7 +143,8 @@ class Hub:
 
     async def start(self) -> None:
         with self.db.begin():
-            Q.disconnect_all(self.db)
+            if not self.shared:  # other hubs' agents are connected to them, not gone
+                Q.disconnect_all(self.db)
             self.atoms.load(self.db)
         self.timers.arm(self.commit.query(lambda c: _min(Q.next_due(c, time.time()), SCH.next_run(c))))
         self.server = await self.loop.create_server(
@@ -443,7 +450,8 @@ class Hub:
     def _tick(self) -> None:
         def reap(c: sa.Connection, _p: Any, env: Q.Env) -> list[tuple[int, str]]:
             reaped = Q.reap(c, env)
-            O.expire_staged(c, env.now)  # the imports table: a few rows, not the staged ones
+            if self.upkeeps:
+                O.expire_staged(c, env.now)  # the imports table: a few rows, not the staged ones
             SCH.fire_due(c, env)
             for task_id, status in reaped:
                 log.info("lease on task %s expired; task is now %s", task_id, status)
@@ -462,7 +470,7 @@ class Hub:
         """Recompute one bounded batch of dirty rollup buckets (``rollups.refresh``). While a
         backlog drains (an import, a backfill) the next batch follows after this one commits,
         soon or (while requests come) after a pause, so requests go first."""
-        if self.rollup_running or self.closing:
+        if self.rollup_running or self.closing or not self.upkeeps:
             return
         self.rollup_running = True
 
@@ -494,7 +502,7 @@ class Hub:
         one are served before the next (a pause would only leave the hub idle while the
         importer waits). Also resumes, at the first tick, a commit that a stopped hub left
         midway."""
-        if self.import_running or self.closing:
+        if self.import_running or self.closing or not self.upkeeps:
             return
         self.import_running = True
 
@@ -518,7 +526,7 @@ class Hub:
         ``prune_every`` seconds, or, while steps still find work (after an upgrade, a long stop
         or a big import), again after a pause as long as the pass took, so requests keep at
         least half the loop. A step that found nothing waits for the next full pass."""
-        if self.prune_running or self.closing:
+        if self.prune_running or self.closing or not self.upkeeps:
             return
         full = time.monotonic() - self.last_prune >= self.settings.prune_every
         if not full and not self.prune_busy:

@@ -107,3 +107,35 @@ def test_an_agent_moves_to_the_other_hub_when_its_hub_dies_and_keeps_its_lease(h
     finally:
         agent.terminate()
         agent.wait(20)
+
+
+def test_one_hub_does_the_upkeep_and_another_takes_it_over_when_it_dies(hub_factory, pg):
+    url = pg.new_database()
+    a = hub_factory("--db", url)
+    b = hub_factory("--db", url)
+
+    def upkeep(h) -> bool:
+        return h.client().call("stats", {})["hub"]["upkeep"]
+
+    wait_until(lambda: upkeep(a) or upkeep(b), 20, what="a hub to take the upkeep")
+    leader, other = (a, b) if upkeep(a) else (b, a)
+    assert not upkeep(other)  # one at a time
+    leader.kill()
+    wait_until(lambda: upkeep(other), 20, what="the other hub to take the upkeep over")
+
+
+def test_a_schedule_fires_once_per_interval_across_hubs(hub_factory, pg, agents_factory):
+    url = pg.new_database()
+    a = hub_factory("--db", url, "--tick", "0.05")
+    b = hub_factory("--db", url, "--tick", "0.05")
+    agents = [agents_factory(h, "echo") for h in (a, b)]  # the tasks are worked, so every slot enqueues
+    a.client().call("schedule_add", {"kind": "echo", "every": 1.0})
+    wait_until(lambda: a.sql("SELECT fired FROM schedules")[0][0] >= 4, 30, what="four firings")
+    for ag in agents:
+        ag.stop()
+    fired = a.sql("SELECT fired FROM schedules")[0][0]
+    made = [t for (t,) in a.sql("SELECT created_at FROM tasks WHERE dedupe_key = 'schedule:1' ORDER BY id")]
+    assert len(made) == fired  # every firing made one task, none twice
+    (start,) = a.sql("SELECT created_at FROM schedules")[0]  # the grid: the first run, then every second
+    slots = [int((t - start) // 1.0) for t in made]
+    assert len(set(slots)) == len(slots), slots  # never two in one interval

@@ -28,6 +28,7 @@ from kiri.hub.core.queue import Env
 log = logging.getLogger("kiri.hub")
 
 CHANNEL = "kiri_wake"
+LEADER_LOCK = 0x6B697269  # "kiri": the advisory lock the hub doing the background upkeep holds
 MAX_PAYLOAD = 7000  # PostgreSQL's limit is 8000 bytes; beyond it, "wake every waiter"
 
 
@@ -59,7 +60,14 @@ class Listener:
     """A thread that listens for the other hubs' notifications and hands each to ``on_wake``
     (``kinds``: the kinds to wake waiters of, None for all; ``due``: a time to wake at).
     A lost connection is made again after a pause; waiters it missed meanwhile are found by
-    the hub's periodic tick, as before there was a channel."""
+    the hub's periodic tick, as before there was a channel.
+
+    It also elects the hub that does the background upkeep (rollups, retention, moving
+    committed imports): whoever holds a session advisory lock, on a second connection of
+    this thread. Requests are served by every hub; the upkeep by one at a time, so two hubs
+    never fold or recompute the same buckets at once. When the leader's connection dies,
+    PostgreSQL drops its lock and another hub takes it within a second (Oban and River elect
+    their leader the same way)."""
 
     def __init__(self, url: str, me: str, on_wake: Callable[[list[str] | None, float | None], None]) -> None:
         self.args = conninfo(url)
@@ -67,6 +75,7 @@ class Listener:
         self.on_wake = on_wake
         self.stopped = threading.Event()
         self.listening = threading.Event()  # set once LISTEN is in place (tests and start-up wait on it)
+        self.leader = threading.Event()  # set while this hub holds the upkeep lock
         self.thread = threading.Thread(target=self._run, name="kiri-listen", daemon=True)
 
     def start(self) -> None:
@@ -81,16 +90,23 @@ class Listener:
 
         while not self.stopped.is_set():
             try:
-                with psycopg.connect(**self.args, autocommit=True) as conn:
+                with psycopg.connect(**self.args, autocommit=True) as conn, \
+                        psycopg.connect(**self.args, autocommit=True) as lock:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()
                     while not self.stopped.is_set():
+                        if not self.leader.is_set() and lock.execute(
+                                "SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()[0]:
+                            log.info("this hub now does the background upkeep")
+                            self.leader.set()
                         for note in conn.notifies(timeout=0.5):
                             self._heard(note.payload)
             except psycopg.Error as e:
                 self.listening.clear()
+                self.leader.clear()
                 log.warning("listening for other hubs failed (%s); again in 1 s", e)
                 self.stopped.wait(1.0)
+        self.leader.clear()
 
     def _heard(self, payload: str) -> None:
         try:

@@ -323,6 +323,8 @@ def move_step(c: sa.Connection, import_id: str, env: Env) -> list[str]:
     or what is left, into the observations (streams, rollup marks and progress with them, in
     this transaction). The atoms moved."""
     sc, im = staged_chunks.c, imports.c
+    # one step of an import at a time, across hubs sharing the database (a no-op on SQLite)
+    c.execute(sa.select(im.import_id).where(im.import_id == import_id).with_for_update())
     moved, atom_names, first_id, last_id = 0, set(), None, None
     while moved < COMMIT_STEP:
         chunk = c.execute(sa.select(sc.id, sc.atom, sc.payload).where(sc.import_id == import_id)

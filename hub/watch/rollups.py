@@ -382,12 +382,17 @@ def refresh(c: sa.Connection, fields_of: dict[str, Sequence[str]], limit: int = 
     for a, h, b in keys:
         by_stream.setdefault((a, h), []).append(b)
     for (atom, host), buckets in by_stream.items():
-        fields = fields_of.get(atom)
-        if fields is not None:
-            _refresh_stream(c, atom, host, list(fields), buckets)
+        # the marks go first, then the buckets are read: a reading stored meanwhile (by another
+        # hub sharing the database) either is read here or marks its bucket again afterwards
+        # (its mark waits for this delete), so no change is ever left unmarked and unread
+        mine: list[int] = []
         for chunk in range(0, len(buckets), 900):
-            c.execute(rollup_dirty.delete().where(d.atom == atom, d.host == host,
-                                                  d.bucket.in_(buckets[chunk: chunk + 900])))
+            mine += c.execute(rollup_dirty.delete().where(d.atom == atom, d.host == host,
+                                                          d.bucket.in_(buckets[chunk: chunk + 900]))
+                              .returning(d.bucket)).scalars().all()
+        fields = fields_of.get(atom)
+        if fields is not None and mine:
+            _refresh_stream(c, atom, host, list(fields), sorted(mine))
     return len(keys)
 
 

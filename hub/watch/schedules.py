@@ -51,7 +51,10 @@ def list_all(c: sa.Connection, _p: P.Empty, env: Q.Env) -> dict[str, Any]:
 def fire_due(c: sa.Connection, env: Q.Env) -> list[int]:
     """Enqueue every due schedule's task and move it to its next slot; returns task ids."""
     fired = []
-    for r in c.execute(sa.select(schedules).where(schedules.c.next_run <= env.now)).all():
+    # several hubs may share the database: a hub fires the schedules it could lock and skips
+    # those another hub is firing right now (whose next_run will have moved when it commits)
+    due = sa.select(schedules).where(schedules.c.next_run <= env.now).with_for_update(skip_locked=True)
+    for r in c.execute(due).all():
         res = Q.enqueue(c, P.Enqueue(kind=r.kind, atom=r.atom, params=orjson.loads(r.params),
                                      dedupe_key=f"schedule:{r.id}", max_attempts=3), env)
         slots = math.floor((env.now - r.next_run) / r.every) + 1
