@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from kiri.agents.client import HubClient
+from kiri.agents.client import HubClient, HubUnreachable
 from tests.conftest import wait_until
 from tests.test_cli import kiri
 
@@ -139,3 +139,51 @@ def test_a_schedule_fires_once_per_interval_across_hubs(hub_factory, pg, agents_
     (start,) = a.sql("SELECT created_at FROM schedules")[0]  # the grid: the first run, then every second
     slots = [int((t - start) // 1.0) for t in made]
     assert len(set(slots)) == len(slots), slots  # never two in one interval
+
+
+def test_killing_either_hub_again_and_again_loses_no_task_and_acks_none_twice(hub_factory, pg, agents_factory,
+                                                                                tmp_path):
+    import collections
+    import json
+    import subprocess
+    import sys
+    import time
+
+    url = pg.new_database()
+    hubs = [hub_factory("--db", url, "--lease-ttl", "2"), hub_factory("--db", url, "--lease-ttl", "2")]
+    both = [f"127.0.0.1:{h.port}" for h in hubs]
+    agents = []
+    for i in range(2):
+        journal = tmp_path / f"agent{i}.jsonl"
+        agents.append((journal, subprocess.Popen(
+            [sys.executable, "-m", "kiri.agents.cli", "--role", "trainer", "--kinds", "echo", "--name", f"ha{i}",
+             "--hub", ",".join(both if i == 0 else both[::-1]), "--journal", str(journal), "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    client = HubClient([h.address for h in hubs], reconnect_for=30.0)
+    accepted: list[int] = []
+
+    def enqueue(key: str) -> int:
+        try:
+            return client.enqueue("echo", dedupe_key=key)["task_id"]
+        except HubUnreachable:  # its hub died under the call: resent, as the error says, with its dedupe key
+            return client.enqueue("echo", dedupe_key=key)["task_id"]
+
+    try:
+        for k in range(4):  # each hub killed twice, a batch of tasks enqueued around each kill
+            accepted += [enqueue(f"{k}-{i}") for i in range(40)]
+            victim = hubs[k % 2]
+            victim.kill()
+            accepted += [enqueue(f"{k}-{i}") for i in range(40, 80)]
+            victim.start()
+            time.sleep(0.5)
+        wait_until(lambda: hubs[0].sql("SELECT count(*) FROM tasks WHERE status <> 'done'") == [(0,)], 90,
+                   what="every task done")
+    finally:
+        for _, proc in agents:
+            proc.terminate()
+            proc.wait(20)
+    done = dict(hubs[0].sql("SELECT id, status FROM tasks"))
+    assert len(accepted) == 320 and all(done[t] == "done" for t in accepted)
+    acks = collections.Counter(e["task_id"] for journal, _ in agents if journal.exists()
+                               for e in map(json.loads, journal.read_text().splitlines()) if e["call"] == "ack")
+    assert set(acks) == set(done) and max(acks.values()) == 1  # each task acked once, by one agent
