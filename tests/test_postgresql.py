@@ -187,3 +187,52 @@ def test_killing_either_hub_again_and_again_loses_no_task_and_acks_none_twice(hu
     acks = collections.Counter(e["task_id"] for journal, _ in agents if journal.exists()
                                for e in map(json.loads, journal.read_text().splitlines()) if e["call"] == "ack")
     assert set(acks) == set(done) and max(acks.values()) == 1  # each task acked once, by one agent
+
+
+def test_a_sqlite_store_moves_to_postgresql_whole_and_a_hub_carries_on_there(hub_factory, pg, tmp_path):
+    import base64
+    import subprocess
+    import sys
+
+    from kiri.model import schema as S
+    from kiri.model.gpt import Atom
+    from kiri.model.weights import save_weights
+    from tests.conftest import push
+
+    old = hub_factory()
+    c = old.client()
+    parent = c.enqueue("echo")["task_id"]
+    c.enqueue("echo", params={"child": True}, parent_id=parent)
+    lease = c.lease(["echo"], ttl=30)
+    c.call("checkpoint", {"task_id": lease["task"]["id"], "lease_token": lease["lease"]["token"], "step": 3,
+                          "data": base64.b64encode(b"\x00\xffstate").decode()})
+    c.call("schedule_add", {"kind": "echo", "every": 3600.0, "first_in": 3600.0})
+    push(old, "pulse", [{"cpu": float(i % 7), "mem": 1.0, "disk": 2.0, "swap": 0.0, "load": 0.5, "net": 1.0}
+                        for i in range(300)], [1.7e9 + 30 * i for i in range(300)], host="h1")
+    blob = save_weights(S.PULSE, Atom.for_schema(S.PULSE))
+    c.call("import_weights", {"atom": "pulse", "blob": base64.b64encode(blob).decode(), "activate": True})
+    old.terminate()
+    url = pg.new_database()
+
+    def kiri_hub(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kiri.hub.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    out = kiri_hub("migrate-store", "--from", str(old.db_path), "--to", url)
+    assert out.returncode == 0, out.stderr
+    assert "every table verified" in out.stdout and "observations" in out.stdout
+    again = kiri_hub("migrate-store", "--from", str(old.db_path), "--to", url)  # never over data
+    assert again.returncode == 1 and "already holds data" in again.stderr
+    # the same rows, ids and bytes on the other side
+    new = hub_factory("--db", url)
+    for q in ("SELECT id, kind, status, parent_id, params FROM tasks ORDER BY id",
+              "SELECT count(*), min(id), max(id), sum(ts) FROM observations",
+              "SELECT atom, host, n, last_id FROM streams", "SELECT id, kind, every, next_run FROM schedules"):
+        assert new.sql(q) == old.sql(q), q
+    assert bytes(new.sql("SELECT data FROM checkpoints")[0][0]) == b"\x00\xffstate"
+    assert bytes(new.sql("SELECT blob FROM weights")[0][0]) == blob
+    c = new.client()  # and the hub carries on: new ids follow the copied ones
+    assert c.enqueue("echo")["task_id"] == old.sql("SELECT max(id) FROM tasks")[0][0] + 1
+    got = c.call("observe", {"atom": "pulse", "observations": [
+        {"values": {"cpu": 1.0, "mem": 1.0, "disk": 2.0, "swap": 0.0, "load": 0.5, "net": 1.0}, "time": 1.8e9}]})
+    assert got["first_id"] == 301
