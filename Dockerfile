@@ -14,7 +14,8 @@ COPY agents ./agents
 COPY model ./model
 COPY migrations ./migrations
 # the CPU build of torch, pinned by constraints.txt; no CUDA packages
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt . \
+# with the [postgresql] extra (psycopg 3): the same image serves a SQLite file or a shared PostgreSQL
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt '.[postgresql]' \
     && useradd --create-home --uid 1000 kiri \
     && mkdir -p /data && chown kiri /data
 

@@ -44,3 +44,16 @@ def test_dockerfile_installs_the_package_and_what_it_copies_exists():
             for src in line.split()[1:-1]:
                 assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
     assert "-c constraints.txt" in text and 'CMD ["kiri-hub", "serve"' in text
+
+
+def test_the_ha_profile_runs_postgresql_two_hubs_and_agents_that_know_both():
+    out = subprocess.run([_compose(), "-f", str(ROOT / "docker-compose.yml"), "--profile", "ha", "config"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "KIRI_TOKEN": "test-secret", "KIRI_PG_PASSWORD": "pg-secret"})
+    assert out.returncode == 0, out.stderr
+    for service in ("postgres:", "hub-a:", "hub-b:", "ha-trainer:", "ha-scorer:"):
+        assert service in out.stdout
+    assert out.stdout.count("postgresql://kiri:pg-secret@postgres/kiri") == 2  # both hubs, one database
+    assert "hub-a:7746,hub-b:7746" in out.stdout and "hub-b:7746,hub-a:7746" in out.stdout
+    assert "service_healthy" in out.stdout and "pg_isready" in out.stdout
+    assert "[postgresql]" in (ROOT / "Dockerfile").read_text()  # the image carries the driver

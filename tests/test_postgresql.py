@@ -27,8 +27,12 @@ def _drain(hub, name: str, got: dict[int, list[str]], errors: list[BaseException
 
 def test_two_hubs_over_one_database_never_hand_out_a_task_twice(hub_factory, pg):
     url = pg.new_database()
-    a = hub_factory("--db", url)
-    b = hub_factory("--db", url)  # a second hub on the same database starts and serves
+    a = hub_factory("--db", url, start=False)
+    b = hub_factory("--db", url, start=False)
+    a.start(wait=False)
+    b.start(wait=False)  # both at once on an empty database: they migrate one after the other
+    a.wait_ready()
+    b.wait_ready()
     ids = [a.client().enqueue("echo")["task_id"] for _ in range(150)]
     ids += [b.client().enqueue("echo")["task_id"] for _ in range(150)]
     got: dict[int, list[str]] = {}

@@ -24,10 +24,23 @@ def alembic_config(url: str, connection: sa.Connection | None = None) -> Config:
     return cfg
 
 
+MIGRATION_LOCK = 0x6B697269_0001  # PostgreSQL: hubs starting together migrate one after another
+
+
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     with engine.connect() as conn:
-        command.upgrade(alembic_config(str(engine.url), conn), revision)
-        conn.commit()
+        shared = conn.dialect.name == "postgresql"
+        if shared:  # the second hub waits, then finds the schema at head and does nothing
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})
+            conn.commit()
+        try:
+            command.upgrade(alembic_config(str(engine.url), conn), revision)
+            conn.commit()
+        finally:
+            if shared:
+                conn.rollback()
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK})
+                conn.commit()
 
 
 def downgrade(engine: sa.Engine, revision: str) -> None:
