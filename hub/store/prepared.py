@@ -3,8 +3,9 @@
 SQLAlchemy's per-execute machinery (context set-up, result proxies, events) costs ~40-60 µs
 on this machine against ~5 µs for sqlite3 itself, and the lease/ack/enqueue path runs
 several statements per task. The SQL text and parameter order still come from Core, so
-the schema stays in one place; only the execution skips the middle layer. Other
-backends take SQLAlchemy's normal path.
+the schema stays in one place; only the execution skips the middle layer. On PostgreSQL
+the same holds against psycopg (about 50 µs of SQLAlchemy on a 30 µs round trip), so its
+statements take the driver's cursor too; other backends take SQLAlchemy's normal path.
 """
 
 from __future__ import annotations
@@ -33,10 +34,43 @@ def compile_for_driver(stmt: sa.Executable, dialect: sa.Dialect) -> tuple[str, l
     return compiled.string, names, consts, columns
 
 
+def compile_for_pyformat(stmt: sa.Executable, dialect: sa.Dialect) -> tuple[str, dict[str, Any], list[str]] | None:
+    """For a named-parameter driver (psycopg): SQL text, constant parameters and result column
+    names; None when the statement needs SQLAlchemy at run time (an expanding IN list)."""
+    compiled = stmt.compile(dialect=dialect)
+    assert isinstance(compiled, SQLCompiler)
+    if "POSTCOMPILE" in compiled.string:
+        return None
+    consts = {n: b.effective_value for n, b in compiled.binds.items() if not b.required}
+    result_columns = getattr(compiled, "_result_columns", None)
+    columns = [str(c[0]) for c in result_columns] if result_columns else []
+    return compiled.string, consts, columns
+
+
+_NOT_COMPILED: Any = object()
+
+
 class Prepared:
     def __init__(self, stmt: sa.Executable) -> None:
         self.stmt = stmt
         self._sqlite: tuple[str, list[str], dict[str, Any], list[str]] | None = None
+        self._pg: tuple[str, dict[str, Any], list[str]] | None = _NOT_COMPILED
+
+    def _fetch_pg(self, conn: sa.Connection, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]] | None:
+        """Column names and rows from psycopg's cursor; None where SQLAlchemy must run it."""
+        if self._pg is _NOT_COMPILED:
+            self._pg = compile_for_pyformat(self.stmt, conn.dialect)
+        if self._pg is None:
+            return None
+        sql, consts, columns = self._pg
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute(sql, {**consts, **params})
+            if cur.description is None:
+                return [], []
+            return columns or [d[0] for d in cur.description], cur.fetchall()
+        finally:
+            cur.close()
 
     def _compile_sqlite(self, conn: sa.Connection) -> tuple[str, list[str], dict[str, Any], list[str]]:
         self._sqlite = compile_for_driver(self.stmt, conn.dialect)
@@ -55,6 +89,8 @@ class Prepared:
             cur.close()
 
     def rows(self, conn: sa.Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
+        if conn.dialect.name == "postgresql" and (got := self._fetch_pg(conn, params)) is not None:
+            return [dict(zip(got[0], r, strict=True)) for r in got[1]]
         if conn.dialect.name != "sqlite":
             res = conn.execute(self.stmt, params)  # an UPDATE without RETURNING has no rows to iterate
             return [as_dict(r) for r in res] if res.returns_rows else []
@@ -63,6 +99,8 @@ class Prepared:
 
     def tuples(self, conn: sa.Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Rows as plain tuples in the statement's column order: the cheapest way to read many."""
+        if conn.dialect.name == "postgresql" and (got := self._fetch_pg(conn, params)) is not None:
+            return got[1]
         if conn.dialect.name != "sqlite":
             res = conn.execute(self.stmt, params)
             return [tuple(r) for r in res] if res.returns_rows else []
