@@ -99,9 +99,11 @@ def main(role: str, kinds: list[str] | None, handler_specs: tuple[str, ...], hub
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     agent.install_signal_handlers()
+    client.stopping = agent.stopping  # a stop is not held up by a hub that is gone
     roles.warm_up(serve)
     logging.getLogger("kiri.agent").info(
-        "agent %s (%s) serving %s via %s:%d", client.agent, role, ",".join(serve), *address)
+        "agent %s (%s) serving %s via %s", client.agent, role, ",".join(serve),
+        ",".join(f"{h}:{p}" for h, p in address))
     agent.run()
 
 

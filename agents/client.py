@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_delay,
     stop_never,
+    stop_when_event_set,
     wait_exponential_jitter,
 )
 
@@ -75,6 +77,9 @@ class HubClient:
         self.addresses: list[tuple[str, int]] = (list(address) if isinstance(address, list)
                                                  else [address] if address else config.hub_addresses())
         self._at = 0
+        # set by an agent told to stop: reconnecting gives up at once (the lease expires and
+        # the task is retried) instead of outliving SIGTERM while its hub is gone
+        self.stopping: threading.Event | None = None
         self.token = token if token is not None else os.environ.get("KIRI_TOKEN")
         self.role = role
         self.agent = agent or f"{role}-{socket.gethostname()}-{os.getpid()}"
@@ -109,12 +114,16 @@ class HubClient:
 
     def _retrying(self, fn: Any) -> Any:
         stop = stop_never if self.reconnect_for is None else stop_after_delay(self.reconnect_for)
+        stopping = self.stopping
+        if stopping is not None:
+            stop = stop | stop_when_event_set(stopping)
         retryer = Retrying(
             retry=retry_if_exception_type(OSError),
             wait=wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.25),
             stop=stop,
             reraise=True,
             before_sleep=before_sleep_log(log, logging.INFO),
+            sleep=stopping.wait if stopping is not None else time.sleep,
         )
         try:
             return retryer(fn)

@@ -68,6 +68,19 @@ def test_sigkilled_agent_loses_its_lease_and_its_late_ack_is_refused(hub, agents
     rescuer.stop()
 
 
+def test_an_agent_whose_hub_is_gone_still_stops_on_sigterm(hub, agents_factory):
+    agent = agents_factory(hub, "sleep")
+    tid = hub.client().enqueue("sleep", params={"seconds": 60})["task_id"]
+    wait_until(lambda: hub.sql("SELECT status FROM tasks WHERE id = ?", tid) == [("leased",)], 30,
+               what="the task leased")
+    hub.kill()  # gone for good: the agent's calls would retry forever
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(30) == 0  # it gives the reconnecting up and exits; the lease will expire
+    hub.start()  # the task is not lost: its lease expires and it waits for another agent
+    wait_until(lambda: hub.sql("SELECT status, expiries FROM tasks WHERE id = ?", tid) == [("queued", 1)], 30,
+               what="the lease to expire")
+
+
 def test_hub_killed_and_restarted_while_agents_work(hub, agents_factory):
     agents = [agents_factory(hub, "sleep") for _ in range(3)]
     c = hub.client()
