@@ -43,13 +43,20 @@ def _steps(lease: Prepared) -> list[tuple[Prepared, dict]]:
     ]
 
 
-def test_driver_path_equals_sqlalchemy_path(tmp_path):
-    fast, slow = _db(tmp_path / "fast.db"), _db(tmp_path / "slow.db")
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_driver_path_equals_sqlalchemy_path(tmp_path, request, backend):
+    if backend == "postgresql":  # psycopg's cursor, against SQLAlchemy's own path on PostgreSQL
+        pg = request.getfixturevalue("pg")
+        fast, slow = make_engine(pg.new_database()), make_engine(pg.new_database())
+        mig.upgrade(fast)
+        mig.upgrade(slow)
+    else:
+        fast, slow = _db(tmp_path / "fast.db"), _db(tmp_path / "slow.db")
     lease = Prepared(Q._lease_stmt(1))
     got_fast, got_slow = [], []
     with fast.begin() as c:
         for stmt, params in _steps(lease):
-            got_fast.append(stmt.rows(c, params))  # the SQLite driver path
+            got_fast.append(stmt.rows(c, params))  # the driver path
     with slow.begin() as c:
         for stmt, params in _steps(lease):
             result = c.execute(stmt.stmt, params)  # SQLAlchemy's own path
@@ -59,9 +66,11 @@ def test_driver_path_equals_sqlalchemy_path(tmp_path):
     assert got_fast[2][0]["deadline"] == 7.5
     for table in (tasks, checkpoints):
         with fast.connect() as a, slow.connect() as b:
-            rows_a = [tuple(r) for r in a.execute(sa.select(table))]
-            rows_b = [tuple(r) for r in b.execute(sa.select(table))]
+            rows_a = [tuple(r) for r in a.execute(sa.select(table).order_by(*table.primary_key.columns))]
+            rows_b = [tuple(r) for r in b.execute(sa.select(table).order_by(*table.primary_key.columns))]
         assert rows_a == rows_b
+    fast.dispose()
+    slow.dispose()
 
 
 def test_compiled_parts_name_every_parameter_and_column():
