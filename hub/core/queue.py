@@ -177,8 +177,17 @@ def _lease_stmt(n_kinds: int) -> sa.Update:
     )
 
 
-# One prepared statement per number of kinds, built on first use.
-_LEASE_STMTS: dict[int, Prepared] = {}
+def _lease_with_checkpoint_stmt(n_kinds: int) -> sa.Select[Any]:
+    """PostgreSQL: the lease and its checkpoint in one statement (a data-modifying CTE), one
+    round trip instead of two. SQLite has no UPDATE inside WITH, and no round trips."""
+    leased = _lease_stmt(n_kinds).cte("leased")
+    ck = checkpoints.c
+    return (sa.select(leased, ck.step.label("ck_step"), ck.data.label("ck_data"))
+            .select_from(leased.outerjoin(checkpoints, ck.task_id == leased.c.id)))
+
+
+# One prepared statement per number of kinds (and backend), built on first use.
+_LEASE_STMTS: dict[tuple[int, bool], Prepared] = {}
 _get_checkpoint = Prepared(
     sa.select(checkpoints.c.step, checkpoints.c.data).where(checkpoints.c.task_id == bp("tid"))
 )
@@ -192,13 +201,18 @@ def lease(c: sa.Connection, p: P.Lease, env: Env) -> dict[str, Any] | None:
     kinds = list(dict.fromkeys(p.kinds))
     args: dict[str, Any] = {f"k{i}": k for i, k in enumerate(kinds)}
     args.update(now=env.now, owner=env.agent, tok=token, ttl=ttl, expires=expires)
-    stmt = _LEASE_STMTS.get(len(kinds))
+    joined = c.dialect.name == "postgresql"
+    stmt = _LEASE_STMTS.get((len(kinds), joined))
     if stmt is None:
-        stmt = _LEASE_STMTS[len(kinds)] = Prepared(_lease_stmt(len(kinds)))
+        built = _lease_with_checkpoint_stmt(len(kinds)) if joined else _lease_stmt(len(kinds))
+        stmt = _LEASE_STMTS[(len(kinds), joined)] = Prepared(built)
     row = stmt.first(c, args)
     if row is None:
         return None
-    ck = _get_checkpoint.first(c, {"tid": row["id"]})
+    if joined:
+        ck = {"step": row["ck_step"], "data": row["ck_data"]} if row["ck_step"] is not None else None
+    else:
+        ck = _get_checkpoint.first(c, {"tid": row["id"]})
     return {
         "task": {
             "id": row["id"], "kind": row["kind"], "atom": row["atom"], "params": _frag(row["params"]),
@@ -303,22 +317,38 @@ def checkpoint(c: sa.Connection, p: P.Checkpoint, env: Env, max_bytes: int) -> d
     return {"stored": True, "step": p.step, "bytes": len(data)}
 
 
-_ack_stmt = Prepared(
+_ack_update = (
     tasks.update()
     .where(_fence)
     .values(status="done", result=bp("res"), lease_expires_at=None,
             finished_at=bp("now"), updated_at=bp("now"))
     .returning(tasks.c.id, tasks.c.kind)
 )
+_ack_stmt = Prepared(_ack_update)
 _drop_checkpoint_stmt = checkpoints.delete().where(checkpoints.c.task_id == bp("tid"))
 _drop_checkpoint = Prepared(_drop_checkpoint_stmt)
 
 
+def _ack_and_drop_stmt() -> sa.Select[Any]:
+    """PostgreSQL: the ack and its checkpoint's deletion in one statement (one round trip)."""
+    acked = _ack_update.cte("acked")
+    gone = checkpoints.delete().where(checkpoints.c.task_id.in_(sa.select(acked.c.id))).cte("gone")
+    return sa.select(acked.c.id, acked.c.kind).add_cte(gone)
+
+
+_ack_and_drop = Prepared(_ack_and_drop_stmt())
+
+
 def ack(c: sa.Connection, p: P.Ack, env: Env) -> dict[str, Any]:
     result = _json(p.result, "result") if p.result is not None else None
-    row = _ack_stmt.first(c, {"tid": p.task_id, "tok": p.lease_token, "now": env.now, "res": result})
+    args = {"tid": p.task_id, "tok": p.lease_token, "now": env.now, "res": result}
+    if c.dialect.name == "postgresql":
+        row = _ack_and_drop.first(c, args)
+    else:
+        row = _ack_stmt.first(c, args)
+        if row is not None:
+            _drop_checkpoint.run(c, {"tid": p.task_id})
     if row is not None:
-        _drop_checkpoint.run(c, {"tid": p.task_id})
         env.freed.append(row["kind"])
         if p.next is not None:
             nxt = lease(c, P.Lease(kinds=p.next.kinds, ttl=p.next.ttl), env)
