@@ -34,6 +34,7 @@ from kiri.hub.core.transport import Connection, Connections, Limits
 from kiri.hub.core.wakeups import LongPoll, Timers
 from kiri.hub.store import db as dbmod
 from kiri.hub.store.reader import Reader
+from kiri.hub.store.schema import atoms
 from kiri.hub.watch import keep as KEEP
 from kiri.hub.watch import observations as O
 from kiri.hub.watch import rollups as RU
@@ -111,7 +112,7 @@ class Hub:
         self.import_running = False
         self.raw_pruner = KEEP.RawPruner()
         self.served: dict[str, int] = {"leases": 0, "acks": 0}
-        self.atoms = O.AtomRegistry()
+        self.atoms = O.AtomRegistry(lookup=self._stored_atom)
         # several hubs may share a PostgreSQL database: each batch tells the others what it made
         # leasable (NOTIFY, delivered at commit), and each hub listens (``peers``)
         self.me = peers.hub_id()
@@ -129,6 +130,13 @@ class Hub:
         self.methods: dict[str, tuple[type[BaseModel], Handler]] = {
             name: (M.BY_NAME[name].params, func) for name, func in handlers.items()
         }
+
+    def _stored_atom(self, name: str) -> str | None:
+        """An atom's stored definition, read in the running batch's transaction (outside a
+        batch, e.g. from the HTTP face, nothing is read: a read would open a transaction)."""
+        if not self.db.in_transaction():
+            return None
+        return self.db.execute(sa.select(atoms.c.schema).where(atoms.c.name == name)).scalar()
 
     @property
     def upkeeps(self) -> bool:

@@ -240,3 +240,14 @@ def test_a_sqlite_store_moves_to_postgresql_whole_and_a_hub_carries_on_there(hub
     got = c.call("observe", {"atom": "pulse", "observations": [
         {"values": {"cpu": 1.0, "mem": 1.0, "disk": 2.0, "swap": 0.0, "load": 0.5, "net": 1.0}, "time": 1.8e9}]})
     assert got["first_id"] == 301
+
+
+def test_an_atom_defined_through_one_hub_is_known_to_the_other(hub_factory, pg):
+    url = pg.new_database()
+    a = hub_factory("--db", url)
+    b = hub_factory("--db", url)  # started before the atom exists: its registry has not seen it
+    a.client().call("define_atom", {"schema": {"name": "fans", "fields": [
+        {"letter": "R", "name": "rpm", "low": 0, "high": 5000, "buckets": 8}]}})
+    got = b.client().call("observe", {"atom": "fans", "observations": [{"values": {"rpm": 1200.0}}]})
+    assert got["stored"] == 1
+    assert b.sql("SELECT atom FROM observations") == [("fans",)]

@@ -7,6 +7,7 @@ table and cached here. A batch with one bad row is refused whole, with every pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,12 @@ class AtomRegistry:
     face's reader threads see committed atoms only (``get_committed``, ``all_committed``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lookup: Callable[[str], str | None] | None = None) -> None:
         self.custom: dict[str, S.AtomSchema] = {}
         self._staged: dict[str, S.AtomSchema] = {}  # written by the running transaction
+        # reads one stored definition (on the hub's connection, in its running transaction):
+        # hubs sharing PostgreSQL learn of an atom another hub defined at its first use here
+        self.lookup = lookup
 
     def load(self, c: sa.Connection) -> None:
         self.custom = {
@@ -56,7 +60,12 @@ class AtomRegistry:
 
     def get(self, name: str) -> S.AtomSchema:
         """An atom as the running transaction sees it (the batch loop only)."""
-        return self._find(name, {**self.custom, **self._staged})
+        known = {**self.custom, **self._staged}
+        if name not in known and name not in S.PRESETS and self.lookup is not None:
+            text = self.lookup(name)
+            if text is not None:  # committed by another hub: as true as our own
+                self.custom[name] = known[name] = S.AtomSchema.from_dict(orjson.loads(text), f"stored atom {name!r}")
+        return self._find(name, known)
 
     def get_committed(self, name: str) -> S.AtomSchema:
         """An atom as committed to the database (safe from the reader threads)."""
