@@ -56,32 +56,29 @@ class Prepared:
         self._sqlite: tuple[str, list[str], dict[str, Any], list[str]] | None = None
         self._pg: tuple[str, dict[str, Any], list[str]] | None = _NOT_COMPILED
 
-    def _fetch_pg(self, conn: sa.Connection, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]] | None:
-        """Column names and rows from psycopg's cursor; None where SQLAlchemy must run it."""
-        if self._pg is _NOT_COMPILED:
-            self._pg = compile_for_pyformat(self.stmt, conn.dialect)
-        if self._pg is None:
-            return None
-        sql, consts, columns = self._pg
-        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cur.execute(sql, {**consts, **params})
-            if cur.description is None:
-                return [], []
-            return columns or [d[0] for d in cur.description], cur.fetchall()
-        finally:
-            cur.close()
-
     def _compile_sqlite(self, conn: sa.Connection) -> tuple[str, list[str], dict[str, Any], list[str]]:
         self._sqlite = compile_for_driver(self.stmt, conn.dialect)
         return self._sqlite
 
-    def _fetch_sqlite(self, conn: sa.Connection, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Column names and rows, straight from the driver cursor."""
-        sql, names, consts, columns = self._sqlite or self._compile_sqlite(conn)
+    def _driver(self, conn: sa.Connection, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]] | None:
+        """Column names and rows straight from the driver's cursor (sqlite3 or psycopg); None
+        where SQLAlchemy must run the statement (another backend, an expanding IN list)."""
+        backend = conn.dialect.name
+        if backend == "sqlite":
+            sql, names, consts, columns = self._sqlite or self._compile_sqlite(conn)
+            args: Any = [params[n] if n in params else consts[n] for n in names]
+        elif backend == "postgresql":
+            if self._pg is _NOT_COMPILED:
+                self._pg = compile_for_pyformat(self.stmt, conn.dialect)
+            if self._pg is None:
+                return None
+            sql, consts, columns = self._pg
+            args = {**consts, **params}
+        else:
+            return None
         cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            cur.execute(sql, [params[n] if n in params else consts[n] for n in names])
+            cur.execute(sql, args)
             if cur.description is None:
                 return [], []
             return columns or [d[0] for d in cur.description], cur.fetchall()
@@ -89,22 +86,20 @@ class Prepared:
             cur.close()
 
     def rows(self, conn: sa.Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
-        if conn.dialect.name == "postgresql" and (got := self._fetch_pg(conn, params)) is not None:
-            return [dict(zip(got[0], r, strict=True)) for r in got[1]]
-        if conn.dialect.name != "sqlite":
+        got = self._driver(conn, params)
+        if got is None:
             res = conn.execute(self.stmt, params)  # an UPDATE without RETURNING has no rows to iterate
             return [as_dict(r) for r in res] if res.returns_rows else []
-        cols, rows = self._fetch_sqlite(conn, params)
+        cols, rows = got
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def tuples(self, conn: sa.Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Rows as plain tuples in the statement's column order: the cheapest way to read many."""
-        if conn.dialect.name == "postgresql" and (got := self._fetch_pg(conn, params)) is not None:
-            return got[1]
-        if conn.dialect.name != "sqlite":
+        got = self._driver(conn, params)
+        if got is None:
             res = conn.execute(self.stmt, params)
             return [tuple(r) for r in res] if res.returns_rows else []
-        return self._fetch_sqlite(conn, params)[1]
+        return got[1]
 
     def first(self, conn: sa.Connection, params: dict[str, Any]) -> dict[str, Any] | None:
         rows = self.rows(conn, params)
