@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from kiri.hub.store import migrate
 from kiri.hub.store.db import make_engine
-from kiri.hub.store.schema import metadata, observations
+from kiri.hub.store.schema import metadata
 
 
 def _tables(path) -> set[str]:
@@ -111,8 +111,8 @@ def test_streams_are_filled_from_an_existing_database_and_kept_equal_to_brute_fo
     migrate.upgrade(engine, "0008")  # a database from before streams, with data
     rng = random.Random(4)
 
-    def rows(n: int) -> list[dict]:
-        return [{"atom": rng.choice(["pulse", "rhythm"]), "ts": float(rng.randint(0, 50)),
+    def rows(n: int, newest: int = 50) -> list[dict]:
+        return [{"atom": rng.choice(["pulse", "rhythm"]), "ts": float(rng.randint(0, newest)),
                  "host": rng.choice([None, "a", "b"]), "data": "{}", "created_at": 1.0} for _ in range(n)]
 
     with engine.begin() as c:
@@ -122,17 +122,12 @@ def test_streams_are_filled_from_an_existing_database_and_kept_equal_to_brute_fo
     with engine.connect() as c:
         stored = {tuple(r) for r in c.exec_driver_sql("SELECT atom, host, n, first_ts, last_ts, last_id FROM streams")}
         assert stored == _brute_streams(c) and len(stored) == 6
-    # then new readings, late and out of order, in batches (stored as observe stores them, or
-    # inserted and read back): still equal to brute force
+    # then new readings, late and out of order, in batches stored as observe and imports store
+    # them (one atom at a time, several in one transaction): still equal to brute force
     for k in range(20):
-        batch = rows(rng.randint(1, 40))
+        batch = rows(rng.randint(1, 40), 50 + k)  # newer ones too, often tied within the batch
         with engine.begin() as c:
-            if k % 2:
-                before = c.exec_driver_sql("SELECT max(id) FROM observations").scalar()
-                c.execute(observations.insert(), batch)
-                obs.note_streams(c, before)
-            else:
-                atom = batch[0]["atom"]
+            for atom in sorted({r["atom"] for r in batch}):
                 mine = [r for r in batch if r["atom"] == atom]
                 obs._store(c, atom, [r["ts"] for r in mine], [r["host"] for r in mine], ["{}"] * len(mine), 1.0)
         with engine.connect() as c:

@@ -130,9 +130,8 @@ def _seed_watch(path, now: float) -> dict:
 
     import orjson
 
-    from kiri.hub.store.schema import observations
     from kiri.hub.watch import rollups as R
-    from kiri.hub.watch.observations import note_streams
+    from kiri.hub.watch.observations import _store
 
     rng = random.Random(3)
     engine = make_engine(f"sqlite:///{path}")
@@ -153,9 +152,7 @@ def _seed_watch(path, now: float) -> dict:
                 truth.setdefault((host, R.bucket_of(ts, 86400)), []).append(vals)
                 rows.append({"atom": "drift", "ts": ts, "host": host, "data": orjson.dumps(vals).decode(),
                              "created_at": old})
-        c.execute(observations.insert(), rows)
-        note_streams(c, 0)
-        R.mark_where(c, observations, sa.true())
+        _store(c, "drift", [r["ts"] for r in rows], [r["host"] for r in rows], [r["data"] for r in rows], old)
         ids = [r[0] for r in c.execute(sa.text("SELECT id FROM observations ORDER BY id"))]
         # every reading scored by v4; some of the first day's also by v5 (so v5 goes once they do)
         c.execute(sa.text("INSERT INTO scores (observation_id, atom, weights_id, score, threshold, anomalous, surprise,"

@@ -189,18 +189,6 @@ def _refuse(errors: list[dict[str, Any]]) -> None:
 _BULK = BulkInsert(observations, ["ts", "host", "data"])
 
 
-def note_streams(c: sa.Connection, after_id: int) -> None:
-    """Fold the readings stored with ids above ``after_id`` (this transaction's) into ``streams``,
-    read back by id (a range of the table itself). Where the readings are still at hand, as
-    when ``observe`` or an import's commit stores them, ``note_stored`` does the same without
-    reading them back."""
-    o = observations.c
-    groups: dict[tuple[str, str], list[Any]] = {}
-    for oid, atom, host, ts in c.execute(sa.select(o.id, o.atom, o.host, o.ts).where(o.id > after_id)):
-        _group(groups, atom, host, ts, oid)
-    _fold_streams(c, groups)
-
-
 def note_stored(c: sa.Connection, atom: str, hosts: list[str | None], ts: list[float], first_id: int) -> None:
     """Fold readings just stored (one atom, ids ``first_id`` onwards in list order: one
     insert gives them consecutive ids) into ``streams`` and mark their rollup buckets.
@@ -229,17 +217,8 @@ def note_stored(c: sa.Connection, atom: str, hosts: list[str | None], ts: list[f
     R.mark(c, keys)
 
 
-def _group(groups: dict[tuple[str, str], list[Any]], atom: str, host: str | None, ts: float, oid: int) -> None:
-    g = groups.get((atom, host or ""))  # (atom, host) -> [n, first ts, (last ts, last id)]
-    if g is None:
-        groups[(atom, host or "")] = [1, ts, (ts, oid)]
-    else:
-        g[0] += 1
-        g[1] = min(g[1], ts)
-        g[2] = max(g[2], (ts, oid))
-
-
 def _fold_streams(c: sa.Connection, groups: dict[tuple[str, str], list[Any]]) -> None:
+    """Add each (atom, host) group's [count, first ts, (last ts, last id)] to its stream row."""
     st = streams.c
     for (atom, host), (n, first, (last, last_id)) in groups.items():
         newer = sa.or_(st.last_ts < last, sa.and_(st.last_ts == last, st.last_id < last_id))

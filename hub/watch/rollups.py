@@ -132,14 +132,6 @@ def mark(c: sa.Connection, keys: Iterable[Key]) -> None:
         c.execute(_insert_ignore(c), rows)
 
 
-def mark_where(c: sa.Connection, table: sa.Table, where: sa.ColumnElement[bool]) -> None:
-    """Mark the buckets of the readings in ``table`` that match ``where`` (one statement)."""
-    t = table.c
-    src = sa.select(t.atom, sa.func.coalesce(t.host, ""),
-                    sa.cast(sa.func.floor(t.ts / BASE), sa.BigInteger)).where(where).distinct()
-    c.execute(_insert_ignore(c).from_select(["atom", "host", "bucket"], src))
-
-
 def readings_keys(rows: Iterable[tuple[str, str | None, float]]) -> set[Key]:
     return {(a, h or "", bucket_of(ts)) for a, h, ts in rows}
 

@@ -5,7 +5,7 @@ Revises: 0008
 Create Date: 2026-11-29
 
 Filled from the observations already stored; from then on the hub keeps it up to date in
-the transaction that stores readings (``observations.note_streams``).
+the transaction that stores readings (``observations.note_stored``).
 """
 
 from collections.abc import Sequence
