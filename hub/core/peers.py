@@ -42,9 +42,10 @@ def announce(c: sa.Connection, me: str, env: Env) -> None:
     if c.dialect.name != "postgresql" or not (env.available or env.freed or env.due):
         return
     kinds = env.available + env.freed  # one entry per task: each wakes one waiter, as on this hub
-    payload = orjson.dumps({"hub": me, "kinds": kinds, "due": min(env.due) if env.due else None})
+    due = min(env.due) if env.due else None
+    payload = orjson.dumps({"hub": me, "kinds": kinds, "due": due})
     if len(payload) > MAX_PAYLOAD:
-        payload = orjson.dumps({"hub": me, "kinds": None, "due": min(env.due) if env.due else None})
+        payload = orjson.dumps({"hub": me, "kinds": None, "due": due})
     c.exec_driver_sql("SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": CHANNEL, "payload": payload.decode()})
 
 

@@ -11,7 +11,6 @@ and by a SHA-256 digest of every value, so the move is proven, not assumed.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,6 @@ from sqlalchemy.engine import Engine
 
 from kiri.hub.store import migrate as mig
 from kiri.hub.store.schema import metadata
-
-log = logging.getLogger(__name__)
 
 BATCH = 5_000
 
@@ -97,13 +94,14 @@ def _reset_sequences(c: sa.Connection) -> None:
     if c.dialect.name != "postgresql":
         return
     for table in tables():
-        for col in _key(table):
-            if isinstance(col.type, sa.Integer) and col.autoincrement in (True, "auto") and len(_key(table)) == 1:
-                seq = c.execute(sa.text("SELECT pg_get_serial_sequence(:t, :c)"),
-                                {"t": table.name, "c": col.name}).scalar()
-                if seq:
-                    c.execute(sa.text(f"SELECT setval('{seq}', (SELECT coalesce(max({col.name}), 0) + 1 "
-                                      f"FROM {table.name}), false)"))
+        key = _key(table)
+        if len(key) != 1 or not isinstance(key[0].type, sa.Integer) or key[0].autoincrement not in (True, "auto"):
+            continue
+        col = key[0]
+        seq = c.execute(sa.text("SELECT pg_get_serial_sequence(:t, :c)"), {"t": table.name, "c": col.name}).scalar()
+        if seq:
+            c.execute(sa.text(f"SELECT setval('{seq}', (SELECT coalesce(max({col.name}), 0) + 1 "
+                              f"FROM {table.name}), false)"))
 
 
 def move(source: Engine, target: Engine, progress: Callable[[str, int], None] | None = None,

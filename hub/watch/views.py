@@ -31,10 +31,15 @@ def _verdict(score: sa.Row | None) -> str:
     return verdict(None if score is None else bool(score.anomalous))
 
 
+# what ``_observation`` shows of a score
+_SCORE = (scores.c.score, scores.c.threshold, scores.c.anomalous, scores.c.surprise, scores.c.weights_id,
+          scores.c.tail_p)
+
+
 def _latest_score(c: sa.Connection, obs_id: int) -> sa.Row | None:
     s = scores.c
-    return c.execute(sa.select(s.score, s.threshold, s.anomalous, s.surprise, s.weights_id, s.tail_p)
-                     .where(s.observation_id == obs_id).order_by(s.weights_id.desc()).limit(1)).first()
+    return c.execute(sa.select(*_SCORE).where(s.observation_id == obs_id).order_by(s.weights_id.desc())
+                     .limit(1)).first()
 
 
 def _observation(schema: AtomSchema, row: sa.Row, score: sa.Row | None) -> dict[str, Any]:
@@ -83,8 +88,8 @@ def stream_latest(c: sa.Connection, reg: AtomRegistry) -> list[dict[str, Any]]:
     for k in range(0, len(ids), _IN_CHUNK):
         part = ids[k:k + _IN_CHUNK]
         readings.update((r.id, r) for r in c.execute(sa.select(o.id, o.ts, o.host, o.data).where(o.id.in_(part))))
-        for r in c.execute(sa.select(s.observation_id, s.score, s.threshold, s.anomalous, s.surprise, s.weights_id,
-                                     s.tail_p).where(s.observation_id.in_(part)).order_by(s.weights_id)):
+        for r in c.execute(sa.select(s.observation_id, *_SCORE).where(s.observation_id.in_(part))
+                           .order_by(s.weights_id)):
             newest[r.observation_id] = r  # ordered by weights: the newest weights' score stays
     out = []
     for r in listed:
