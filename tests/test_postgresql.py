@@ -251,3 +251,49 @@ def test_an_atom_defined_through_one_hub_is_known_to_the_other(hub_factory, pg):
     got = b.client().call("observe", {"atom": "fans", "observations": [{"values": {"rpm": 1200.0}}]})
     assert got["stored"] == 1
     assert b.sql("SELECT atom FROM observations") == [("fans",)]
+
+
+def test_a_kinds_concurrency_limit_holds_across_hubs(hub_factory, pg):
+    """Two hubs leasing one limited kind at once: at no moment more leased than the limit.
+
+    Each worker counts the tasks it holds between the lease's reply and the ack it sends,
+    a span inside the task's time as leased in the database: two at once is two leased."""
+    import time
+
+    url = pg.new_database()
+    a = hub_factory("--db", url)
+    b = hub_factory("--db", url)
+    a.client().call("set_kind", {"kind": "echo", "concurrency": 1})
+    for _ in range(300):
+        a.client().enqueue("echo")
+    lock = threading.Lock()
+    held = [0, 0]  # now, most at once
+    errors: list[BaseException] = []
+
+    def work(hub, name: str) -> None:
+        try:
+            c = HubClient(hub.address, agent=name)
+            c.connect()
+            while True:
+                res = c.lease(["echo"], wait=1.0, ttl=60)
+                if res["task"] is None:
+                    return
+                with lock:
+                    held[0] += 1
+                    held[1] = max(held[1], held[0])
+                time.sleep(0.002)  # the task's work
+                with lock:
+                    held[0] -= 1
+                c.call("ack", {"task_id": res["task"]["id"], "lease_token": res["lease"]["token"]})
+        except BaseException as e:  # noqa: BLE001 (raised again in the test's thread)
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(h, f"{tag}{k}")) for tag, h in (("a", a), ("b", b))
+               for k in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert not errors, errors
+    assert a.sql("SELECT status, count(*) FROM tasks GROUP BY status") == [("done", 300)]
+    assert held[1] == 1, f"{held[1]} tasks of a kind limited to 1 were leased at once"

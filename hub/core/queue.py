@@ -188,6 +188,39 @@ def _lease_with_checkpoint_stmt(n_kinds: int) -> sa.Select[Any]:
 
 # One prepared statement per number of kinds (and backend), built on first use.
 _LEASE_STMTS: dict[tuple[int, bool], Prepared] = {}
+
+LIMITS_LOCK = 0x6B697269_0002  # PostgreSQL: leases of kinds with a concurrency limit, one hub at a time
+
+
+def _limits_lock_stmt(n_kinds: int) -> sa.Select[Any]:
+    """PostgreSQL: wait for the transaction-scoped lock on leasing limited kinds, if any of
+    these kinds has a limit.
+
+    The lease statement counts a kind's leased tasks in its own snapshot, which cannot see a
+    lease another hub has made but not yet committed: two hubs would each find room for the
+    last slot. Taken in a statement of its own before the lease, the lock makes the second
+    hub wait for the first one's commit, and its lease statement (a new snapshot) then sees
+    that lease. One lock for all limited kinds, so locks are never taken in two orders (no
+    deadlock); kinds without a limit take none, and lease as concurrently as before."""
+    return (sa.select(sa.func.pg_advisory_xact_lock(LIMITS_LOCK)).select_from(kinds)
+            .where(kinds.c.kind.in_([bp(f"k{i}") for i in range(n_kinds)]), kinds.c.concurrency.is_not(None))
+            .limit(1))
+
+
+_LIMITS_LOCK_STMTS: dict[int, Prepared] = {}
+_limited_now = Prepared(sa.select(kinds.c.kind).where(kinds.c.concurrency.is_not(None)))
+LIMITS_FRESH = 1.0  # seconds a hub trusts its list of limited kinds (its own changes: at once)
+
+
+def _limited(c: sa.Connection, now: float) -> frozenset[str]:
+    """The kinds with a concurrency limit, as this connection last read them (at most
+    ``LIMITS_FRESH`` seconds ago): leases of other kinds skip the limits lock's round trip.
+    A limit set through this hub applies at once (``set_kind`` forgets the list); one set
+    through another hub, within a second."""
+    got = c.info.get("kiri.limited")
+    if got is None or not 0 <= now - got[0] < LIMITS_FRESH:
+        got = c.info["kiri.limited"] = (now, frozenset(k for (k,) in _limited_now.tuples(c, {})))
+    return got[1]
 _get_checkpoint = Prepared(
     sa.select(checkpoints.c.step, checkpoints.c.data).where(checkpoints.c.task_id == bp("tid"))
 )
@@ -206,6 +239,11 @@ def lease(c: sa.Connection, p: P.Lease, env: Env) -> dict[str, Any] | None:
     if stmt is None:
         built = _lease_with_checkpoint_stmt(len(kinds)) if joined else _lease_stmt(len(kinds))
         stmt = _LEASE_STMTS[(len(kinds), joined)] = Prepared(built)
+    if joined and not _limited(c, env.now).isdisjoint(kinds):
+        lock = _LIMITS_LOCK_STMTS.get(len(kinds))
+        if lock is None:
+            lock = _LIMITS_LOCK_STMTS[len(kinds)] = Prepared(_limits_lock_stmt(len(kinds)))
+        lock.run(c, {f"k{i}": k for i, k in enumerate(kinds)})
     row = stmt.first(c, args)
     if row is None:
         return None
@@ -515,6 +553,7 @@ def set_kind(c: sa.Connection, p: P.SetKind, env: Env) -> dict[str, Any]:
     new = {"paused": old["paused"], "concurrency": old["concurrency"], "deadline": old["deadline"], **given}
     changed = any(new[f] != old[f] for f in new)
     if changed:
+        c.info.pop("kiri.limited", None)  # leases from now on read the limits again
         values = {**new, "updated_at": env.now}
         if c.execute(kinds.update().where(kinds.c.kind == p.kind).values(**values)).rowcount == 0:
             c.execute(kinds.insert().values(kind=p.kind, **values))
