@@ -290,7 +290,8 @@ class Hub:
 
         def register(c: sa.Connection, params: P.Hello, env: Q.Env) -> dict[str, Any]:
             # the connection learns its agent id in _finish, once this has committed
-            return {"hub": __version__, "protocol": PROTOCOL_VERSION, "agent_id": Q.upsert_agent(c, params, env)}
+            agent_id = Q.upsert_agent(c, params, env, self.me)
+            return {"hub": __version__, "protocol": PROTOCOL_VERSION, "agent_id": agent_id}
 
         self.commit.submit(Op(conn, req_id, "hello", p, register))
 
@@ -434,7 +435,7 @@ class Hub:
             return
 
         def mark(c: sa.Connection, _p: Any, env: Q.Env) -> None:
-            Q.touch_agents(c, [(agent_id, env.now, self._still_connected(agent_id))])
+            Q.touch_agents(c, [(agent_id, env.now, self._still_connected(agent_id))], self.me)
 
         self.commit.submit(Op(None, None, "disconnect", None, mark, reply=False))
 
@@ -464,6 +465,10 @@ class Hub:
             for task_id, status in reaped:
                 log.info("lease on task %s expired; task is now %s", task_id, status)
             self._flush_agents_in(c, env.now)
+            if self.shared and self.upkeeps:
+                gone = peers.forget_gone(c)
+                if gone:
+                    log.info("%d agent(s) of hubs that are gone marked disconnected", gone)
             if self.longpoll.waiters and not env.available:
                 env.available.extend(Q.ready_kinds(c, self.longpoll.waiting_kinds(), env.now))
             return reaped
@@ -584,13 +589,13 @@ class Hub:
         for conn in self.connections:
             if conn.agent_id is not None:
                 seen[conn.agent_id] = max(seen.get(conn.agent_id, 0.0), conn.last_seen)
-        Q.touch_agents(c, [(a, t, True) for a, t in seen.items()])
+        Q.touch_agents(c, [(a, t, True) for a, t in seen.items()], self.me)
 
     def _flush_agents(self) -> None:
         try:
             with self.db.begin():
                 self._flush_agents_in(self.db, time.time())
-                Q.disconnect_all(self.db)
+                Q.disconnect_all(self.db, self.me if self.shared else None)
         except Exception:
             log.exception("could not record agents as disconnected")
 

@@ -297,3 +297,28 @@ def test_a_kinds_concurrency_limit_holds_across_hubs(hub_factory, pg):
     assert not errors, errors
     assert a.sql("SELECT status, count(*) FROM tasks GROUP BY status") == [("done", 300)]
     assert held[1] == 1, f"{held[1]} tasks of a kind limited to 1 were leased at once"
+
+
+def test_the_agents_of_a_hub_that_died_are_no_longer_listed_as_connected(hub_factory, pg):
+    url = pg.new_database()
+    a = hub_factory("--db", url, "--tick", "0.1")
+    b = hub_factory("--db", url, "--tick", "0.1")
+    clients = [HubClient(h.address, agent=f"on-{tag}", role="trainer") for tag, h in (("a", a), ("b", b))]
+    for c in clients:
+        c.connect()
+
+    def connected() -> dict[str, bool]:
+        return dict(b.sql("SELECT name, connected FROM agents"))
+
+    wait_until(lambda: connected() == {"on-a": True, "on-b": True}, what="both agents listed")
+    a.kill()  # no goodbye: the hub doing the upkeep finds its session gone
+    wait_until(lambda: connected() == {"on-a": False, "on-b": True}, 20, what="the dead hub's agent marked gone")
+    a.start()
+    clients[0].close()
+    again = HubClient(a.address, agent="on-a", role="trainer")
+    again.connect()
+    wait_until(lambda: connected() == {"on-a": True, "on-b": True}, what="the agent back")
+    assert a.terminate() == 0  # a clean stop marks its own agents only
+    assert connected() == {"on-a": False, "on-b": True}
+    again.close()
+    clients[1].close()

@@ -49,6 +49,27 @@ def announce(c: sa.Connection, me: str, env: Env) -> None:
     c.exec_driver_sql("SELECT pg_notify(%(channel)s, %(payload)s)", {"channel": CHANNEL, "payload": payload.decode()})
 
 
+APP_PREFIX = "kiri-hub:"  # each hub's listener connects as application_name kiri-hub:<hub id>
+
+_forget_gone = sa.text(
+    "UPDATE agents SET connected = false WHERE connected AND (hub IS NULL OR hub NOT IN ("
+    " SELECT substr(application_name, :from_char) FROM pg_stat_activity WHERE application_name LIKE :pattern))"
+)
+
+
+def forget_gone(c: sa.Connection) -> int:
+    """Mark disconnected the agents listed as connected to a hub that is gone; how many.
+
+    A hub is alive while its listener's session is (PostgreSQL ends the session of a
+    process that died, SIGKILL included); the session names the hub (``APP_PREFIX``), so
+    ``pg_stat_activity`` is the list of live hubs. Run by the hub that does the upkeep, at
+    its tick. An agent that moved to another hub meanwhile is that hub's again at its next
+    tick, and a hub whose listener is reconnecting reclaims its agents the same way."""
+    if c.dialect.name != "postgresql":
+        return 0
+    return int(c.execute(_forget_gone, {"from_char": len(APP_PREFIX) + 1, "pattern": APP_PREFIX + "%"}).rowcount)
+
+
 def conninfo(url: str) -> dict[str, Any]:
     """psycopg's connection arguments from the hub's SQLAlchemy URL."""
     u = make_url(url)
@@ -71,7 +92,7 @@ class Listener:
     their leader the same way)."""
 
     def __init__(self, url: str, me: str, on_wake: Callable[[list[str] | None, float | None], None]) -> None:
-        self.args = conninfo(url)
+        self.args = {**conninfo(url), "application_name": APP_PREFIX + me}  # how others see this hub is alive
         self.me = me
         self.on_wake = on_wake
         self.stopped = threading.Event()

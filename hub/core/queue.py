@@ -715,11 +715,11 @@ def counts(c: sa.Connection) -> list[dict[str, Any]]:
 
 # --- agents ----------------------------------------------------------------------------
 
-def upsert_agent(c: sa.Connection, p: P.Hello, env: Env) -> int:
+def upsert_agent(c: sa.Connection, p: P.Hello, env: Env, hub: str | None = None) -> int:
     values = {
         "role": p.role, "host": p.host, "pid": p.pid, "version": p.version,
         "kinds": orjson.dumps(p.kinds).decode() if p.kinds is not None else None,
-        "connected": True, "last_seen": env.now,
+        "connected": True, "last_seen": env.now, "hub": hub,
     }
     agent_id = c.execute(
         agents.update().where(agents.c.name == p.agent).values(**values).returning(agents.c.id)
@@ -731,16 +731,28 @@ def upsert_agent(c: sa.Connection, p: P.Hello, env: Env) -> int:
     return int(agent_id)
 
 
-def touch_agents(c: sa.Connection, seen: Iterable[tuple[int, float, bool]]) -> None:
-    rows = [{"aid": a, "seen": t, "conn": up} for a, t, up in seen]
-    if rows:
-        c.execute(
-            agents.update()
-            .where(agents.c.id == bp("aid"))
-            .values(last_seen=bp("seen"), connected=bp("conn")),
-            rows,
-        )
+def _held_by(hub: str | None) -> sa.ColumnElement[bool]:
+    """Agent rows that are this hub's to mark: its own, and rows no hub has claimed."""
+    return sa.or_(agents.c.hub.is_(None), agents.c.hub == hub) if hub is not None else sa.true()
 
 
-def disconnect_all(c: sa.Connection) -> None:
-    c.execute(agents.update().values(connected=False))
+def touch_agents(c: sa.Connection, seen: Iterable[tuple[int, float, bool]], hub: str | None = None) -> None:
+    """Record when agents were last seen and whether they are connected to ``hub``.
+
+    A connected agent's row is claimed by this hub; a disconnect only touches a row this
+    hub holds: an agent that moved to another hub (fail-over) is that hub's to mark, and
+    its old hub's late word must not list it as gone."""
+    up = [{"aid": a, "seen": t} for a, t, conn in seen if conn]
+    down = [{"aid": a, "seen": t} for a, t, conn in seen if not conn]
+    if up:
+        c.execute(agents.update().where(agents.c.id == bp("aid"))
+                  .values(last_seen=bp("seen"), connected=True, hub=hub), up)
+    if down:
+        c.execute(agents.update().where(agents.c.id == bp("aid"), _held_by(hub))
+                  .values(last_seen=bp("seen"), connected=False), down)
+
+
+def disconnect_all(c: sa.Connection, hub: str | None = None) -> None:
+    """Every agent disconnected (one hub alone: at its start and stop), or those ``hub`` holds
+    (a hub sharing its database stops; the others' agents are still theirs)."""
+    c.execute(agents.update().where(_held_by(hub)).values(connected=False))

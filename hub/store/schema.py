@@ -128,6 +128,7 @@ agents = sa.Table(
     sa.Column("connected", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("first_seen", sa.Float, nullable=False),
     sa.Column("last_seen", sa.Float, nullable=False),
+    sa.Column("hub", sa.String(64), nullable=True),  # the hub its connection is on (hubs sharing PostgreSQL)
 )
 
 # User-defined atoms (presets live in code); the schema is the validated TOML as JSON.
