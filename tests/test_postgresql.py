@@ -322,3 +322,45 @@ def test_the_agents_of_a_hub_that_died_are_no_longer_listed_as_connected(hub_fac
     assert connected() == {"on-a": False, "on-b": True}
     again.close()
     clients[1].close()
+
+
+def test_an_alert_cool_down_holds_across_hubs(hub_factory, pg):
+    """Alert decisions on one atom recorded through two hubs at once: one alert is delivered,
+    the rest fall under its cool-down (each hub's check alone cannot see the other's
+    uncommitted alert)."""
+    url = pg.new_database()
+    a = hub_factory("--db", url)
+    b = hub_factory("--db", url)
+    leases = []
+    for i in range(8):
+        a.client().enqueue("decide", params={"i": i})
+    for i in range(8):
+        hub = (a, b)[i % 2]
+        c = hub.client()
+        leases.append((c, c.lease(["decide"], ttl=60)))
+    barrier = threading.Barrier(len(leases))
+    results: list[dict] = []
+    errors: list[BaseException] = []
+
+    def decide(c: HubClient, lease: dict) -> None:
+        try:
+            barrier.wait(10)
+            results.append(c.call("record_decision", {
+                "task_id": lease["task"]["id"], "lease_token": lease["lease"]["token"], "atom": "pulse",
+                "inputs": {}, "action": "alert", "probs": {"alert": 1.0}, "policy": "test", "cooldown": 600}))
+        except BaseException as e:  # noqa: BLE001 (raised again in the test's thread)
+            errors.append(e)
+
+    for _round in range(3):  # three rounds of eight at once: a race has three chances to show
+        a.sql("DELETE FROM decisions RETURNING id")  # their alerts go with them
+        results.clear()
+        threads = [threading.Thread(target=decide, args=pair) for pair in leases]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert len(results) == len(leases)
+        delivered = [r for r in results if r["alert"]["deliver"]]
+        assert len(delivered) == 1, f"{len(delivered)} alerts delivered within one cool-down"
+        assert sorted(s for (s,) in a.sql("SELECT status FROM alerts")) == ["cooled"] * 7 + ["pending"]

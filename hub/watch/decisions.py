@@ -21,6 +21,9 @@ from kiri.model.schema import NERVE_INPUTS
 from kiri.protocol import LeaseLost, NotFound
 from kiri.protocol import params as P
 
+ALERTS_LOCK = 0x6B697269_0003  # PostgreSQL: one alert decision at a time across hubs (the cool-down)
+_alerts_lock = sa.select(sa.func.pg_advisory_xact_lock(ALERTS_LOCK))
+
 NERVE_MIN_LABELS = 20
 NERVE_RETRAIN_EVERY = 10  # new labels since the nerve last trained
 
@@ -73,6 +76,12 @@ def insert(c: sa.Connection, task_id: int, atom: str, p: P.DecisionIn,
     ).returning(decisions.c.id)).scalar_one()
     out: dict[str, Any] = {"decision_id": did, "already": False, "alert": None}
     if p.action == "alert":
+        if c.dialect.name == "postgresql":
+            # hubs sharing the database: the check below would not see another hub's alert
+            # until it commits, so both would deliver; this lock, taken in a statement of its
+            # own, makes the second wait for the first one's commit, and its check (a new
+            # snapshot) then sees that alert. Alerts are rare: one lock for all atoms.
+            c.execute(_alerts_lock)
         recent = c.execute(sa.select(alerts.c.id).where(
             alerts.c.atom == atom, alerts.c.status.in_(["pending", "sent", "partial"]),
             alerts.c.created_at > env.now - p.cooldown).limit(1)).first()
