@@ -228,6 +228,8 @@ class Agent:
             self.max_tasks is None or self.handled < self.max_tasks)
         if more:
             body["next"] = {"kinds": self.kinds, **({"ttl": self.ttl} if self.ttl else {})}
+        if what == "fail":
+            body["error"] = clip_error(body.get("error", "failed"))
         try:
             reply = self.client.call(what, {"task_id": task_id, "lease_token": token, **body})
         except LeaseLost:
@@ -246,6 +248,19 @@ class Agent:
         log.debug("task %s: %s -> %s", task_id, what, reply.get("status"))
         return reply.get("next")
 
+
+
+MAX_ERROR = 8000  # characters of a failure's message sent to the hub (its limit is 65,536)
+
+
+def clip_error(text: str, limit: int = MAX_ERROR) -> str:
+    """A failure's message cut to ``limit`` characters, keeping its start and its end (where
+    a traceback names the line): an exception whose message is huge (a hub's refusal listing
+    thousands of bad values) must still fail its task, not have the failure refused too."""
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit + 40
+    return f"{text[:limit // 2]}\n[... {cut} characters cut ...]\n{text[len(text) - (limit // 2 - 40):]}"
 
 
 class Heartbeater:

@@ -37,6 +37,13 @@ SUSTAIN = 6  # observations in the sustained-unusualness window
 DEFAULT_ALARMS_PER_WEEK = 2.0
 WEEK = 7 * 86400.0
 MIN_P = 1e-12
+# The tail's scale is never under this (nats per e-fold of rarity). Scores of a confident
+# model sit in a clump at zero (``excess/1``: as surprising as expected), which puts the
+# 50th to 98th percentiles together; the scale measured there would make a reading a
+# quarter of a nat past the clump one in a million. (bench/detect.py, same run: 0.1 spends
+# the budget many times over on composition, 0.4 lets a contaminated week's anomalies under
+# it; 0.25 is better than both on every figure there.)
+MIN_BETA = 0.25
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,8 @@ class Tail:
         else:  # too few for a 98th percentile: the body's scale, widened
             beta = 1.5 * body
         if not beta > 0:
-            beta = max(1e-3, 0.05 * abs(float(knots[2])) + 1e-3)
-        return cls(knots=tuple(float(k) for k in knots), beta=float(beta))
+            beta = MIN_BETA
+        return cls(knots=tuple(float(k) for k in knots), beta=float(max(beta, MIN_BETA)))
 
     def sf(self, x: np.ndarray | float) -> np.ndarray:
         """P(normal score >= x), for each x."""

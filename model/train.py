@@ -21,7 +21,7 @@ from kiri.model.calibrate import Calibration, suspect_share
 from kiri.model.codec import Codec
 from kiri.model.gpt import Atom
 from kiri.model.schema import AtomSchema
-from kiri.model.score import ORDINAL, window_keys
+from kiri.model.score import EXCESS, window_keys
 from kiri.model.train_step import TrainStep
 from kiri.model.weights import WeightsError, load_weights, pack, save_weights, unpack
 from kiri.model.windows import resolve_context, windows
@@ -388,7 +388,7 @@ class Trainer:
             rate = alarm_rate if alarm_rate is not None else cal.alarm_rate(cal.DEFAULT_ALARMS_PER_WEEK, 300.0)
             self.model.eval()
             codec = self.codec or Codec.fixed(self.schema)
-            scorer = score.Scorer.from_model(self.schema, self.model, self.k, ordinal=True, codec=codec)
+            scorer = score.Scorer.from_model(self.schema, self.model, self.k, excess=True, codec=codec)
             all_scores = scorer.score(self.ids).mean.numpy()
             held = len(self.held) >= 50
             ref = all_scores[self.held.numpy()] if held else all_scores
@@ -397,7 +397,7 @@ class Trainer:
             q = [float(x) for x in torch.quantile(torch.from_numpy(ref).float(), torch.tensor([0.5, 0.99, 0.999]))]
             base.update(threshold=calib.threshold(rate), alarm_rate=rate, calibration=calib.to_dict(),
                         calibrated_on="holdout" if held else "all", held_out=len(self.held),
-                        score_p50=q[0], score_p99=q[1], score_p999=q[2], scoring=ORDINAL,
+                        score_p50=q[0], score_p99=q[1], score_p999=q[2], scoring=EXCESS,
                         judged_anomalous=float((p < rate).mean()) if len(p) else 0.0,
                         suspect_share=suspect_share(calib, ref),
                         codec=codec.to_dict())

@@ -180,6 +180,21 @@ def test_failing_handler_retries_then_dies_with_its_error(hub, agents_factory):
     agent.stop()
 
 
+def test_a_failure_with_a_huge_message_still_fails_its_task(hub, agents_factory):
+    # the hub takes at most 64 KiB of error text; a longer message had its fail refused,
+    # and the task sat leased until its lease expired
+    c = hub.client()
+    message = "start " + "x" * 100_000 + " end"
+    tid = c.enqueue("fail", params={"message": message}, max_attempts=1)["task_id"]
+    agent = agents_factory(hub, "fail", "--lease-ttl", "60")
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "dead", 20,
+               what="the task to fail at once (not when its lease expires)")
+    error = c.call("task", {"task_id": tid})["task"]["error"]
+    assert len(error) <= 8000 and error.startswith("start x") and error.endswith("x end") and "cut" in error
+    agent.stop()
+    c.close()
+
+
 def test_max_tasks_counts_a_failed_task_and_the_agent_exits(hub, agents_factory):
     c = hub.client()
     failing = c.enqueue("fail", params={"message": "no"}, max_attempts=2)["task_id"]

@@ -138,10 +138,11 @@ def test_anomalies_recurring_in_the_history_do_not_silence_the_atom() -> None:
     out = Detector(interval=300.0, learn=False).fit(values[:700]).score(values[700:])
     assert out.flagged[later - 700].sum() >= 4, out.tail_p[later - 700]
     assert out.flagged.sum() <= len(later) + 3
-    # without the trimmed likelihood the model learns them as normal, and they go quiet
+    # without the trimmed likelihood the model learns them as normal, and most go quiet
     untrimmed = Detector(interval=300.0, learn=False, config=TrainConfig(trim=0.0)).fit(values[:700])
-    before = untrimmed.score(values[700:]).tail_p[later - 700]
-    assert np.median(out.tail_p[later - 700]) < 0.1 * np.median(before)
+    before = untrimmed.score(values[700:])
+    assert before.flagged[later - 700].sum() <= 2, before.tail_p[later - 700]
+    assert np.median(out.tail_p[later - 700]) < 0.2 * np.median(before.tail_p[later - 700])
 
 
 # --- training sized to its data ------------------------------------------------------------------
@@ -170,7 +171,7 @@ def test_weights_carry_codec_and_calibration_and_say_what_they_judged_anomalous(
     det = Detector(interval=300.0).fit(st.values)
     info = load_weights(det.blob).info
     assert info["codec"]["kind"] == "fitted/1" and info["calibration"]["kind"] == "tail/1"
-    assert info["scoring"] == "ordinal/1" and 0 <= info["judged_anomalous"] < 0.02
+    assert info["scoring"] == "excess/1" and 0 <= info["judged_anomalous"] < 0.02
     assert info["threshold"] == pytest.approx(det.scorer.calibration.threshold(info["alarm_rate"]))
 
 
@@ -220,6 +221,53 @@ def test_old_weights_without_codec_or_calibration_score_as_before() -> None:
     assert sc.verdicts(r.mean, sc.tail_p(r.mean)).tolist() == (r.mean > 2.0).tolist()
 
 
+def _fitted_pulse(seed: int = 0) -> tuple[Atom, Codec, torch.Tensor]:
+    from kiri.model import synth
+
+    rows = synth.generate("pulse", 1, seed=seed, interval=300.0, event_list=[]).rows
+    values = values_of(S.PULSE, rows)
+    codec = Codec.fit(S.PULSE, values)
+    model = Atom.for_schema(S.PULSE)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model, codec, codec.encode(values)
+
+
+def test_excess_scoring_is_the_surprise_beyond_what_the_model_expected() -> None:
+    """``excess/1``: each field's ordinal surprise minus its expectation under the model's own
+    prediction, sum_b p(b)·s(b), checked against a brute force that scores every bucket."""
+    model, codec, ids = _fitted_pulse()
+    k = 1
+    plain = Scorer.from_model(S.PULSE, model, k, codec=codec)  # -log p(token)
+    ordinal = Scorer.from_model(S.PULSE, model, k, ordinal=True, codec=codec)
+    excess = Scorer.from_model(S.PULSE, model, k, excess=True, codec=codec)
+    got = excess.score(ids)
+    assert torch.allclose(got.surprise, ordinal.score(ids).surprise, atol=1e-5)  # blame stays the surprise
+    assert torch.allclose(got.mean, got.surprise.mean(dim=1) - got.expected.mean(dim=1), atol=1e-6)
+    for t in (5, 40, 200):
+        want = []
+        for j, (off, f) in enumerate(zip(S.PULSE.offsets(), S.PULSE.fields, strict=True)):
+            total = 0.0
+            for b in range(f.buckets):
+                alt = ids[: t + 1].clone()
+                alt[t, j] = off + b
+                p = float(torch.exp(-plain.score(alt, start=t).surprise[0, j]))
+                total += p * float(ordinal.score(alt, start=t).surprise[0, j])
+            want.append(total)
+        assert torch.allclose(got.expected[t], torch.tensor(want), atol=1e-4), (t, got.expected[t], want)
+
+
+def test_weights_scored_with_ordinal_surprise_keep_it() -> None:
+    """Weights made before ``excess/1`` (``scoring: ordinal/1``) score with plain ordinal surprise."""
+    model, codec, ids = _fitted_pulse(1)
+    blob = save_weights(S.PULSE, model, {"context": 1, "codec": codec.to_dict(), "scoring": "ordinal/1"})
+    sc = Scorer(load_weights(blob))
+    assert sc.ordinal and not sc.excess
+    r = sc.score(ids)
+    assert r.expected is None
+    want = Scorer.from_model(S.PULSE, model, 1, ordinal=True, codec=codec).score(ids).surprise
+    assert torch.allclose(r.surprise, want, atol=1e-6) and torch.allclose(r.mean, want.mean(dim=1), atol=1e-6)
+
+
 def test_an_incident_alarms_once_at_its_start() -> None:
     from kiri.model.detect import onsets
 
@@ -239,7 +287,9 @@ def test_calibration_is_fitted_on_the_scores_the_weights_will_give() -> None:
     t.run()
     w = load_weights(t.weights_bytes())
     held = Scorer(w).score(codec.encode(values)).mean[t.held]
-    assert w.info["score_p50"] == pytest.approx(float(held.median()), rel=0.02)
+    # (excess scores sit near zero: a hundredth of a nat apart is the same; the bug this
+    # guards against put them a whole nat apart)
+    assert w.info["score_p50"] == pytest.approx(float(held.median()), rel=0.02, abs=0.01)
 
 
 def test_detector_refuses_what_is_not_a_finite_number() -> None:

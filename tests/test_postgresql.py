@@ -9,20 +9,37 @@ from tests.conftest import wait_until
 from tests.test_cli import kiri
 
 
-def _drain(hub, name: str, got: dict[int, list[str]], errors: list[BaseException]) -> None:
+def _at_once(work, calls: list[tuple], timeout: float = 120.0) -> None:
+    """Run ``work(*args)`` for every args in ``calls``, each in a thread of its own, all at
+    once; an error in any of them fails the test here."""
+    errors: list[BaseException] = []
+
+    def run(*args) -> None:
+        try:
+            work(*args)
+        except BaseException as e:  # noqa: BLE001 (raised again in the test's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=args) for args in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a worker did not finish in time"
+
+
+def _drain(hub, name: str, got: dict[int, list[str]]) -> None:
     """Lease and ack through ``hub`` until it has nothing more to give."""
-    try:
-        c = HubClient(hub.address, agent=name)
-        c.connect()
-        while True:
-            res = c.lease(["echo"], ttl=60)
-            if res["task"] is None:
-                return
-            tid = res["task"]["id"]
-            got.setdefault(tid, []).append(name)
-            assert c.call("ack", {"task_id": tid, "lease_token": res["lease"]["token"]})["status"] == "done"
-    except BaseException as e:  # noqa: BLE001 (raised again in the test's thread)
-        errors.append(e)
+    c = HubClient(hub.address, agent=name)
+    c.connect()
+    while True:
+        res = c.lease(["echo"], ttl=60)
+        if res["task"] is None:
+            return
+        tid = res["task"]["id"]
+        got.setdefault(tid, []).append(name)
+        assert c.call("ack", {"task_id": tid, "lease_token": res["lease"]["token"]})["status"] == "done"
 
 
 def test_two_hubs_over_one_database_never_hand_out_a_task_twice(hub_factory, pg):
@@ -36,14 +53,7 @@ def test_two_hubs_over_one_database_never_hand_out_a_task_twice(hub_factory, pg)
     ids = [a.client().enqueue("echo")["task_id"] for _ in range(150)]
     ids += [b.client().enqueue("echo")["task_id"] for _ in range(150)]
     got: dict[int, list[str]] = {}
-    errors: list[BaseException] = []
-    workers = [threading.Thread(target=_drain, args=(h, f"{tag}{k}", got, errors))
-               for tag, h in (("a", a), ("b", b)) for k in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-    assert not errors, errors
+    _at_once(_drain, [(h, f"{tag}{k}", got) for tag, h in (("a", a), ("b", b)) for k in range(3)])
     assert sorted(got) == sorted(ids)
     assert all(len(names) == 1 for names in got.values()), {t: n for t, n in got.items() if len(n) > 1}
     assert {n[0][0] for n in got.values()} == {"a", "b"}  # both hubs handed work out
@@ -268,33 +278,23 @@ def test_a_kinds_concurrency_limit_holds_across_hubs(hub_factory, pg):
         a.client().enqueue("echo")
     lock = threading.Lock()
     held = [0, 0]  # now, most at once
-    errors: list[BaseException] = []
 
     def work(hub, name: str) -> None:
-        try:
-            c = HubClient(hub.address, agent=name)
-            c.connect()
-            while True:
-                res = c.lease(["echo"], wait=1.0, ttl=60)
-                if res["task"] is None:
-                    return
-                with lock:
-                    held[0] += 1
-                    held[1] = max(held[1], held[0])
-                time.sleep(0.002)  # the task's work
-                with lock:
-                    held[0] -= 1
-                c.call("ack", {"task_id": res["task"]["id"], "lease_token": res["lease"]["token"]})
-        except BaseException as e:  # noqa: BLE001 (raised again in the test's thread)
-            errors.append(e)
+        c = HubClient(hub.address, agent=name)
+        c.connect()
+        while True:
+            res = c.lease(["echo"], wait=1.0, ttl=60)
+            if res["task"] is None:
+                return
+            with lock:
+                held[0] += 1
+                held[1] = max(held[1], held[0])
+            time.sleep(0.002)  # the task's work
+            with lock:
+                held[0] -= 1
+            c.call("ack", {"task_id": res["task"]["id"], "lease_token": res["lease"]["token"]})
 
-    workers = [threading.Thread(target=work, args=(h, f"{tag}{k}")) for tag, h in (("a", a), ("b", b))
-               for k in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-    assert not errors, errors
+    _at_once(work, [(h, f"{tag}{k}") for tag, h in (("a", a), ("b", b)) for k in range(3)])
     assert a.sql("SELECT status, count(*) FROM tasks GROUP BY status") == [("done", 300)]
     assert held[1] == 1, f"{held[1]} tasks of a kind limited to 1 were leased at once"
 
@@ -340,26 +340,17 @@ def test_an_alert_cool_down_holds_across_hubs(hub_factory, pg):
         leases.append((c, c.lease(["decide"], ttl=60)))
     barrier = threading.Barrier(len(leases))
     results: list[dict] = []
-    errors: list[BaseException] = []
 
     def decide(c: HubClient, lease: dict) -> None:
-        try:
-            barrier.wait(10)
-            results.append(c.call("record_decision", {
-                "task_id": lease["task"]["id"], "lease_token": lease["lease"]["token"], "atom": "pulse",
-                "inputs": {}, "action": "alert", "probs": {"alert": 1.0}, "policy": "test", "cooldown": 600}))
-        except BaseException as e:  # noqa: BLE001 (raised again in the test's thread)
-            errors.append(e)
+        barrier.wait(10)
+        results.append(c.call("record_decision", {
+            "task_id": lease["task"]["id"], "lease_token": lease["lease"]["token"], "atom": "pulse",
+            "inputs": {}, "action": "alert", "probs": {"alert": 1.0}, "policy": "test", "cooldown": 600}))
 
     for _round in range(3):  # three rounds of eight at once: a race has three chances to show
         a.sql("DELETE FROM decisions RETURNING id")  # their alerts go with them
         results.clear()
-        threads = [threading.Thread(target=decide, args=pair) for pair in leases]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert not errors, errors
+        _at_once(decide, leases, timeout=30)
         assert len(results) == len(leases)
         delivered = [r for r in results if r["alert"]["deliver"]]
         assert len(delivered) == 1, f"{len(delivered)} alerts delivered within one cool-down"

@@ -290,9 +290,14 @@ class ScoringWork(Params):
     columns: bool = False
 
 
+# A score is a surprise in nats, or (``excess/1`` weights) how far it exceeds the surprise the
+# model expected, which is below zero for an observation less surprising than expected.
+Score = Annotated[float, Field(ge=-1e6, le=1e6)]
+
+
 class ScoreIn(Params):
     observation_id: Annotated[int, Field(ge=1, le=2**63 - 1)]
-    score: Annotated[float, Field(ge=0, le=1e6)]
+    score: Score
     surprise: Annotated[list[Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=64)]
     # calibrated tail probability; with the batch's alarm_rate it is the verdict
     tail_p: Annotated[float, Field(ge=0, le=1)] | None = None
@@ -324,7 +329,7 @@ class ScoreColumns(Params):
 
     observation_id: Annotated[list[Annotated[int, Field(ge=1, le=2**63 - 1)]],
                               Field(min_length=1, max_length=MAX_SCORES)]
-    score: Annotated[list[Annotated[float, Field(ge=0, le=1e6)]], Field(min_length=1, max_length=MAX_SCORES)]
+    score: Annotated[list[Score], Field(min_length=1, max_length=MAX_SCORES)]
     width: Annotated[int, Field(ge=0, le=64)]
     surprise: Annotated[list[Annotated[float, Field(ge=0, le=1e6)]], Field(max_length=MAX_SCORES * 64)]
     # calibrated tail probabilities (null: uncalibrated weights), one per observation
