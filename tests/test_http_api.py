@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -38,7 +39,8 @@ def test_status_shows_every_atom_and_agent(watched):
     assert set(atoms) == {"pulse", "rhythm", "drift"}
     pulse = atoms["pulse"]["latest"]
     assert len(pulse["tokens"]) == 6 and pulse["tokens"][0].startswith("C")
-    assert pulse["score"] > 0 and pulse["verdict"] in ("normal", "anomaly")
+    # (a score is nats beyond what the model expected: below zero for a reading duller than usual)
+    assert math.isfinite(pulse["score"]) and pulse["verdict"] in ("normal", "anomaly")
     assert [b["token"] for b in pulse["blame"]] == pulse["tokens"]
     assert all(0 <= b["probability"] <= 1 for b in pulse["blame"])
     assert atoms["pulse"]["weights"]["version"] >= 1 and atoms["pulse"]["weights"]["threshold"] > 0
@@ -172,7 +174,7 @@ def test_metrics_parse_and_carry_the_series(watched):
     assert fams["kiri_lease_wait_seconds"].type == "histogram" and sum(s.value for s in wait) >= 3
     assert sum(s.value for s in samples("kiri_agents_connected")) >= 2
     score = {s.labels["atom"]: s.value for s in samples("kiri_atom_score")}
-    assert score["pulse"] > 0 and score["drift"] >= 0
+    assert set(score) == {"pulse", "drift"} and all(math.isfinite(v) for v in score.values())
     assert {s.labels["atom"] for s in samples("kiri_atom_threshold")} == {"pulse", "drift"}
     tail = {s.labels["atom"]: s.value for s in samples("kiri_atom_tail_probability")}
     assert set(tail) == {"pulse", "drift"} and all(0 < p <= 1 for p in tail.values())  # calibrated weights
