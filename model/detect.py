@@ -42,11 +42,11 @@ class Detection:
     """Per scored observation: its surprise, calibrated tail probability and verdict."""
 
     schema: AtomSchema
-    surprise: np.ndarray  # [N] mean ordinal surprise (nats)
+    surprise: np.ndarray  # [N] the score: mean ordinal surprise beyond what the model expected (nats)
     tail_p: np.ndarray  # [N] P(normal looks at least this unusual), point or sustained
     anomalous: np.ndarray  # [N] bool: an alarm, the first flagged reading of an incident (``onsets``)
     flagged: np.ndarray  # [N] bool: every reading whose tail_p is under the alarm rate
-    token_surprise: np.ndarray  # [N, F] per field
+    token_surprise: np.ndarray  # [N, F] per field: the plain surprise (blame)
     tokens: np.ndarray  # [N, F] token ids
     alarm_rate: float
 
