@@ -211,6 +211,13 @@ def _run(settings: HubSettings, engine, lock: StoreLock) -> None:  # type: ignor
         runner = asyncio.run
 
     async def amain() -> None:
+        # SIGTERM and SIGINT mean "stop cleanly" from the first moment: the hub accepts
+        # connections before its start-up has finished (the read workers warm up, the
+        # PostgreSQL listener connects), and a stop sent meanwhile must not kill it outright
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         hub = Hub(settings, engine)
         try:
             await hub.start()
@@ -227,10 +234,6 @@ def _run(settings: HubSettings, engine, lock: StoreLock) -> None:  # type: ignor
         # freezing it keeps every later garbage collection from walking it again, which a
         # bulk import's thousands of short-lived rows would otherwise make it do over and over.
         gc.freeze()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
         await hub.stop()

@@ -155,6 +155,31 @@ def test_cancel_reaches_a_running_handler(hub, agents_factory):
     agent.stop()
 
 
+def test_a_hub_told_to_stop_while_it_starts_stops_cleanly(hub_factory):
+    # the hub accepts connections before its start-up is over (its read workers warm up
+    # before the HTTP face opens); a SIGTERM in that time killed it outright (exit -15)
+    import socket
+
+    hub = hub_factory(http=True, start=False)
+    hub.start(wait=False)
+    wait_until(lambda: _accepts(hub.port), 30, interval=0.001, what="the hub to accept connections")
+    hub.proc.send_signal(signal.SIGTERM)
+    assert hub.proc.wait(30) == 0, hub.log()
+    assert "hub stopped cleanly" in hub.log()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", hub.port), timeout=0.5)
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
 def test_hub_sigterm_is_graceful_and_agents_wait_for_it(hub, agents_factory):
     agent = agents_factory(hub, "echo")
     c = hub.client()
