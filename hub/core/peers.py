@@ -24,11 +24,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from kiri.hub.core.queue import Env
+from kiri.hub.store.db import LEADER_LOCK
 
 log = logging.getLogger("kiri.hub")
 
 CHANNEL = "kiri_wake"
-LEADER_LOCK = 0x6B697269  # "kiri": the advisory lock the hub doing the background upkeep holds
 MAX_PAYLOAD = 7000  # PostgreSQL's limit is 8000 bytes; beyond it, "wake every waiter"
 
 

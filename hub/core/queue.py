@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy import bindparam as bp
 from sqlalchemy import literal_column
 
-from kiri.hub.store.db import as_dict
+from kiri.hub.store.db import LIMITS_LOCK, as_dict
 from kiri.hub.store.prepared import Prepared
 from kiri.hub.store.schema import agents, checkpoints, kinds, tasks
 from kiri.protocol import Conflict, InvalidParams, LeaseLost, NotFound
@@ -189,8 +189,6 @@ def _lease_with_checkpoint_stmt(n_kinds: int) -> sa.Select[Any]:
 # One prepared statement per number of kinds (and backend), built on first use.
 _LEASE_STMTS: dict[tuple[int, bool], Prepared] = {}
 
-LIMITS_LOCK = 0x6B697269_0002  # PostgreSQL: leases of kinds with a concurrency limit, one hub at a time
-
 
 def _limits_lock_stmt(n_kinds: int) -> sa.Select[Any]:
     """PostgreSQL: wait for the transaction-scoped lock on leasing limited kinds, if any of
@@ -221,6 +219,8 @@ def _limited(c: sa.Connection, now: float) -> frozenset[str]:
     if got is None or not 0 <= now - got[0] < LIMITS_FRESH:
         got = c.info["kiri.limited"] = (now, frozenset(k for (k,) in _limited_now.tuples(c, {})))
     return got[1]
+
+
 _get_checkpoint = Prepared(
     sa.select(checkpoints.c.step, checkpoints.c.data).where(checkpoints.c.task_id == bp("tid"))
 )

@@ -18,6 +18,13 @@ from sqlalchemy.engine import Engine, make_url
 
 log = logging.getLogger(__name__)
 
+# PostgreSQL advisory lock keys, all in one place so that no two ever share a number
+# ("kiri" in hex, then a count). Hubs sharing a database coordinate through them.
+LEADER_LOCK = 0x6B697269  # held (per session) by the hub doing the background upkeep (``peers.Listener``)
+MIGRATION_LOCK = 0x6B697269_0001  # hubs starting together migrate one after another (``migrate``)
+LIMITS_LOCK = 0x6B697269_0002  # leases of kinds with a concurrency limit, one hub at a time (``queue.lease``)
+ALERTS_LOCK = 0x6B697269_0003  # one alert decision at a time: the cool-down holds (``decisions.insert``)
+
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 

@@ -12,6 +12,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 import kiri.migrations
+from kiri.hub.store.db import MIGRATION_LOCK
 from kiri.hub.store.schema import metadata
 
 
@@ -24,7 +25,6 @@ def alembic_config(url: str, connection: sa.Connection | None = None) -> Config:
     return cfg
 
 
-MIGRATION_LOCK = 0x6B697269_0001  # PostgreSQL: hubs starting together migrate one after another
 
 
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:

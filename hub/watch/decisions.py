@@ -14,14 +14,13 @@ import orjson
 import sqlalchemy as sa
 
 from kiri.hub.core import queue as Q
-from kiri.hub.store.db import as_dict
+from kiri.hub.store.db import ALERTS_LOCK, as_dict
 from kiri.hub.store.schema import alerts, decisions, labels, observations, scores, weights
 from kiri.hub.watch import retrain
 from kiri.model.schema import NERVE_INPUTS
 from kiri.protocol import LeaseLost, NotFound
 from kiri.protocol import params as P
 
-ALERTS_LOCK = 0x6B697269_0003  # PostgreSQL: one alert decision at a time across hubs (the cool-down)
 _alerts_lock = sa.select(sa.func.pg_advisory_xact_lock(ALERTS_LOCK))
 
 NERVE_MIN_LABELS = 20
