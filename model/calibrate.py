@@ -84,9 +84,8 @@ class Tail:
             beta = max(spread / math.log(0.1 / (1.0 - BODY[-1])), body)
         else:  # too few for a 98th percentile: the body's scale, widened
             beta = 1.5 * body
-        if not beta > 0:
-            beta = MIN_BETA
-        return cls(knots=tuple(float(k) for k in knots), beta=float(max(beta, MIN_BETA)))
+        # (written so that a NaN scale falls to the floor too)
+        return cls(knots=tuple(float(k) for k in knots), beta=float(beta if beta > MIN_BETA else MIN_BETA))
 
     def sf(self, x: np.ndarray | float) -> np.ndarray:
         """P(normal score >= x), for each x."""

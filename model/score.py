@@ -68,6 +68,14 @@ def ordinal_kernels(codec: Codec) -> list[torch.Tensor]:
     return out
 
 
+def score_of(surprise: torch.Tensor, expected: torch.Tensor | None) -> torch.Tensor:
+    """Each row's score from its per-field surprise [n, F]: the mean, or for ``excess/1``
+    weights (``expected`` given) how far it exceeds the mean surprise the model expected."""
+    if expected is None:
+        return surprise.mean(dim=1)
+    return surprise.mean(dim=1) - expected.mean(dim=1)
+
+
 @dataclass(frozen=True)
 class Scores:
     """Scores of observations ``start`` … N-1 of a stream: the score and per-token surprise (nats)."""
@@ -79,11 +87,8 @@ class Scores:
 
     @property
     def mean(self) -> torch.Tensor:
-        """Each observation's score: its mean surprise, or for ``excess/1`` weights how much
-        that exceeds the mean surprise the model expected."""
-        if self.expected is None:
-            return self.surprise.mean(dim=1)
-        return self.surprise.mean(dim=1) - self.expected.mean(dim=1)
+        """Each observation's score (``score_of``)."""
+        return score_of(self.surprise, self.expected)
 
     def breakdown(self, i: int) -> list[dict[str, float | str]]:
         """Per-token blame for one scored observation: token, surprise, probability."""
@@ -144,7 +149,7 @@ class Scorer:
         """Each row's score from what ``_surprise`` gives: [n, F] surprise, or for ``excess``
         [n, 2F], the surprise and then the surprise expected."""
         f = self.schema.width
-        return out.mean(dim=1) if not self.excess else out[:, :f].mean(dim=1) - out[:, f:].mean(dim=1)
+        return score_of(out[:, :f], out[:, f:] if self.excess else None)
 
     @torch.inference_mode()
     def _surprise(self, w: torch.Tensor) -> torch.Tensor:
