@@ -189,3 +189,12 @@ def test_a_chart_of_many_hosts_over_a_long_range_reads_a_coarser_tier_than_one_h
     assert year / 3600 <= SR.ROLLUP_MAX < len(hosts) * year / 3600
     assert one["tier"] == 3600 and every["tier"] == 86400
     assert one["count"] == 2 and every["count"] == 6  # every reading still in the chart
+
+
+def test_stored_values_parse_whole_and_a_missing_field_is_nan():
+    full = ['{"a":1.0,"b":2.5}', '{"b":-1,"a":3}']
+    assert R._values(full, ["a", "b"]).tolist() == [[1.0, 2.5], [3.0, -1.0]]
+    assert R._values(full, ["b"]).tolist() == [[2.5], [-1.0]]
+    got = R._values(['{"a":1.0}', '{"a":2.0,"b":4.0}'], ["a", "b"])
+    assert got[0, 0] == 1.0 and math.isnan(got[0, 1]) and got[1].tolist() == [2.0, 4.0]
+    assert R._values([], ["a", "b"]).shape == (0, 2)
