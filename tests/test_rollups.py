@@ -198,3 +198,52 @@ def test_stored_values_parse_whole_and_a_missing_field_is_nan():
     got = R._values(['{"a":1.0}', '{"a":2.0,"b":4.0}'], ["a", "b"])
     assert got[0, 0] == 1.0 and math.isnan(got[0, 1]) and got[1].tolist() == [2.0, 4.0]
     assert R._values([], ["a", "b"]).shape == (0, 2)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_raw_reads_give_each_reading_its_newest_score_on_both_backends(tmp_path, request, backend):
+    """read_raw on the driver's cursor, per host (NULL included), with scores read as one id
+    range (a host's dense ids) or as id lists (a host whose ids are scattered), against
+    the rows written."""
+    if backend == "postgresql":
+        eng = make_engine(request.getfixturevalue("pg").new_database())
+    else:
+        eng = make_engine(f"sqlite:///{tmp_path / 'raw.db'}")
+    mig.upgrade(eng)
+    rng = random.Random(7)
+    with eng.begin() as c:
+        c.execute(tasks.insert().values(id=1, kind="train", status="done", run_after=0, created_at=0, updated_at=0))
+        for wid in (1, 2):
+            c.execute(weights.insert().values(id=wid, atom="drift", version=wid, hash="h", blob=b"", info="{}",
+                                              status="inactive", created_at=0))
+        # host "a" gets a dense run of ids; "b" one reading in ten among them; no host the rest
+        hosts = ["a"] * 300 + [("b" if k % 10 == 0 else None) for k in range(400)]
+        want: dict[str, dict[int, tuple]] = {"a": {}, "b": {}, "": {}}
+        for k, h in enumerate(hosts):
+            vals = {"added": float(k), "completed": 1.0, "switched": 2.0, "hour": 3.0, "weekday": 4.0}
+            ts = 1000.0 + k * 7
+            oid = c.execute(observations.insert().values(atom="drift", ts=ts, host=h, data=orjson.dumps(vals).decode(),
+                                                         created_at=0).returning(observations.c.id)).scalar_one()
+            newest = None
+            for wid in (1, 2):
+                if rng.random() < 0.6:
+                    sc, tp = rng.random(), (None if rng.random() < 0.3 else rng.random())
+                    c.execute(scores.insert().values(observation_id=oid, atom="drift", weights_id=wid, score=sc,
+                                                     threshold=1.5, anomalous=sc > 0.9, surprise="[]", tail_p=tp,
+                                                     created_at=0))
+                    newest = (sc, tp, sc > 0.9)
+            want[h or ""][oid] = (ts, float(k), newest)
+    with eng.connect() as c:
+        for host, rows in want.items():
+            raw = R.read_raw(c, "drift", host, ["added", "completed"], 0.0, 1e9)
+            assert raw.ids.tolist() == sorted(rows, key=lambda i: (rows[i][0], i))
+            for k, oid in enumerate(raw.ids.tolist()):
+                ts, added, newest = rows[oid]
+                assert raw.ts[k] == ts and raw.vals[k].tolist() == [added, 1.0]
+                if newest is None:
+                    assert math.isnan(raw.score[k]) and raw.anom[k] == 0
+                else:
+                    sc, tp, an = newest
+                    assert raw.score[k] == sc and raw.thr[k] == 1.5 and raw.anom[k] == float(an)
+                    assert math.isnan(raw.tail[k]) if tp is None else raw.tail[k] == tp
+    eng.dispose()

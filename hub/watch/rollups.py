@@ -34,6 +34,7 @@ import numpy as np
 import orjson
 import sqlalchemy as sa
 
+from kiri.hub.store.prepared import Prepared
 from kiri.hub.store.schema import observations, rollup_dirty, rollups, scores
 
 BASE = 300  # seconds in the finest tier; the raw rows fold into it
@@ -157,31 +158,41 @@ def host_is(col: sa.ColumnElement[str | None], host: str) -> sa.ColumnElement[bo
     return col.is_(None) if host == "" else col == host
 
 
+_o = observations.c
+_RAW = {null: Prepared(sa.select(_o.id, _o.ts, _o.data).where(
+    _o.atom == sa.bindparam("atom"), _o.host.is_(None) if null else _o.host == sa.bindparam("host"),
+    _o.ts >= sa.bindparam("lo"), _o.ts < sa.bindparam("hi")).order_by(_o.ts, _o.id)) for null in (True, False)}
+
+
 def read_raw(c: sa.Connection, atom: str, host: str, fields: Sequence[str], lo: float, hi: float,
              limit: int | None = None) -> Raw:
     """The stream's readings with ``lo <= ts < hi`` (time, then id order) and their newest scores."""
-    o = observations.c
-    q = (sa.select(o.id, o.ts, o.data).where(o.atom == atom, host_is(o.host, host), o.ts >= lo, o.ts < hi)
-         .order_by(o.ts, o.id))
-    if limit is not None:
-        q = q.limit(limit)
-    rows = c.execute(q).all()
+    if limit is None:
+        rows = _RAW[host == ""].tuples(c, {"atom": atom, "host": host, "lo": lo, "hi": hi})
+    else:
+        o = observations.c
+        rows = c.execute(sa.select(o.id, o.ts, o.data).where(o.atom == atom, host_is(o.host, host), o.ts >= lo,
+                                                             o.ts < hi).order_by(o.ts, o.id).limit(limit)).all()
     m, nan = len(rows), math.nan
     ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=m)
     ts = np.fromiter((r[1] for r in rows), dtype=np.float64, count=m)
     vals = _values([r[2] for r in rows], fields)
     score, thr, tail = np.full(m, nan), np.full(m, nan), np.full(m, nan)
     anom = np.zeros(m)
-    if m:
-        pos = {int(i): k for k, i in enumerate(ids.tolist())}
-        best: dict[int, int] = {}
-        for oid, wid, sc, th, tp, an in _scores_of(c, ids):
-            k = pos.get(oid)
-            if k is not None and wid >= best.get(k, -1):
-                best[k] = wid
-                score[k], thr[k] = sc, th
-                tail[k] = nan if tp is None else tp
-                anom[k] = bool(an)
+    found = _scores_of(c, ids) if m else []
+    if found:
+        # each reading's newest weights' score, in numpy: sort by (reading, weights), keep
+        # the last row of each reading, place it where that reading sits in ``ids``
+        cols = list(zip(*found, strict=True))
+        oid, wid = np.array(cols[0], dtype=np.int64), np.array(cols[1], dtype=np.int64)
+        sc, th, tp, an = (np.array(col, dtype=np.float64) for col in cols[2:])  # a NULL tail_p: NaN
+        order = np.lexsort((wid, oid))
+        last = order[np.r_[oid[order][1:] != oid[order][:-1], True]]
+        by_id = np.argsort(ids, kind="stable")
+        at = np.searchsorted(ids[by_id], oid[last])
+        hit = (at < m) & (ids[by_id][np.minimum(at, m - 1)] == oid[last])
+        k, last = by_id[at[hit]], last[hit]
+        score[k], thr[k], tail[k], anom[k] = sc[last], th[last], tp[last], an[last] != 0
     return Raw(ids, ts, vals, score, thr, tail, anom)
 
 
@@ -202,6 +213,8 @@ def _values(data: list[str], fields: Sequence[str]) -> np.ndarray:
 
 _s = scores.c
 _SCORE_COLS = (_s.observation_id, _s.weights_id, _s.score, _s.threshold, _s.tail_p, _s.anomalous)
+_SCORES_IN_RANGE = Prepared(sa.select(*_SCORE_COLS).where(_s.observation_id >= sa.bindparam("lo"),
+                                                          _s.observation_id <= sa.bindparam("hi")))
 
 
 def _scores_of(c: sa.Connection, ids: np.ndarray) -> list[tuple]:
@@ -210,7 +223,7 @@ def _scores_of(c: sa.Connection, ids: np.ndarray) -> list[tuple]:
     (observation_id, weights_id) index then, instead of lists of 900 bound ids."""
     lo, hi = int(ids.min()), int(ids.max())
     if hi - lo < 4 * len(ids):
-        return list(c.execute(sa.select(*_SCORE_COLS).where(_s.observation_id.between(lo, hi))))
+        return _SCORES_IN_RANGE.tuples(c, {"lo": lo, "hi": hi})
     out: list[tuple] = []
     for chunk in range(0, len(ids), 900):
         out.extend(c.execute(sa.select(*_SCORE_COLS).where(_s.observation_id.in_(ids[chunk: chunk + 900].tolist()))))
