@@ -99,25 +99,53 @@ def load_values(hub: Any, schema: Any, obs_to: int | None, host: str | None = No
     return values[order] if order else values, [times[i] for i in order], first, last
 
 
-def scored_tail_p(hub: Any, atom: str, obs_ids: list[int]) -> dict[int, float]:
-    """Each observation's latest recorded tail probability (those never scored are absent).
-
-    What the atom judged unusual while watching, as the Detector's retrains read their own
-    verdicts: a retrain does not learn the excess of it as normal (``robust.suspects``).
-    """
+def window_scores(hub: Any, atom: str, obs_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Each observation's latest recorded score (those never scored are absent): its
+    ``score``, ``tail_p`` and ``weights_id``, as the ``scores`` method gives them."""
     wanted = set(obs_ids)
-    tail: dict[int, float] = {}
+    latest: dict[int, dict[str, Any]] = {}
     after = 0
     while True:
         page = hub.call("scores", {"atom": atom, "after_id": after, "limit": PAGE,
                                    "observations_from": min(wanted, default=0)})
         for sc in page["scores"]:
-            if sc["observation_id"] in wanted and sc.get("tail_p") is not None:
-                tail[sc["observation_id"]] = sc["tail_p"]  # scores come oldest first: the latest wins
+            if sc["observation_id"] in wanted:
+                latest[sc["observation_id"]] = sc  # scores come oldest first: the latest wins
         if not page["next_after_id"]:
             break
         after = page["next_after_id"]
-    return tail
+    return latest
+
+
+def scored_tail_p(scored: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """Each observation's latest recorded tail probability (uncalibrated scores are absent).
+
+    What the atom judged unusual while watching, as the Detector's retrains read their own
+    verdicts: a retrain does not learn the excess of it as normal (``robust.suspects``).
+    """
+    return {i: sc["tail_p"] for i, sc in scored.items() if sc.get("tail_p") is not None}
+
+
+def recent_normal(hub: Any, scored: dict[int, dict[str, Any]], obs_ids: list[int], rate: float) -> Any:
+    """The window's recent normal, to calibrate the new weights on (``Trainer.weights_bytes``):
+    the latest score of each of its readings, in the window's order, from weights that score
+    as new weights do (``excess/1``: another statistic would calibrate the wrong scale),
+    leaving out the alarms (tail probability under ``rate``). As the Detector recalibrates:
+    scores the stream got while watched, from models that had not seen those readings."""
+    import numpy as np
+
+    from kiri.model.score import EXCESS
+
+    kinds: dict[int, Any] = {}
+    for wid in {sc["weights_id"] for sc in scored.values()}:
+        try:
+            found = hub.call("weights", {"weights_id": wid})["weights"]
+        except RpcError:
+            found = []
+        kinds[wid] = (found[0].get("info") or {}).get("scoring") if found else None
+    out = [sc["score"] for i in obs_ids if (sc := scored.get(i)) is not None and kinds[sc["weights_id"]] == EXCESS
+           and sc.get("tail_p") is not None and sc["tail_p"] >= rate]
+    return np.asarray(out, dtype=np.float64)
 
 
 def normal_share(hub: Any, atom: str) -> float:
@@ -182,6 +210,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         raise TaskError(f"bad train parameters: host must be a host name, got {host!r}", retry=False)
     hosts: dict[str, dict[str, float]] = {}  # per host: n, first, last (for the learning period)
     obs_ids: list[int] = []
+    scored: dict[int, dict[str, Any]] | None = None  # the window's latest scores, once read
     if ctx.checkpoint_in is not None:
         meta, state = _unpack(ctx.checkpoint_in.data)
         values, times, first, last = load_values(hub, schema, meta["obs_to"], host, hosts, obs_ids,
@@ -204,8 +233,8 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         # what the atom found unusual while watching is not learned as normal; the ids go
         # into the checkpoint, so a resumed run trains on exactly the same rows
         rate = alarm_rate(per_week, typical_interval(times))
-        keep = learn_from(schema, obs_ids, scored_tail_p(hub, schema.name, obs_ids), times, rate,
-                          normal_share(hub, schema.name))
+        scored = window_scores(hub, schema.name, obs_ids)
+        keep = learn_from(schema, obs_ids, scored_tail_p(scored), times, rate, normal_share(hub, schema.name))
         left_out = {i for i, k in zip(obs_ids, keep.tolist(), strict=True) if not k}
         values = values[keep]
         codec = Codec.fit(schema, values)  # edges from this data: a retrain follows a stream that moved
@@ -242,9 +271,13 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         bar.render_finish()
     ctx.report()  # every step reaches the hub before the task ends, however short the run
     gate = quality_gate(hub, schema, trainer, values, float(params.get("gate_margin", 0.1)))
+    # calibrated on the window's recent normal (a resumed run reads the scores again; its
+    # tensors stay bitwise those of an uninterrupted run)
+    normal = recent_normal(hub, scored if scored is not None else window_scores(hub, schema.name, obs_ids),
+                           obs_ids, rate)
     blob = trainer.weights_bytes({"task_id": ctx.task_id, "obs_from": meta["obs_from"], "obs_to": meta["obs_to"],
                                   "quality": gate, "hosts": hosts, "host": host,
-                                  "left_out": len(meta.get("left_out", []))}, alarm_rate=rate)
+                                  "left_out": len(meta.get("left_out", []))}, alarm_rate=rate, recent=normal)
     res = hub.call("publish_weights", {
         "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": schema.name,
         "blob": base64.b64encode(blob).decode(), "parent_id": meta["parent_id"],

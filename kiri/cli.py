@@ -689,7 +689,8 @@ def weights_show(c: Ctx, ref: str) -> None:
         if w["loss"] is not None else "  training     -",
     ]
     if "threshold" in info:
-        lines.append(f"  threshold    {info['threshold']:.3f} nats (p99 of held-out scores "
+        on = {"recent": "recent normal", "all": "training"}.get(info.get("calibrated_on", ""), "held-out")
+        lines.append(f"  threshold    {info['threshold']:.3f} nats (p99 of the {on} scores it was calibrated on "
                      f"{info.get('score_p99', 0):.3f})")
     if "calibration" in info:  # weights made since calibrated scoring
         lines.append(f"  calibrated   on {info.get('calibrated_on')} scores; alarm rate "

@@ -175,6 +175,13 @@ class Calibration:
         return cls(Tail.from_dict(d["point"]), Tail.from_dict(d["sustained"]), int(d.get("n", 0)))
 
 
+# Out-of-sample scores of a stream's recent normal (scores it got while being watched, from
+# weights that had not seen it, alarms left out) needed before a retrain calibrates on them
+# instead of on its own held-out windows: far more of them, and every kind of day the stream
+# has had (bench/detect.py, anomaly-free streams: 8.4 alarms a week on held-out windows
+# alone, 6.5 with this).
+RECENT_MIN = 500
+
 SUSPECT_P = 0.05  # a reading this unusual is suspect: retrains leave out the excess of them (robust.suspects)
 
 

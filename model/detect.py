@@ -34,7 +34,6 @@ from kiri.model.train import TrainConfig
 from kiri.model.weights import load_weights
 
 DEFAULT_BUCKETS = 32
-MIN_RECENT = 500  # out-of-sample scores needed before they replace a training run's calibration
 
 
 @dataclass(frozen=True)
@@ -194,24 +193,19 @@ class Detector:
         config = self.config
         if init is not None and config.steps is None:  # a warm start needs a fraction of a fresh run
             config = replace(config, patience=2)
+        # Calibrated on this stream's recent normal once there is enough of it: the scores it
+        # got while being watched (each from a model that had not seen it) that were not
+        # alarms, as a hub's retrain does (``Trainer.weights_bytes``, ``cal.RECENT_MIN``).
         fitted = robust.fit(self.schema, values, config, self.alarm_rate, init=init, flagged=flagged,
-                            persist=self.persist, horizon=self.every if self.learn else 0)
+                            persist=self.persist, horizon=self.every if self.learn else 0,
+                            recent=self.scores[~self.score_alarms])
         self.blob = fitted.blob
         weights = load_weights(self.blob)
         self.scorer = Scorer(weights)
         if flagged is None:
             self.flags = fitted.flagged
             self.history_p = np.where(fitted.flagged, 0.0, np.nan)  # the fit's own verdicts; not scored
-        # Recalibrate on this stream's recent normal: the scores it got while being watched
-        # (each from a model that had not seen it) that were not judged anomalous. Far more
-        # of them than a training run holds out, and they hold every kind of day it has had.
-        ref = self.scores[~self.score_alarms]
-        if len(ref) >= MIN_RECENT:
-            self.scorer.calibration = cal.Calibration.fit(ref)
-            self.scorer.threshold = self.scorer.calibration.threshold(self.alarm_rate)
-            self.normal_share = cal.suspect_share(self.scorer.calibration, ref)
-        else:
-            self.normal_share = float(weights.info.get("suspect_share", cal.SUSPECT_P))
+        self.normal_share = float(weights.info.get("suspect_share", cal.SUSPECT_P))
 
     # --- scoring ----------------------------------------------------------------------------
 

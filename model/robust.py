@@ -108,11 +108,12 @@ def learnable(schema: AtomSchema, flagged: np.ndarray, persist: int) -> np.ndarr
 
 
 def train_once(schema: AtomSchema, values: np.ndarray, config: TrainConfig, init: bytes | None,
-               alarm_rate: float, info: dict | None = None, horizon: int = 0) -> tuple[Trainer, bytes]:
+               alarm_rate: float, info: dict | None = None, horizon: int = 0,
+               recent: np.ndarray | None = None) -> tuple[Trainer, bytes]:
     codec = Codec.fit(schema, values, horizon)
     trainer = Trainer(schema, codec.encode(values), config, init=init, codec=codec)
     trainer.run()
-    return trainer, trainer.weights_bytes(info, alarm_rate=alarm_rate)
+    return trainer, trainer.weights_bytes(info, alarm_rate=alarm_rate, recent=recent)
 
 
 def judge(blob: bytes, values: np.ndarray) -> np.ndarray:
@@ -130,20 +131,21 @@ def judge(blob: bytes, values: np.ndarray) -> np.ndarray:
 
 def fit(schema: AtomSchema, values: np.ndarray, config: TrainConfig, alarm_rate: float, *,
         init: bytes | None = None, flagged: np.ndarray | None = None, persist: int = 288,
-        info: dict | None = None, horizon: int = 0) -> Fitted:
+        info: dict | None = None, horizon: int = 0, recent: np.ndarray | None = None) -> Fitted:
     """Weights for ``values`` [N, F] that its own anomalies did not teach (module doc).
 
     ``flagged``: verdicts already known for these rows (a retrain); without them, a first
     model is trained to give them. ``horizon``: readings until the next retrain (``Codec.fit``).
+    ``recent``: the stream's recent normal scores, to calibrate on (``Trainer.weights_bytes``).
     """
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
     if flagged is None:
-        trainer, blob = train_once(schema, values, config, init, alarm_rate, info, horizon)
+        trainer, blob = train_once(schema, values, config, init, alarm_rate, info, horizon, recent)
         flagged = judge(blob, values)
         if not flagged.any():
             return Fitted(trainer, blob, np.ones(n, dtype=bool), flagged)
     keep = learnable(schema, flagged, persist)
     facts = {**(info or {}), "left_out": int(n - keep.sum()), "judged_anomalous": float(np.mean(flagged)) if n else 0.0}
-    trainer, blob = train_once(schema, values[keep], config, init, alarm_rate, facts, horizon)
+    trainer, blob = train_once(schema, values[keep], config, init, alarm_rate, facts, horizon, recent)
     return Fitted(trainer, blob, keep, np.asarray(flagged, dtype=bool))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from kiri.model.calibrate import Calibration, suspect_share
@@ -366,11 +367,13 @@ class Trainer:
         return block if len(block) >= least else self.held
 
     def weights_bytes(self, info: dict[str, Any] | None = None, calibrate: bool = True,
-                      alarm_rate: float | None = None) -> bytes:
+                      alarm_rate: float | None = None, recent: np.ndarray | None = None) -> bytes:
         """Weights with their lineage facts and, for observation atoms, codec and calibration.
 
-        The calibration is fitted on the held-out windows' scores (the latest data, which the
-        model has not fitted) when there are enough of them, else on every window's. The
+        The calibration is fitted on ``recent`` when it holds at least ``RECENT_MIN`` scores
+        (the stream's recent normal: scores it got while being watched, alarms left out),
+        else on the held-out windows' scores (the latest data, which the model has not
+        fitted) when there are enough of them, else on every window's. The
         threshold is the point score that alone spends the alarm budget (``alarm_rate``
         alarms per observation); ``judged_anomalous`` is the share of the training data whose
         own tail probability falls under it: how much of its history kiri found anomalous.
@@ -392,11 +395,14 @@ class Trainer:
             all_scores = scorer.score(self.ids).mean.numpy()
             held = len(self.held) >= 50
             ref = all_scores[self.held.numpy()] if held else all_scores
+            on = "holdout" if held else "all"
+            if recent is not None and len(recent) >= cal.RECENT_MIN:
+                ref, on = np.asarray(recent, dtype=np.float64), "recent"
             calib = Calibration.fit(ref)
             p = calib.tail_p(all_scores)
             q = [float(x) for x in torch.quantile(torch.from_numpy(ref).float(), torch.tensor([0.5, 0.99, 0.999]))]
             base.update(threshold=calib.threshold(rate), alarm_rate=rate, calibration=calib.to_dict(),
-                        calibrated_on="holdout" if held else "all", held_out=len(self.held),
+                        calibrated_on=on, held_out=len(self.held),
                         score_p50=q[0], score_p99=q[1], score_p999=q[2], scoring=EXCESS,
                         judged_anomalous=float((p < rate).mean()) if len(p) else 0.0,
                         suspect_share=suspect_share(calib, ref),
