@@ -292,6 +292,23 @@ def test_calibration_is_fitted_on_the_scores_the_weights_will_give() -> None:
     assert w.info["score_p50"] == pytest.approx(float(held.median()), rel=0.02, abs=0.01)
 
 
+def test_weights_calibrate_on_the_streams_recent_normal_once_there_is_enough_of_it() -> None:
+    st = streams.generate("seasonal", n=900, seed=2, anomalies=0)
+    values = st.values.reshape(-1, 1)
+    codec = Codec.fit(ONE, values)
+    t = Trainer(ONE, codec.encode(values), TrainConfig(steps=60), codec=codec)
+    t.run()
+    rng = np.random.default_rng(0)
+    few = rng.exponential(0.3, cal.RECENT_MIN - 1)
+    assert load_weights(t.weights_bytes(recent=few)).info["calibrated_on"] == "holdout"
+    recent = rng.exponential(0.3, cal.RECENT_MIN)
+    w = load_weights(t.weights_bytes(recent=recent, alarm_rate=1e-3))
+    calib = cal.Calibration.fit(recent)
+    assert w.info["calibrated_on"] == "recent" and cal.Calibration.from_dict(w.info["calibration"]) == calib
+    assert w.info["threshold"] == pytest.approx(calib.threshold(1e-3))
+    assert w.info["suspect_share"] == pytest.approx(cal.suspect_share(calib, recent))
+
+
 def test_detector_refuses_what_is_not_a_finite_number() -> None:
     good = np.random.default_rng(0).normal(10, 1, 300)
     for bad in (np.append(good, np.nan), [*good.tolist(), "x"], [{"a": 1.0}, {"a": None}], [[1.0, 2.0], [3.0]]):
