@@ -279,12 +279,18 @@ def test_an_incident_alarms_once_at_its_start() -> None:
     assert onsets(np.zeros(0, dtype=bool), 3).tolist() == []
 
 
-def test_calibration_is_fitted_on_the_scores_the_weights_will_give() -> None:
+def _seasonal_trainer(steps: int) -> tuple[Trainer, Codec, np.ndarray]:
+    """A one-field atom trained on a clean seasonal stream: the trainer, its codec, the values."""
     st = streams.generate("seasonal", n=900, seed=2, anomalies=0)
     values = st.values.reshape(-1, 1)
     codec = Codec.fit(ONE, values)
-    t = Trainer(ONE, codec.encode(values), TrainConfig(steps=200), codec=codec)
+    t = Trainer(ONE, codec.encode(values), TrainConfig(steps=steps), codec=codec)
     t.run()
+    return t, codec, values
+
+
+def test_calibration_is_fitted_on_the_scores_the_weights_will_give() -> None:
+    t, codec, values = _seasonal_trainer(200)
     w = load_weights(t.weights_bytes())
     held = Scorer(w).score(codec.encode(values)).mean[t.held]
     # (excess scores sit near zero: a hundredth of a nat apart is the same; the bug this
@@ -293,11 +299,7 @@ def test_calibration_is_fitted_on_the_scores_the_weights_will_give() -> None:
 
 
 def test_weights_calibrate_on_the_streams_recent_normal_once_there_is_enough_of_it() -> None:
-    st = streams.generate("seasonal", n=900, seed=2, anomalies=0)
-    values = st.values.reshape(-1, 1)
-    codec = Codec.fit(ONE, values)
-    t = Trainer(ONE, codec.encode(values), TrainConfig(steps=60), codec=codec)
-    t.run()
+    t, _, _ = _seasonal_trainer(60)
     rng = np.random.default_rng(0)
     few = rng.exponential(0.3, cal.RECENT_MIN - 1)
     assert load_weights(t.weights_bytes(recent=few)).info["calibrated_on"] == "holdout"
