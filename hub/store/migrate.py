@@ -25,8 +25,6 @@ def alembic_config(url: str, connection: sa.Connection | None = None) -> Config:
     return cfg
 
 
-
-
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     with engine.connect() as conn:
         shared = conn.dialect.name == "postgresql"

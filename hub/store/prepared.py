@@ -107,3 +107,21 @@ class Prepared:
 
     def run(self, conn: sa.Connection, params: dict[str, Any]) -> None:
         self.rows(conn, params)
+
+
+def by_ids(c: sa.Connection, in_range: Prepared, cols: list[sa.ColumnElement[Any]], key: sa.ColumnElement[int],
+           ids: list[int], **where: Any) -> list[tuple[Any, ...]]:
+    """Rows whose ``key`` is one of ``ids`` (others may come too: the caller filters). A batch's
+    ids are usually a run, read as one range (``in_range``, bound by lo and hi, on the
+    driver's cursor); scattered ones as lists (a range over them could read far more rows
+    than asked for). ``where``: further equalities, bound in ``in_range`` by name."""
+    lo, hi = min(ids), max(ids)
+    if hi - lo < 4 * len(ids):
+        return in_range.tuples(c, {"lo": lo, "hi": hi, **where})
+    out: list[tuple[Any, ...]] = []
+    # "+ 0": not an index of its own (as in ``scoring._ALREADY``: the key's range stays the index SQLite uses)
+    extra = [getattr(key.table.c, k) + sa.literal_column("0") == v  # type: ignore[attr-defined]
+             for k, v in where.items()]
+    for k in range(0, len(ids), 900):
+        out.extend(tuple(r) for r in c.execute(sa.select(*cols).where(key.in_(ids[k:k + 900]), *extra)))
+    return out

@@ -34,7 +34,7 @@ import numpy as np
 import orjson
 import sqlalchemy as sa
 
-from kiri.hub.store.prepared import Prepared
+from kiri.hub.store.prepared import Prepared, by_ids
 from kiri.hub.store.schema import observations, rollup_dirty, rollups, scores
 
 BASE = 300  # seconds in the finest tier; the raw rows fold into it
@@ -164,22 +164,17 @@ _RAW = {null: Prepared(sa.select(_o.id, _o.ts, _o.data).where(
     _o.ts >= sa.bindparam("lo"), _o.ts < sa.bindparam("hi")).order_by(_o.ts, _o.id)) for null in (True, False)}
 
 
-def read_raw(c: sa.Connection, atom: str, host: str, fields: Sequence[str], lo: float, hi: float,
-             limit: int | None = None) -> Raw:
+def read_raw(c: sa.Connection, atom: str, host: str, fields: Sequence[str], lo: float, hi: float) -> Raw:
     """The stream's readings with ``lo <= ts < hi`` (time, then id order) and their newest scores."""
-    if limit is None:
-        rows = _RAW[host == ""].tuples(c, {"atom": atom, "host": host, "lo": lo, "hi": hi})
-    else:
-        o = observations.c
-        rows = c.execute(sa.select(o.id, o.ts, o.data).where(o.atom == atom, host_is(o.host, host), o.ts >= lo,
-                                                             o.ts < hi).order_by(o.ts, o.id).limit(limit)).all()
+    rows = _RAW[host == ""].tuples(c, {"atom": atom, "host": host, "lo": lo, "hi": hi})
     m, nan = len(rows), math.nan
     ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=m)
     ts = np.fromiter((r[1] for r in rows), dtype=np.float64, count=m)
     vals = _values([r[2] for r in rows], fields)
     score, thr, tail = np.full(m, nan), np.full(m, nan), np.full(m, nan)
     anom = np.zeros(m)
-    found = _scores_of(c, ids) if m else []
+    # a stream's readings over a time range are mostly a run of ids: one range read then
+    found = by_ids(c, _SCORES_IN_RANGE, list(_SCORE_COLS), _s.observation_id, ids.tolist()) if m else []
     if found:
         # each reading's newest weights' score, in numpy: sort by (reading, weights), keep
         # the last row of each reading, place it where that reading sits in ``ids``
@@ -215,19 +210,6 @@ _s = scores.c
 _SCORE_COLS = (_s.observation_id, _s.weights_id, _s.score, _s.threshold, _s.tail_p, _s.anomalous)
 _SCORES_IN_RANGE = Prepared(sa.select(*_SCORE_COLS).where(_s.observation_id >= sa.bindparam("lo"),
                                                           _s.observation_id <= sa.bindparam("hi")))
-
-
-def _scores_of(c: sa.Connection, ids: np.ndarray) -> list[tuple]:
-    """Every score of these readings (others may come too: the caller filters). A stream's
-    readings over a time range are mostly a run of ids: one range read on the
-    (observation_id, weights_id) index then, instead of lists of 900 bound ids."""
-    lo, hi = int(ids.min()), int(ids.max())
-    if hi - lo < 4 * len(ids):
-        return _SCORES_IN_RANGE.tuples(c, {"lo": lo, "hi": hi})
-    out: list[tuple] = []
-    for chunk in range(0, len(ids), 900):
-        out.extend(c.execute(sa.select(*_SCORE_COLS).where(_s.observation_id.in_(ids[chunk: chunk + 900].tolist()))))
-    return out
 
 
 def compute_base(c: sa.Connection, atom: str, host: str, fields: Sequence[str], buckets: Sequence[int]

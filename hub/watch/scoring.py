@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from kiri.hub.core import queue as Q
 from kiri.hub.store.bulk import BulkInsert
 from kiri.hub.store.db import as_dict
-from kiri.hub.store.prepared import Prepared
+from kiri.hub.store.prepared import Prepared, by_ids
 from kiri.hub.store.schema import observations, scores, tasks, weights
 from kiri.hub.watch import decisions as D
 from kiri.hub.watch import learning as L
@@ -147,23 +147,6 @@ def is_anomalous(score: float, tail_p: float | None, p: P.RecordScores) -> bool:
     return score > p.threshold
 
 
-def _by_ids(c: sa.Connection, in_range: Prepared, cols: list[sa.ColumnElement[Any]], key: sa.ColumnElement[int],
-            ids: list[int], **where: Any) -> list[tuple[Any, ...]]:
-    """Rows whose ``key`` is one of ``ids`` (others may come too: the caller filters). A batch's
-    ids are usually a run, read as one range (``in_range``, bound by lo and hi); scattered
-    ones as a list (a range over them could read far more rows than asked for)."""
-    lo, hi = min(ids), max(ids)
-    if hi - lo < 4 * len(ids):
-        return in_range.tuples(c, {"lo": lo, "hi": hi, **where})
-    out: list[tuple[Any, ...]] = []
-    # "+ 0": not an index of its own (see _ALREADY)
-    extra = [getattr(key.table.c, k) + sa.literal_column("0") == v  # type: ignore[attr-defined]
-             for k, v in where.items()]
-    for k in range(0, len(ids), 900):
-        out.extend(tuple(r) for r in c.execute(sa.select(*cols).where(key.in_(ids[k:k + 900]), *extra)))
-    return out
-
-
 _FOUND_COLS = [_o.id, _o.host, _o.ts, _o.atom]
 _FOUND = Prepared(sa.select(*_FOUND_COLS).where(_o.id >= sa.bindparam("lo"), _o.id <= sa.bindparam("hi")))
 _s = scores.c
@@ -186,7 +169,7 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     ids = cols.observation_id
     # by id alone (rowid lookups); with the atom in the WHERE, SQLite may walk the atom's index
     wanted = set(ids)
-    found = {r[0]: (r[1], r[2]) for r in _by_ids(c, _FOUND, _FOUND_COLS, _o.id, ids)
+    found = {r[0]: (r[1], r[2]) for r in by_ids(c, _FOUND, _FOUND_COLS, _o.id, ids)
              if r[0] in wanted and r[3] == p.atom}  # id: (host, ts)
     missing = [i for i in ids if i not in found]
     if missing:
@@ -195,7 +178,7 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
         raise InvalidParams("an observation is scored twice in one call")
     info = orjson.loads(w.info)
     learning = {h for h in {host for host, _ in found.values()} if L.is_learning(info, h)}
-    already = {i for (i,) in _by_ids(c, _ALREADY, [_s.observation_id], _s.observation_id, ids,
+    already = {i for (i,) in by_ids(c, _ALREADY, [_s.observation_id], _s.observation_id, ids,
                                      weights_id=p.weights_id) if i in wanted}
     width, sur, tails = cols.width, cols.surprise, cols.tail_p or [None] * len(ids)
     keep = [k for k, i in enumerate(ids) if i not in already]
