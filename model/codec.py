@@ -27,6 +27,7 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -186,6 +187,9 @@ def fit_edges(col: np.ndarray, buckets: int, declared: float = 0.0,
 
 def values_of(schema: AtomSchema, observations: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """[N, F] float64 raw values of observations keyed by field name or letter (checked like encode)."""
+    fast = _common_shape(schema, observations)
+    if fast is not None:
+        return fast
     out = np.empty((len(observations), schema.width), dtype=np.float64)
     for r, obs in enumerate(observations):
         try:
@@ -193,3 +197,24 @@ def values_of(schema: AtomSchema, observations: Sequence[Mapping[str, Any]]) -> 
         except ObservationError as e:
             raise ObservationError(f"observation {r}: {e}", e.field) from None
     return out
+
+
+def _common_shape(schema: AtomSchema, observations: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
+    """The values of a batch in which every observation has the common shape (exactly the
+    field names, every value a finite float), checked as a whole in a few C-level passes; None
+    if any does not, and ``AtomSchema.values`` then checks row by row (and names the row).
+
+    A scorer turns every reading of a backfill into values here: the row-by-row check cost
+    about a fifth of its time."""
+    width, n = schema.width, len(observations)
+    if not n or any(type(o) is not dict for o in observations) or set(map(len, observations)) != {width}:
+        return None
+    get = itemgetter(*schema.names)
+    try:
+        rows = list(map(get, observations)) if width > 1 else [(get(o),) for o in observations]
+    except KeyError:
+        return None
+    if set(map(type, itertools.chain.from_iterable(rows))) != {float}:
+        return None
+    out = np.array(rows, dtype=np.float64).reshape(n, width)
+    return out if np.isfinite(out).all() else None

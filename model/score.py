@@ -245,12 +245,16 @@ class Scorer:
         # each row's stand-in: itself if normal, else the nearest earlier normal row
         last_ok = np.where(~bad, np.arange(n), -1)
         last_ok = np.maximum.accumulate(last_ok)
-        targets = [t for t in range(start, n) if bad[max(0, t - self.k): t].any()]
+        # rows with a flagged row among their k predecessors (a running count of flags)
+        seen = np.concatenate([[0], np.cumsum(bad)])
+        at = np.arange(start, n)
+        targets = at[seen[at] > seen[np.maximum(0, at - self.k)]].tolist()
         if not targets:
             return surprise
+        stand_in = np.where(last_ok >= 0, last_ok, np.arange(n))
         rows = []
         for t in targets:
-            ctx = [last_ok[j] if last_ok[j] >= 0 else j for j in range(max(0, t - self.k), t)]
+            ctx = stand_in[max(0, t - self.k): t].tolist()
             rows.append(torch.cat([torch.zeros(1, dtype=torch.long), ids[[*ctx, t]].reshape(-1)]))
         by_len: dict[int, list[int]] = {}
         for i, r in enumerate(rows):

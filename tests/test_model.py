@@ -14,6 +14,7 @@ import torch
 
 from kiri.model import schema as S
 from kiri.model import synth
+from kiri.model.codec import values_of
 from kiri.model.gpt import Atom
 from kiri.model.nerve import Label, Nerve, fold_check
 from kiri.model.nerve import train as train_nerve
@@ -40,7 +41,7 @@ def test_quantize_and_out_of_range_lands_in_edge_bucket(value, token):
     assert S.PULSE.tokens(S.PULSE.encode(obs))[0] == token
 
 
-@pytest.mark.parametrize(("obs", "field", "needle"), [
+BAD_OBSERVATIONS = [
     ({"mem": 1, "disk": 1, "swap": 1, "load": 1, "net": 1}, "cpu", "missing field 'cpu'"),
     ({"cpu": float("nan"), "mem": 1, "disk": 1, "swap": 1, "load": 1, "net": 1}, "cpu", "finite"),
     ({"cpu": 1, "mem": float("inf"), "disk": 1, "swap": 1, "load": 1, "net": 1}, "mem", "finite"),
@@ -48,11 +49,29 @@ def test_quantize_and_out_of_range_lands_in_edge_bucket(value, token):
     ({"cpu": 1, "mem": 1, "disk": 1, "swap": None, "load": 1, "net": 1}, "swap", "not a number"),
     ({"cpu": 1, "mem": 1, "disk": 1, "swap": 1, "load": True, "net": 1}, "load", "not a number"),
     ({"cpu": 1, "mem": 1, "disk": 1, "swap": 1, "load": 1, "net": 1, "gpu": 3}, "gpu", "unknown field"),
-])
+]
+
+
+@pytest.mark.parametrize(("obs", "field", "needle"), BAD_OBSERVATIONS)
 def test_bad_observations_are_refused_naming_the_field(obs, field, needle):
     with pytest.raises(S.ObservationError) as e:
         S.PULSE.encode(obs)
     assert e.value.field == field and needle in str(e.value)
+
+
+@pytest.mark.parametrize(("obs", "field", "needle"), BAD_OBSERVATIONS)
+def test_a_bad_observation_in_a_batch_is_refused_naming_its_row(obs, field, needle):
+    """A batch of well-formed readings is checked as a whole (``values_of``); one bad reading
+    among them is still refused with its row and field, as one alone is."""
+    good = [{f: float(k + i) for i, f in enumerate(S.PULSE.names)} for k in range(5)]
+    with pytest.raises(S.ObservationError) as e:
+        values_of(S.PULSE, [*good[:2], obs, *good[2:]])
+    assert e.value.field == field and needle in str(e.value) and str(e.value).startswith("observation 2:")
+    # and a well-formed batch gives what row by row gives, ints and letters included
+    ints = {"cpu": 1, "mem": 2, "disk": 3, "swap": 4, "load": 5, "net": 6}
+    mixed = [*good, ints, dict(zip("CMDSLN", range(6), strict=True))]
+    assert values_of(S.PULSE, good).tolist() == [S.PULSE.values(o) for o in good]
+    assert values_of(S.PULSE, mixed).tolist() == [[float(v) for v in S.PULSE.values(o)] for o in mixed]
 
 
 def test_fields_by_letter_or_name():

@@ -50,6 +50,9 @@ def test_new_observations_are_scored_and_a_retrain_leaves_out_what_scored_unusua
     page = hub.client().call("scores", {"atom": "pulse", "limit": 1000})
     assert len(page["scores"]) == 1000 and page["next_after_id"] == page["scores"][-1]["id"]
     assert all(s["weights_id"] == wid and len(s["surprise"]) == 6 for s in page["scores"])
+    # per-token surprise (blame) is stored to four decimals, never more
+    assert all(round(x, 4) == x for s in page["scores"] for x in s["surprise"])
+    assert any(round(x, 3) != x for s in page["scores"] for x in s["surprise"])
     # history shows tokens, score, verdict and blame
     hist = hub.client().call("history", {"atom": "pulse", "n": 5})["observations"]
     assert len(hist) == 5 and all(h["score"] is not None and len(h["blame"]) == 6 for h in hist)
