@@ -409,3 +409,20 @@ def test_a_chunk_with_one_odd_value_is_checked_as_the_lines_are(odd):
     recs[1]["mem"] = odd
     whole = _checked_whole(schema, recs, 1.7e9)
     assert whole is None or whole == _line_by_line(schema, recs, 1.7e9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(width=st.integers(1, 6), rows=st.integers(0, 40), data=st.data())
+def test_stored_json_text_is_what_dumping_each_reading_gives(width, rows, data):
+    """The hub writes a batch's readings as JSON text in one pass (``json_objects``); each
+    text must be exactly what dumping that reading's dict gives, whatever the floats."""
+    import numpy as np
+    import orjson
+
+    from kiri.hub.watch.observations import json_objects
+
+    names = tuple(data.draw(st.lists(st.text(min_size=1, max_size=8), min_size=width, max_size=width, unique=True)))
+    floats = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([0.0, -0.0, 1.0, 2.0**53, 1e-300])
+    values = [[data.draw(floats) for _ in range(width)] for _ in range(rows)]
+    got = json_objects(names, np.array(values, dtype=np.float64).reshape(rows, width))
+    assert got == [orjson.dumps(dict(zip(names, row, strict=True))).decode() for row in values]

@@ -171,11 +171,24 @@ class AtomRegistry:
                        "message": f"field {schema.fields[int(j)].name!r}: not a finite number"}
                       for i, j in np.argwhere(~finite)[:MAX_ERRORS]]
             _refuse(errors)
-        names = schema.names
         n = len(values)
         return {"ts": [env.now if t is None else t for t in cols.time] if cols.time is not None else [env.now] * n,
                 "host": list(cols.host) if cols.host is not None else [None] * n,
-                "data": [orjson.dumps(dict(zip(names, row, strict=True))).decode() for row in values.tolist()]}
+                "data": json_objects(schema.names, values)}
+
+
+def json_objects(names: tuple[str, ...], values: np.ndarray) -> list[str]:
+    """Each row of finite ``values`` [n, F] as the JSON object {name: value} a reading is
+    stored as, the same text ``orjson.dumps`` of the dict gives (shortest round-trip floats).
+
+    The numbers are written by one C call over the whole array and cut into rows, then
+    each row goes into a template of the names: half the cost of a dict and a dump per
+    row, and every imported reading is written here."""
+    if not len(values):
+        return []
+    template = "{" + ",".join(orjson.dumps(n).decode().replace("%", "%%") + ":%s" for n in names) + "}"
+    text = orjson.dumps(np.ascontiguousarray(values, dtype=np.float64), option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    return [template % tuple(row.split(",")) for row in text[2:-2].split("],[")]
 
 
 def _refuse(errors: list[dict[str, Any]]) -> None:
