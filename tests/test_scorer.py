@@ -248,8 +248,14 @@ def test_scores_as_columns_store_what_one_object_each_stores_and_bad_columns_sto
         assert res["stored"] == len(batch) and res["already"] == 0
         again = c.call("record_scores", body)  # a resend after a lost reply stores nothing twice
         assert again["stored"] == 0 and again["already"] == len(batch)
+    # a batch partly stored already: only the new ones are, each with its own values
+    ks = list(range(7))
+    res = c.call("record_scores", {**base, "columns": {
+        "observation_id": ids[:7], "score": [1.0 + k for k in ks], "width": 6,
+        "surprise": [x for k in ks for x in surprise(k)], "tail_p": [None if k == 1 else 0.001 * k for k in ks]}})
+    assert (res["stored"], res["already"]) == (1, 6)
     rows = hub.sql("select observation_id, score, surprise, tail_p, anomalous from scores order by observation_id")
-    assert [r[0] for r in rows] == [*ids[:5], ids[6], ids[11]]
+    assert [r[0] for r in rows] == [*ids[:7], ids[11]]
     for oid, score, sur, tail, anomalous in rows:
         k = ids.index(oid)
         assert score == 1.0 + k and json.loads(sur) == surprise(k)

@@ -210,14 +210,7 @@ def note_stored(c: sa.Connection, atom: str, hosts: list[str | None], ts: list[f
     atom's time index back from its newest reading, across every other host's, so importing
     one host's past behind the others' got slower with each host already there."""
     at = np.asarray(ts, dtype=np.float64)
-    by_host: dict[str, np.ndarray] = {}
-    if hosts.count(hosts[0]) == len(hosts):  # the common case: one stream, decided in C
-        by_host[hosts[0] or ""] = np.arange(len(hosts))
-    else:
-        places: dict[str, list[int]] = {}
-        for k, h in enumerate(hosts):
-            places.setdefault(h or "", []).append(k)
-        by_host = {h: np.asarray(ks) for h, ks in places.items()}
+    by_host = R.host_groups(hosts)
     groups: dict[tuple[str, str], list[Any]] = {}
     keys: set[R.Key] = set()
     for host, ks in by_host.items():

@@ -128,14 +128,39 @@ def _insert_ignore(c: sa.Connection) -> sa.Insert:
 
 
 def mark(c: sa.Connection, keys: Iterable[Key]) -> None:
-    """Mark 5-minute buckets dirty: their readings or scores changed in this transaction."""
-    rows = [{"atom": a, "host": h, "bucket": b} for a, h, b in set(keys)]
-    if rows:
-        c.execute(_insert_ignore(c), rows)
+    """Mark 5-minute buckets dirty: their readings or scores changed in this transaction.
+
+    On SQLite through the driver's cursor: an import or a backfill marks hundreds of buckets
+    per step, and SQLAlchemy's per-row parameter handling cost more than SQLite's inserts."""
+    rows = set(keys)
+    if not rows:
+        return
+    if c.dialect.name == "sqlite":
+        cur = c.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.executemany(f"INSERT OR IGNORE INTO {rollup_dirty.name} (atom, host, bucket) VALUES (?, ?, ?)", rows)
+        finally:
+            cur.close()
+        return
+    c.execute(_insert_ignore(c), [{"atom": a, "host": h, "bucket": b} for a, h, b in rows])
 
 
-def readings_keys(rows: Iterable[tuple[str, str | None, float]]) -> set[Key]:
-    return {(a, h or "", bucket_of(ts)) for a, h, ts in rows}
+def host_groups(hosts: Sequence[str | None]) -> dict[str, np.ndarray]:
+    """Each host's positions in ``hosts`` (host "" for None), decided in C when all are one."""
+    if hosts.count(hosts[0]) == len(hosts):
+        return {hosts[0] or "": np.arange(len(hosts))}
+    places: dict[str, list[int]] = {}
+    for k, h in enumerate(hosts):
+        places.setdefault(h or "", []).append(k)
+    return {h: np.asarray(ks) for h, ks in places.items()}
+
+
+def batch_keys(atom: str, hosts: Sequence[str | None], ts: Sequence[float]) -> set[Key]:
+    """The 5-minute buckets (``Key``) of one atom's readings, given as columns of host and time."""
+    if not len(hosts):
+        return set()
+    at = np.asarray(ts, dtype=np.float64)
+    return {(atom, h, int(b)) for h, ks in host_groups(hosts).items() for b in np.unique(np.floor(at[ks] / BASE))}
 
 
 # --- computing -----------------------------------------------------------------------------

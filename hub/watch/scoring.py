@@ -12,6 +12,7 @@ from __future__ import annotations
 from operator import itemgetter
 from typing import Any
 
+import numpy as np
 import orjson
 import sqlalchemy as sa
 
@@ -140,11 +141,30 @@ def stream_context(c: sa.Connection, atom: str, todo: list[Reading], k: int) -> 
 _BULK_SCORES = BulkInsert(scores, ["observation_id", "score", "tail_p", "surprise", "anomalous"])
 
 
-def is_anomalous(score: float, tail_p: float | None, p: P.RecordScores) -> bool:
-    """Anomalous: the tail probability under the alarm rate (calibrated weights), else score over threshold."""
-    if tail_p is not None and p.alarm_rate is not None:
-        return tail_p < p.alarm_rate
-    return score > p.threshold
+def anomalous_of(score: list[float], tail_p: list[float | None], p: P.RecordScores,
+                 learning: list[bool] | None) -> list[bool]:
+    """Which scores are anomalous: the tail probability under the alarm rate (calibrated
+    weights), else the score over the threshold; never a reading whose host is still
+    ``learning``. In numpy: a backfill records thousands per call."""
+    over = np.asarray(score, dtype=np.float64) > p.threshold
+    if p.alarm_rate is not None:
+        t = np.asarray(tail_p, dtype=np.float64)  # None: NaN, judged by the threshold
+        over = np.where(np.isnan(t), over, t < p.alarm_rate)
+    if learning is not None:
+        over &= ~np.asarray(learning, dtype=bool)
+    return over.tolist()
+
+
+def surprise_texts(flat: list[float], width: int, keep: list[int], n: int) -> list[str]:
+    """Each kept score's per-token surprise as the JSON list it is stored as (the text
+    ``orjson.dumps`` of the list gives): written for the whole batch in one call and cut."""
+    rows = np.asarray(flat, dtype=np.float64).reshape(n, width)
+    if len(keep) != n:
+        rows = rows[keep]
+    if width == 0:
+        return ["[]"] * len(rows)
+    text = orjson.dumps(np.ascontiguousarray(rows), option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    return ["[" + row + "]" for row in text[2:-2].split("],[")]
 
 
 _FOUND_COLS = [_o.id, _o.host, _o.ts, _o.atom]
@@ -180,17 +200,20 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     learning = {h for h in {host for host, _ in found.values()} if L.is_learning(info, h)}
     already = {i for (i,) in by_ids(c, _ALREADY, [_s.observation_id], _s.observation_id, ids,
                                      weights_id=p.weights_id) if i in wanted}
-    width, sur, tails = cols.width, cols.surprise, cols.tail_p or [None] * len(ids)
-    keep = [k for k, i in enumerate(ids) if i not in already]
-    anomalous = [is_anomalous(cols.score[k], tails[k], p) and found[ids[k]][0] not in learning for k in keep]
+    tails = cols.tail_p or [None] * len(ids)
+    keep = [k for k, i in enumerate(ids) if i not in already] if already else list(range(len(ids)))
+    anomalous: list[bool] = []
     if keep:
+        score = [cols.score[k] for k in keep] if already else cols.score
+        tail_p = [tails[k] for k in keep] if already else tails
+        hosts = [found[ids[k]][0] for k in keep]
+        anomalous = anomalous_of(score, tail_p, p, [h in learning for h in hosts] if learning else None)
         _BULK_SCORES.run(c, {
-            "observation_id": [ids[k] for k in keep], "score": [cols.score[k] for k in keep],
-            "tail_p": [tails[k] for k in keep],
-            "surprise": [orjson.dumps(sur[k * width:(k + 1) * width]).decode() for k in keep],
+            "observation_id": [ids[k] for k in keep] if already else ids, "score": score, "tail_p": tail_p,
+            "surprise": surprise_texts(cols.surprise, cols.width, keep, len(ids)),
             "anomalous": anomalous}, {"atom": p.atom, "weights_id": p.weights_id, "threshold": p.threshold,
                                       "created_at": env.now})
-        R.mark(c, R.readings_keys((p.atom, *found[ids[k]]) for k in keep))
+        R.mark(c, R.batch_keys(p.atom, hosts, [found[ids[k]][1] for k in keep]))
     out: dict[str, Any] = {"stored": len(keep), "already": len(already), "anomalous": sum(anomalous)}
     if p.decision is not None:
         decision = p.decision
