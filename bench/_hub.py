@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -19,12 +20,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_hub(*extra: str) -> Iterator[tuple[int, Path]]:
+def running_hub(*extra: str, root: Path | None = None) -> Iterator[tuple[int, Path]]:
+    """A hub on a fresh data folder: this checkout's, or ``root``'s (a folder holding ``kiri/``)."""
     with tempfile.TemporaryDirectory(prefix="kiri-bench-") as tmp:
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "kiri.hub.cli", "serve", "--data-dir", tmp, "--port", str(port), "--no-http",
              "--log-level", "warning", *extra],
+            **({"cwd": root, "env": {**os.environ, "PYTHONPATH": str(root)}} if root else {}),  # type: ignore[arg-type]
         )
         try:
             deadline = time.monotonic() + 30

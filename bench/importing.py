@@ -4,9 +4,10 @@ Writes ``--days`` of synthetic pulse (30 s readings) as JSON lines, starts a thr
 and runs ``kiri observe pulse --file`` on it ``--repeat`` times (each into a fresh hub),
 sampling the CLI process's resident memory every 10 ms, until every row is stored (a big
 import's commit moves in steps). ``--cli-root`` runs another
-checkout's CLI against the same hub code (to compare before and after in one run).
+checkout's CLI against the same hub code, ``--root`` another checkout's hub and CLI (a
+folder holding ``kiri/``), to compare before and after in one run.
 
-    python bench/importing.py [--days 30] [--repeat 3] [--cli-root /path/to/old/checkout]
+    python bench/importing.py [--days 30] [--repeat 3] [--cli-root OLD] [--root OLD_PKGROOT]
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def stored(db: Path, n: int, timeout: float = 600.0) -> None:
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 20))
 @click.option("--cli-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Also time the CLI of this checkout (its kiri package), against the same hub.")
-def main(days: float, repeat: int, cli_root: Path | None) -> None:
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Also time this package root's hub and CLI (a folder holding kiri/, e.g. an older checkout's).")
+def main(days: float, repeat: int, cli_root: Path | None, root: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="kiri-import-") as tmp:
         data = Path(tmp) / "pulse.jsonl"
         with data.open("wb") as f:
@@ -81,12 +84,14 @@ def main(days: float, repeat: int, cli_root: Path | None) -> None:
                            stdout=f, check=True)
         n = sum(1 for _ in data.open("rb"))
         print(f"{n:,} observations ({data.stat().st_size / 1e6:.0f} MB of JSON lines), median of {repeat}")
-        roots = [("this checkout", ROOT)] + ([("--cli-root", cli_root)] if cli_root else [])
+        # (name, the CLI's package root, the hub's package root: None for this checkout's)
+        runs = ([("this checkout", ROOT, None)] + ([("--cli-root", cli_root, None)] if cli_root else [])
+                + ([("--root", root, root)] if root else []))
         for _ in range(repeat):
-            for name, root in roots:
-                with running_hub() as (port, folder):
+            for name, cli, hub in runs:
+                with running_hub(root=hub) as (port, folder):
                     t0 = time.perf_counter()
-                    _, peak = run_cli(port, data, root)
+                    _, peak = run_cli(port, data, cli)
                     stored(folder / "kiri.db", n)  # a CLI that does not follow a big commit to its end
                     secs = time.perf_counter() - t0
                 results.setdefault(name, []).append((secs, peak))
