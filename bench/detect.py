@@ -199,7 +199,23 @@ def compose(seed: int, n_each: int, start: float) -> tuple[dict[str, synth.Serie
     return {"pulse": pulse, "rhythm": rhythm}, labels
 
 
-def composition(seeds: int, contaminations: list[float]) -> None:
+def why(atom: str, det: Detector, tail_p: np.ndarray, lab: np.ndarray, late: int) -> str:
+    """One atom's false alarms on the judged week (its own tail probability under its alarm
+    rate, on a normal reading), how many of them follow an injected anomaly within ``late``
+    readings, and how many buckets its last codec gives each field (of the schema's)."""
+    normal = lab == ""
+    false = (tail_p < det.alarm_rate) & normal
+    after = np.zeros(len(lab), dtype=bool)
+    for i in np.flatnonzero(~normal):
+        after[i + 1: i + 1 + late] = True
+    assert det.scorer is not None and det.schema is not None
+    used = ", ".join(f"{f.name} {len(e) + 1}/{f.buckets}"
+                     for f, e in zip(det.schema.fields, det.scorer.codec.edges, strict=True))
+    return f"{atom}: {int(false.sum())} false alarms, {int((false & after).sum())} within {late} after an anomaly; " \
+           f"buckets used: {used}"
+
+
+def composition(seeds: int, contaminations: list[float], explain: bool = False, late: int = 6) -> None:
     print("\n== composition: pulse + rhythm, a week at 5 min, 150 anomalies in the judged week ==")
     print(f"{'training':>12s} {'rule':>8s} {'class':>11s} {'precision':>9s} {'recall':>7s} {'F1':>6s} "
           f"{'best F1':>8s}")
@@ -210,6 +226,7 @@ def composition(seeds: int, contaminations: list[float]) -> None:
             train, _ = compose(seed, n_train, synth.EPOCH)
             test, labels = compose(seed + 50, 50, synth.EPOCH + 7 * synth.DAY)
             ps, old = [], []
+            lab = np.array([x or "" for x in labels])
             for atom in ("pulse", "rhythm"):
                 schema = S.get(atom)
                 learn_v, test_v = values_of(schema, train[atom].rows), values_of(schema, test[atom].rows)
@@ -217,10 +234,11 @@ def composition(seeds: int, contaminations: list[float]) -> None:
                 r = det.score(test_v)
                 ps.append(r.tail_p)
                 old.append(before(schema, learn_v, test_v)[0])
+                if explain:
+                    print(f"    {c:.0%} anom., seed {seed}, {why(atom, det, r.tail_p, lab, late)}")
             rate = cal.alarm_rate(cal.DEFAULT_ALARMS_PER_WEEK, 300.0)
             combined = np.array([cal.combine([a, b]) for a, b in zip(ps[0], ps[1], strict=True)])
             rules = {"before": (old[0] + old[1] >= 1.0, old[0] + old[1]), "now": (combined < rate, -np.log(combined))}
-            lab = np.array([x or "" for x in labels])
             for name, (flag, stat) in rules.items():
                 for cls in [*COMPOSITION, "overall"]:
                     pos = lab != "" if cls == "overall" else lab == cls
@@ -249,7 +267,10 @@ def composition(seeds: int, contaminations: list[float]) -> None:
               help="Observations per single stream.")
 @click.option("--late", default=6, show_default=True, help="Observations after an event that still catch it.")
 @click.option("--part", type=click.Choice(["all", "streams", "composition"]), default="all", show_default=True)
-def main(seeds: int, quick: bool, n: int, late: int, part: str) -> None:
+@click.option("--why", "explain", is_flag=True,
+              help="Composition: each atom's false alarms (how many follow an anomaly) and the buckets its last "
+                   "codec gives each field, of the schema's (two of them for values beyond the range seen).")
+def main(seeds: int, quick: bool, n: int, late: int, part: str, explain: bool) -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     cont = [0.0, 0.05] if quick else [0.0, 0.02, 0.05, 0.10]
@@ -257,7 +278,7 @@ def main(seeds: int, quick: bool, n: int, late: int, part: str) -> None:
     if part in ("all", "streams"):
         single_streams(seeds, cont, n, late, kinds)
     if part in ("all", "composition"):
-        composition(seeds, [0.0, 0.05] if quick else [0.0, 0.05, 0.10])
+        composition(seeds, [0.0, 0.05] if quick else [0.0, 0.05, 0.10], explain, late)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 
