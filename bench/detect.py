@@ -22,7 +22,11 @@ Two parts, each over several seeds:
 "best F1" sweeps every threshold over the same scores: the gap between it and F1 is what
 kiri's own threshold gives away ("separates" versus "decides").
 
-    python bench/detect.py [--seeds 3] [--quick]
+``--why`` also prints, per atom of the composition, its false alarms (how many follow an
+injected anomaly: a missed anomaly whose end is flagged) and how many buckets its last
+codec gives each field (a field whose fitted cuts collide gets fewer than its schema's).
+
+    python bench/detect.py [--seeds 3] [--quick] [--part composition --why]
 """
 
 from __future__ import annotations
