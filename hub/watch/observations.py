@@ -184,11 +184,17 @@ def json_objects(names: tuple[str, ...], values: np.ndarray) -> list[str]:
     The numbers are written by one C call over the whole array and cut into rows, then
     each row goes into a template of the names: half the cost of a dict and a dump per
     row, and every imported reading is written here."""
+    template = "{" + ",".join(orjson.dumps(n).decode().replace("%", "%%") + ":%s" for n in names) + "}"
+    return [template % tuple(row.split(",")) for row in number_rows(values)]
+
+
+def number_rows(values: np.ndarray) -> list[str]:
+    """Each row of finite ``values`` [n, F] as its numbers' JSON text, comma-separated ("" for
+    F = 0), as ``orjson.dumps`` writes floats: the whole array in one C call, cut into rows."""
     if not len(values):
         return []
-    template = "{" + ",".join(orjson.dumps(n).decode().replace("%", "%%") + ":%s" for n in names) + "}"
     text = orjson.dumps(np.ascontiguousarray(values, dtype=np.float64), option=orjson.OPT_SERIALIZE_NUMPY).decode()
-    return [template % tuple(row.split(",")) for row in text[2:-2].split("],[")]
+    return text[2:-2].split("],[")
 
 
 def _refuse(errors: list[dict[str, Any]]) -> None:
@@ -218,7 +224,7 @@ def note_stored(c: sa.Connection, atom: str, hosts: list[str | None], ts: list[f
         newest = float(t.max())
         last = int(ks[np.flatnonzero(t == newest)[-1]])  # of equal times, the highest id
         groups[(atom, host)] = [len(ks), float(t.min()), (newest, first_id + last)]
-        keys.update((atom, host, int(b)) for b in np.unique(np.floor(t / R.BASE)))
+        keys |= R.stream_keys(atom, host, t)
     _fold_streams(c, groups)
     R.mark(c, keys)
 

@@ -119,19 +119,12 @@ def merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # --- marking -------------------------------------------------------------------------------
 
-def _insert_ignore(c: sa.Connection) -> sa.Insert:
-    if c.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-        return pg_insert(rollup_dirty).on_conflict_do_nothing()
-    from sqlalchemy.dialects.sqlite import insert as lite_insert
-    return lite_insert(rollup_dirty).on_conflict_do_nothing()
-
-
 def mark(c: sa.Connection, keys: Iterable[Key]) -> None:
     """Mark 5-minute buckets dirty: their readings or scores changed in this transaction.
 
     On SQLite through the driver's cursor: an import or a backfill marks hundreds of buckets
-    per step, and SQLAlchemy's per-row parameter handling cost more than SQLite's inserts."""
+    per step, and SQLAlchemy's per-row parameter handling cost more than SQLite's inserts.
+    On PostgreSQL as one INSERT … ON CONFLICT DO NOTHING."""
     rows = set(keys)
     if not rows:
         return
@@ -142,7 +135,10 @@ def mark(c: sa.Connection, keys: Iterable[Key]) -> None:
         finally:
             cur.close()
         return
-    c.execute(_insert_ignore(c), [{"atom": a, "host": h, "bucket": b} for a, h, b in rows])
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    c.execute(pg_insert(rollup_dirty).on_conflict_do_nothing(),
+              [{"atom": a, "host": h, "bucket": b} for a, h, b in rows])
 
 
 def host_groups(hosts: Sequence[str | None]) -> dict[str, np.ndarray]:
@@ -155,12 +151,17 @@ def host_groups(hosts: Sequence[str | None]) -> dict[str, np.ndarray]:
     return {h: np.asarray(ks) for h, ks in places.items()}
 
 
+def stream_keys(atom: str, host: str, ts: np.ndarray) -> set[Key]:
+    """The 5-minute buckets (``Key``) of one stream's readings at times ``ts``."""
+    return {(atom, host, int(b)) for b in np.unique(np.floor(ts / BASE))}
+
+
 def batch_keys(atom: str, hosts: Sequence[str | None], ts: Sequence[float]) -> set[Key]:
     """The 5-minute buckets (``Key``) of one atom's readings, given as columns of host and time."""
     if not len(hosts):
         return set()
     at = np.asarray(ts, dtype=np.float64)
-    return {(atom, h, int(b)) for h, ks in host_groups(hosts).items() for b in np.unique(np.floor(at[ks] / BASE))}
+    return set().union(*(stream_keys(atom, h, at[ks]) for h, ks in host_groups(hosts).items()))
 
 
 # --- computing -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from kiri.hub.store.schema import observations, scores, tasks, weights
 from kiri.hub.watch import decisions as D
 from kiri.hub.watch import learning as L
 from kiri.hub.watch import rollups as R
-from kiri.hub.watch.observations import AtomRegistry
+from kiri.hub.watch.observations import AtomRegistry, number_rows
 from kiri.model.explain import blame
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
 from kiri.protocol import params as P
@@ -159,12 +159,7 @@ def surprise_texts(flat: list[float], width: int, keep: list[int], n: int) -> li
     """Each kept score's per-token surprise as the JSON list it is stored as (the text
     ``orjson.dumps`` of the list gives): written for the whole batch in one call and cut."""
     rows = np.asarray(flat, dtype=np.float64).reshape(n, width)
-    if len(keep) != n:
-        rows = rows[keep]
-    if width == 0:
-        return ["[]"] * len(rows)
-    text = orjson.dumps(np.ascontiguousarray(rows), option=orjson.OPT_SERIALIZE_NUMPY).decode()
-    return ["[" + row + "]" for row in text[2:-2].split("],[")]
+    return ["[" + row + "]" for row in number_rows(rows if len(keep) == n else rows[keep])]
 
 
 _FOUND_COLS = [_o.id, _o.host, _o.ts, _o.atom]
