@@ -259,6 +259,35 @@ def test_ack_and_lease_in_one_round_trip(hub):
     assert hub.sql("select status from tasks where id=?", b)[0][0] == "done"
 
 
+def test_ack_and_lease_drops_its_checkpoint_hands_on_the_next_ones_and_fences(hub):
+    """On PostgreSQL all of this is one statement: the ack, its checkpoint's deletion, the
+    next lease and that task's checkpoint; on SQLite, the statements one by one."""
+    c = hub.client()
+    a = c.enqueue("count")["task_id"]
+    b = c.enqueue("count")["task_id"]
+    for tid, step in ((a, 3), (b, 7)):  # both get a checkpoint; b's attempt fails and is requeued
+        got = c.lease(["count"])
+        assert got["task"]["id"] == tid
+        c.call("checkpoint", {"task_id": tid, "lease_token": got["lease"]["token"], "step": step,
+                              "data": base64.b64encode(bytes([step]) * 3).decode()})
+        if tid == b:
+            c.call("fail", {"task_id": b, "lease_token": got["lease"]["token"], "error": "crash", "delay": 0})
+        else:
+            tok_a = got["lease"]["token"]
+    with pytest.raises(LeaseLost):  # a wrong token acks nothing and leases nothing
+        c.call("ack", {"task_id": a, "lease_token": "f" * 32, "next": {"kinds": ["count"]}})
+    assert hub.sql("select status from tasks where id=?", b)[0][0] == "queued"
+    res = c.call("ack", {"task_id": a, "lease_token": tok_a, "next": {"kinds": ["count"], "ttl": 120}})
+    assert res["status"] == "done"
+    nxt = res["next"]
+    assert nxt["task"]["id"] == b and nxt["task"]["attempt"] == 2 and nxt["lease"]["ttl"] == 120
+    assert nxt["task"]["checkpoint"]["step"] == 7
+    assert base64.b64decode(nxt["task"]["checkpoint"]["data"]) == bytes([7]) * 3
+    assert hub.sql("select task_id from checkpoints") == [(b,)]  # a's went with its ack
+    assert hub.sql("select status, lease_token from tasks where id=?", b) == [("leased", nxt["lease"]["token"])]
+    c.call("heartbeat", {"task_id": b, "lease_token": nxt["lease"]["token"]})  # the new lease is live
+
+
 def test_resent_ack_and_lease_still_hands_out_work(hub):
     c = hub.client()
     a = c.enqueue("echo")["task_id"]

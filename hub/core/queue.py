@@ -48,7 +48,7 @@ class Env:
     settings: QueueSettings
     agent: str | None = None
     available: list[str] = field(default_factory=list)  # kinds that became leasable now
-    freed: list[str] = field(default_factory=list)  # kinds a leased task of ended (room under a limit)
+    freed: list[str] = field(default_factory=list)  # limited kinds a leased task of ended (room under the limit)
     due: list[float] = field(default_factory=list)  # future run_after times to wake at
 
 
@@ -157,7 +157,9 @@ def _next_ready(n_kinds: int) -> sa.ScalarSelect[Any]:
 _kind_deadline = sa.text("(SELECT kinds.deadline FROM kinds WHERE kinds.kind = tasks.kind)")
 
 
-def _lease_stmt(n_kinds: int) -> sa.Update:
+def _lease_stmt(n_kinds: int, token: str = "tok") -> sa.Update:
+    """``token``: the new lease token's parameter name (an ack-then-lease statement also binds
+    the acked task's token)."""
     return (
         tasks.update()
         .where(tasks.c.id == _next_ready(n_kinds))
@@ -165,7 +167,7 @@ def _lease_stmt(n_kinds: int) -> sa.Update:
             status="leased",
             attempts=tasks.c.attempts + 1,
             lease_owner=bp("owner"),
-            lease_token=bp("tok"),
+            lease_token=bp(token),
             lease_ttl=bp("ttl"),
             lease_expires_at=bp("expires"),
             started_at=sa.func.coalesce(tasks.c.started_at, bp("now")),
@@ -221,19 +223,54 @@ def _limited(c: sa.Connection, now: float) -> frozenset[str]:
     return got[1]
 
 
+def _ended(c: sa.Connection, env: Env, kind: str) -> None:
+    """A leased task of ``kind`` ended. That gives a waiting lease something to do only where
+    the kind has a concurrency limit (room under it), so only then is it noted in
+    ``env.freed``: an ack of an unlimited kind wakes no one here and, on PostgreSQL, sends
+    the other hubs no notification (a round trip and a wake-up per task otherwise)."""
+    if kind in _limited(c, env.now):
+        env.freed.append(kind)
+
+
 _get_checkpoint = Prepared(
     sa.select(checkpoints.c.step, checkpoints.c.data).where(checkpoints.c.task_id == bp("tid"))
 )
 
 
-def lease(c: sa.Connection, p: P.Lease, env: Env) -> dict[str, Any] | None:
+def _lease_args(kinds: list[str], ttl: float, env: Env, token: str = "tok") -> tuple[dict[str, Any], str]:
+    """The lease statement's parameters (``k0``… for the kinds) and the new lease's token."""
+    secret = secrets.token_hex(16)
+    args: dict[str, Any] = {f"k{i}": k for i, k in enumerate(kinds)}
+    args.update({"now": env.now, "owner": env.agent, token: secret, "ttl": ttl, "expires": env.now + ttl})
+    return args, secret
+
+
+def _leased(row: dict[str, Any], ck: dict[str, Any] | None, token: str, ttl: float, env: Env) -> dict[str, Any]:
+    """The reply to a lease that got a task: the task, its checkpoint and the lease."""
+    return {
+        "task": {
+            "id": row["id"], "kind": row["kind"], "atom": row["atom"], "params": _frag(row["params"]),
+            "attempt": row["attempts"], "max_attempts": row["max_attempts"],
+            "priority": row["priority"], "parent_id": row["parent_id"], "ready_at": row["run_after"],
+            "deadline": row["deadline"],
+            "checkpoint": (
+                {"step": ck["step"], "data": base64.b64encode(ck["data"]).decode()} if ck else None
+            ),
+        },
+        "lease": {"token": token, "expires_at": env.now + ttl, "ttl": ttl},
+    }
+
+
+def _joined_checkpoint(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint a PostgreSQL lease statement read beside its task (``ck_*`` columns)."""
+    return {"step": row["ck_step"], "data": row["ck_data"]} if row["ck_step"] is not None else None
+
+
+def lease(c: sa.Connection, p: P.Lease | P.NextLease, env: Env) -> dict[str, Any] | None:
     """Lease the best ready task of the given kinds, or None when there is none."""
     ttl = p.ttl or env.settings.lease_ttl
-    token = secrets.token_hex(16)
-    expires = env.now + ttl
     kinds = list(dict.fromkeys(p.kinds))
-    args: dict[str, Any] = {f"k{i}": k for i, k in enumerate(kinds)}
-    args.update(now=env.now, owner=env.agent, tok=token, ttl=ttl, expires=expires)
+    args, token = _lease_args(kinds, ttl, env)
     joined = c.dialect.name == "postgresql"
     stmt = _LEASE_STMTS.get((len(kinds), joined))
     if stmt is None:
@@ -247,22 +284,8 @@ def lease(c: sa.Connection, p: P.Lease, env: Env) -> dict[str, Any] | None:
     row = stmt.first(c, args)
     if row is None:
         return None
-    if joined:
-        ck = {"step": row["ck_step"], "data": row["ck_data"]} if row["ck_step"] is not None else None
-    else:
-        ck = _get_checkpoint.first(c, {"tid": row["id"]})
-    return {
-        "task": {
-            "id": row["id"], "kind": row["kind"], "atom": row["atom"], "params": _frag(row["params"]),
-            "attempt": row["attempts"], "max_attempts": row["max_attempts"],
-            "priority": row["priority"], "parent_id": row["parent_id"], "ready_at": row["run_after"],
-            "deadline": row["deadline"],
-            "checkpoint": (
-                {"step": ck["step"], "data": base64.b64encode(ck["data"]).decode()} if ck else None
-            ),
-        },
-        "lease": {"token": token, "expires_at": expires, "ttl": ttl},
-    }
+    ck = _joined_checkpoint(row) if joined else _get_checkpoint.first(c, {"tid": row["id"]})
+    return _leased(row, ck, token, ttl, env)
 
 
 # --- fenced calls on a leased task -----------------------------------------------------
@@ -377,19 +400,63 @@ def _ack_and_drop_stmt() -> sa.Select[Any]:
 _ack_and_drop = Prepared(_ack_and_drop_stmt())
 
 
+def _ack_then_lease_stmt(n_kinds: int) -> sa.Select[Any]:
+    """PostgreSQL: the ack, its checkpoint's deletion and the agent's next lease, with that
+    task's checkpoint, in one statement: a busy agent's whole turn is one round trip. The
+    lease runs only if the ack matched (a lost lease leases nothing) and binds its new token
+    as ``ntok``. It sees the ack's snapshot, where the acked task still counts as leased, so
+    ``ack`` uses it only for next kinds without a concurrency limit."""
+    acked = _ack_update.cte("acked")
+    gone = checkpoints.delete().where(checkpoints.c.task_id.in_(sa.select(acked.c.id))).cte("gone")
+    leased = _lease_stmt(n_kinds, token="ntok").where(sa.exists(sa.select(acked.c.id))).cte("leased")
+    ck = checkpoints.c
+    return (sa.select(acked.c.id.label("acked_id"), acked.c.kind.label("acked_kind"), leased,
+                      ck.step.label("ck_step"), ck.data.label("ck_data"))
+            .select_from(acked.outerjoin(leased, sa.true()).outerjoin(checkpoints, ck.task_id == leased.c.id))
+            .add_cte(gone))
+
+
+_ACK_THEN_LEASE_STMTS: dict[int, Prepared] = {}
+
+
+def _ack_then_lease(c: sa.Connection, p: P.Ack, nxt: P.NextLease, env: Env,
+                    result: str | None) -> dict[str, Any] | None:
+    """PostgreSQL, next kinds without a limit: ack and lease in one statement; the reply, or
+    None when the ack matched nothing (the caller finds out why)."""
+    ttl = nxt.ttl or env.settings.lease_ttl
+    kinds = list(dict.fromkeys(nxt.kinds))
+    args, token = _lease_args(kinds, ttl, env, token="ntok")
+    args.update(tid=p.task_id, tok=p.lease_token, res=result)
+    stmt = _ACK_THEN_LEASE_STMTS.get(len(kinds))
+    if stmt is None:
+        stmt = _ACK_THEN_LEASE_STMTS[len(kinds)] = Prepared(_ack_then_lease_stmt(len(kinds)))
+    row = stmt.first(c, args)
+    if row is None:
+        return None
+    _ended(c, env, row["acked_kind"])
+    got = _leased(row, _joined_checkpoint(row), token, ttl, env) if row["id"] is not None else None
+    return {"status": "done", "next": got or {"task": None}}
+
+
 def ack(c: sa.Connection, p: P.Ack, env: Env) -> dict[str, Any]:
     result = _json(p.result, "result") if p.result is not None else None
     args = {"tid": p.task_id, "tok": p.lease_token, "now": env.now, "res": result}
-    if c.dialect.name == "postgresql":
+    pg = c.dialect.name == "postgresql"
+    row: dict[str, Any] | None = None
+    if pg and p.next is not None and _limited(c, env.now).isdisjoint(p.next.kinds):
+        done = _ack_then_lease(c, p, p.next, env, result)
+        if done is not None:
+            return done
+    elif pg:
         row = _ack_and_drop.first(c, args)
     else:
         row = _ack_stmt.first(c, args)
         if row is not None:
             _drop_checkpoint.run(c, {"tid": p.task_id})
     if row is not None:
-        env.freed.append(row["kind"])
+        _ended(c, env, row["kind"])
         if p.next is not None:
-            nxt = lease(c, P.Lease(kinds=p.next.kinds, ttl=p.next.ttl), env)
+            nxt = lease(c, p.next, env)
             return {"status": "done", "next": nxt or {"task": None}}
         return {"status": "done"}
     state = c.execute(_task_state, {"tid": p.task_id}).first()
@@ -397,7 +464,7 @@ def ack(c: sa.Connection, p: P.Ack, env: Env) -> dict[str, Any]:
         # A resend after a lost reply. The next task leased with the lost reply will expire
         # and be retried; lease a fresh one so this agent keeps working.
         if p.next is not None:
-            nxt = lease(c, P.Lease(kinds=p.next.kinds, ttl=p.next.ttl), env)
+            nxt = lease(c, p.next, env)
             return {"status": "already_done", "next": nxt or {"task": None}}
         return {"status": "already_done"}
     raise _lost(c, p.task_id)
@@ -595,7 +662,10 @@ def reap(c: sa.Connection, env: Env) -> list[tuple[int, str]]:
         .returning(tasks.c.id, tasks.c.kind, tasks.c.status)
     ).all()
     for r in rows:
-        (env.available if r.status == "queued" else env.freed).append(r.kind)
+        if r.status == "queued":
+            env.available.append(r.kind)
+        else:
+            _ended(c, env, r.kind)
     return [(r.id, r.status) for r in rows]
 
 
