@@ -119,7 +119,8 @@ class Hub:
         self.shared = self.db.dialect.name == "postgresql"
         self.listener: peers.Listener | None = None
         self.commit = GroupCommit(self.db, settings.queue, self.loop, self._answer, caches=[self.atoms],
-                                  before_commit=self._announce if self.shared else None)
+                                  before_commit=self._announce if self.shared else None,
+                                  runs={Q.enqueue: Q.enqueue_run})
         self.longpoll = LongPoll(self.loop, self.commit.submit)
         self.timers = Timers(self.loop, settings.tick, self._on_due, self._tick)
         self.events = EventBus()

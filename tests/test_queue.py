@@ -12,6 +12,7 @@ import pytest
 
 from kiri.protocol import Conflict, LeaseLost, NotFound
 from tests.conftest import wait_until
+from tests.raw import Raw, code, line
 
 
 @pytest.fixture
@@ -286,6 +287,45 @@ def test_ack_and_lease_drops_its_checkpoint_hands_on_the_next_ones_and_fences(hu
     assert hub.sql("select task_id from checkpoints") == [(b,)]  # a's went with its ack
     assert hub.sql("select status, lease_token from tasks where id=?", b) == [("leased", nxt["lease"]["token"])]
     c.call("heartbeat", {"task_id": b, "lease_token": nxt["lease"]["token"]})  # the new lease is live
+
+
+def test_pipelined_enqueues_each_get_what_they_would_alone(hub):
+    """Enqueues sent back to back run together (on PostgreSQL the plain ones are one
+    pipelined insert); each still gets its own answer, in order, and its own task."""
+    c = hub.client()
+    parent = c.enqueue("echo")["task_id"]
+    existing = c.enqueue("echo", dedupe_key="d1")["task_id"]
+    raw = Raw(hub.address)
+    raw.hello()
+    params = [
+        {"kind": "echo", "params": {"i": 0}},
+        {"kind": "echo", "params": {"i": 1}, "priority": 4},
+        {"kind": "echo", "params": {"i": 2}, "dedupe_key": "d1"},  # joins the unfinished one
+        {"kind": "echo", "params": {"i": 3}, "parent_id": parent},
+        {"kind": "echo", "params": {"i": 4}, "parent_id": 424242},  # refused alone
+        {"kind": "sleep", "params": {"i": 5}, "delay": 3600},
+        {"kind": "echo", "params": {"i": 6}, "atom": "pulse"},
+        {"kind": "echo", "params": {"i": 7}, "dedupe_key": "d2"},  # new: a task of its own
+        {"kind": "echo", "params": {"i": 8}},
+    ]
+    raw.send(b"".join(line({"jsonrpc": "2.0", "id": 100 + i, "method": "enqueue", "params": p})
+                      for i, p in enumerate(params)))
+    replies = [raw.recv() for _ in params]
+    assert [r["id"] for r in replies] == [100 + i for i in range(len(params))]
+    assert code(replies[4]) == NotFound.code
+    assert replies[2]["result"] == {"task_id": existing, "deduplicated": True}
+    made = {i: r["result"]["task_id"] for i, r in enumerate(replies) if i not in (2, 4)}
+    assert all(not replies[i]["result"]["deduplicated"] for i in made)
+    assert list(made.values()) == sorted(made.values()) and min(made.values()) > existing
+    for i, tid in made.items():  # every id names the task made from its own request
+        task = c.call("task", {"task_id": tid})["task"]
+        assert task["params"] == {"i": i} and task["kind"] == params[i]["kind"]
+        assert task["priority"] == params[i].get("priority", 0) and task["atom"] == params[i].get("atom")
+        assert task["parent_id"] == params[i].get("parent_id")
+    assert hub.sql("select count(*) from tasks")[0][0] == 2 + len(made)
+    assert c.lease(["echo"])["task"]["id"] == made[1]  # priority 4 first
+    assert c.lease(["sleep"]) == {"task": None}  # delayed an hour
+    raw.close()
 
 
 def test_resent_ack_and_lease_still_hands_out_work(hub):

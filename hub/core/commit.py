@@ -5,6 +5,9 @@ queued in one turn of the loop form a batch; the batch runs in one transaction, 
 replies are released only after that transaction commits, so one fsync serves many
 requests and no reply ever describes state that could still roll back.
 
+Consecutive requests of one method that has a run form (``runs``: enqueue, which a client
+pipelines) are handed to it together, so on PostgreSQL they share a round trip.
+
 A batch that fails as a whole (a constraint, a full disk, a handler's bug) is rolled back
 and replayed one request per transaction, so only the culprit gets the error. In-memory
 state that mirrors the database (the atom registry) joins in through ``Transactional``:
@@ -27,6 +30,10 @@ from kiri.protocol import InternalError, RpcError
 log = logging.getLogger("kiri.hub")
 
 Handler = Callable[[sa.Connection, Any, Q.Env], Any]
+# A handler's run form: several of its requests that arrived one after another, in one call
+# (their answers in order, each a result or an error), so a backend with round trips can
+# send them together. It must do exactly what the handler would, one request after another.
+RunHandler = Callable[[sa.Connection, list[Any], Q.Env], list[tuple[Any, RpcError | None]]]
 
 
 class Transactional(Protocol):
@@ -65,8 +72,10 @@ class GroupCommit:
 
     def __init__(self, db: sa.Connection, settings: Q.QueueSettings, loop: asyncio.AbstractEventLoop,
                  done: Callable[[list[Outcome], Q.Env], None], caches: list[Transactional],
-                 before_commit: Callable[[sa.Connection, Q.Env], None] | None = None) -> None:
+                 before_commit: Callable[[sa.Connection, Q.Env], None] | None = None,
+                 runs: dict[Handler, RunHandler] | None = None) -> None:
         self.db = db
+        self.runs = runs or {}
         self.before_commit = before_commit  # last words inside each transaction (other hubs' wake-up)
         self.settings = settings
         self.loop = loop
@@ -93,7 +102,7 @@ class GroupCommit:
         env = Q.Env(now=now, settings=self.settings)
         try:
             with self.db.begin():
-                results = [self._exec(op, env) for op in ops]
+                results = self._exec_all(ops, env)
                 if self.before_commit is not None:
                     self.before_commit(self.db, env)
             self._committed()
@@ -127,6 +136,24 @@ class GroupCommit:
                 res = (op, None, InternalError(f"internal error in {op.method}: {type(e).__name__}"))
             results.append(res)
         return results, env
+
+    def _exec_all(self, ops: list[Op], env: Q.Env) -> list[Outcome]:
+        """Every op in order; a stretch of one method with a run form, in one call to it."""
+        out: list[Outcome] = []
+        i = 0
+        while i < len(ops):
+            run = self.runs.get(ops[i].func)
+            j = i + 1
+            while run is not None and j < len(ops) and ops[j].func is ops[i].func:
+                j += 1
+            if run is None or j - i == 1:
+                out.append(self._exec(ops[i], env))
+            else:
+                env.agent = None  # a run form serves several callers: it must not need one
+                answers = run(self.db, [op.params for op in ops[i:j]], env)
+                out.extend((op, res, err) for op, (res, err) in zip(ops[i:j], answers, strict=True))
+            i = j
+        return out
 
     def _exec(self, op: Op, env: Q.Env) -> Outcome:
         env.agent = op.conn.agent if op.conn is not None else None

@@ -101,6 +101,30 @@ class Prepared:
             return [tuple(r) for r in res] if res.returns_rows else []
         return got[1]
 
+    def each(self, conn: sa.Connection, params: list[dict[str, Any]]) -> list[list[tuple[Any, ...]]]:
+        """Run the statement once per parameter set, in order; each run's rows. On psycopg
+        this is ``executemany(returning=True)``, which pipelines the runs: one round trip
+        for all of them instead of one each (about 25 against 130 µs a row here). Elsewhere,
+        one run after another."""
+        if conn.dialect.name != "postgresql" or len(params) < 2:
+            return [self.tuples(conn, p) for p in params]
+        if self._pg is _NOT_COMPILED:
+            self._pg = compile_for_pyformat(self.stmt, conn.dialect)
+        if self._pg is None:
+            return [self.tuples(conn, p) for p in params]
+        sql, consts, _columns = self._pg
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.executemany(sql, [{**consts, **p} for p in params], returning=True)
+            out: list[list[tuple[Any, ...]]] = []
+            while True:
+                out.append(cur.fetchall() if cur.description is not None else [])
+                if not cur.nextset():
+                    break
+            return out
+        finally:
+            cur.close()
+
     def first(self, conn: sa.Connection, params: dict[str, Any]) -> dict[str, Any] | None:
         rows = self.rows(conn, params)
         return rows[0] if rows else None
