@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from kiri.agents.handlers import TaskContext
+from kiri.agents.runner import Heartbeater
 from kiri.protocol import LeaseLost
 from tests.conftest import wait_until
 
@@ -411,3 +413,36 @@ def test_a_users_handler_killed_midway_resumes_from_its_checkpoint_like_a_built_
     assert t["result"]["resumed_from"] >= saved >= 20 and t["result"]["attempt"] == 2
     assert t["result"]["sum"] == sum(range(1, 61)) and t["expiries"] == 1  # the killed lease expired, once
     second.stop()
+
+
+def test_the_heartbeat_thread_beats_each_lease_at_its_own_interval(hub):
+    """The heartbeat thread is not woken for every task, only when a lease's first beat is due
+    before the thread would wake anyway: here a short lease right after a long one, whose
+    first beat the thread would otherwise send 2 s later, long after the short one expired."""
+    c = hub.client()
+    beater = Heartbeater(c)
+    beater.start()
+    try:
+        first, second = c.enqueue("sleep")["task_id"], c.enqueue("sleep")["task_id"]
+
+        def watched(task_id: int, ttl: float) -> tuple[TaskContext, str]:
+            got = c.lease(["sleep"], ttl=ttl)
+            assert got["task"]["id"] == task_id
+            token = got["lease"]["token"]
+            ctx = TaskContext(task_id=task_id, kind="sleep", atom=None, params={}, attempt=1,
+                              checkpoint_in=None, save=lambda _s, _d: None, hub=c, lease_token=token)
+            beater.watch(ctx, token, ttl)
+            return ctx, token
+
+        _, long_token = watched(first, 60.0)  # its first beat is 2 s away: the thread sleeps till then
+        beater.unwatch()
+        c.call("ack", {"task_id": first, "lease_token": long_token})
+        ctx, token = watched(second, 1.5)  # beats every 0.5 s
+        time.sleep(3.5)  # more than twice its ttl: only heartbeats keep it
+        assert hub.sql("select status, lease_token, attempts from tasks where id=?", second) == [("leased", token, 1)]
+        assert not ctx.lease_lost
+        beater.unwatch()
+        assert c.call("ack", {"task_id": second, "lease_token": token}) == {"status": "done"}
+    finally:
+        beater.close()
+        c.close()
