@@ -50,6 +50,18 @@ def compile_for_pyformat(stmt: sa.Executable, dialect: sa.Dialect) -> tuple[str,
 _NOT_COMPILED: Any = object()
 
 
+def _run_on(cur: Any, sql: str, args: Any, columns: list[str]) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Execute on a driver cursor; the column names and every row. A statement whose result
+    columns the compiler knew is fetched at once: psycopg builds ``description`` anew on each
+    read (~10% of a PostgreSQL hub's time on the ack path)."""
+    cur.execute(sql, args)
+    if columns:
+        return columns, cur.fetchall()
+    if cur.description is None:
+        return [], []
+    return [d[0] for d in cur.description], cur.fetchall()
+
+
 class Prepared:
     def __init__(self, stmt: sa.Executable) -> None:
         self.stmt = stmt
@@ -76,12 +88,14 @@ class Prepared:
             args = {**consts, **params}
         else:
             return None
+        if backend == "postgresql":  # psycopg: one cursor per connection, kept (a new one costs ~5 µs)
+            cur = conn.info.get("kiri.cursor")
+            if cur is None:
+                cur = conn.info["kiri.cursor"] = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            return _run_on(cur, sql, args, columns)
         cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            cur.execute(sql, args)
-            if cur.description is None:
-                return [], []
-            return columns or [d[0] for d in cur.description], cur.fetchall()
+            return _run_on(cur, sql, args, columns)
         finally:
             cur.close()
 
