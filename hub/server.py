@@ -120,7 +120,8 @@ class Hub:
         self.listener: peers.Listener | None = None
         self.commit = GroupCommit(self.db, settings.queue, self.loop, self._answer, caches=[self.atoms],
                                   before_commit=self._announce if self.shared else None,
-                                  runs={Q.enqueue: Q.enqueue_run})
+                                  runs={Q.enqueue: Q.enqueue_run},
+                                  alone=Q.one_statement if self.shared else None)
         self.longpoll = LongPoll(self.loop, self.commit.submit)
         self.timers = Timers(self.loop, settings.tick, self._on_due, self._tick)
         self.events = EventBus()

@@ -262,6 +262,23 @@ def _limited(c: sa.Connection, now: float) -> frozenset[str]:
     return got[1]
 
 
+def one_statement(c: sa.Connection, method: str, params: Any, now: float) -> bool:
+    """PostgreSQL: whether a request is one statement, so that, alone in its batch, it can
+    run without a transaction around it (``GroupCommit._alone``). A lease is one (with its
+    checkpoint), and so is an ack (with its checkpoint's deletion, and its next lease) —
+    unless a kind leased has a concurrency limit: that lease takes a lock first, which must
+    be held till the commit."""
+    if c.dialect.name != "postgresql":
+        return False
+    if method == "lease":
+        kinds: list[str] = params.kinds
+    elif method == "ack":
+        kinds = params.next.kinds if params.next is not None else []
+    else:
+        return False
+    return _limited(c, now).isdisjoint(kinds)
+
+
 def _ended(c: sa.Connection, env: Env, kind: str) -> None:
     """A leased task of ``kind`` ended. That gives a waiting lease something to do only where
     the kind has a concurrency limit (room under it), so only then is it noted in
