@@ -328,6 +328,46 @@ def test_pipelined_enqueues_each_get_what_they_would_alone(hub):
     raw.close()
 
 
+def test_pipelined_acks_each_get_what_they_would_alone(hub):
+    """Acks that arrive together run in one batch (on PostgreSQL each is one ack-and-lease
+    statement); each still gets its own answer and its own next task, a lost lease its
+    error and a resend its already-done answer."""
+    ids = [hub.client().enqueue("echo", params={"i": i})["task_id"] for i in range(8)]
+    raw = Raw(hub.address)
+    assert raw.hello()["result"]["agent_id"]
+    held = []
+    for k in range(4):
+        got = raw.call({"jsonrpc": "2.0", "id": f"l{k}", "method": "lease", "params": {"kinds": ["echo"]}})["result"]
+        held.append((got["task"]["id"], got["lease"]["token"]))
+    assert [t for t, _ in held] == ids[:4]
+    acks = [
+        {"task_id": held[0][0], "lease_token": held[0][1], "result": {"n": 0}, "next": {"kinds": ["echo"]}},
+        {"task_id": held[1][0], "lease_token": "f" * 32, "next": {"kinds": ["echo"]}},  # not its lease
+        {"task_id": held[2][0], "lease_token": held[2][1], "result": {"n": 2}, "next": {"kinds": ["echo"], "ttl": 90}},
+        {"task_id": held[0][0], "lease_token": held[0][1], "next": {"kinds": ["echo"]}},  # a resend of the first
+        {"task_id": held[3][0], "lease_token": held[3][1], "next": {"kinds": ["echo"]}},
+    ]
+    raw.send(b"".join(line({"jsonrpc": "2.0", "id": 200 + i, "method": "ack", "params": a})
+                      for i, a in enumerate(acks)))
+    replies = [raw.recv() for _ in acks]
+    assert [r["id"] for r in replies] == [200 + i for i in range(len(acks))]
+    assert code(replies[1]) == LeaseLost.code
+    assert [replies[i]["result"]["status"] for i in (0, 2, 3, 4)] == ["done", "done", "already_done", "done"]
+    nexts = [replies[i]["result"]["next"] for i in (0, 2, 3, 4)]
+    assert sorted(n["task"]["id"] for n in nexts) == ids[4:]  # four next tasks, none twice
+    assert nexts[1]["lease"]["ttl"] == 90
+    for n in nexts:  # each next lease is live and held by this agent
+        row = hub.sql("select status, lease_token, lease_owner from tasks where id=?", n["task"]["id"])
+        assert row == [("leased", n["lease"]["token"], "raw")]
+    assert hub.sql("select status from tasks where id=?", held[1][0]) == [("leased",)]  # untouched
+    assert _task_result(hub, held[0][0]) == {"n": 0} and _task_result(hub, held[2][0]) == {"n": 2}
+    raw.close()
+
+
+def _task_result(hub, task_id: int) -> dict:
+    return hub.client().call("task", {"task_id": task_id})["task"]["result"]
+
+
 def test_resent_ack_and_lease_still_hands_out_work(hub):
     c = hub.client()
     a = c.enqueue("echo")["task_id"]
