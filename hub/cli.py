@@ -151,12 +151,16 @@ def main() -> None:
 @click.option("--read-processes", default=2, show_default=True, type=click.IntRange(0, 64),
               help="Worker processes that serve the dashboard's charts and status pages, so heavy reads never "
                    "hold the hub's loop; 0 serves them from threads of the hub itself.")
+@click.option("--vacuum-tasks-after", default=5000, show_default=True, type=click.IntRange(0, 10**9),
+              help="PostgreSQL: the hub doing the upkeep vacuums the tasks table once this many of its rows are "
+                   "dead (each lease and ack leaves one; autovacuum comes at most once a minute, and leases slow "
+                   "down as dead rows pile up); 0 leaves it to autovacuum. Ignored on SQLite.")
 @log_option
 def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: str | None,
           http_port: int, no_http: bool, synchronous: str, lease_ttl: float, backoff_base: float, backoff_cap: float,
           max_line: int, max_connections: int, max_per_address: int, hello_timeout: float,
           wal_limit: float, tick: float, keep_tasks: float | None, keep_raw: float | None,
-          keep_weights: int | None, read_processes: int, log_level: str) -> None:
+          keep_weights: int | None, read_processes: int, vacuum_tasks_after: int, log_level: str) -> None:
     """Run the hub until SIGTERM/SIGINT."""
     setup_logging(log_level)
     if not config.is_loopback(host) and not token:
@@ -175,7 +179,7 @@ def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: st
         wal_max_bytes=int(wal_limit * (1 << 20)), http_port=None if no_http else http_port,
         queue=QueueSettings(lease_ttl=lease_ttl, backoff_base=backoff_base, backoff_cap=backoff_cap),
         retention=Retention(finished_tasks=keep_tasks, raw=keep_raw, weights=keep_weights),
-        read_processes=read_processes,
+        read_processes=read_processes, vacuum_tasks_after=vacuum_tasks_after,
     )
     lock = _lock(url)
     try:

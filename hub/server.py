@@ -82,6 +82,7 @@ class HubSettings:
     retention: Retention = field(default_factory=Retention)
     prune_every: float = 60.0  # seconds between retention passes (sooner while a backlog drains)
     read_processes: int = 2  # worker processes for the dashboard's heavy reads (0: threads only)
+    vacuum_tasks_after: int = 5000  # PostgreSQL: dead task rows that make the upkeep hub vacuum (0: autovacuum only)
 
 
 def _raise(_c: sa.Connection, err: RpcError, _env: Q.Env) -> None:
@@ -147,7 +148,8 @@ class Hub:
         return not self.shared or (self.listener is not None and self.listener.leader.is_set())
 
     def counters(self) -> dict[str, int]:
-        return {**self.commit.counters, **self.served}
+        vacuums = {"task_vacuums": self.listener.vacuums} if self.listener is not None else {}
+        return {**self.commit.counters, **self.served, **vacuums}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -163,7 +165,8 @@ class Hub:
         )
         self.timers.start()
         if self.shared:
-            self.listener = peers.Listener(self.settings.db_url, self.me, self._heard_from_peer)
+            self.listener = peers.Listener(self.settings.db_url, self.me, self._heard_from_peer,
+                                           vacuum_after=self.settings.vacuum_tasks_after)
             self.listener.start()
             await self.loop.run_in_executor(None, self.listener.listening.wait, 10.0)
         if self.settings.http_port is not None:

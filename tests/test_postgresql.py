@@ -355,3 +355,21 @@ def test_an_alert_cool_down_holds_across_hubs(hub_factory, pg):
         delivered = [r for r in results if r["alert"]["deliver"]]
         assert len(delivered) == 1, f"{len(delivered)} alerts delivered within one cool-down"
         assert sorted(s for (s,) in a.sql("SELECT status FROM alerts")) == ["cooled"] * 7 + ["pending"]
+
+
+def test_the_upkeep_hub_vacuums_the_tasks_table_once_enough_rows_are_dead(hub_factory, pg):
+    """Each lease and ack leaves a dead row; past --vacuum-tasks-after of them, the hub doing
+    the upkeep vacuums the table (autovacuum would wait up to a minute) and the queue goes on."""
+    url = pg.new_database()
+    a = hub_factory("--db", url, "--vacuum-tasks-after", "200")
+    c = a.client()
+    for _ in range(300):
+        c.enqueue("echo")
+    wait_until(lambda: c.call("stats")["hub"]["upkeep"], 10)
+    got: dict[int, list[str]] = {}
+    _drain(a, "w", got)
+    assert len(got) == 300 and all(len(v) == 1 for v in got.values())
+    wait_until(lambda: c.call("stats")["hub"]["task_vacuums"] >= 1, 15)
+    vacuumed = a.sql("SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'tasks'")[0][0]
+    assert vacuumed >= 1
+    assert a.sql("SELECT status, count(*) FROM tasks GROUP BY status") == [("done", 300)]
