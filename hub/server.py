@@ -33,6 +33,7 @@ from kiri.hub.core.retention import Retention
 from kiri.hub.core.transport import Connection, Connections, Limits
 from kiri.hub.core.wakeups import LongPoll, Timers
 from kiri.hub.store import db as dbmod
+from kiri.hub.store.checkpointer import WalCheckpointer, detach_autocheckpoint
 from kiri.hub.store.reader import Reader
 from kiri.hub.store.schema import atoms
 from kiri.hub.watch import keep as KEEP
@@ -119,6 +120,7 @@ class Hub:
         self.me = peers.hub_id()
         self.shared = self.db.dialect.name == "postgresql"
         self.listener: peers.Listener | None = None
+        self.checkpointer: WalCheckpointer | None = None
         self.commit = GroupCommit(self.db, settings.queue, self.loop, self._answer, caches=[self.atoms],
                                   before_commit=self._announce if self.shared else None,
                                   runs={Q.enqueue: Q.enqueue_run},
@@ -148,12 +150,19 @@ class Hub:
         return not self.shared or (self.listener is not None and self.listener.leader.is_set())
 
     def counters(self) -> dict[str, int]:
-        vacuums = {"task_vacuums": self.listener.vacuums} if self.listener is not None else {}
-        return {**self.commit.counters, **self.served, **vacuums}
+        extra = {"task_vacuums": self.listener.vacuums} if self.listener is not None else {}
+        if self.checkpointer is not None:
+            extra["wal_checkpoints"] = self.checkpointer.checkpoints
+        return {**self.commit.counters, **self.served, **extra}
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        path = dbmod.sqlite_path(self.settings.db_url)
+        if path is not None:  # commits on the loop never checkpoint; a thread does (see store/checkpointer.py)
+            sync = detach_autocheckpoint(self.db.connection.dbapi_connection)
+            self.checkpointer = WalCheckpointer(path, sync)
+            self.checkpointer.start()
         with self.db.begin():
             if not self.shared:  # other hubs' agents are connected to them, not gone
                 Q.disconnect_all(self.db)
@@ -204,6 +213,8 @@ class Hub:
         await asyncio.sleep(0)
         self._flush_agents()
         self.reader.close()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         dbmod.wal_checkpoint(self.db, "TRUNCATE")
         self.db.close()
         self.engine.dispose()
