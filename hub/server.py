@@ -627,7 +627,10 @@ class Hub:
         if not sizes:
             return
         due = time.monotonic() - self.last_wal_checkpoint >= self.settings.wal_checkpoint_every
-        if not (due or sizes.get("wal_bytes", 0) > self.settings.wal_max_bytes):
+        big = sizes.get("wal_bytes", 0) > self.settings.wal_max_bytes
+        if big and self.checkpointer is not None and not self.checkpointer.behind:
+            big = False  # the background checkpoint keeps up: the WAL starts over by itself
+        if not (due or big):
             return
         self.last_wal_checkpoint = time.monotonic()
         res = dbmod.wal_checkpoint(self.db, "TRUNCATE", busy_timeout_ms=200)

@@ -8,8 +8,10 @@ enqueue waited 233 ms behind it. The hub's writer connection turns that off
 (``wal_autocheckpoint=0``, see ``detach_autocheckpoint``) and this thread runs a PASSIVE
 checkpoint every ``interval`` seconds instead: PASSIVE never waits for, nor blocks, the
 writer or the readers, and sqlite3 lets go of the GIL while it copies. The loop's periodic
-TRUNCATE checkpoint (``Hub._maybe_checkpoint_wal``) stays, to reset the file when readers
-never pause; it then finds the pages already copied.
+TRUNCATE checkpoint (``Hub._maybe_checkpoint_wal``) stays for what PASSIVE cannot do, reset
+a WAL that readers keep from starting over; it runs every 30 s, and sooner only when the WAL
+is over its limit *and* this thread is behind (``behind``). Triggered by size alone, it ran
+every half second while retention folded (the file does not shrink by itself), 15 ms each.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ def detach_autocheckpoint(dbapi_conn: Any) -> int:
 
 
 class WalCheckpointer:
-    def __init__(self, path: Path, synchronous: int, interval: float = 0.25) -> None:
+    def __init__(self, path: Path, synchronous: int, interval: float = 0.1) -> None:
         self.path = path
         self.synchronous = synchronous
         self.interval = interval
         self.stopped = threading.Event()
         self.checkpoints = 0  # PASSIVE checkpoints that copied pages
+        # the last one left frames behind (a reader's snapshot still needs them): the WAL
+        # cannot start over, and only the loop's TRUNCATE (which waits for readers) resets it
+        self.behind = False
         self.thread = threading.Thread(target=self._run, name="kiri-wal-checkpoint", daemon=True)
 
     def start(self) -> None:
@@ -54,10 +59,11 @@ class WalCheckpointer:
             conn.execute("PRAGMA wal_autocheckpoint=0")
             while not self.stopped.wait(self.interval):
                 try:
-                    _busy, _frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as e:  # a locked or busy moment: the next turn tries again
                     log.debug("background WAL checkpoint failed: %s", e)
                     continue
+                self.behind = bool(busy) or copied < frames
                 if copied > 0:
                     self.checkpoints += 1
         except Exception:
