@@ -141,3 +141,37 @@ def test_a_bulk_insert_through_the_buffer_equals_executemany_and_rolls_back_whol
     with fast.begin() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(observations)).scalar() == 70
         assert c.exec_driver_sql("SELECT count(*) FROM temp.kiri_bulk_observations").scalar() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_list_statement_matches_what_sqlalchemys_in_matches(tmp_path, request, backend):
+    """``ListStatement`` binds a list as one value (json_each on SQLite, an array on
+    PostgreSQL); it selects, updates and deletes exactly the rows ``in_(list)`` does."""
+    from kiri.hub.store.prepared import ListStatement
+
+    if backend == "postgresql":
+        engine = make_engine(request.getfixturevalue("pg").new_database())
+        mig.upgrade(engine)
+    else:
+        engine = _db(tmp_path / "k.db")
+    now = 1000.0
+    with engine.begin() as c:
+        for i in range(1, 41):
+            c.execute(tasks.insert().values(kind="echo", status="queued", run_after=now, created_at=now,
+                                            updated_at=now, priority=i % 3))
+    pick = ListStatement(lambda member: sa.select(tasks.c.id).where(member(tasks.c.id), tasks.c.priority == 1))
+    bump = ListStatement(lambda member: tasks.update().where(member(tasks.c.id)).values(priority=9))
+    drop = ListStatement(lambda member: tasks.delete().where(member(tasks.c.id)))
+    wanted = [3, 4, 7, 10, 13, 38, 999]
+    with engine.begin() as c:
+        got = sorted(i for (i,) in pick.tuples(c, wanted))
+        want = sorted(c.execute(sa.select(tasks.c.id).where(tasks.c.id.in_(wanted), tasks.c.priority == 1)).scalars())
+        assert got == want == [4, 7, 10, 13]
+        assert pick.tuples(c, []) == []
+        bump.run(c, [1, 2, 40])
+        drop.run(c, list(range(20, 30)))
+    with engine.connect() as c:
+        assert sorted(c.execute(sa.select(tasks.c.id).where(tasks.c.priority == 9)).scalars()) == [1, 2, 40]
+        left = set(c.execute(sa.select(tasks.c.id)).scalars())
+    assert left == set(range(1, 41)) - set(range(20, 30))
+    engine.dispose()

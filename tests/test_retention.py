@@ -260,3 +260,53 @@ def test_old_raw_readings_fold_into_rollups_and_a_killed_pass_loses_nothing(hub_
     assert s["tier"] == "raw" and s["count"] == 361 and set(s["n"]) == {1}
     out = kiri(hub, "status").stdout
     assert "raw readings 1 day per stream" in out and "newest 5" in out
+
+
+def test_a_reading_waiting_for_its_score_keeps_the_day_before_it_raw_even_after_earlier_passes(tmp_path):
+    """Scoring reads the readings before a reading as its context, so retention keeps every
+    5-minute bucket in the day before a reading still waiting for its score. The pruner
+    remembers which stretch of a stream it found all scored; a reading added since (a late
+    import into the past) must still hold its day raw, and the stretches past it fold."""
+    from kiri.hub.core.retention import Retention
+    from kiri.hub.store.schema import observations, scores, streams, weights
+    from kiri.hub.watch import rollups as R
+    from kiri.hub.watch.keep import CONTEXT_MARGIN, RawPruner
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'k.db'}")
+    mig.upgrade(engine)
+    now = time.time()
+    day, step = 86400.0, 300.0
+    t0 = R.bucket_of(now - 6 * day) * R.BASE  # six days of readings, one per 5-minute bucket
+    policy = Retention(raw=day, raw_batch=100)
+    with engine.begin() as c:
+        wid = c.execute(weights.insert().values(atom="pulse", version=1, hash="h", blob=b"", info="{}",
+                                                status="active", created_at=now)).inserted_primary_key[0]
+        ids = [c.execute(observations.insert().values(atom="pulse", ts=t0 + k * step, host="h", data="{}",
+                                                      created_at=now)).inserted_primary_key[0]
+               for k in range(int(6 * day / step))]
+        for oid in ids:
+            c.execute(scores.insert().values(observation_id=oid, atom="pulse", weights_id=wid, score=0.1,
+                                             threshold=1.0, anomalous=False, surprise="[]", created_at=now))
+        last = t0 + (len(ids) - 1) * step
+        c.execute(streams.insert().values(atom="pulse", host="h", n=len(ids), first_ts=t0, last_ts=last,
+                                          last_id=ids[-1]))
+    pruner = RawPruner()
+    with engine.begin() as c:  # one pass: the first buckets fold, and the stretch after them is known scored
+        assert pruner.prune(c, policy, now) > 0
+    assert pruner.scored
+    late = t0 + day + 0.5 * step  # a late import into the past, inside the stretch known to be scored
+    with engine.begin() as c:
+        c.execute(observations.insert().values(atom="pulse", ts=late, host="h", data="{}", created_at=now))
+        c.execute(streams.update().values(n=streams.c.n + 1))
+    for _ in range(500):
+        with engine.begin() as c:
+            if not pruner.prune(c, policy, now):
+                break
+    edge = R.bucket_of(last - day) * R.BASE
+    with engine.connect() as c:
+        left = sorted(c.execute(sa.select(observations.c.ts).where(observations.c.ts < edge)).scalars())
+    held = [ts for ts in left if ts != late]
+    assert held, "the day before the unscored reading was folded"
+    assert min(held) >= late - CONTEXT_MARGIN - R.BASE and max(held) <= late + R.BASE  # that day, no more
+    assert late in left
+    engine.dispose()

@@ -10,9 +10,12 @@ statements take the driver's cursor too; other backends take SQLAlchemy's normal
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from kiri.hub.store.db import as_dict
@@ -163,3 +166,41 @@ def by_ids(c: sa.Connection, in_range: Prepared, cols: list[sa.ColumnElement[Any
     for k in range(0, len(ids), 900):
         out.extend(tuple(r) for r in c.execute(sa.select(*cols).where(key.in_(ids[k:k + 900]), *extra)))
     return out
+
+
+class ListStatement:
+    """A hot statement with one list parameter (``:ids``, matched by ``member(col)``) bound
+    as a single value, whatever the list's length: a JSON array read by ``json_each`` on
+    SQLite, an array on PostgreSQL. SQLAlchemy's own ``in_(list)`` renders one placeholder
+    per item and builds the expression, a cache key and the SQL again for every list, which
+    was most of the hub's time in retention's folds (a 900-id delete per chunk). The
+    statement is built once per backend (``build(member)``) and runs on the driver cursor."""
+
+    def __init__(self, build: Callable[[Callable[[sa.ColumnElement[Any]], sa.ColumnElement[bool]]], sa.Executable]
+                 ) -> None:
+        self.build = build
+        self._by_backend: dict[str, Prepared] = {}
+
+    @staticmethod
+    def _member(backend: str) -> Callable[[sa.ColumnElement[Any]], sa.ColumnElement[bool]]:
+        if backend == "postgresql":
+            return lambda col: col == sa.any_(sa.bindparam("ids", type_=ARRAY(col.type)))
+        return lambda col: col.in_(sa.select(sa.literal_column("value")).select_from(
+            sa.func.json_each(sa.bindparam("ids", type_=sa.String))).scalar_subquery())
+
+    def _prepared(self, conn: sa.Connection) -> Prepared:
+        backend = conn.dialect.name
+        got = self._by_backend.get(backend)
+        if got is None:
+            got = self._by_backend[backend] = Prepared(self.build(self._member(backend)))
+        return got
+
+    def _args(self, conn: sa.Connection, ids: Sequence[Any], params: dict[str, Any]) -> dict[str, Any]:
+        bound = list(ids) if conn.dialect.name == "postgresql" else orjson.dumps(list(ids)).decode()
+        return {**params, "ids": bound}
+
+    def tuples(self, conn: sa.Connection, ids: Sequence[Any], **params: Any) -> list[tuple[Any, ...]]:
+        return self._prepared(conn).tuples(conn, self._args(conn, ids, params))
+
+    def run(self, conn: sa.Connection, ids: Sequence[Any], **params: Any) -> None:
+        self._prepared(conn).run(conn, self._args(conn, ids, params))

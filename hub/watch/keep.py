@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from kiri.hub.core.retention import Retention
+from kiri.hub.store.prepared import ListStatement
 from kiri.hub.store.schema import alerts, decisions, labels, observations, rollup_dirty, scores, streams, tasks, weights
 from kiri.hub.watch import rollups as R
 
@@ -36,6 +37,10 @@ CONTEXT_MARGIN = 86400.0  # seconds after a bucket whose unscored readings may s
 MAX_LOOKS = 8  # batches of raw readings one pass may look through for a bucket it can fold
 
 
+_REFERRED = ListStatement(lambda member: sa.select(decisions.c.observation_id).where(
+    member(decisions.c.observation_id)))
+
+
 @dataclass
 class RawPruner:
     """Walks each stream's old raw readings a batch at a time, remembering where it got to
@@ -43,27 +48,33 @@ class RawPruner:
 
     cursor: dict[tuple[str, str], float] = field(default_factory=dict)
     turn: int = 0
+    # per stream: (its reading count then, from, to): no reading in [from, to) was waiting
+    # for its score. Still true while the count stands (only a new reading can be unscored:
+    # a score is never taken from a kept reading), so a pass reads only past ``to`` instead
+    # of the whole day after its buckets again (12% of a pass's time).
+    scored: dict[tuple[str, str], tuple[int, float, float]] = field(default_factory=dict)
 
     def prune(self, c: sa.Connection, policy: Retention, now: float) -> int:
         """Fold and delete one batch of old raw readings; returns how many (0: nothing to do)."""
         if policy.raw is None:
             return 0
         st = streams.c
-        found = c.execute(sa.select(st.atom, st.host, st.last_ts).order_by(st.atom, st.host)).all()
+        found = c.execute(sa.select(st.atom, st.host, st.last_ts, st.n).order_by(st.atom, st.host)).all()
         busy = set(c.execute(sa.select(tasks.c.atom).where(tasks.c.status == "leased", tasks.c.kind == "train",
                                                            tasks.c.atom.is_not(None))).scalars())
         for k in range(len(found)):
-            atom, host, last_ts = found[(self.turn + k) % len(found)]
+            atom, host, last_ts, count = found[(self.turn + k) % len(found)]
             if atom in busy:  # a running training window stays whole
                 continue
-            n = self._stream(c, policy, now, atom, host, last_ts)
+            n = self._stream(c, policy, now, atom, host, last_ts, count)
             if n:
                 self.turn = (self.turn + k) % len(found)
                 return n
         self.turn = 0
         return 0
 
-    def _stream(self, c: sa.Connection, policy: Retention, now: float, atom: str, host: str, last_ts: float) -> int:
+    def _stream(self, c: sa.Connection, policy: Retention, now: float, atom: str, host: str, last_ts: float,
+                count: int) -> int:
         assert policy.raw is not None
         edge = R.bucket_of(last_ts - policy.raw) * R.BASE  # buckets wholly before the window's start
         start = self.cursor.get((atom, host), float("-inf"))
@@ -90,7 +101,7 @@ class RawPruner:
                     by_bucket[last] = [r for r in c.execute(sa.select(o.id, o.ts, o.created_at).where(
                         o.atom == atom, same, o.ts >= lo, o.ts < hi)) if R.bucket_of(r.ts) == last]
                 self.cursor[(atom, host)] = start = (last + 1) * R.BASE
-            ok = self._foldable(c, policy, now, atom, host, by_bucket)
+            ok = self._foldable(c, policy, now, atom, host, count, by_bucket)
             if ok:
                 return R.fold(c, atom, host, ok)
         else:
@@ -98,23 +109,25 @@ class RawPruner:
         self.cursor.pop((atom, host), None)  # swept to the window: start over next time
         return 0
 
-    @staticmethod
-    def _foldable(c: sa.Connection, policy: Retention, now: float, atom: str, host: str,
+    def _foldable(self, c: sa.Connection, policy: Retention, now: float, atom: str, host: str, count: int,
                   by_bucket: dict[int, list[sa.Row]]) -> list[int]:
         assert policy.raw is not None
         ids = [r.id for rows in by_bucket.values() for r in rows]
-        keep: set[int] = set()  # reading ids that hold their bucket raw
-        for chunk in range(0, len(ids), 900):
-            keep.update(c.execute(sa.select(decisions.c.observation_id)
-                                  .where(decisions.c.observation_id.in_(ids[chunk: chunk + 900]))).scalars())
+        keep = {i for (i,) in _REFERRED.tuples(c, ids)}  # reading ids that hold their bucket raw
         # readings still to be scored need their predecessors as context: a bucket stays raw
         # while a reading in it, or within CONTEXT_MARGIN after it, waits for its score
         o, s = observations.c, scores.c
         lo, hi = min(by_bucket) * R.BASE, (max(by_bucket) + 1) * R.BASE + CONTEXT_MARGIN
         scored = sa.exists().where(s.observation_id == o.id)
+        known = self.scored.get((atom, host))
+        start = lo
+        if known is not None and known[0] == count and known[1] <= lo < known[2]:
+            start = known[2]  # [lo, known end) is known to be scored
         pending = sorted(c.execute(sa.select(o.ts).where(
-            o.atom == atom, R.host_is(o.host, host), o.ts >= lo, o.ts < hi,
-            o.created_at > now - policy.raw, ~scored)).scalars())
+            o.atom == atom, R.host_is(o.host, host), o.ts >= start, o.ts < hi,
+            o.created_at > now - policy.raw, ~scored)).scalars()) if start < hi else []
+        if not pending:
+            self.scored[(atom, host)] = (count, known[1] if start > lo and known is not None else lo, max(hi, start))
         d = rollup_dirty.c
         dirty = set(c.execute(sa.select(d.bucket).where(d.atom == atom, d.host == host,
                                                          d.bucket.in_(list(by_bucket)))).scalars())

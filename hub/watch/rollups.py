@@ -34,7 +34,7 @@ import numpy as np
 import orjson
 import sqlalchemy as sa
 
-from kiri.hub.store.prepared import Prepared, by_ids
+from kiri.hub.store.prepared import ListStatement, Prepared, by_ids
 from kiri.hub.store.schema import observations, rollup_dirty, rollups, scores
 
 BASE = 300  # seconds in the finest tier; the raw rows fold into it
@@ -467,6 +467,13 @@ def raw_ids(c: sa.Connection, atom: str, host: str, buckets: Sequence[int]) -> d
     return out
 
 
+_DROP_SCORES = ListStatement(lambda member: scores.delete().where(member(scores.c.observation_id)))
+_DROP_READINGS = ListStatement(lambda member: observations.delete().where(member(observations.c.id)))
+_MARK_FOLDED = ListStatement(lambda member: rollups.update().where(
+    rollups.c.atom == sa.bindparam("atom"), rollups.c.host == sa.bindparam("host"), rollups.c.tier == BASE,
+    member(rollups.c.bucket)).values(folded=ALL_FOLDED))
+
+
 def fold(c: sa.Connection, atom: str, host: str, buckets: Sequence[int]) -> int:
     """Delete the raw readings (and their scores) of whole, clean 5-minute buckets, keeping
     each bucket's aggregate as its folded part; returns how many readings went.
@@ -475,13 +482,9 @@ def fold(c: sa.Connection, atom: str, host: str, buckets: Sequence[int]) -> int:
     what the deleted rows held, plus whatever was folded before.
     """
     ids = [i for group in raw_ids(c, atom, host, buckets).values() for i in group]
-    for chunk in range(0, len(ids), 900):
-        part = ids[chunk: chunk + 900]
-        c.execute(scores.delete().where(scores.c.observation_id.in_(part)))
-        c.execute(observations.delete().where(observations.c.id.in_(part)))
-    r = rollups.c
-    gone = list(buckets)
-    for chunk in range(0, len(gone), 900):
-        c.execute(rollups.update().where(r.atom == atom, r.host == host, r.tier == BASE,
-                                         r.bucket.in_(gone[chunk: chunk + 900])).values(folded=ALL_FOLDED))
+    if ids:
+        _DROP_SCORES.run(c, ids)
+        _DROP_READINGS.run(c, ids)
+    if buckets:
+        _MARK_FOLDED.run(c, list(buckets), atom=atom, host=host)
     return len(ids)
