@@ -64,6 +64,7 @@ log = logging.getLogger("kiri.hub")
 MAX_DEPTH = 64  # nesting of a request's params; orjson itself cannot write beyond 254
 ROLLUP_BATCH = 200  # dirty 5-minute buckets per rollup transaction (a few ms on the loop)
 MAX_STRIKES = 3  # wrong tokens, or requests before hello, before the connection is closed
+LIVE_SECONDS = 1.0  # a client request this recent makes background work go in smaller steps
 
 
 @dataclass(frozen=True)
@@ -564,12 +565,17 @@ class Hub:
             self.last_prune = time.monotonic()
         self.prune_running = True
         policy = self.settings.retention
+        # while clients are being served, raw readings fold in smaller passes: a request that
+        # arrives during a pass waits for it (ten hosts folding: p99 15 ms with passes of 500,
+        # 8 ms with 150, which fold at half the speed); with nobody waiting, at full speed
+        live = time.monotonic() - self.commit.last_client < LIVE_SECONDS
+        raw_batch = min(policy.raw_batch, policy.live_raw_batch) if live else policy.raw_batch
         every: dict[str, Callable[[sa.Connection, float], int]] = {
             "tasks": lambda c, now: RT.prune_tasks(c, policy, now),
             "checkpoints": lambda c, now: RT.prune_checkpoints(c, policy),
             "decisions": lambda c, now: KEEP.prune_decisions(c, policy, now),
             "weights": lambda c, now: KEEP.prune_weights(c, policy),
-            "readings": lambda c, now: self.raw_pruner.prune(c, policy, now),
+            "readings": lambda c, now: self.raw_pruner.prune(c, policy, now, raw_batch),
         }
         steps = every if full else {k: v for k, v in every.items() if k in self.prune_busy}
         started = time.perf_counter()

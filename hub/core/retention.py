@@ -37,6 +37,7 @@ class Retention:
     weights: int | None = 5  # newest weights versions kept per atom, besides the active lineage (None: all)
     batch: int = 500  # rows deleted per transaction (each a few ms of the hub's loop)
     raw_batch: int = 500  # raw readings looked at per transaction
+    live_raw_batch: int = 150  # the same while clients are being served: each pass holds the loop
     vacuum_pages: int = 2000  # free pages given back to the file system per pass (4 KiB each)
 
     def describe(self) -> dict[str, Any]:

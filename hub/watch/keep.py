@@ -54,8 +54,9 @@ class RawPruner:
     # of the whole day after its buckets again (12% of a pass's time).
     scored: dict[tuple[str, str], tuple[int, float, float]] = field(default_factory=dict)
 
-    def prune(self, c: sa.Connection, policy: Retention, now: float) -> int:
-        """Fold and delete one batch of old raw readings; returns how many (0: nothing to do)."""
+    def prune(self, c: sa.Connection, policy: Retention, now: float, batch: int | None = None) -> int:
+        """Fold and delete one batch of old raw readings (``batch``, default the policy's
+        ``raw_batch``, looked at per transaction); returns how many (0: nothing to do)."""
         if policy.raw is None:
             return 0
         st = streams.c
@@ -66,7 +67,7 @@ class RawPruner:
             atom, host, last_ts, count = found[(self.turn + k) % len(found)]
             if atom in busy:  # a running training window stays whole
                 continue
-            n = self._stream(c, policy, now, atom, host, last_ts, count)
+            n = self._stream(c, policy, now, atom, host, last_ts, count, batch or policy.raw_batch)
             if n:
                 self.turn = (self.turn + k) % len(found)
                 return n
@@ -74,7 +75,7 @@ class RawPruner:
         return 0
 
     def _stream(self, c: sa.Connection, policy: Retention, now: float, atom: str, host: str, last_ts: float,
-                count: int) -> int:
+                count: int, batch: int) -> int:
         assert policy.raw is not None
         edge = R.bucket_of(last_ts - policy.raw) * R.BASE  # buckets wholly before the window's start
         start = self.cursor.get((atom, host), float("-inf"))
@@ -85,18 +86,18 @@ class RawPruner:
                 break
             rows = c.execute(sa.select(o.id, o.ts, o.created_at).where(o.atom == atom, same, o.ts >= start,
                                                                        o.ts < edge)
-                             .order_by(o.ts, o.id).limit(policy.raw_batch)).all()
+                             .order_by(o.ts, o.id).limit(batch)).all()
             if not rows:
                 break
             by_bucket: dict[int, list[sa.Row]] = {}
             for r in rows:
                 by_bucket.setdefault(R.bucket_of(r.ts), []).append(r)
             last = max(by_bucket)
-            if len(rows) == policy.raw_batch and len(by_bucket) > 1:
+            if len(rows) == batch and len(by_bucket) > 1:
                 del by_bucket[last]  # may be cut short by the limit: next batch
                 self.cursor[(atom, host)] = start = last * R.BASE
             else:
-                if len(rows) == policy.raw_batch:  # one bucket fuller than a batch: read it whole
+                if len(rows) == batch:  # one bucket fuller than a batch: read it whole
                     lo, hi = last * R.BASE - 1.0, (last + 1) * R.BASE + 1.0
                     by_bucket[last] = [r for r in c.execute(sa.select(o.id, o.ts, o.created_at).where(
                         o.atom == atom, same, o.ts >= lo, o.ts < hi)) if R.bucket_of(r.ts) == last]
