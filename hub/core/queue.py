@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import math
 import random
 import secrets
@@ -227,8 +228,10 @@ def _lease_with_checkpoint_stmt(n_kinds: int) -> sa.Select[Any]:
             .select_from(leased.outerjoin(checkpoints, ck.task_id == leased.c.id)))
 
 
-# One prepared statement per number of kinds (and backend), built on first use.
-_LEASE_STMTS: dict[tuple[int, bool], Prepared] = {}
+@functools.cache
+def _prepared_lease(n_kinds: int, joined: bool) -> Prepared:
+    """One prepared lease statement per number of kinds (and backend), built on first use."""
+    return Prepared(_lease_with_checkpoint_stmt(n_kinds) if joined else _lease_stmt(n_kinds))
 
 
 def _limits_lock_stmt(n_kinds: int) -> sa.Select[Any]:
@@ -246,7 +249,11 @@ def _limits_lock_stmt(n_kinds: int) -> sa.Select[Any]:
             .limit(1))
 
 
-_LIMITS_LOCK_STMTS: dict[int, Prepared] = {}
+@functools.cache
+def _prepared_limits_lock(n_kinds: int) -> Prepared:
+    return Prepared(_limits_lock_stmt(n_kinds))
+
+
 _limited_now = Prepared(sa.select(kinds.c.kind).where(kinds.c.concurrency.is_not(None)))
 LIMITS_FRESH = 1.0  # seconds a hub trusts its list of limited kinds (its own changes: at once)
 
@@ -293,12 +300,16 @@ _get_checkpoint = Prepared(
 )
 
 
-def _lease_args(kinds: list[str], ttl: float, env: Env, token: str = "tok") -> tuple[dict[str, Any], str]:
-    """The lease statement's parameters (``k0``… for the kinds) and the new lease's token."""
+def _lease_args(p: P.Lease | P.NextLease, env: Env, token: str = "tok"
+                ) -> tuple[list[str], float, dict[str, Any], str]:
+    """For a lease asked for: its kinds (each once), its ttl, the lease statement's parameters
+    (``k0``… for the kinds, the new token as ``token``) and the new lease's token."""
+    kinds = list(dict.fromkeys(p.kinds))
+    ttl = p.ttl or env.settings.lease_ttl
     secret = secrets.token_hex(16)
     args: dict[str, Any] = {f"k{i}": k for i, k in enumerate(kinds)}
     args.update({"now": env.now, "owner": env.agent, token: secret, "ttl": ttl, "expires": env.now + ttl})
-    return args, secret
+    return kinds, ttl, args, secret
 
 
 def _leased(row: dict[str, Any], ck: dict[str, Any] | None, token: str, ttl: float, env: Env) -> dict[str, Any]:
@@ -324,20 +335,11 @@ def _joined_checkpoint(row: dict[str, Any]) -> dict[str, Any] | None:
 
 def lease(c: sa.Connection, p: P.Lease | P.NextLease, env: Env) -> dict[str, Any] | None:
     """Lease the best ready task of the given kinds, or None when there is none."""
-    ttl = p.ttl or env.settings.lease_ttl
-    kinds = list(dict.fromkeys(p.kinds))
-    args, token = _lease_args(kinds, ttl, env)
+    kinds, ttl, args, token = _lease_args(p, env)
     joined = c.dialect.name == "postgresql"
-    stmt = _LEASE_STMTS.get((len(kinds), joined))
-    if stmt is None:
-        built = _lease_with_checkpoint_stmt(len(kinds)) if joined else _lease_stmt(len(kinds))
-        stmt = _LEASE_STMTS[(len(kinds), joined)] = Prepared(built)
     if joined and not _limited(c, env.now).isdisjoint(kinds):
-        lock = _LIMITS_LOCK_STMTS.get(len(kinds))
-        if lock is None:
-            lock = _LIMITS_LOCK_STMTS[len(kinds)] = Prepared(_limits_lock_stmt(len(kinds)))
-        lock.run(c, {f"k{i}": k for i, k in enumerate(kinds)})
-    row = stmt.first(c, args)
+        _prepared_limits_lock(len(kinds)).run(c, {f"k{i}": k for i, k in enumerate(kinds)})
+    row = _prepared_lease(len(kinds), joined).first(c, args)
     if row is None:
         return None
     ck = _joined_checkpoint(row) if joined else _get_checkpoint.first(c, {"tid": row["id"]})
@@ -477,21 +479,18 @@ def _ack_then_lease_stmt(n_kinds: int) -> sa.Select[Any]:
             .add_cte(gone))
 
 
-_ACK_THEN_LEASE_STMTS: dict[int, Prepared] = {}
+@functools.cache
+def _prepared_ack_then_lease(n_kinds: int) -> Prepared:
+    return Prepared(_ack_then_lease_stmt(n_kinds))
 
 
 def _ack_then_lease(c: sa.Connection, p: P.Ack, nxt: P.NextLease, env: Env,
                     result: str | None) -> dict[str, Any] | None:
     """PostgreSQL, next kinds without a limit: ack and lease in one statement; the reply, or
     None when the ack matched nothing (the caller finds out why)."""
-    ttl = nxt.ttl or env.settings.lease_ttl
-    kinds = list(dict.fromkeys(nxt.kinds))
-    args, token = _lease_args(kinds, ttl, env, token="ntok")
+    kinds, ttl, args, token = _lease_args(nxt, env, token="ntok")
     args.update(tid=p.task_id, tok=p.lease_token, res=result)
-    stmt = _ACK_THEN_LEASE_STMTS.get(len(kinds))
-    if stmt is None:
-        stmt = _ACK_THEN_LEASE_STMTS[len(kinds)] = Prepared(_ack_then_lease_stmt(len(kinds)))
-    row = stmt.first(c, args)
+    row = _prepared_ack_then_lease(len(kinds)).first(c, args)
     if row is None:
         return None
     _ended(c, env, row["acked_kind"])

@@ -39,6 +39,9 @@ MAX_LOOKS = 8  # batches of raw readings one pass may look through for a bucket 
 
 _REFERRED = ListStatement(lambda member: sa.select(decisions.c.observation_id).where(
     member(decisions.c.observation_id)))
+_DIRTY = ListStatement(lambda member: sa.select(rollup_dirty.c.bucket).where(
+    rollup_dirty.c.atom == sa.bindparam("atom"), rollup_dirty.c.host == sa.bindparam("host"),
+    member(rollup_dirty.c.bucket)))
 
 
 @dataclass
@@ -120,18 +123,16 @@ class RawPruner:
         o, s = observations.c, scores.c
         lo, hi = min(by_bucket) * R.BASE, (max(by_bucket) + 1) * R.BASE + CONTEXT_MARGIN
         scored = sa.exists().where(s.observation_id == o.id)
-        known = self.scored.get((atom, host))
-        start = lo
-        if known is not None and known[0] == count and known[1] <= lo < known[2]:
-            start = known[2]  # [lo, known end) is known to be scored
+        span = self.scored.get((atom, host))
+        if span is None or span[0] != count or not span[1] <= lo < span[2]:
+            span = (count, lo, lo)  # nothing from lo on is known to be scored
+        start = span[2]  # the readings in [lo, start) are known to be scored
         pending = sorted(c.execute(sa.select(o.ts).where(
             o.atom == atom, R.host_is(o.host, host), o.ts >= start, o.ts < hi,
             o.created_at > now - policy.raw, ~scored)).scalars()) if start < hi else []
         if not pending:
-            self.scored[(atom, host)] = (count, known[1] if start > lo and known is not None else lo, max(hi, start))
-        d = rollup_dirty.c
-        dirty = set(c.execute(sa.select(d.bucket).where(d.atom == atom, d.host == host,
-                                                         d.bucket.in_(list(by_bucket)))).scalars())
+            self.scored[(atom, host)] = (count, span[1], max(hi, start))
+        dirty = {b for (b,) in _DIRTY.tuples(c, list(by_bucket), atom=atom, host=host)}
         out = []
         for b, rows in sorted(by_bucket.items()):
             start = b * R.BASE
