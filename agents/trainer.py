@@ -129,7 +129,7 @@ def scored_tail_p(scored: dict[int, dict[str, Any]]) -> dict[int, float]:
 def recent_normal(hub: Any, scored: dict[int, dict[str, Any]], obs_ids: list[int], rate: float) -> Any:
     """The window's recent normal, to calibrate the new weights on (``Trainer.weights_bytes``):
     the latest score of each of its readings, in the window's order, from weights that score
-    as new weights do (``excess/1``: another statistic would calibrate the wrong scale),
+    as new weights do (``excess/2``: another statistic would calibrate the wrong scale),
     leaving out the alarms (tail probability under ``rate``). As the Detector recalibrates:
     scores the stream got while watched, from models that had not seen those readings."""
     import numpy as np

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import orjson
 
-from kiri.model.schema import AtomSchema, Field, ObservationError
+from kiri.model.schema import CLOCK_FIELDS, AtomSchema, Field, ObservationError
 
 SPECIAL = ("time", "ts", "host", "label")
 # KIRI wrote each line's clock as letters even where the atom has no such field (its pulse
@@ -48,7 +48,7 @@ def _clock(schema: AtomSchema) -> tuple[Field, ...]:
     than the lookup saves)."""
     hit = _CLOCKS.get(id(schema))
     if hit is None or hit[0] is not schema:
-        hit = _CLOCKS[id(schema)] = (schema, tuple(f for f in schema.fields if f.name in ("hour", "weekday")))
+        hit = _CLOCKS[id(schema)] = (schema, tuple(f for f in schema.fields if f.name in CLOCK_FIELDS))
     return hit[1]
 
 

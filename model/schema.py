@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 BOS = "<BOS>"
+# Fields named so are the observation's clock, filled from its time when absent
+# (``kiri.importing.clock_fields``). The model reads them (activity at 3am is odd because
+# of the hour) but is never surprised by them: the time itself is not an anomaly.
+CLOCK_FIELDS = ("hour", "weekday")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 LETTER_RE = re.compile(r"^[A-Z]$")
 
@@ -118,6 +122,13 @@ class AtomSchema:
                     f"blocks.{i}.fc1.weight": (4 * d, d), f"blocks.{i}.fc2.weight": (d, 4 * d)}
         out["lm_head.weight"] = (v, d)
         return out
+
+    @functools.cached_property
+    def judged(self) -> tuple[int, ...]:
+        """Indices of the fields an observation is judged on: all but the clock fields
+        (``CLOCK_FIELDS``), or all of them if nothing else is left."""
+        out = tuple(i for i, f in enumerate(self.fields) if f.name not in CLOCK_FIELDS)
+        return out or tuple(range(len(self.fields)))
 
     def max_context(self) -> int:
         """Most whole previous observations that fit the block with BOS and the target."""

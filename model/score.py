@@ -20,8 +20,13 @@ expect them a little, which raw surprise cannot tell from an ordinary afternoon.
 bench/detect.py, same run (3 seeds; single streams 2): composition F1 0.914 -> 0.942 with a
 clean week and 0.517 -> 0.649 with 5% anomalies in it, best-threshold F1 0.930 -> 0.952 and
 0.648 -> 0.778; single streams F1 0.423 -> 0.438 (clean) and 0.479 -> 0.489 (5%), anomaly-free
-alarms 6.42 -> 6.18 a week. The per-token breakdown (blame) stays the plain surprise. Older
-weights score exactly as before.
+alarms 6.42 -> 6.18 a week. The per-token breakdown (blame) stays the plain surprise.
+
+Weights made since ``scoring: excess/2`` leave the clock fields (``schema.CLOCK_FIELDS``:
+hour, weekday) out of that mean. The model still reads them, so a reading is judged for its
+hour, but a clock token is never the anomaly: before, every midnight, every new weekday
+and every step of a coarse hour bucket scored like one, because a context of a few rows
+cannot tell when the clock's bucket turns over. Older weights score exactly as before.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from kiri.model.windows import random_ids, resolve_context, short_window, window
 
 CHUNK = 512
 ORDINAL = "ordinal/1"
-EXCESS = "excess/1"  # ordinal surprise minus the model's own expectation of it (module doc)
+EXCESS_ALL = "excess/1"  # ordinal surprise minus the model's own expectation of it, over every field
+EXCESS = "excess/2"  # the same over the fields judged (clock fields left out; module doc)
 KERNEL_WIDTH = 0.05  # of a field's bucket count: a neighbour counts 0.54 at 32 buckets, 0.14 at 10
 
 
@@ -68,9 +74,15 @@ def ordinal_kernels(codec: Codec) -> list[torch.Tensor]:
     return out
 
 
-def score_of(surprise: torch.Tensor, expected: torch.Tensor | None) -> torch.Tensor:
-    """Each row's score from its per-field surprise [n, F]: the mean, or for ``excess/1``
-    weights (``expected`` given) how far it exceeds the mean surprise the model expected."""
+def score_of(surprise: torch.Tensor, expected: torch.Tensor | None,
+             judged: Sequence[int] | None = None) -> torch.Tensor:
+    """Each row's score from its per-field surprise [n, F]: the mean, or for ``excess``
+    weights (``expected`` given) how far it exceeds the mean surprise the model expected;
+    over the ``judged`` fields only when given (``excess/2``), else over all of them."""
+    if judged is not None and len(judged) < surprise.shape[1]:
+        cols = torch.tensor(judged, dtype=torch.long)
+        surprise = surprise.index_select(1, cols)
+        expected = None if expected is None else expected.index_select(1, cols)
     if expected is None:
         return surprise.mean(dim=1)
     return surprise.mean(dim=1) - expected.mean(dim=1)
@@ -83,12 +95,13 @@ class Scores:
     schema: AtomSchema
     token_ids: torch.Tensor  # [M, F]
     surprise: torch.Tensor  # [M, F]  -log p(token)
-    expected: torch.Tensor | None = None  # [M, F]  the surprise the model expected (``excess/1`` weights)
+    expected: torch.Tensor | None = None  # [M, F]  the surprise the model expected (``excess`` weights)
+    judged: tuple[int, ...] | None = None  # the fields the score averages (None: all)
 
     @property
     def mean(self) -> torch.Tensor:
         """Each observation's score (``score_of``)."""
-        return score_of(self.surprise, self.expected)
+        return score_of(self.surprise, self.expected, self.judged)
 
     def breakdown(self, i: int) -> list[dict[str, float | str]]:
         """Per-token blame for one scored observation: token, surprise, probability."""
@@ -110,7 +123,8 @@ class Scorer:
         self.k = resolve_context(self.schema, context if context is not None else default)
         self.threshold = float(info.get("threshold", 1.5))
         self.codec = Codec.from_dict(self.schema, info.get("codec"))
-        self.excess = info.get("scoring") == EXCESS
+        self.excess = info.get("scoring") in (EXCESS, EXCESS_ALL)
+        self.judged = self.schema.judged if info.get("scoring") == EXCESS else None
         self.ordinal = self.excess or info.get("scoring") == ORDINAL
         self.calibration = Calibration.from_dict(info.get("calibration"))
         self.alarm_rate = float(info["alarm_rate"]) if "alarm_rate" in info else None
@@ -123,6 +137,7 @@ class Scorer:
         self.schema, self.model, self.k, self.threshold = schema, model, context, 1.5
         self.codec = codec or Codec.fixed(schema)
         self.excess = excess
+        self.judged = schema.judged if excess else None  # as ``excess/2`` weights score
         self.ordinal, self.calibration, self.alarm_rate = ordinal or excess, None, None
         self._kernels = ordinal_kernels(self.codec) if self.ordinal else None
         return self
@@ -149,7 +164,7 @@ class Scorer:
         """Each row's score from what ``_surprise`` gives: [n, F] surprise, or for ``excess``
         [n, 2F], the surprise and then the surprise expected."""
         f = self.schema.width
-        return score_of(out[:, :f], out[:, f:] if self.excess else None)
+        return score_of(out[:, :f], out[:, f:] if self.excess else None, self.judged)
 
     @torch.inference_mode()
     def _surprise(self, w: torch.Tensor) -> torch.Tensor:
@@ -227,7 +242,7 @@ class Scorer:
         if self.calibration is not None and self.k and n > start:
             surprise = self._past_anomalies(ids, start, surprise, flagged)
         if self.excess:
-            return Scores(self.schema, ids[start:], surprise[:, :f], surprise[:, f:])
+            return Scores(self.schema, ids[start:], surprise[:, :f], surprise[:, f:], self.judged)
         return Scores(self.schema, ids[start:], surprise)
 
     def _past_anomalies(self, ids: torch.Tensor, start: int, surprise: torch.Tensor,

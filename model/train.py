@@ -398,7 +398,7 @@ class Trainer:
             on = "holdout" if held else "all"
             if recent is not None and len(recent) >= cal.RECENT_MIN:
                 ref, on = np.asarray(recent, dtype=np.float64), "recent"
-            calib = Calibration.fit(ref)
+            calib = Calibration.fit(ref, screened=on == "recent")  # recent: alarms already left out
             p = calib.tail_p(all_scores)
             q = [float(x) for x in torch.quantile(torch.from_numpy(ref).float(), torch.tensor([0.5, 0.99, 0.999]))]
             base.update(threshold=calib.threshold(rate), alarm_rate=rate, calibration=calib.to_dict(),

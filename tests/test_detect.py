@@ -114,6 +114,28 @@ def test_clumpy_scores_do_not_make_ordinary_readings_look_extreme() -> None:
     assert (fresh < 1e-3).mean() < 2e-3
 
 
+def test_screened_scores_keep_their_own_ordinary_extremes() -> None:
+    """A stream's recent normal (alarms already left out) is not trimmed by pass 1's thin tail.
+
+    Excess scores clump at zero, so the 50th-90th percentiles are a few hundredths of a nat
+    apart and a tail scaled by them cuts the stream's own ordinary extremes: every retrain
+    then found its normal thinner and alarmed more (bench/detect.py composition). A history
+    that nobody screened keeps the cut: its anomalies sit there."""
+    rng = np.random.default_rng(6)
+
+    def draw(n: int) -> np.ndarray:
+        s = rng.normal(0, 0.01, n)
+        odd = rng.random(n) < 0.06  # normal's own spread-out share
+        s[odd] = rng.exponential(0.4, int(odd.sum()))
+        return s
+
+    ref, fresh = draw(2000), draw(100_000)
+    screened = cal.Tail.fit(ref, screened=True).sf(fresh)
+    history = cal.Tail.fit(ref).sf(fresh)
+    assert (screened < 1e-3).mean() < 3e-3  # near the rate asked for
+    assert (history < 1e-3).mean() > 3 * (screened < 1e-3).mean()  # what the cut costs on normal data
+
+
 def test_trimming_leaves_out_only_windows_a_blind_guess_beats() -> None:
     from kiri.model.train_step import trimmed
 
@@ -171,7 +193,7 @@ def test_weights_carry_codec_and_calibration_and_say_what_they_judged_anomalous(
     det = Detector(interval=300.0).fit(st.values)
     info = load_weights(det.blob).info
     assert info["codec"]["kind"] == "fitted/1" and info["calibration"]["kind"] == "tail/1"
-    assert info["scoring"] == "excess/1" and 0 <= info["judged_anomalous"] < 0.02
+    assert info["scoring"] == "excess/2" and 0 <= info["judged_anomalous"] < 0.02
     assert info["threshold"] == pytest.approx(det.scorer.calibration.threshold(info["alarm_rate"]))
 
 
@@ -254,6 +276,41 @@ def test_excess_scoring_is_the_surprise_beyond_what_the_model_expected() -> None
                 total += p * float(ordinal.score(alt, start=t).surprise[0, j])
             want.append(total)
         assert torch.allclose(got.expected[t], torch.tensor(want), atol=1e-4), (t, got.expected[t], want)
+
+
+def test_the_clock_is_read_but_never_judged() -> None:
+    """``excess/2``: hour and weekday condition the model but are left out of the score, so a
+    row whose clock alone is unexpected (a new day, the hour bucket turning over) scores
+    exactly as with its usual clock; ``excess/1`` weights still average every field."""
+    from kiri.model import synth
+
+    values = values_of(S.RHYTHM, synth.generate("rhythm", 2, seed=0, interval=300.0, event_list=[]).rows)
+    codec = Codec.fit(S.RHYTHM, values)
+    model = Atom.for_schema(S.RHYTHM)
+    model.init_weights(torch.Generator().manual_seed(0))
+    ids = codec.encode(values)
+    assert [S.RHYTHM.fields[i].name for i in S.RHYTHM.judged] == ["idle", "activity"]
+    odd = ids.clone()
+    t = 100
+    hour, weekday = S.RHYTHM.names.index("hour"), S.RHYTHM.names.index("weekday")
+    for j in (hour, weekday):  # another bucket of the same field
+        off, top = S.RHYTHM.offsets()[j], S.RHYTHM.offsets()[j] + S.RHYTHM.fields[j].buckets - 1
+        odd[t, j] = off if int(ids[t, j]) != off else top
+    for scoring, cols in (("excess/2", [0, 1]), ("excess/1", [0, 1, 2, 3])):
+        blob = save_weights(S.RHYTHM, model, {"context": 1, "codec": codec.to_dict(), "scoring": scoring})
+        sc = Scorer(load_weights(blob))
+        got, changed = sc.score(ids), sc.score(odd)
+        assert torch.allclose(got.mean, (got.surprise - got.expected)[:, cols].mean(dim=1), atol=1e-6)
+        assert changed.surprise[t, hour] != got.surprise[t, hour]  # the odd clock is seen (and blamed)
+        if scoring == "excess/2":
+            assert float(changed.mean[t]) == pytest.approx(float(got.mean[t]), abs=1e-6)
+        else:
+            assert abs(float(changed.mean[t]) - float(got.mean[t])) > 1e-3
+    fresh = Scorer.from_model(S.RHYTHM, model, 1, excess=True, codec=codec).score(ids)  # what training calibrates
+    assert torch.allclose(fresh.mean, Scorer(load_weights(save_weights(
+        S.RHYTHM, model, {"context": 1, "codec": codec.to_dict(), "scoring": "excess/2"}))).score(ids).mean, atol=1e-6)
+    clock_only = S.AtomSchema("clock", (S.Field("H", "hour", 0, 24, 8), S.Field("W", "weekday", 0, 7, 7)))
+    assert clock_only.judged == (0, 1)  # nothing else to judge: the clock is all there is
 
 
 def test_weights_scored_with_ordinal_surprise_keep_it() -> None:

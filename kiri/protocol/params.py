@@ -290,7 +290,7 @@ class ScoringWork(Params):
     columns: bool = False
 
 
-# A score is a surprise in nats, or (``excess/1`` weights) how far it exceeds the surprise the
+# A score is a surprise in nats, or (``excess/1`` weights and later) how far it exceeds the surprise the
 # model expected, which is below zero for an observation less surprising than expected.
 Score = Annotated[float, Field(ge=-1e6, le=1e6)]
 
