@@ -9,6 +9,7 @@ contract disagree, so a method cannot be added to one and forgotten in the other
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -49,10 +50,13 @@ def bind(hub: Hub) -> dict[str, Handler]:
         res = O.observe(atoms, c, p, env)
         if p.import_id is None:
             SC.ensure_score_task(c, p.atom, env)
+        else:
+            hub.last_import = time.monotonic()  # retention waits for the import (server.IMPORT_QUIET)
         return res
 
     def commit_import(c: sa.Connection, p: P.ImportRef, env: Q.Env) -> dict[str, Any]:
         res = O.commit_import(c, p, env)
+        hub.last_import = time.monotonic()
         for atom in res["atoms"]:
             SC.ensure_score_task(c, atom, env)
         if res["remaining"]:

@@ -310,3 +310,26 @@ def test_a_reading_waiting_for_its_score_keeps_the_day_before_it_raw_even_after_
     assert min(held) >= late - CONTEXT_MARGIN - R.BASE and max(held) <= late + R.BASE  # that day, no more
     assert late in left
     engine.dispose()
+
+
+def test_retention_waits_while_an_import_streams_in(hub_factory):
+    """Deleting old tasks holds the hub's loop; while a bulk import is staging its chunks,
+    retention waits (``server.IMPORT_QUIET``), and picks up where it was once the import is done."""
+    hub = hub_factory("--keep-finished-tasks", "7d", start=False)
+    hub.data_dir.mkdir(parents=True, exist_ok=True)
+    _seed(hub.db_path, old=30_000, recent=10)
+    hub.start()
+    c = hub.client()
+    imp = "f" * 16
+    row = {"values": {"cpu": 12.0, "mem": 40.0, "disk": 50.0, "swap": 1.0, "load": 0.5, "net": 1.0}}
+    c.call("observe", {"atom": "pulse", "observations": [row] * 100, "import_id": imp})
+    time.sleep(0.5)  # a retention pass queued before the chunk has run by now
+    during = _live(hub.db_path, "1=1")
+    for _ in range(8):  # an import that keeps streaming: a chunk every quarter second
+        c.call("observe", {"atom": "pulse", "observations": [row] * 100, "import_id": imp})
+        time.sleep(0.25)
+    assert _live(hub.db_path, "1=1") == during  # nothing pruned while it streamed
+    assert c.call("commit_import", {"import_id": imp})["stored"] == 900
+    c.close()
+    wait_until(lambda: _live(hub.db_path, "status IN ('done', 'dead')") == 11, 120,
+               what="retention resumed after the import")
