@@ -317,7 +317,11 @@ def quality_gate(hub: Any, schema: Any, trainer: Any, values: Any, margin: float
 
     The new version passes when its separation is at least the active one's times
     (1 - margin). With no active version, or no held-out windows, it passes by default.
-    Each model reads the raw values through its own codec (the edges it was trained with).
+    Each model reads the raw values through its own codec (the edges it was trained with)
+    and is scored as its weights score (the active one by its ``scoring``, the new one as
+    new weights do: ``excess/2``), neither looking past flagged context: the corrupted rows
+    are the point. (The new model used to be judged by plain surprise over every field and
+    the active one by its own statistic, so the gate compared two different numbers.)
     """
     from kiri.model.codec import Codec
     from kiri.model.score import Scorer, separation
@@ -326,7 +330,8 @@ def quality_gate(hub: Any, schema: Any, trainer: Any, values: Any, margin: float
     trainer.model.eval()
     ids = (trainer.codec or Codec.fixed(schema)).encode(values)
     targets = trainer.newest_held()  # judged on the newest held-out data, not on old windows
-    new = separation(Scorer.from_model(schema, trainer.model, trainer.k), ids, targets)
+    new = separation(Scorer.from_model(schema, trainer.model, trainer.k, excess=True,
+                                       codec=trainer.codec or Codec.fixed(schema)), ids, targets)
     trainer.model.train()
     out: dict[str, Any] = {"new": new, "active": None, "margin": margin, "passed": True, "reason": None}
     try:
@@ -336,6 +341,7 @@ def quality_gate(hub: Any, schema: Any, trainer: Any, values: Any, margin: float
         return out
     try:
         old = Scorer(load_weights(base64.b64decode(active["blob"])), context=trainer.k)
+        old.calibration = None  # (only used here to look past flagged context: see above)
         out["active"] = separation(old, old.encode(values), targets) | {"version": active["version"]}
     except (WeightsError, ValueError) as e:
         out["reason"] = f"active version {active['version']} could not be evaluated ({e}): accepted"

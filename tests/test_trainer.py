@@ -178,6 +178,30 @@ def test_quality_gate_rejects_a_worse_version_and_keeps_it_with_the_reason(hub, 
     agent.stop()
 
 
+def test_quality_gate_judges_both_versions_by_the_same_statistic(hub, agents_factory):
+    """The same model as candidate and as active version gets the same separation: the
+    candidate is scored as its weights will score, not by plain surprise over every field."""
+    from kiri.agents.trainer import quality_gate
+    from kiri.model.codec import Codec, values_of
+
+    rows = _push(hub, 1.0)
+    agent = _trainer(agents_factory, hub)
+    c = hub.client()
+    tid = c.enqueue("train", "pulse", {"steps": 60})["task_id"]
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 120)
+    agent.stop()
+    w = load_weights(base64.b64decode(c.call("weights", {"atom": "pulse", "active": True, "blob": True})
+                                      ["weights"][0]["blob"]))
+    values = values_of(S.PULSE, rows)
+    codec = Codec.from_dict(S.PULSE, w.info["codec"])
+    twin = Trainer(S.PULSE, codec.encode(values), TrainConfig(steps=1, context=w.info["context"]), codec=codec)
+    twin.model.load_state_dict(w.model.state_dict())  # the active version's very model
+    gate = quality_gate(c, S.PULSE, twin, values, 0.1)
+    assert gate["active"]["version"] == 1 and gate["passed"]
+    assert gate["new"]["separation"] == pytest.approx(gate["active"]["separation"], rel=1e-5)
+    c.close()
+
+
 def test_weights_cli_lists_shows_and_rolls_back(hub, agents_factory):
     from tests.test_cli import kiri
 
