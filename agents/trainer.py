@@ -328,10 +328,10 @@ def quality_gate(hub: Any, schema: Any, trainer: Any, values: Any, margin: float
     from kiri.model.weights import WeightsError, load_weights
 
     trainer.model.eval()
-    ids = (trainer.codec or Codec.fixed(schema)).encode(values)
+    codec = trainer.codec or Codec.fixed(schema)
+    ids = codec.encode(values)
     targets = trainer.newest_held()  # judged on the newest held-out data, not on old windows
-    new = separation(Scorer.from_model(schema, trainer.model, trainer.k, excess=True,
-                                       codec=trainer.codec or Codec.fixed(schema)), ids, targets)
+    new = separation(Scorer.from_model(schema, trainer.model, trainer.k, excess=True, codec=codec), ids, targets)
     trainer.model.train()
     out: dict[str, Any] = {"new": new, "active": None, "margin": margin, "passed": True, "reason": None}
     try:

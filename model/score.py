@@ -123,9 +123,10 @@ class Scorer:
         self.k = resolve_context(self.schema, context if context is not None else default)
         self.threshold = float(info.get("threshold", 1.5))
         self.codec = Codec.from_dict(self.schema, info.get("codec"))
-        self.excess = info.get("scoring") in (EXCESS, EXCESS_ALL)
-        self.judged = self.schema.judged if info.get("scoring") == EXCESS else None
-        self.ordinal = self.excess or info.get("scoring") == ORDINAL
+        scoring = info.get("scoring")
+        self.excess = scoring in (EXCESS, EXCESS_ALL)
+        self.judged = self.schema.judged if scoring == EXCESS else None
+        self.ordinal = self.excess or scoring == ORDINAL
         self.calibration = Calibration.from_dict(info.get("calibration"))
         self.alarm_rate = float(info["alarm_rate"]) if "alarm_rate" in info else None
         self._kernels = ordinal_kernels(self.codec) if self.ordinal else None
