@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -23,24 +24,37 @@ from kiri.model.explain import blame, worst_first
 
 log = logging.getLogger("kiri.scorer")
 
-_CACHE: dict[int, Any] = {}  # weights id -> loaded Weights (weights never change under an id)
+# weights id -> loaded Weights, newest use last (weights never change under an id); a few
+# kept, so a scorer that lives through months of retrains does not keep every version
+_CACHE: OrderedDict[int, Any] = OrderedDict()
+CACHED_WEIGHTS = 8
+_SCORERS: dict[str, tuple[int, Any]] = {}  # atom -> (weights id, its Scorer, which remembers windows)
 
 
 def _weights(hub: Any, weights_id: int) -> Any:
-    """Weights by id, downloaded and parsed once per agent process."""
+    """Weights by id, downloaded and parsed once while they are in use."""
     from kiri.model.weights import load_weights
 
     w = _CACHE.get(weights_id)
     if w is None:
         blob = hub.call("weights", {"weights_id": weights_id, "blob": True})["weights"][0]["blob"]
         w = _CACHE[weights_id] = load_weights(base64.b64decode(blob))
+        while len(_CACHE) > CACHED_WEIGHTS:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(weights_id)
     return w
 
 
-def _scorer(hub: Any, weights_id: int) -> Any:
+def _scorer(hub: Any, atom: str, weights_id: int) -> Any:
+    """The atom's Scorer for these weights, kept from batch to batch and task to task: it
+    remembers the windows it has scored (``Scorer._surprise``), and a backfill's batches
+    repeat most of them."""
     from kiri.model.score import Scorer
 
-    return Scorer(_weights(hub, weights_id))
+    got = _SCORERS.get(atom)
+    if got is None or got[0] != weights_id:
+        got = _SCORERS[atom] = (weights_id, Scorer(_weights(hub, weights_id)))
+    return got[1]
 
 
 def handler(sinks: AlertConfig) -> Handler:
@@ -98,7 +112,7 @@ def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
             if not new["id"]:
                 break
             weights_id = work["weights"]["id"]
-            sc = _scorer(hub, weights_id)
+            sc = _scorer(hub, ctx.atom, weights_id)
             means, per, tail_ps, tokens = score_streams(sc, context, new)  # while the last batch is stored
             if pending is not None:
                 pending.result()  # raises what storing it raised (a lost lease ends the task)

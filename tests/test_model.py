@@ -387,3 +387,42 @@ def test_scoring_distinct_windows_once_is_exact(pulse_week):
     big = S.AtomSchema("wide", tuple(S.Field(chr(65 + i), f"f{i}", 0, 1, 100) for i in range(6)),
                        size=S.ModelSize(block_size=16))
     assert window_keys(big, torch.zeros((3, 13), dtype=torch.long)) is None
+
+
+def test_a_scorer_remembers_windows_across_calls_and_stays_exact(pulse_week, monkeypatch):
+    """A Scorer from weights scores a stream batch by batch as one whole call would, and
+    computes again only windows no earlier batch had; when its memo fills up it forgets and
+    stays exact."""
+    import kiri.model.score as SM
+
+    ids = _pulse_ids(1, seed=4)
+    whole = Scorer(pulse_week)
+    whole._memo = None  # the reference remembers nothing
+    want = whole.score(ids, start=1).surprise
+
+    default = SM.MEMO_WINDOWS
+
+    def batches(capacity: int | None) -> tuple[Scorer, list[int], torch.Tensor]:
+        monkeypatch.setattr(SM, "MEMO_WINDOWS", capacity or default)
+        sc = Scorer(pulse_week)
+        if capacity is None:
+            sc._memo = None
+        computed: list[int] = []
+        forward = sc._forward
+        monkeypatch.setattr(sc, "_forward", lambda w: computed.append(len(w)) or forward(w))
+        got = torch.cat([sc.score(ids[max(0, i - 1): i + 300], start=1).surprise for i in range(0, len(ids), 300)])
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+        return sc, computed, got
+
+    _, plain, _ = batches(None)
+    sc, first, got = batches(default)
+    assert 0 < sum(first) < sum(plain) / 2  # a day of pulse repeats its windows from batch to batch
+    computed_again: list[int] = []
+    forward = sc._forward
+    monkeypatch.setattr(sc, "_forward", lambda w: computed_again.append(len(w)) or forward(w))
+    again = torch.cat([sc.score(ids[max(0, i - 1): i + 300], start=1).surprise for i in range(0, len(ids), 300)])
+    assert sum(computed_again) == 0 and torch.equal(again, got)  # every window remembered
+    small, _, _ = batches(40)  # forgets whenever 40 would be exceeded, and stays exact
+    assert small._memo and all(len(m.slot) <= 40 for m in small._memo.values())
+    # a Scorer over a model that may still train remembers nothing
+    assert Scorer.from_model(S.PULSE, pulse_week.model, 1)._memo is None

@@ -125,7 +125,7 @@ def test_rollups_match_brute_force(engine):
                 values = {k: float(v) for k, v in orjson.loads(row.data).items()}
                 mirror.readings[row.id] = (row.host or "", row.ts, values)
             # score some raw readings, sometimes again with newer weights
-            keys = set()
+            keys, scored = set(), []
             for oid in rng.sample(sorted(known), min(len(known), 300)):
                 wid = rng.choice((1, 2, 3))
                 if c.execute(sa.select(scores.c.id).where(scores.c.observation_id == oid,
@@ -141,7 +141,9 @@ def test_rollups_match_brute_force(engine):
                     mirror.best[oid] = (wid, sc, 5.0 + wid, tail, anom)
                 host, ts, _ = mirror.readings[oid]
                 keys.add(("drift", host, R.bucket_of(ts)))
-            R.mark(c, keys)
+                scored.append(oid)
+            # by key, as an import marks; or by reading id, as a record of scores does
+            R.mark(c, keys) if rng.random() < 0.5 else R.mark_readings(c, scored)
         # exact before any refresh: reads compute dirty buckets on the fly
         with engine.connect() as c:
             for tier in R.TIERS:
@@ -246,4 +248,31 @@ def test_raw_reads_give_each_reading_its_newest_score_on_both_backends(tmp_path,
                     sc, tp, an = newest
                     assert raw.score[k] == sc and raw.thr[k] == 1.5 and raw.anom[k] == float(an)
                     assert math.isnan(raw.tail[k]) if tp is None else raw.tail[k] == tp
+    eng.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_marking_readings_by_id_marks_exactly_their_buckets_on_both_backends(tmp_path, request, backend):
+    """mark_readings works out each reading's bucket in SQL: the buckets bucket_of gives,
+    at and around bucket edges and before 1970 too, a NULL host as "", and nothing else."""
+    if backend == "postgresql":
+        eng = make_engine(request.getfixturevalue("pg").new_database())
+    else:
+        eng = make_engine(f"sqlite:///{tmp_path / 'marks.db'}")
+    mig.upgrade(eng)
+    times = [0.0, 299.99999999999994, 300.0, -1e-9, -300.0, -300.0000001, -299.5, 1_700_000_123.25, 86_400 * 365.0,
+             -5e8 - 0.5, 1e-300, 599.9999]
+    with eng.begin() as c:
+        ids, want = [], set()
+        for k, ts in enumerate(times):
+            host = (None, "a", "b")[k % 3]
+            oid = c.execute(observations.insert().values(atom="drift", ts=ts, host=host, data="{}", created_at=0)
+                            .returning(observations.c.id)).scalar_one()
+            if k != 5:  # one reading not marked
+                ids.append(oid)
+                want.add(("drift", host or "", R.bucket_of(ts)))
+        R.mark_readings(c, ids)
+        R.mark_readings(c, ids[:3])  # again: already marked, nothing new
+        got = {tuple(r) for r in c.execute(sa.select(rollup_dirty.c.atom, rollup_dirty.c.host, rollup_dirty.c.bucket))}
+    assert got == want and len(want) == 8
     eng.dispose()

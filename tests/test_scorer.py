@@ -236,6 +236,14 @@ def test_scores_as_columns_store_what_one_object_each_stores_and_bad_columns_sto
         with pytest.raises(RpcError) as e:
             c.call("record_scores", {**base, **bad})
         assert e.value.code == -32602, bad  # invalid params, with nothing stored
+    # readings that do not exist, or are another atom's, are named
+    other = c.call("observe", {"atom": "drift", "observations": [{"time": 1000.0, "values": {
+        "added": 1.0, "completed": 1.0, "switched": 0.0, "hour": 3.0, "weekday": 2.0}}]})["first_id"]
+    for stranger in (10**9, other):
+        with pytest.raises(RpcError, match=f"{stranger}.* are not 'pulse' observations") as e:
+            c.call("record_scores", {**base, "columns": {"observation_id": [ids[0], stranger], "score": [1.0, 1.0],
+                                                         "width": 6, "surprise": surprise(0) * 2}})
+        assert e.value.code == -32602
     assert hub.sql("select count(*) from scores")[0][0] == before
 
     # a run of ids (read as a range) and two ids far apart (read as a list); tail_p may be null

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from kiri.hub.core import queue as Q
 from kiri.hub.store.bulk import BulkInsert
 from kiri.hub.store.db import as_dict
-from kiri.hub.store.prepared import Prepared, by_ids
+from kiri.hub.store.prepared import ListStatement, Prepared, by_ids
 from kiri.hub.store.schema import observations, scores, tasks, weights
 from kiri.hub.watch import decisions as D
 from kiri.hub.watch import learning as L
@@ -164,6 +164,18 @@ def surprise_texts(flat: list[float], width: int, keep: list[int], n: int) -> li
 
 _FOUND_COLS = [_o.id, _o.host, _o.ts, _o.atom]
 _FOUND = Prepared(sa.select(*_FOUND_COLS).where(_o.id >= sa.bindparam("lo"), _o.id <= sa.bindparam("hi")))
+# "atom || ''": not an index of its own, so the ids are rowid lookups (the atom's index walks its history)
+_HOSTS_OF = ListStatement(lambda member: sa.select(_o.host, sa.func.count()).where(
+    member(_o.id), _o.atom.op("||")(sa.literal_column("''")) == sa.bindparam("atom")).group_by(_o.host))
+
+
+def _readings(c: sa.Connection, atom: str, ids: list[int]) -> dict[int, tuple[str | None, float]]:
+    """The atom's readings among ``ids``: id -> (host, ts). By id alone (rowid lookups):
+    with the atom in the WHERE, SQLite may walk the atom's index."""
+    wanted = set(ids)
+    return {r[0]: (r[1], r[2]) for r in by_ids(c, _FOUND, _FOUND_COLS, _o.id, ids) if r[0] in wanted and r[3] == atom}
+
+
 _s = scores.c
 # "weights_id + 0" keeps SQLite on the (observation_id, weights_id) index: with a plain
 # weights_id = ?, it walks every score of those weights (a backfill's batches grew quadratic)
@@ -182,17 +194,19 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
         raise InvalidParams(f"weights {p.weights_id} belong to {w.atom!r}, not {p.atom!r}")
     cols = p.as_columns()
     ids = cols.observation_id
-    # by id alone (rowid lookups); with the atom in the WHERE, SQLite may walk the atom's index
     wanted = set(ids)
-    found = {r[0]: (r[1], r[2]) for r in by_ids(c, _FOUND, _FOUND_COLS, _o.id, ids)
-             if r[0] in wanted and r[3] == p.atom}  # id: (host, ts)
-    missing = [i for i in ids if i not in found]
-    if missing:
-        raise InvalidParams(f"observation(s) {missing[:5]} are not {p.atom!r} observations")
+    # how many of the batch are this atom's readings, by host: one pass in SQLite. Each
+    # reading's own host is read only when some host is still learning (its scores are not
+    # anomalous yet), and which ids are missing only to say so
+    by_host = dict(_HOSTS_OF.tuples(c, ids, atom=p.atom))
+    if sum(by_host.values()) != len(wanted):
+        found = _readings(c, p.atom, ids)
+        raise InvalidParams(f"observation(s) {[i for i in ids if i not in found][:5]} are not {p.atom!r} observations")
     if len(wanted) != len(ids):
         raise InvalidParams("an observation is scored twice in one call")
     info = orjson.loads(w.info)
-    learning = {h for h in {host for host, _ in found.values()} if L.is_learning(info, h)}
+    learning = {h for h in by_host if L.is_learning(info, h)}
+    host_of = {i: h for i, (h, _ts) in _readings(c, p.atom, ids).items()} if learning else None
     already = {i for (i,) in by_ids(c, _ALREADY, [_s.observation_id], _s.observation_id, ids,
                                      weights_id=p.weights_id) if i in wanted}
     tails = cols.tail_p or [None] * len(ids)
@@ -201,18 +215,18 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     if keep:
         score = [cols.score[k] for k in keep] if already else cols.score
         tail_p = [tails[k] for k in keep] if already else tails
-        hosts = [found[ids[k]][0] for k in keep]
-        anomalous = anomalous_of(score, tail_p, p, [h in learning for h in hosts] if learning else None)
+        held = None if host_of is None else [host_of[ids[k]] in learning for k in keep]
+        anomalous = anomalous_of(score, tail_p, p, held)
         _BULK_SCORES.run(c, {
             "observation_id": [ids[k] for k in keep] if already else ids, "score": score, "tail_p": tail_p,
             "surprise": surprise_texts(cols.surprise, cols.width, keep, len(ids)),
             "anomalous": anomalous}, {"atom": p.atom, "weights_id": p.weights_id, "threshold": p.threshold,
                                       "created_at": env.now})
-        R.mark(c, R.batch_keys(p.atom, hosts, [found[ids[k]][1] for k in keep]))
+        R.mark_readings(c, [ids[k] for k in keep] if already else ids)
     out: dict[str, Any] = {"stored": len(keep), "already": len(already), "anomalous": sum(anomalous)}
     if p.decision is not None:
         decision = p.decision
-        host = found[decision.observation_id][0] if decision.observation_id in found else None
+        host = None if host_of is None else host_of.get(decision.observation_id)
         if host in learning and decision.action != "ok":
             # weights that never saw this host decide nothing yet: recorded as ok, with why
             decision = decision.model_copy(update={
