@@ -54,7 +54,7 @@ def bind(hub: Hub) -> dict[str, Handler]:
             hub.last_import = time.monotonic()  # retention waits for the import (server.IMPORT_QUIET)
         return res
 
-    def commit_import(c: sa.Connection, p: P.ImportRef, env: Q.Env) -> dict[str, Any]:
+    def commit_import(c: sa.Connection, p: P.CommitImport, env: Q.Env) -> dict[str, Any]:
         res = O.commit_import(c, p, env)
         hub.last_import = time.monotonic()
         for atom in res["atoms"]:

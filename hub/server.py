@@ -118,6 +118,8 @@ class Hub:
         self.rollup_running = False
         self.prune_running = False
         self.import_running = False
+        # commit_import requests with ``wait``, parked until their import's last step (by import id)
+        self.import_waiters: dict[str, list[Op]] = {}
         self.last_import = 0.0  # time.monotonic() of the last import chunk staged, committed or moved
         self.raw_pruner = KEEP.RawPruner()
         self.served: dict[str, int] = {"leases": 0, "acks": 0}
@@ -414,6 +416,8 @@ class Hub:
             if result.get("task") is not None:
                 self.served["leases"] += 1
                 self.metrics.leased(result["task"], time.time())
+        if op.method == "commit_import" and err is None and self._park_commit(op, result):
+            return
         if op.method == "hello" and err is None and conn is not None:
             conn.agent_id = result["agent_id"]
             if conn.closed:  # gone while its hello committed
@@ -536,6 +540,38 @@ class Hub:
 
         self._await(Op(None, None, "rollup", None, roll, reply=False)).add_done_callback(then)
 
+    def _park_commit(self, op: Op, result: dict[str, Any]) -> bool:
+        """A commit_import with ``wait`` whose import still has rows to move waits for its last
+        step (or for ``wait`` to run out) instead of answering now; one that finds its import
+        done releases the others waiting on it. True: parked."""
+        import_id = op.params.import_id
+        if not result.get("remaining"):
+            self._release_commits(import_id)
+            return False
+        conn = op.conn
+        if not op.params.wait or conn is None or conn.closed or self.closing or not op.reply:
+            return False
+        # asked again when released: then it answers with the progress at once
+        again = Op(conn, op.req_id, op.method, op.params.model_copy(update={"wait": 0.0}), op.func)
+        self.import_waiters.setdefault(import_id, []).append(again)
+        self.loop.call_later(op.params.wait, self._release_commits, import_id, again)
+        return True
+
+    def _release_commits(self, import_id: str, only: Op | None = None) -> None:
+        """Ask the parked commit_import requests of ``import_id`` again (``only``: that one,
+        its wait having run out), so they answer with the progress."""
+        waiting = self.import_waiters.get(import_id)
+        if not waiting:
+            return
+        go = [op for op in waiting if only is None or op is only]
+        left = [op for op in waiting if op not in go]
+        if left:
+            self.import_waiters[import_id] = left
+        else:
+            del self.import_waiters[import_id]
+        for op in go:
+            self.commit.submit(op)
+
     def move_imports(self) -> None:
         """Move the next step of a committed import's rows into the observations
         (``observations.move_step``), and the next right after it while steps remain: a
@@ -547,18 +583,21 @@ class Hub:
             return
         self.import_running = True
 
-        def step(c: sa.Connection, _p: Any, env: Q.Env) -> bool:
+        def step(c: sa.Connection, _p: Any, env: Q.Env) -> tuple[str, int] | None:
             pending = O.committing(c)
             if not pending:
-                return False
+                return None
             for atom in O.move_step(c, pending[0], env):
                 SC.ensure_score_task(c, atom, env)
-            return True
+            return pending[0], O.progress(c, pending[0])["remaining"]
 
         def then(fut: asyncio.Future[Any]) -> None:
             self.import_running = False
             if not fut.cancelled() and fut.exception() is None and fut.result():
                 self.last_import = time.monotonic()
+                moved, remaining = fut.result()
+                if not remaining:  # its last step: commits waiting on it answer now
+                    self._release_commits(moved)
                 self.loop.call_later(0.001, self.move_imports)
 
         self._await(Op(None, None, "move_import", None, step, reply=False)).add_done_callback(then)

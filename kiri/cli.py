@@ -17,7 +17,7 @@ from kiri.agents.client import HubClient, HubUnreachable
 from kiri.model.explain import worst_first
 from kiri.model.schema import NERVE_INPUTS
 from kiri.options import finite, seconds
-from kiri.protocol import TASK_STATES, RpcError
+from kiri.protocol import TASK_STATES, ErrorCode, RpcError
 from kiri.render import ago, clip, table
 
 
@@ -551,22 +551,40 @@ def _stage(c: Ctx, import_id: str, atom: str, schema: Any, stream: Any, name: st
     return {"sent": sent, "skipped_count": n_bad, "skipped_lines": [{"line": b.line, "error": b.message} for b in bad]}
 
 
+COMMIT_WAIT = 1.0  # seconds the hub may hold a commit's answer until its import's last step
+
+
 def _commit(c: Ctx, import_id: str, name: str) -> dict[str, Any]:
-    """Commit a staged import and follow it to the end (a big one moves in steps)."""
+    """Commit a staged import and follow it to the end: a big one moves in steps, and the hub
+    answers when the last has moved (``wait``), or after COMMIT_WAIT with the progress so far."""
+    ask = {"import_id": import_id, "wait": COMMIT_WAIT}
     try:
-        res = c.call("commit_import", {"import_id": import_id})
-    except BaseException:
+        try:
+            res = c.client().call("commit_import", ask)
+        except RpcError as e:
+            if e.code != ErrorCode.INVALID_PARAMS or "wait" not in e.message:
+                raise
+            ask = {"import_id": import_id}  # a hub from before ``wait``: asked again every 0.2 s
+            res = c.client().call("commit_import", ask)
+    except BaseException as e:
         _abort(c, import_id)
+        if isinstance(e, RpcError):
+            raise click.ClickException(f"{name}: not imported: {e.message} (code {int(e.code)})") from None
+        if isinstance(e, HubUnreachable):
+            raise click.ClickException(f"{name}: not imported: {e}") from None
         raise
     # committed: it applies entirely; a big one moves in steps, followed here to the end
     while res.get("remaining"):
-        time.sleep(0.2)
+        if "wait" not in ask:
+            time.sleep(0.2)
         try:
-            res = c.call("commit_import", {"import_id": import_id})
+            res = c.client().call("commit_import", ask)
         except HubUnreachable:
             raise click.ClickException(
                 f"{name}: committed, {res['remaining']:,} row(s) still to move when the hub went away; "
                 "the hub finishes the import when it runs again") from None
+        except RpcError as e:
+            raise click.ClickException(f"{name}: committed; following it: {e.message} (code {int(e.code)})") from None
     return res
 
 

@@ -348,6 +348,40 @@ def test_a_big_import_moves_in_steps_and_a_hub_killed_midway_finishes_it(hub):
     c.close()
 
 
+def test_a_commit_with_wait_answers_when_its_import_has_moved_or_its_wait_ran_out(hub):
+    """commit_import with ``wait``: one answer once the last step has moved (no polling), or,
+    when ``wait`` runs out first, the progress so far; a bad wait is refused."""
+    from kiri.hub.watch.observations import COMMIT_STEP
+    from kiri.protocol import RpcError
+
+    names = list(PULSE_ROW)
+    c = hub.client()
+
+    def stage(imp: str, n: int, t0: float) -> None:
+        for lo in range(0, n, COMMIT_STEP):
+            k = range(lo, min(n, lo + COMMIT_STEP))
+            c.call("observe", {"atom": "pulse", "import_id": imp, "columns": {
+                "fields": names, "values": [[float(i % 89)] * len(names) for i in k],
+                "time": [t0 + 30 * i for i in k]}})
+
+    n = 8 * COMMIT_STEP + 7
+    stage("waited-import", n, 2_000_000.0)
+    done = c.call("commit_import", {"import_id": "waited-import", "wait": 60})
+    assert done == {"stored": n, "first_id": 1, "last_id": n, "atoms": ["pulse"], "remaining": 0}
+    assert _count(hub) == n
+    # a wait shorter than the move: the progress so far, and a later ask follows it to the end
+    stage("short-wait", n, 3_000_000.0)
+    early = c.call("commit_import", {"import_id": "short-wait", "wait": 0.001})
+    assert 0 < early["remaining"] < n and early["stored"] + early["remaining"] == n
+    assert c.call("commit_import", {"import_id": "short-wait", "wait": 60})["remaining"] == 0
+    assert _count(hub) == 2 * n
+    for bad in (-1, 61, "soon", None):
+        with pytest.raises(RpcError) as e:
+            c.call("commit_import", {"import_id": "short-wait", "wait": bad})
+        assert e.value.code == -32602 and "wait" in e.value.message
+    c.close()
+
+
 def _line_by_line(schema, recs, now):
     """What the per-line path makes of a chunk: its columns, or the first refusal."""
     from kiri.importing import as_columns, to_observation

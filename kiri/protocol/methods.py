@@ -193,19 +193,21 @@ TABLE: tuple[Method, ...] = (
            example=({"atom": "pulse", "observations": [{"time": 1764400000.0, "host": "web-1",
                                                         "values": {"cpu": 52, "mem": 61}}]},
                     {"stored": 1, "first_id": 41, "last_id": 41}), free_form=False),
-    Method("commit_import", P.ImportRef, R.ImportCommitted, group="observations",
+    Method("commit_import", P.CommitImport, R.ImportCommitted, group="observations",
            events=("observations", "tasks"),
            summary="Commit an import: every row staged under `import_id` moves into the observations. Up "
                    "to 5,000 rows in this call's transaction; a bigger import moves on in steps of 5,000 "
                    "between other requests (`remaining` says how many rows are still to move: ask again "
-                   "to follow it).",
+                   "to follow it). With `wait` (seconds, up to 60) the answer comes when the last row has "
+                   "moved, or when `wait` runs out, whichever is first; meanwhile the connection's later "
+                   "requests are answered first.",
            errors=("not found: nothing staged under that id (aborted, or expired after an hour)",),
            guarantees="A committed import applies entirely: the commit is recorded with its first step, and "
                       "a hub stopped midway finishes it when it starts again. A big import's rows become "
                       "visible a step at a time. Asking again is safe: it answers with the progress, and "
                       "for an hour after the last step with the same totals (`first_id`..`last_id` span "
                       "the import's ids; other observations may interleave between steps).",
-           example=({"import_id": "imp-3f9a1c2b"},
+           example=({"import_id": "imp-3f9a1c2b", "wait": 1.0},
                     {"stored": 2016, "first_id": 42, "last_id": 2057, "atoms": ["pulse"], "remaining": 0})),
     Method("abort_import", P.ImportRef, R.ImportAborted, group="observations", idempotent=True,
            summary="Discard rows staged under `import_id`.",

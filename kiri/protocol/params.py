@@ -228,6 +228,14 @@ class ImportRef(Params):
     import_id: ImportId
 
 
+MAX_COMMIT_WAIT = 60.0
+
+
+class CommitImport(ImportRef):
+    # seconds a big import's commit may wait for its last step before answering (0: at once)
+    wait: Annotated[float, Field(ge=0, le=MAX_COMMIT_WAIT)] = 0.0
+
+
 class Observations(Params):
     atom: Name
     host: Annotated[str, StringConstraints(max_length=200)] | None = None  # only this host's
