@@ -271,3 +271,36 @@ def test_scores_as_columns_store_what_one_object_each_stores_and_bad_columns_sto
         # below the alarm rate, or (no tail probability) over the threshold
         assert bool(anomalous) == ((0.001 * k < 0.01) if k != 1 else (1.0 + k > 3.0))
     c.close()
+
+
+def test_scoring_work_gives_each_batch_the_readings_between_its_own_that_arrived_later(hub):
+    """A batch (by id) of a stream whose readings arrived out of time order gets as context its
+    stream's readings before it in time and those between its own that it does not hold;
+    a batch in time order gets only the readings before it."""
+    from tests.test_contract import _weights_blob
+
+    c = hub.client()
+    pulse = {"cpu": 50.0, "mem": 40.0, "disk": 30.0, "swap": 0.0, "load": 1.0, "net": 0.0}
+    # host a's readings at t0..t9 arrive as t5..t9, then t0..t4; host b's in order
+    order = [5, 6, 7, 8, 9, 0, 2, 4, 1, 3]
+    ids = {}
+    for k in order:
+        got = c.call("observe", {"atom": "pulse", "observations": [
+            {"time": 1000.0 + 30 * k, "host": "a", "values": {**pulse, "cpu": float(k)}}]})
+        ids[k] = got["first_id"]
+    train = c.call("enqueue", {"kind": "train", "atom": "pulse"})["task_id"]
+    tl = c.lease(["train"], ttl=600)
+    assert tl["task"]["id"] == train
+    c.call("publish_weights", {"task_id": train, "lease_token": tl["lease"]["token"], "atom": "pulse",
+                               "blob": _weights_blob("pulse"), "loss": 0.5, "info": {"threshold": 3.0}})
+
+    def work(after: int, limit: int) -> tuple[list[int], list[int]]:
+        w = c.call("scoring_work", {"atom": "pulse", "limit": limit, "context": 2, "columns": True,
+                                    "after_id": after})
+        return w["observations"]["id"], sorted(w["context"]["id"])
+
+    # t5, t6, t7: in time order; context the two readings before t5 (t3, t4)
+    assert work(0, 3) == ([ids[5], ids[6], ids[7]], sorted([ids[3], ids[4]]))
+    # t0, t2, t4: t1 and t3 lie between them and arrived later; nothing lies before t0
+    assert work(ids[9], 3) == ([ids[0], ids[2], ids[4]], sorted([ids[1], ids[3]]))
+    c.close()

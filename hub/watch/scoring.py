@@ -74,11 +74,16 @@ def _stream(host_null: bool) -> sa.ColumnElement[bool]:
 _BEFORE = {null: Prepared(sa.select(*_READING).where(
     _stream(null), _o.ts <= sa.bindparam("ts"), sa.or_(_o.ts < sa.bindparam("ts"), _o.id < sa.bindparam("id")))
     .order_by(_o.ts.desc(), _o.id.desc()).limit(sa.bindparam("k"))) for null in (True, False)}
-_BETWEEN = {null: Prepared(sa.select(_o.id).where(
-    _stream(null),
-    _o.ts >= sa.bindparam("ts0"), sa.or_(_o.ts > sa.bindparam("ts0"), _o.id > sa.bindparam("id0")),
-    _o.ts <= sa.bindparam("ts1"), sa.or_(_o.ts < sa.bindparam("ts1"), _o.id < sa.bindparam("id1")))
-    .order_by(_o.ts, _o.id).limit(sa.bindparam("limit"))) for null in (True, False)}
+
+def _between(null: bool) -> list[sa.ColumnElement[bool]]:
+    return [_stream(null),
+            _o.ts >= sa.bindparam("ts0"), sa.or_(_o.ts > sa.bindparam("ts0"), _o.id > sa.bindparam("id0")),
+            _o.ts <= sa.bindparam("ts1"), sa.or_(_o.ts < sa.bindparam("ts1"), _o.id < sa.bindparam("id1"))]
+
+
+_BETWEEN = {null: Prepared(sa.select(_o.id).where(*_between(null)).order_by(_o.ts, _o.id).limit(sa.bindparam("limit")))
+            for null in (True, False)}
+_BETWEEN_COUNT = {null: Prepared(sa.select(sa.func.count()).where(*_between(null))) for null in (True, False)}
 
 
 def work(reg: AtomRegistry, c: sa.Connection, p: P.ScoringWork, env: Q.Env) -> dict[str, Any]:
@@ -126,11 +131,12 @@ def stream_context(c: sa.Connection, atom: str, todo: list[Reading], k: int) -> 
             prior = _BEFORE[host is None].tuples(c, {**stream, "ts": first[_TS], "id": first[_ID], "k": k})
             out.extend(r for r in reversed(prior) if r[_ID] not in ids)
         if len(rows) > 1:
-            # ids first (the stream index covers them): in time-ordered data these are just
-            # the batch's own rows, and nothing more is read
-            between = _BETWEEN[host is None].tuples(c, {
-                **stream, "ts0": first[_TS], "id0": first[_ID], "ts1": last[_TS], "id1": last[_ID],
-                "limit": MAX_BETWEEN + len(rows)})
+            span = {**stream, "ts0": first[_TS], "id0": first[_ID], "ts1": last[_TS], "id1": last[_ID]}
+            # counted first (on the stream index): in time-ordered data the stream's readings
+            # between the batch's first and last are just the batch's own, and nothing is read
+            if _BETWEEN_COUNT[host is None].tuples(c, span)[0][0] == len(rows) - 2:
+                continue
+            between = _BETWEEN[host is None].tuples(c, {**span, "limit": MAX_BETWEEN + len(rows)})
             extra = [i for (i,) in between if i not in ids][:MAX_BETWEEN]
             if extra:
                 out.extend(tuple(r) for r in c.execute(sa.select(*_READING).where(_o.id.in_(extra))
