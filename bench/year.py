@@ -163,6 +163,14 @@ def db_bytes(folder: Path) -> int:
     return sum(os.stat(p).st_size for p in folder.glob("kiri.db*"))
 
 
+def db_parts(folder: Path) -> str:
+    """The database's size on disk, and how much of it is the WAL (which the hub truncates
+    at its next periodic checkpoint, within 30 s: ``HubSettings.wal_checkpoint_every``)."""
+    wal = folder / "kiri.db-wal"
+    w = os.stat(wal).st_size if wal.exists() else 0
+    return f"{db_bytes(folder) / 2**20:.0f} MiB ({w / 2**20:.0f} MiB of it the WAL)"
+
+
 def settle(hub: Hub, what: str, timeout: float = 3600, retention: bool = True) -> float:
     """Wait until rollups are computed and (``retention``) retention has nothing left to do
     (the file stops shrinking)."""
@@ -220,7 +228,7 @@ def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, ski
                       f"{peak / 2**20:.0f} MiB", flush=True)
             print(f"import: {total:,} obs in {seconds:.1f} s = {total / seconds:,.0f} obs/s; "
                   f"CLI peak RSS {max(peaks) / 2**20:.0f} MiB", flush=True)
-            print(f"database after import: {db_bytes(folder) / 2**20:.0f} MiB", flush=True)
+            print(f"database after import: {db_parts(folder)}", flush=True)
             c = HubClient(("127.0.0.1", hub.port), role="cli", agent="bench")
             c.connect()
             if not skip_scoring:
@@ -261,7 +269,7 @@ def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, ski
             agents.clear()
             took = settle(hub, "import and scoring", retention=wait_retention)
             what = "rollups and retention" if wait_retention else "rollups (retention still folding)"
-            print(f"{what} settled in {took:.0f} s; database now {db_bytes(folder) / 2**20:.0f} MiB "
+            print(f"{what} settled in {took:.0f} s; database now {db_parts(folder)} "
                   f"({hub.sql('select count(*) from observations')[0][0]:,} raw readings kept, "
                   f"{hub.sql('select count(*) from rollups')[0][0]:,} rollup rows, "
                   f"{hub.sql('select count(*) from tasks')[0][0]:,} tasks)", flush=True)

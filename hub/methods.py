@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 THROUGHPUT_EVERY = 5.0  # seconds a `stats` reply may reuse the last hour's figures
 
 
+BULK_SCORES = 1000  # scores recorded in one call that make it a backfill's (server.BULK_QUIET)
+
 def pong(_c: sa.Connection, _p: Any, env: Q.Env) -> dict[str, Any]:
     return {"pong": True, "time": env.now}
 
@@ -51,16 +53,22 @@ def bind(hub: Hub) -> dict[str, Handler]:
         if p.import_id is None:
             SC.ensure_score_task(c, p.atom, env)
         else:
-            hub.last_import = time.monotonic()  # retention waits for the import (server.IMPORT_QUIET)
+            hub.last_bulk = time.monotonic()  # retention waits for the import (server.BULK_QUIET)
         return res
 
     def commit_import(c: sa.Connection, p: P.CommitImport, env: Q.Env) -> dict[str, Any]:
         res = O.commit_import(c, p, env)
-        hub.last_import = time.monotonic()
+        hub.last_bulk = time.monotonic()
         for atom in res["atoms"]:
             SC.ensure_score_task(c, atom, env)
         if res["remaining"]:
             hub.loop.call_soon(hub.move_imports)  # the rest moves in steps between requests
+        return res
+
+    def record_scores(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
+        res = SC.record(c, p, env)
+        if res["stored"] >= BULK_SCORES:
+            hub.last_bulk = time.monotonic()  # a backfill: retention waits for it (server.BULK_QUIET)
         return res
 
     def publish_weights(c: sa.Connection, p: P.PublishWeights, env: Q.Env) -> dict[str, Any]:
@@ -141,7 +149,7 @@ def bind(hub: Hub) -> dict[str, Handler]:
         "activate_weights": activate_weights,
         "retrain": retrain,
         "scoring_work": lambda c, p, env: SC.work(atoms, c, p, env),
-        "record_scores": SC.record,
+        "record_scores": record_scores,
         "history": lambda c, p, env: SC.history(atoms, c, p, env),
         "scores": SC.list_scores,
         "schedule_add": SCH.add,

@@ -65,11 +65,13 @@ MAX_DEPTH = 64  # nesting of a request's params; orjson itself cannot write beyo
 ROLLUP_BATCH = 200  # dirty 5-minute buckets per rollup transaction (a few ms on the loop)
 MAX_STRIKES = 3  # wrong tokens, or requests before hello, before the connection is closed
 LIVE_SECONDS = 1.0  # a client request this recent makes background work go in smaller steps
-# Retention waits while an import streams in (a chunk staged, committed or moved this
-# recently): deleting a year of old tasks held half the loop, and the year's import ran at
-# 76,000-77,000 obs/s instead of 93,000-96,000 (bench/year.py). What it would have deleted
-# is still there when the import is done.
-IMPORT_QUIET = 2.0
+# Retention waits while bulk writes stream in (an import's chunk staged, committed or moved,
+# or a backfill's batch of at least ``methods.BULK_SCORES`` scores recorded, this recently): deleting a
+# year of old tasks held half the loop, and the year's import ran at 76,000-77,000 obs/s
+# instead of 93,000-96,000; folding the scored part of a year while the rest was still being
+# scored did the same to the backfill (bench/year.py). What it would have deleted is still
+# there when the bulk write is done. Everyday scoring records a few readings a call.
+BULK_QUIET = 2.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class Hub:
         self.import_running = False
         # commit_import requests with ``wait``, parked until their import's last step (by import id)
         self.import_waiters: dict[str, list[Op]] = {}
-        self.last_import = 0.0  # time.monotonic() of the last import chunk staged, committed or moved
+        self.last_bulk = 0.0  # time.monotonic() of the last bulk write (``BULK_QUIET``)
         self.raw_pruner = KEEP.RawPruner()
         self.served: dict[str, int] = {"leases": 0, "acks": 0}
         self.atoms = O.AtomRegistry(lookup=self._stored_atom)
@@ -594,7 +596,7 @@ class Hub:
         def then(fut: asyncio.Future[Any]) -> None:
             self.import_running = False
             if not fut.cancelled() and fut.exception() is None and fut.result():
-                self.last_import = time.monotonic()
+                self.last_bulk = time.monotonic()
                 moved, remaining = fut.result()
                 if not remaining:  # its last step: commits waiting on it answer now
                     self._release_commits(moved)
@@ -609,8 +611,8 @@ class Hub:
         least half the loop. A step that found nothing waits for the next full pass."""
         if self.prune_running or self.closing or not self.upkeeps:
             return
-        if time.monotonic() - self.last_import < IMPORT_QUIET:
-            return  # an import is streaming in: the next tick after it asks again
+        if time.monotonic() - self.last_bulk < BULK_QUIET:
+            return  # an import or a backfill is streaming in: the next tick after it asks again
         full = time.monotonic() - self.last_prune >= self.settings.prune_every
         if not full and not self.prune_busy:
             return

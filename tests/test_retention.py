@@ -314,7 +314,7 @@ def test_a_reading_waiting_for_its_score_keeps_the_day_before_it_raw_even_after_
 
 def test_retention_waits_while_an_import_streams_in(hub_factory):
     """Deleting old tasks holds the hub's loop; while a bulk import is staging its chunks,
-    retention waits (``server.IMPORT_QUIET``), and picks up where it was once the import is done."""
+    retention waits (``server.BULK_QUIET``), and picks up where it was once the import is done."""
     hub = hub_factory("--keep-finished-tasks", "7d", start=False)
     hub.data_dir.mkdir(parents=True, exist_ok=True)
     _seed(hub.db_path, old=30_000, recent=10)
@@ -333,3 +333,42 @@ def test_retention_waits_while_an_import_streams_in(hub_factory):
     c.close()
     wait_until(lambda: _live(hub.db_path, "status IN ('done', 'dead')") == 11, 120,
                what="retention resumed after the import")
+
+
+def test_retention_waits_while_a_backfill_records_its_scores(hub_factory):
+    """A backfill's big batches of scores (``methods.BULK_SCORES`` or more a call) hold
+    retention off as an import's chunks do; everyday scoring's small batches do not."""
+    from tests.test_contract import _weights_blob
+
+    hub = hub_factory("--keep-finished-tasks", "7d", start=False)
+    hub.data_dir.mkdir(parents=True, exist_ok=True)
+    _seed(hub.db_path, old=30_000, recent=10)
+    hub.start()
+    c = hub.client()
+    values = {"cpu": 12.0, "mem": 40.0, "disk": 50.0, "swap": 1.0, "load": 0.5, "net": 1.0}
+    n = 10_000
+    first = c.call("observe", {"atom": "pulse", "observations": [
+        {"time": 1_000_000.0 + 30 * i, "values": values} for i in range(n)]})["first_id"]
+    wid = c.call("import_weights", {"atom": "pulse", "blob": _weights_blob("pulse"), "activate": True})["weights"]["id"]
+    lease = c.lease(["score"], ttl=600)
+    assert lease["task"]["atom"] == "pulse"
+    base = {"task_id": lease["task"]["id"], "lease_token": lease["lease"]["token"], "atom": "pulse",
+            "weights_id": wid, "threshold": 3.0}
+
+    def record(lo: int, k: int) -> None:
+        ids = list(range(first + lo, first + lo + k))
+        c.call("record_scores", {**base, "columns": {"observation_id": ids, "score": [1.0] * k, "width": 6,
+                                                     "surprise": [0.5] * (6 * k)}})
+
+    record(0, 1000)
+    time.sleep(0.5)  # a retention pass queued before the batch has run by now
+    during = _live(hub.db_path, "1=1")
+    for b in range(1, 9):  # a backfill: a batch of 1,000 every quarter second
+        record(1000 * b, 1000)
+        time.sleep(0.25)
+    assert _live(hub.db_path, "1=1") == during  # nothing pruned while it streamed
+    record(9000, 10)  # everyday scoring: small batches hold nothing off
+    wait_until(lambda: _live(hub.db_path, "status IN ('done', 'dead')") == 11, 120,
+               what="retention resumed after the backfill")
+    c.call("ack", {"task_id": base["task_id"], "lease_token": base["lease_token"]})
+    c.close()
