@@ -33,9 +33,8 @@ if TYPE_CHECKING:
 
 
 THROUGHPUT_EVERY = 5.0  # seconds a `stats` reply may reuse the last hour's figures
-
-
 BULK_SCORES = 1000  # scores recorded in one call that make it a backfill's (server.BULK_QUIET)
+
 
 def pong(_c: sa.Connection, _p: Any, env: Q.Env) -> dict[str, Any]:
     return {"pong": True, "time": env.now}

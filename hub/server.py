@@ -66,11 +66,12 @@ ROLLUP_BATCH = 200  # dirty 5-minute buckets per rollup transaction (a few ms on
 MAX_STRIKES = 3  # wrong tokens, or requests before hello, before the connection is closed
 LIVE_SECONDS = 1.0  # a client request this recent makes background work go in smaller steps
 # Retention waits while bulk writes stream in (an import's chunk staged, committed or moved,
-# or a backfill's batch of at least ``methods.BULK_SCORES`` scores recorded, this recently): deleting a
-# year of old tasks held half the loop, and the year's import ran at 76,000-77,000 obs/s
-# instead of 93,000-96,000; folding the scored part of a year while the rest was still being
-# scored did the same to the backfill (bench/year.py). What it would have deleted is still
-# there when the bulk write is done. Everyday scoring records a few readings a call.
+# or a backfill's batch of ``methods.BULK_SCORES`` scores or more recorded, this recently):
+# deleting a year of old tasks held half the loop, and the year's import ran at
+# 76,000-77,000 obs/s instead of 93,000-96,000; folding the scored part of a year while the
+# rest was still being scored slowed its backfill from 74,500 to 57,000 obs/s
+# (bench/year.py). What retention would have deleted is still there when the bulk write is
+# done. Everyday scoring records a few readings a call.
 BULK_QUIET = 2.0
 
 
