@@ -188,14 +188,6 @@ def stream_keys(atom: str, host: str, ts: np.ndarray) -> set[Key]:
     return {(atom, host, int(b)) for b in np.unique(np.floor(ts / BASE))}
 
 
-def batch_keys(atom: str, hosts: Sequence[str | None], ts: Sequence[float]) -> set[Key]:
-    """The 5-minute buckets (``Key``) of one atom's readings, given as columns of host and time."""
-    if not len(hosts):
-        return set()
-    at = np.asarray(ts, dtype=np.float64)
-    return set().union(*(stream_keys(atom, h, at[ks]) for h, ks in host_groups(hosts).items()))
-
-
 # --- computing -----------------------------------------------------------------------------
 
 @dataclass

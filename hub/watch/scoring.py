@@ -168,18 +168,18 @@ def surprise_texts(flat: list[float], width: int, keep: list[int], n: int) -> li
     return ["[" + row + "]" for row in number_rows(rows if len(keep) == n else rows[keep])]
 
 
-_FOUND_COLS = [_o.id, _o.host, _o.ts, _o.atom]
+_FOUND_COLS = [_o.id, _o.host, _o.atom]
 _FOUND = Prepared(sa.select(*_FOUND_COLS).where(_o.id >= sa.bindparam("lo"), _o.id <= sa.bindparam("hi")))
 # "atom || ''": not an index of its own, so the ids are rowid lookups (the atom's index walks its history)
 _HOSTS_OF = ListStatement(lambda member: sa.select(_o.host, sa.func.count()).where(
     member(_o.id), _o.atom.op("||")(sa.literal_column("''")) == sa.bindparam("atom")).group_by(_o.host))
 
 
-def _readings(c: sa.Connection, atom: str, ids: list[int]) -> dict[int, tuple[str | None, float]]:
-    """The atom's readings among ``ids``: id -> (host, ts). By id alone (rowid lookups):
+def _hosts(c: sa.Connection, atom: str, ids: list[int]) -> dict[int, str | None]:
+    """The host of each of the atom's readings among ``ids``. By id alone (rowid lookups):
     with the atom in the WHERE, SQLite may walk the atom's index."""
     wanted = set(ids)
-    return {r[0]: (r[1], r[2]) for r in by_ids(c, _FOUND, _FOUND_COLS, _o.id, ids) if r[0] in wanted and r[3] == atom}
+    return {r[0]: r[1] for r in by_ids(c, _FOUND, _FOUND_COLS, _o.id, ids) if r[0] in wanted and r[2] == atom}
 
 
 _s = scores.c
@@ -206,13 +206,13 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     # anomalous yet), and which ids are missing only to say so
     by_host = dict(_HOSTS_OF.tuples(c, ids, atom=p.atom))
     if sum(by_host.values()) != len(wanted):
-        found = _readings(c, p.atom, ids)
+        found = _hosts(c, p.atom, ids)
         raise InvalidParams(f"observation(s) {[i for i in ids if i not in found][:5]} are not {p.atom!r} observations")
     if len(wanted) != len(ids):
         raise InvalidParams("an observation is scored twice in one call")
     info = orjson.loads(w.info)
     learning = {h for h in by_host if L.is_learning(info, h)}
-    host_of = {i: h for i, (h, _ts) in _readings(c, p.atom, ids).items()} if learning else None
+    host_of = _hosts(c, p.atom, ids) if learning else None
     already = {i for (i,) in by_ids(c, _ALREADY, [_s.observation_id], _s.observation_id, ids,
                                      weights_id=p.weights_id) if i in wanted}
     tails = cols.tail_p or [None] * len(ids)
