@@ -7,11 +7,19 @@ next occurrence. Three defences, each cheap:
 - the trimmed likelihood in training (``TrainConfig.trim``) keeps the most surprising
   windows of each batch from pulling the model towards themselves;
 - ``calibrate.Tail.fit`` sets far outliers aside before measuring the tail;
-- here: **fit twice**. The first model judges its own training data; readings it finds
-  anomalous (tail probability under the alarm rate) are left out of the codec's edges and
-  the second model's training. Readings flagged in a run longer than ``persist``
+- here: **fit again without them**. The first model judges its own training data; readings
+  it finds anomalous (tail probability under the alarm rate) are left out of the codec's
+  edges and the second model's training. Readings flagged in a run longer than ``persist``
   observations are kept: a change that lasts is the new normal, and a model that never
-  learns it alarms forever.
+  learns it alarms forever. The second model judges the whole history once more, and if it
+  finds readings the first did not, a third is trained without those too. Anomalies that
+  recur (a runaway job twice a day) are half-learned by a model that saw all of them, so
+  the first judgement misses some; a model that never saw the rest finds them. On
+  bench/detect.py's composition with 5% of the training week anomalous, the first
+  judgement found 26 of 34 "pulse wildly off" readings in it and the second all 34: F1
+  0.791 -> 0.892 (recall 0.78 -> 0.97; 5 seeds, run beside the previous code). It costs a
+  little where the rarest normal readings are left out too: a clean week 0.931 -> 0.923,
+  single streams with 5% anomalies 0.483 -> 0.444 (2 seeds).
 
 Retraining does the same with the tail probabilities already recorded for the window it
 retrains on (``suspects``): a stream whose nights hold a run of anomalies must not learn the
@@ -140,12 +148,25 @@ def fit(schema: AtomSchema, values: np.ndarray, config: TrainConfig, alarm_rate:
     """
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
-    if flagged is None:
-        trainer, blob = train_once(schema, values, config, init, alarm_rate, info, horizon, recent)
-        flagged = judge(blob, values)
-        if not flagged.any():
-            return Fitted(trainer, blob, np.ones(n, dtype=bool), flagged)
+    if flagged is not None:  # a retrain: the verdicts were recorded while watching
+        return _without(schema, values, np.asarray(flagged, dtype=bool), config, alarm_rate, init, persist, info,
+                        horizon, recent)
+    trainer, blob = train_once(schema, values, config, init, alarm_rate, info, horizon, recent)
+    flagged = judge(blob, values)
+    if not flagged.any():
+        return Fitted(trainer, blob, np.ones(n, dtype=bool), flagged)
+    fitted = _without(schema, values, flagged, config, alarm_rate, init, persist, info, horizon, recent)
+    more = flagged | judge(fitted.blob, values)  # what a model that never saw the blatant ones finds (module doc)
+    if more.sum() > flagged.sum():
+        fitted = _without(schema, values, more, config, alarm_rate, init, persist, info, horizon, recent)
+    return fitted
+
+
+def _without(schema: AtomSchema, values: np.ndarray, flagged: np.ndarray, config: TrainConfig, alarm_rate: float,
+             init: bytes | None, persist: int, info: dict | None, horizon: int, recent: np.ndarray | None) -> Fitted:
+    """Weights trained on ``values`` without the ``flagged`` rows that ``learnable`` leaves out."""
+    n = len(values)
     keep = learnable(schema, flagged, persist)
     facts = {**(info or {}), "left_out": int(n - keep.sum()), "judged_anomalous": float(np.mean(flagged)) if n else 0.0}
     trainer, blob = train_once(schema, values[keep], config, init, alarm_rate, facts, horizon, recent)
-    return Fitted(trainer, blob, keep, np.asarray(flagged, dtype=bool))
+    return Fitted(trainer, blob, keep, flagged)

@@ -167,6 +167,30 @@ def test_anomalies_recurring_in_the_history_do_not_silence_the_atom() -> None:
     assert np.median(out.tail_p[later - 700]) < 0.2 * np.median(before.tail_p[later - 700])
 
 
+def test_a_model_that_never_saw_the_blatant_anomalies_finds_the_ones_half_learned() -> None:
+    from kiri.model import robust
+    from kiri.model.detect import schema_for
+
+    # 5% of a history are spikes: the model that saw them all half-learns them
+    st = streams.generate("seasonal", n=1500, seed=2, anomalies=0)
+    values = st.values.copy()
+    rng = np.random.default_rng(2)
+    history = rng.choice(np.arange(10, 1000), size=50, replace=False)
+    values[history] = rng.uniform(150, 160, len(history))
+    later = np.array([1100, 1200, 1300, 1400, 1450])
+    values[later] = rng.uniform(150, 160, len(later))
+    learn = values[:1000].reshape(-1, 1)
+    rate = cal.alarm_rate(cal.DEFAULT_ALARMS_PER_WEEK, 300.0)
+    _, first = robust.train_once(schema_for(learn), learn, TrainConfig(), None, rate)
+    assert robust.judge(first, learn)[history].sum() < 25  # the first judgement finds under half
+    det = Detector(interval=300.0, learn=False).fit(values[:1000])
+    assert det.flags[history].sum() >= 40  # the second, by a model trained without those, most of the rest
+    assert det.flags.sum() - det.flags[history].sum() <= 1  # and next to nothing normal
+    out = det.score(values[1000:])
+    assert out.flagged[later - 1000].all(), out.tail_p[later - 1000]
+    assert out.flagged.sum() <= len(later) + 2
+
+
 # --- training sized to its data ------------------------------------------------------------------
 
 def test_sized_training_stops_early_and_resumes_bitwise() -> None:
