@@ -8,7 +8,8 @@ Two parts, each over several seeds:
    scores the rest as a running hub would (retraining daily). An event is caught when an
    alarm falls inside it or within ``--late`` observations after; precision is the share of
    alarms that fall there. The anomaly-free alarm rate comes from the same streams with no
-   anomalies at all, against the alarm budget.
+   anomalies at all, against the alarm budget, beside how calibrated their tail
+   probabilities are (on normal data the share under p is p).
 2. **Composition**: pulse and rhythm over a week of 5-minute observations, one atom each,
    trained on a week (clean, or with anomalies left in), judged on the next with 150
    injected anomalies: pulse wildly off, rhythm off (activity when the owner sleeps), and
@@ -141,6 +142,7 @@ def single_streams(seeds: int, contaminations: list[float], n: int, late: int, k
     # anomaly-free alarm rate against the budget
     alarms: dict[str, float] = defaultdict(float)
     per_kind: dict[str, float] = defaultdict(float)
+    tails: dict[str, list[np.ndarray]] = defaultdict(list)
     weeks = 0.0
     for seed in range(seeds):
         for kind in kinds:
@@ -152,12 +154,20 @@ def single_streams(seeds: int, contaminations: list[float], n: int, late: int, k
             alarms["now"] += int(r.anomalous.sum())
             alarms["before"] += int(old_flags.sum())
             per_kind[kind] += int(r.anomalous.sum())
+            tails[kind].append(r.tail_p)
             weeks += (n - learn) * st.interval / WEEK
     for who in ("before", "now"):
         print(f"anomaly-free, {who}: {alarms[who] / weeks:.2f} alarms/week (budget {cal.DEFAULT_ALARMS_PER_WEEK:g}; "
               f"{int(alarms[who])} alarms in {weeks:.1f} stream-weeks)")
     print("  now, per kind (alarms/week): " + ", ".join(f"{k} {v / (weeks / len(kinds)):.1f}"
                                                        for k, v in per_kind.items()))
+    # calibration: on normal data a tail probability is uniform, so the share under p is p
+    levels = (0.1, 0.01, 0.001)
+    print("  calibration, share of readings whose tail probability is under " + " / ".join(f"{p:g}" for p in levels)
+          + " (uniform: the same):")
+    for kind, ps in tails.items():
+        allp = np.concatenate(ps)
+        print(f"    {kind:>11s} " + " / ".join(f"{float((allp < p).mean()):.4f}" for p in levels))
 
 
 # --- composition --------------------------------------------------------------------------
