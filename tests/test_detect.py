@@ -148,15 +148,20 @@ def test_trimming_leaves_out_only_windows_a_blind_guess_beats() -> None:
     assert torch.equal(trimmed(logp, weight, share=0.3, floor=20.0), weight)  # nothing that bad
 
 
+def spiked(seed: int, learn: int, spikes: int, later: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A seasonal stream of 1,500 readings whose first ``learn`` hold ``spikes`` spikes nobody
+    labelled, and with more at ``later``: (values, the history's spikes, the later ones)."""
+    values = streams.generate("seasonal", n=1500, seed=seed, anomalies=0).values.copy()
+    rng = np.random.default_rng(seed)
+    history = rng.choice(np.arange(10, learn), size=spikes, replace=False)
+    values[history] = rng.uniform(150, 160, len(history))
+    values[later] = rng.uniform(150, 160, len(later))
+    return values, history, np.array(later)
+
+
 def test_anomalies_recurring_in_the_history_do_not_silence_the_atom() -> None:
     # a history with 3% spikes, nobody told: they must still alarm when they come again
-    st = streams.generate("seasonal", n=1500, seed=5, anomalies=0)
-    values = st.values.copy()
-    rng = np.random.default_rng(5)
-    history = rng.choice(np.arange(10, 700), size=21, replace=False)
-    values[history] = rng.uniform(150, 160, len(history))
-    later = np.array([800, 950, 1100, 1250, 1400])
-    values[later] = rng.uniform(150, 160, len(later))
+    values, _, later = spiked(5, 700, 21, [800, 950, 1100, 1250, 1400])
     out = Detector(interval=300.0, learn=False).fit(values[:700]).score(values[700:])
     assert out.flagged[later - 700].sum() >= 4, out.tail_p[later - 700]
     assert out.flagged.sum() <= len(later) + 3
@@ -172,13 +177,7 @@ def test_a_model_that_never_saw_the_blatant_anomalies_finds_the_ones_half_learne
     from kiri.model.detect import schema_for
 
     # 5% of a history are spikes: the model that saw them all half-learns them
-    st = streams.generate("seasonal", n=1500, seed=2, anomalies=0)
-    values = st.values.copy()
-    rng = np.random.default_rng(2)
-    history = rng.choice(np.arange(10, 1000), size=50, replace=False)
-    values[history] = rng.uniform(150, 160, len(history))
-    later = np.array([1100, 1200, 1300, 1400, 1450])
-    values[later] = rng.uniform(150, 160, len(later))
+    values, history, later = spiked(2, 1000, 50, [1100, 1200, 1300, 1400, 1450])
     learn = values[:1000].reshape(-1, 1)
     rate = cal.alarm_rate(cal.DEFAULT_ALARMS_PER_WEEK, 300.0)
     _, first = robust.train_once(schema_for(learn), learn, TrainConfig(), None, rate)
