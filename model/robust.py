@@ -153,28 +153,26 @@ def fit(schema: AtomSchema, values: np.ndarray, config: TrainConfig, alarm_rate:
     """
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
+
+    def without(flagged: np.ndarray) -> Fitted:
+        """Weights trained without the ``flagged`` rows that ``learnable`` leaves out."""
+        keep = learnable(schema, flagged, persist)
+        facts = {**(info or {}), "left_out": int(n - keep.sum()),
+                 "judged_anomalous": float(np.mean(flagged)) if n else 0.0}
+        trainer, blob = train_once(schema, values[keep], config, init, alarm_rate, facts, horizon, recent)
+        return Fitted(trainer, blob, keep, flagged)
+
     if flagged is not None:  # a retrain: the verdicts were recorded while watching
-        return _without(schema, values, np.asarray(flagged, dtype=bool), config, alarm_rate, init, persist, info,
-                        horizon, recent)
+        return without(np.asarray(flagged, dtype=bool))
     trainer, blob = train_once(schema, values, config, init, alarm_rate, info, horizon, recent)
     flagged = judge(blob, values)
     if not flagged.any():
         return Fitted(trainer, blob, np.ones(n, dtype=bool), flagged)
-    fitted = _without(schema, values, flagged, config, alarm_rate, init, persist, info, horizon, recent)
+    fitted = without(flagged)
     for _ in range(REFITS):  # what a model that never saw the blatant ones finds (module doc)
         more = flagged | judge(fitted.blob, values)
         if more.sum() == flagged.sum():
             break
         flagged = more
-        fitted = _without(schema, values, flagged, config, alarm_rate, init, persist, info, horizon, recent)
+        fitted = without(flagged)
     return fitted
-
-
-def _without(schema: AtomSchema, values: np.ndarray, flagged: np.ndarray, config: TrainConfig, alarm_rate: float,
-             init: bytes | None, persist: int, info: dict | None, horizon: int, recent: np.ndarray | None) -> Fitted:
-    """Weights trained on ``values`` without the ``flagged`` rows that ``learnable`` leaves out."""
-    n = len(values)
-    keep = learnable(schema, flagged, persist)
-    facts = {**(info or {}), "left_out": int(n - keep.sum()), "judged_anomalous": float(np.mean(flagged)) if n else 0.0}
-    trainer, blob = train_once(schema, values[keep], config, init, alarm_rate, facts, horizon, recent)
-    return Fitted(trainer, blob, keep, flagged)
