@@ -182,7 +182,7 @@ def score_streams(sc: Any, context: dict[str, list[Any]], new: dict[str, list[An
             continue
         start = int(np.argmax(fresh))
         tok = sc.encode(values[rows])
-        result = sc.score(tok)
+        result = sc.score(tok, values=values[rows])
         mean = result.mean.numpy()
         tail = sc.tail_p(mean[start:], prefix=mean[:start])
         at = rows[start:][fresh[start:]] - len(context["id"])  # where this stream's new rows go

@@ -176,6 +176,8 @@ def learn_from(schema: Any, obs_ids: list[int], tail_p: dict[int, float], times:
 
 
 def train(ctx: TaskContext) -> dict[str, Any]:
+    import numpy as np
+
     from kiri.model.calibrate import DEFAULT_ALARMS_PER_WEEK, alarm_rate, typical_interval
     from kiri.model.codec import Codec
     from kiri.model.schema import SchemaError
@@ -216,7 +218,8 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         values, times, first, last = load_values(hub, schema, meta["obs_to"], host, hosts, obs_ids,
                                                  {"since": meta.get("since")})
         left = set(meta.get("left_out", []))  # the rows the interrupted run left out, exactly
-        values = values[[i not in left for i in obs_ids]]
+        window_values, kept = values, np.array([i not in left for i in obs_ids], dtype=bool)
+        values = values[kept]
         rate = alarm_rate(per_week, typical_interval(times))
         codec = Trainer.state_codec(schema, state) or Codec.fixed(schema)
         ids = codec.encode(values)
@@ -236,6 +239,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         scored = window_scores(hub, schema.name, obs_ids)
         keep = learn_from(schema, obs_ids, scored_tail_p(scored), times, rate, normal_share(hub, schema.name))
         left_out = {i for i, k in zip(obs_ids, keep.tolist(), strict=True) if not k}
+        window_values, kept = values, keep
         values = values[keep]
         codec = Codec.fit(schema, values)  # edges from this data: a retrain follows a stream that moved
         ids = codec.encode(values)
@@ -277,7 +281,8 @@ def train(ctx: TaskContext) -> dict[str, Any]:
                            obs_ids, rate)
     blob = trainer.weights_bytes({"task_id": ctx.task_id, "obs_from": meta["obs_from"], "obs_to": meta["obs_to"],
                                   "quality": gate, "hosts": hosts, "host": host,
-                                  "left_out": len(meta.get("left_out", []))}, alarm_rate=rate, recent=normal)
+                                  "left_out": len(meta.get("left_out", []))}, alarm_rate=rate, recent=normal,
+                                 window=window_values, kept=kept)
     res = hub.call("publish_weights", {
         "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": schema.name,
         "blob": base64.b64encode(blob).decode(), "parent_id": meta["parent_id"],

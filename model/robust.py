@@ -122,11 +122,14 @@ def learnable(schema: AtomSchema, flagged: np.ndarray, persist: int) -> np.ndarr
 
 def train_once(schema: AtomSchema, values: np.ndarray, config: TrainConfig, init: bytes | None,
                alarm_rate: float, info: dict | None = None, horizon: int = 0,
-               recent: np.ndarray | None = None) -> tuple[Trainer, bytes]:
-    codec = Codec.fit(schema, values, horizon)
-    trainer = Trainer(schema, codec.encode(values), config, init=init, codec=codec)
+               recent: np.ndarray | None = None, keep: np.ndarray | None = None) -> tuple[Trainer, bytes]:
+    """Weights trained on the ``keep`` rows of ``values`` (all of them by default); the
+    routine is learned from all of them (``Trainer.weights_bytes``)."""
+    keep = np.ones(len(values), dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    codec = Codec.fit(schema, values[keep], horizon)
+    trainer = Trainer(schema, codec.encode(values[keep]), config, init=init, codec=codec)
     trainer.run()
-    return trainer, trainer.weights_bytes(info, alarm_rate=alarm_rate, recent=recent)
+    return trainer, trainer.weights_bytes(info, alarm_rate=alarm_rate, recent=recent, window=values, kept=keep)
 
 
 def judge(blob: bytes, values: np.ndarray) -> np.ndarray:
@@ -136,7 +139,7 @@ def judge(blob: bytes, values: np.ndarray) -> np.ndarray:
     measured worse on bench/detect.py: clean streams then alarm more.)
     """
     sc = Scorer(load_weights(blob))
-    mean = sc.score(sc.encode(values)).mean.numpy()
+    mean = sc.score(sc.encode(values), values=values).mean.numpy()
     p = sc.tail_p(mean)
     assert p is not None and sc.alarm_rate is not None
     return p < sc.alarm_rate
@@ -159,7 +162,7 @@ def fit(schema: AtomSchema, values: np.ndarray, config: TrainConfig, alarm_rate:
         keep = learnable(schema, flagged, persist)
         facts = {**(info or {}), "left_out": int(n - keep.sum()),
                  "judged_anomalous": float(np.mean(flagged)) if n else 0.0}
-        trainer, blob = train_once(schema, values[keep], config, init, alarm_rate, facts, horizon, recent)
+        trainer, blob = train_once(schema, values, config, init, alarm_rate, facts, horizon, recent, keep)
         return Fitted(trainer, blob, keep, flagged)
 
     if flagged is not None:  # a retrain: the verdicts were recorded while watching

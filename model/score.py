@@ -27,6 +27,11 @@ hour, weekday) out of that mean. The model still reads them, so a reading is jud
 hour, but a clock token is never the anomaly: before, every midnight, every new weekday
 and every step of a coarse hour bucket scored like one, because a context of a few rows
 cannot tell when the clock's bucket turns over. Older weights score exactly as before.
+
+Weights that learned their stream's routine (``routine.Routine``: surprise that recurs at
+the same time on most days, such as getting up at 8:00) score a reading by how far it
+exceeds its slot's routine, when the caller gives the raw values (``score(values=...)``,
+which the hour and weekday are read from). Without them the score is the plain statistic.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from kiri.model.calibrate import Calibration
 from kiri.model.codec import Codec
 from kiri.model.forward import Forward
 from kiri.model.gpt import Atom
+from kiri.model.routine import Routine, beyond
 from kiri.model.schema import AtomSchema
 from kiri.model.weights import Weights
 from kiri.model.windows import random_ids, resolve_context, short_window, windows
@@ -102,11 +108,12 @@ class Scores:
     surprise: torch.Tensor  # [M, F]  -log p(token)
     expected: torch.Tensor | None = None  # [M, F]  the surprise the model expected (``excess`` weights)
     judged: tuple[int, ...] | None = None  # the fields the score averages (None: all)
+    routine: torch.Tensor | None = None  # [M] each observation's routine surprise (``routine``)
 
     @property
     def mean(self) -> torch.Tensor:
-        """Each observation's score (``score_of``)."""
-        return score_of(self.surprise, self.expected, self.judged)
+        """Each observation's score (``score_of``), beyond its routine when there is one."""
+        return beyond(score_of(self.surprise, self.expected, self.judged), self.routine)
 
     def breakdown(self, i: int) -> list[dict[str, float | str]]:
         """Per-token blame for one scored observation: token, surprise, probability."""
@@ -133,6 +140,7 @@ class Scorer:
         self.judged = self.schema.judged if scoring == EXCESS else None
         self.ordinal = self.excess or scoring == ORDINAL
         self.calibration = Calibration.from_dict(info.get("calibration"))
+        self.routine = Routine.from_dict(info.get("routine"))
         self.alarm_rate = float(info["alarm_rate"]) if "alarm_rate" in info else None
         self._kernels = ordinal_kernels(self.codec) if self.ordinal else None
         # weights never change, so a window's surprise stays what it was (from_model: a model
@@ -148,6 +156,7 @@ class Scorer:
         self.excess = excess
         self.judged = schema.judged if excess else None  # as ``excess/2`` weights score
         self.ordinal, self.calibration, self.alarm_rate = ordinal or excess, None, None
+        self.routine = None
         self._kernels = ordinal_kernels(self.codec) if self.ordinal else None
         self._memo = None
         return self
@@ -239,8 +248,12 @@ class Scorer:
             out[:, j] = logs.gather(1, b).squeeze(1).neg_()
             out[:, f + j] = (p * logs).sum(dim=1).neg_()
 
-    def score(self, ids: torch.Tensor, start: int = 0, flagged: Sequence[bool] | None = None) -> Scores:
+    def score(self, ids: torch.Tensor, start: int = 0, flagged: Sequence[bool] | None = None,
+              values: np.ndarray | None = None) -> Scores:
         """Score observations ``start`` … N-1 of ``ids`` [N, F], each given up to k predecessors.
+
+        ``values``: the raw values [N, F] the ids encode; with weights that learned a
+        routine, each score is then taken beyond its slot's routine surprise (module doc).
 
         Calibrated weights (and ``k > 0``) also look past anomalies in the context: an
         observation right after a spike is scored against what came before the spike too,
@@ -258,14 +271,19 @@ class Scorer:
         if len(full):
             parts.append(self._surprise(full))
         surprise = torch.cat(parts) if parts else torch.empty((0, 2 * f if self.excess else f))
+        routine = None
+        if self.routine is not None and values is not None:
+            if len(values) != n:
+                raise ValueError(f"values has {len(values)} rows for {n} observations")
+            routine = torch.from_numpy(self.routine.expected(self.schema, np.asarray(values)[start:]))
         if self.calibration is not None and self.k and n > start:
-            surprise = self._past_anomalies(ids, start, surprise, flagged)
+            surprise = self._past_anomalies(ids, start, surprise, flagged, routine)
         if self.excess:
-            return Scores(self.schema, ids[start:], surprise[:, :f], surprise[:, f:], self.judged)
-        return Scores(self.schema, ids[start:], surprise)
+            return Scores(self.schema, ids[start:], surprise[:, :f], surprise[:, f:], self.judged, routine)
+        return Scores(self.schema, ids[start:], surprise, routine=routine)
 
     def _past_anomalies(self, ids: torch.Tensor, start: int, surprise: torch.Tensor,
-                        flagged: Sequence[bool] | None) -> torch.Tensor:
+                        flagged: Sequence[bool] | None, routine: torch.Tensor | None) -> torch.Tensor:
         assert self.calibration is not None
         n = len(ids)
         bad = np.zeros(n, dtype=bool)
@@ -273,7 +291,7 @@ class Scorer:
             given = np.asarray(flagged, dtype=bool)[-start:] if start else np.zeros(0, dtype=bool)
             bad[start - len(given): start] = given
         rate = self.alarm_rate if self.alarm_rate is not None else 1e-3
-        bad[start:] = self.calibration.point_p(self._stat(surprise).numpy()) < rate / 2
+        bad[start:] = self.calibration.point_p(beyond(self._stat(surprise), routine).numpy()) < rate / 2
         if not bad.any():
             return surprise
         # each row's stand-in: itself if normal, else the nearest earlier normal row

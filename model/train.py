@@ -21,6 +21,7 @@ import torch
 from kiri.model.calibrate import Calibration, suspect_share
 from kiri.model.codec import Codec
 from kiri.model.gpt import Atom
+from kiri.model.routine import Routine, beyond
 from kiri.model.schema import AtomSchema
 from kiri.model.score import EXCESS, window_keys
 from kiri.model.train_step import TrainStep
@@ -367,7 +368,8 @@ class Trainer:
         return block if len(block) >= least else self.held
 
     def weights_bytes(self, info: dict[str, Any] | None = None, calibrate: bool = True,
-                      alarm_rate: float | None = None, recent: np.ndarray | None = None) -> bytes:
+                      alarm_rate: float | None = None, recent: np.ndarray | None = None,
+                      window: np.ndarray | None = None, kept: np.ndarray | None = None) -> bytes:
         """Weights with their lineage facts and, for observation atoms, codec and calibration.
 
         The calibration is fitted on ``recent`` when it holds at least ``RECENT_MIN`` scores
@@ -377,6 +379,13 @@ class Trainer:
         threshold is the point score that alone spends the alarm budget (``alarm_rate``
         alarms per observation); ``judged_anomalous`` is the share of the training data whose
         own tail probability falls under it: how much of its history kiri found anomalous.
+
+        ``window``: the raw values [W, F] of the whole window trained from, rows left out
+        included, and ``kept`` [W] which of them this model trained on (in order: the
+        ``ids``). With them the weights learn the stream's routine (``routine.Routine``,
+        from this model's scores of the whole window: the readings a routine change
+        surprises are often the ones a first fit left out), and the calibration measures
+        scores beyond it.
         """
         from kiri.model import calibrate as cal
 
@@ -399,6 +408,15 @@ class Trainer:
             if recent is not None and len(recent) >= cal.RECENT_MIN:
                 ref, on = np.asarray(recent, dtype=np.float64), "recent"
             calib = Calibration.fit(ref, screened=on == "recent")  # recent: alarms already left out
+            learned = self._routine(scorer, codec, window, kept, calib.point.knots[-1])
+            if learned is not None:
+                base["routine"] = learned.to_dict()
+                mine = np.asarray(window)[np.asarray(kept, dtype=bool)]
+                all_scores = beyond(torch.from_numpy(all_scores),
+                                    torch.from_numpy(learned.expected(self.schema, mine))).numpy()
+                if on != "recent":  # (recent scores were recorded beyond the routine they were scored with)
+                    ref = all_scores[self.held.numpy()] if held else all_scores
+                calib = Calibration.fit(ref, screened=on == "recent")
             p = calib.tail_p(all_scores)
             q = [float(x) for x in torch.quantile(torch.from_numpy(ref).float(), torch.tensor([0.5, 0.99, 0.999]))]
             base.update(threshold=calib.threshold(rate), alarm_rate=rate, calibration=calib.to_dict(),
@@ -409,3 +427,14 @@ class Trainer:
                         codec=codec.to_dict())
             self.model.train()
         return save_weights(self.schema, self.model, {**base, **(info or {})})
+
+    def _routine(self, scorer: Any, codec: Codec, window: np.ndarray | None, kept: np.ndarray | None,
+                 floor: float) -> Routine | None:
+        """The routine of ``window`` as this model scores it (``weights_bytes``), or None."""
+        if window is None or kept is None:
+            return None
+        window, kept = np.asarray(window, dtype=np.float64), np.asarray(kept, dtype=bool)
+        if len(window) != len(kept) or int(kept.sum()) != len(self.ids):
+            raise ValueError(f"window of {len(window)} rows with {int(kept.sum())} kept, "
+                             f"for {len(self.ids)} trained on")
+        return Routine.fit(self.schema, window, scorer.score(codec.encode(window)).mean.numpy(), floor)
