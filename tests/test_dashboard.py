@@ -172,9 +172,8 @@ def test_dashboard_draws_explains_records_feedback_and_retrains(watched, browser
     parent = hub.sql("select p.version from weights w left join weights p on p.id = w.parent_id "
                      "where w.atom = 'pulse' and w.version = 2")[0][0]
     assert page.text_content('tr[data-weights="pulse:2"] td:nth-child(4)') == (f"v{parent}" if parent else "scratch")
-    target = page.query_selector('button[data-activate^="pulse:"]')
-    version = int(target.get_attribute("data-activate").split(":")[1])
-    target.click()
+    version = int(page.get_attribute('button[data-activate^="pulse:"]', "data-activate").split(":")[1])
+    page.click(f'button[data-activate="pulse:{version}"]')  # (found again if the table was redrawn)
     wait_until(lambda: hub.sql("select status from weights where atom = 'pulse' and version = ?", version)[0][0]
                == "active", 10, what=f"pulse v{version} active")
     page.wait_for_function("v => document.querySelector(`tr[data-weights='pulse:${v}'] td:nth-child(3)`)"

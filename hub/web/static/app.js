@@ -433,8 +433,18 @@ async function loadDecisions() {
   if (!decisions.length) body.append(el("tr", {}, el("td", { colspan: 8, class: "muted", text: "no decisions yet" })));
 }
 
+let shownWeights = null; // the list the table was last drawn from
+
 async function loadWeights() {
   const { weights } = await api("/api/v1/weights?limit=60");
+  // redrawn only when the list changed: a redraw between a press and its release on a
+  // button loses the click, and a reconnect or another atom's news reloads this list often
+  const drawn = JSON.stringify(weights);
+  if (drawn === shownWeights) {
+    for (const td of document.querySelectorAll("#weights td[data-created]")) td.textContent = ago(Number(td.dataset.created));
+    return;
+  }
+  shownWeights = drawn;
   const byId = new Map(weights.map((w) => [w.id, w]));
   const active = new Map(weights.filter((w) => w.status === "active").map((w) => [w.atom, w.version]));
   const body = $("#weights tbody");
@@ -446,7 +456,8 @@ async function loadWeights() {
     body.append(el("tr", { "data-weights": `${w.atom}:${w.version}` },
       el("td", { text: w.atom }), el("td", { text: `v${w.version}` }), el("td", { text: w.status }),
       el("td", { class: "muted", text: parent ? `v${parent.version}` : w.parent_id ? `#${w.parent_id}` : "scratch" }),
-      el("td", { class: "muted", text: ago(w.created_at) }), el("td", { text: fmt(w.loss, 3) }),
+      el("td", { class: "muted", "data-created": w.created_at, text: ago(w.created_at) }),
+      el("td", { text: fmt(w.loss, 3) }),
       el("td", { text: fmt(w.info && w.info.threshold) }), el("td", { class: "muted", text: w.reason || "" }),
       el("td", {}, w.status === "active" ? "" : el("button", {
         "data-activate": `${w.atom}:${w.version}`,
