@@ -39,7 +39,7 @@ from kiri.model.schema import AtomSchema
 # Days of a kind a routine is learned from, at least. Two weekend days, each with a random
 # anomaly in the same quarter hour, would teach one (bench/detect.py composition with 5% of the
 # training week anomalous, 5 seeds: F1 0.909 with 2, 0.923 with 3): a one-week window
-# learns its workdays' routine, and its weekends' once it holds three of them.
+# learns its workdays' routine, and a two-week one (the hub trainer's default) its weekends' too.
 MIN_DAYS = 3
 SLOT_MINUTES = 5.0  # the narrowest slot: finer streams put several readings in one, coarser ones one each
 MAX_SLOT_MINUTES = 60.0
