@@ -714,6 +714,12 @@ def weights_show(c: Ctx, ref: str) -> None:
         lines.append(f"  calibrated   on {info.get('calibrated_on')} scores; alarm rate "
                      f"{info.get('alarm_rate', 0):.2e} per observation; "
                      f"{100 * info.get('judged_anomalous', 0):.1f}% of the training data judged anomalous")
+    if info.get("routine"):  # weights that learned their stream's routine (model/routine.py)
+        slots = info["routine"].get("slots") or []
+        workdays = sum(1 for k, _, _ in slots if k == 0)
+        lines.append(f"  routine      {len(slots)} slots of {info['routine'].get('slot_minutes', 0):g} min "
+                     f"({workdays} on workdays, {len(slots) - workdays} at weekends) where a reading is judged "
+                     "beyond its usual surprise at that time")
     if info.get("best_step") is not None:
         lines.append(f"  stopped      early: best held-out loss {info.get('held_out_loss', 0):.4f} at step "
                      f"{info['best_step']}")

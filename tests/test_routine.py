@@ -122,3 +122,23 @@ def test_a_detector_learns_its_streams_routine_and_its_changes_stop_alarming() -
     assert learned[on_change & (week[:, 3] < 5)].any() and learned[on_change & (week[:, 3] >= 5)].any()
     flagged = det.score(week).flagged
     assert flagged[on_change].sum() <= 6, np.flatnonzero(flagged & on_change)
+
+
+def test_weights_show_says_how_much_routine_a_version_learned(hub) -> None:
+    """Over the real hub and CLI: a version with a routine says so in ``kiri weights show``;
+    one without says nothing of it."""
+    import base64
+
+    from tests.test_cli import kiri
+
+    model = Atom.for_schema(S.RHYTHM)
+    model.init_weights(torch.Generator().manual_seed(0))
+    table = Routine(5.0, np.zeros((2, 288)))
+    table.table[0, [96, 97, 150]] = 2.0  # 8:00, 8:05 and 12:30 on workdays
+    table.table[1, 120] = 1.0  # 10:00 at weekends
+    for info in ({"context": 2}, {"context": 2, "routine": table.to_dict()}):
+        blob = save_weights(S.RHYTHM, model, info)
+        hub.client().call("import_weights", {"atom": "rhythm", "blob": base64.b64encode(blob).decode()})
+    assert "routine" not in kiri(hub, "weights", "show", "rhythm:1").stdout
+    shown = kiri(hub, "weights", "show", "rhythm:2").stdout
+    assert "routine      4 slots of 5 min (3 on workdays, 1 at weekends)" in shown, shown
