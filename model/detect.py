@@ -238,9 +238,9 @@ class Detector:
         sc = self.scorer
         assert sc is not None
         ctx = self.history[len(self.history) - sc.k:] if sc.k else self.history[:0]
-        ids = sc.encode(np.concatenate([ctx, values]) if len(ctx) else values)
-        result = sc.score(ids, start=len(ctx), flagged=self.flags[len(self.flags) - len(ctx):],
-                          values=np.concatenate([ctx, values]) if len(ctx) else values)
+        rows = np.concatenate([ctx, values]) if len(ctx) else values
+        result = sc.score(sc.encode(rows), start=len(ctx), flagged=self.flags[len(self.flags) - len(ctx):],
+                          values=rows)
         mean = result.mean.numpy().astype(np.float64)
         tail_p = sc.tail_p(mean, prefix=self.past_scores)
         assert tail_p is not None

@@ -85,9 +85,14 @@ class Routine:
     slot_minutes: float
     table: np.ndarray  # [KINDS, slots]
 
+    @classmethod
+    def empty(cls, slot_minutes: float) -> Routine:
+        """No routine yet, in slots of ``slot_minutes``."""
+        return cls(slot_minutes, np.zeros((KINDS, round(24 * 60 / slot_minutes))))
+
     @property
     def slots(self) -> int:
-        return round(24 * 60 / self.slot_minutes)
+        return self.table.shape[1]
 
     @classmethod
     def fit(cls, schema: AtomSchema, values: np.ndarray, scores: np.ndarray, floor: float) -> Routine | None:
@@ -99,7 +104,7 @@ class Routine:
         hour, kind = clock
         s = np.asarray(scores, dtype=np.float64)
         minutes = _slot_minutes(hour)
-        out = cls(minutes, np.zeros((KINDS, round(24 * 60 / minutes))))
+        out = cls.empty(minutes)
         slot = out._slot(hour)
         day = _days(schema, values, hour)
         for k in range(KINDS):
@@ -152,7 +157,7 @@ class Routine:
         minutes = float(d["slot_minutes"])
         if not SLOT_MINUTES <= minutes <= MAX_SLOT_MINUTES:
             raise ValueError(f"routine: slot of {minutes} minutes outside {SLOT_MINUTES}-{MAX_SLOT_MINUTES}")
-        out = cls(minutes, np.zeros((KINDS, round(24 * 60 / minutes))))
+        out = cls.empty(minutes)
         for k, s, v in d["slots"]:
             if not (0 <= int(k) < KINDS and 0 <= int(s) < out.slots and math.isfinite(float(v))):
                 raise ValueError(f"routine: bad slot {[k, s, v]!r}")

@@ -408,12 +408,11 @@ class Trainer:
             if recent is not None and len(recent) >= cal.RECENT_MIN:
                 ref, on = np.asarray(recent, dtype=np.float64), "recent"
             calib = Calibration.fit(ref, screened=on == "recent")  # recent: alarms already left out
-            learned = self._routine(scorer, codec, window, kept, calib.point.knots[-1])
+            learned = self._routine(scorer, codec, window, kept, all_scores, calib.point.knots[-1])
             if learned is not None:
-                base["routine"] = learned.to_dict()
-                mine = np.asarray(window)[np.asarray(kept, dtype=bool)]
-                all_scores = beyond(torch.from_numpy(all_scores),
-                                    torch.from_numpy(learned.expected(self.schema, mine))).numpy()
+                routine, mine = learned
+                base["routine"] = routine.to_dict()
+                all_scores = beyond(torch.from_numpy(all_scores), torch.from_numpy(mine)).numpy()
                 if on != "recent":  # (recent scores were recorded beyond the routine they were scored with)
                     ref = all_scores[self.held.numpy()] if held else all_scores
                 calib = Calibration.fit(ref, screened=on == "recent")
@@ -429,12 +428,17 @@ class Trainer:
         return save_weights(self.schema, self.model, {**base, **(info or {})})
 
     def _routine(self, scorer: Any, codec: Codec, window: np.ndarray | None, kept: np.ndarray | None,
-                 floor: float) -> Routine | None:
-        """The routine of ``window`` as this model scores it (``weights_bytes``), or None."""
+                 scores: np.ndarray, floor: float) -> tuple[Routine, np.ndarray] | None:
+        """The routine of ``window`` as this model scores it (``weights_bytes``) and each
+        trained row's routine surprise, or None. ``scores``: the trained rows' scores, which
+        are the window's own when no row was left out."""
         if window is None or kept is None:
             return None
         window, kept = np.asarray(window, dtype=np.float64), np.asarray(kept, dtype=bool)
         if len(window) != len(kept) or int(kept.sum()) != len(self.ids):
             raise ValueError(f"window of {len(window)} rows with {int(kept.sum())} kept, "
                              f"for {len(self.ids)} trained on")
-        return Routine.fit(self.schema, window, scorer.score(codec.encode(window)).mean.numpy(), floor)
+        if not kept.all():  # the left-out rows in their places, as context too
+            scores = scorer.score(codec.encode(window)).mean.numpy()
+        routine = Routine.fit(self.schema, window, scores, floor)
+        return None if routine is None else (routine, routine.expected(self.schema, window[kept]))

@@ -85,7 +85,7 @@ def test_weights_with_a_routine_score_beyond_it_when_given_the_values() -> None:
     info = {"context": 2, "codec": codec.to_dict(), "scoring": "excess/2"}
     plain = Scorer(load_weights(save_weights(S.RHYTHM, model, info))).score(ids, values=values).mean
     eight = [i for i in at(values, 8.0, weekend=False) if i >= 2]
-    table = Routine(5.0, np.zeros((2, 288)))
+    table = Routine.empty(5.0)
     table.table[0, 96] = 1.5  # 8:00 on workdays
     sc = Scorer(load_weights(save_weights(S.RHYTHM, model, {**info, "routine": table.to_dict()})))
     assert sc.routine is not None
@@ -133,7 +133,7 @@ def test_weights_show_says_how_much_routine_a_version_learned(hub) -> None:
 
     model = Atom.for_schema(S.RHYTHM)
     model.init_weights(torch.Generator().manual_seed(0))
-    table = Routine(5.0, np.zeros((2, 288)))
+    table = Routine.empty(5.0)
     table.table[0, [96, 97, 150]] = 2.0  # 8:00, 8:05 and 12:30 on workdays
     table.table[1, 120] = 1.0  # 10:00 at weekends
     for info in ({"context": 2}, {"context": 2, "routine": table.to_dict()}):
