@@ -3,8 +3,10 @@
 Writes ``--days`` of synthetic pulse (30 s readings) for ``--hosts`` hosts, imports it into a
 throwaway hub, trains the atom once (``--steps``), then starts one scorer agent and times
 how long it takes until every reading has a score. Prints obs/s and the CPU seconds the hub
-and the scorer spent, so the bottleneck shows. ``--root`` runs another checkout's package
-(a folder holding ``kiri/``) for hub, CLI and agents, to compare before and after in one run.
+and the scorer spent, so the bottleneck shows; then the same until the rollups (what charts
+read) include every score too: the backfill's whole cost to the hub. ``--root`` runs another
+checkout's package (a folder holding ``kiri/``) for hub, CLI and agents, to compare before
+and after in one run.
 
     python bench/backfill.py [--days 30] [--hosts 1] [--repeat 3] [--root /path/to/pkgroot]
 """
@@ -66,8 +68,9 @@ def cpu(p: psutil.Process) -> float:
 
 
 def one_run(data: Path, n: int, steps: int, root: Path | None, profile: Path | None = None, tag: str = "run"
-            ) -> tuple[float, float, float]:
-    """Seconds to score everything, and the hub's and scorer's CPU seconds meanwhile."""
+            ) -> tuple[float, float, float, float, float]:
+    """Seconds to score everything, the hub's and scorer's CPU seconds meanwhile, then the
+    seconds and the hub's CPU seconds until the rollups caught up as well."""
     env = {**os.environ, **({"PYTHONPATH": str(root)} if root else {})}
     cwd = str(root) if root else None
     with tempfile.TemporaryDirectory(prefix="kiri-backfill-") as tmp:
@@ -124,7 +127,9 @@ def one_run(data: Path, n: int, steps: int, root: Path | None, profile: Path | N
                 spy.wait(60)
             t0 = sql(db, "select min(created_at) from weights where status = 'active'")[0][0]
             t1 = sql(db, "select max(created_at) from scores")[0][0]
-            return t1 - t0, h_cpu, s_cpu
+            # the charts' aggregates catch up with the scores after: the rest of the hub's work
+            wait("rollups up to date", lambda: sql(db, "select count(*) from rollup_dirty")[0][0] == 0)
+            return t1 - t0, h_cpu, s_cpu, time.time() - t0, cpu(hp) - h0
         finally:
             for p in reversed(procs):
                 p.terminate()
@@ -146,7 +151,7 @@ def main(days: float, hosts: int, steps: int, repeat: int, profile: Path | None,
         data = Path(tmp) / "pulse.jsonl"
         n = write_data(data, days, hosts)
         print(f"{n:,} readings of pulse ({days:g} days, {hosts} host(s)), median of {repeat}", flush=True)
-        runs: dict[str, list[tuple[float, float, float]]] = {}
+        runs: dict[str, list[tuple[float, float, float, float, float]]] = {}
         for _ in range(repeat):
             for root in (None, *roots):
                 name = "this checkout" if root is None else str(root)
@@ -154,13 +159,16 @@ def main(days: float, hosts: int, steps: int, repeat: int, profile: Path | None,
                     profile.mkdir(parents=True, exist_ok=True)
                 r = one_run(data, n, steps, root, profile, "this" if root is None else root.name)
                 runs.setdefault(name, []).append(r)
-                print(f"  {name}: {r[0]:.1f} s = {n / r[0]:,.0f} obs/s (hub CPU {r[1]:.1f} s, scorer CPU {r[2]:.1f} s)",
+                print(f"  {name}: {r[0]:.1f} s = {n / r[0]:,.0f} obs/s (hub CPU {r[1]:.1f} s, "
+                      f"scorer CPU {r[2]:.1f} s); rollups caught up after {r[3]:.1f} s, hub CPU {r[4]:.1f} s",
                       flush=True)
         print("median:")
         for name, rs in runs.items():
             took = statistics.median(r[0] for r in rs)
             print(f"  {name:30s} {n / took:10,.0f} obs/s; hub CPU {statistics.median(r[1] for r in rs):.1f} s, "
-                  f"scorer CPU {statistics.median(r[2] for r in rs):.1f} s")
+                  f"scorer CPU {statistics.median(r[2] for r in rs):.1f} s; with rollups "
+                  f"{n / statistics.median(r[3] for r in rs):,.0f} obs/s, hub CPU "
+                  f"{statistics.median(r[4] for r in rs):.1f} s")
 
 
 if __name__ == "__main__":

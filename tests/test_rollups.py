@@ -125,7 +125,7 @@ def test_rollups_match_brute_force(engine):
                 values = {k: float(v) for k, v in orjson.loads(row.data).items()}
                 mirror.readings[row.id] = (row.host or "", row.ts, values)
             # score some raw readings, sometimes again with newer weights
-            keys, scored = set(), []
+            keys, scored, first = set(), [], {1: [], 2: [], 3: []}
             for oid in rng.sample(sorted(known), min(len(known), 300)):
                 wid = rng.choice((1, 2, 3))
                 if c.execute(sa.select(scores.c.id).where(scores.c.observation_id == oid,
@@ -137,13 +137,20 @@ def test_rollups_match_brute_force(engine):
                 c.execute(scores.insert().values(observation_id=oid, atom="drift", weights_id=wid, score=sc,
                                                  threshold=5.0 + wid, anomalous=anom, tail_p=tail, surprise="[]",
                                                  created_at=0))
+                host, ts, _ = mirror.readings[oid]
+                if oid not in mirror.best and rng.random() < 0.7:
+                    first[wid].append((oid, host, ts, sc, tail, anom))  # a first score: added, as recorded
+                else:
+                    keys.add(("drift", host, R.bucket_of(ts)))
+                    scored.append(oid)
                 if oid not in mirror.best or wid >= mirror.best[oid][0]:
                     mirror.best[oid] = (wid, sc, 5.0 + wid, tail, anom)
-                host, ts, _ = mirror.readings[oid]
-                keys.add(("drift", host, R.bucket_of(ts)))
-                scored.append(oid)
             # by key, as an import marks; or by reading id, as a record of scores does
             R.mark(c, keys) if rng.random() < 0.5 else R.mark_readings(c, scored)
+            for wid, got in first.items():
+                if got:
+                    oid, host, ts, sc, tail, anom = (list(x) for x in zip(*got, strict=True))
+                    R.add_first_scores(c, "drift", [h or None for h in host], oid, ts, sc, 5.0 + wid, tail, anom)
         # exact before any refresh: reads compute dirty buckets on the fly
         with engine.connect() as c:
             for tier in R.TIERS:

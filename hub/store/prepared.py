@@ -159,7 +159,7 @@ def by_ids(c: sa.Connection, in_range: Prepared, cols: list[sa.ColumnElement[Any
     if hi - lo < 4 * len(ids):
         return in_range.tuples(c, {"lo": lo, "hi": hi, **where})
     out: list[tuple[Any, ...]] = []
-    # "+ 0": not an index of its own (as in ``scoring._ALREADY``: the key's range stays the index SQLite uses)
+    # "+ 0": not an index of its own, so the key's range stays the index SQLite uses
     extra = [getattr(key.table.c, k) + sa.literal_column("0") == v  # type: ignore[attr-defined]
              for k, v in where.items()]
     for k in range(0, len(ids), 900):

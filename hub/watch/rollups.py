@@ -10,7 +10,10 @@ weights' score, as everywhere else.
 How they stay exact (``tests/test_rollups.py`` checks them against brute force):
 
 - Storing readings or scores marks their 5-minute buckets dirty (``rollup_dirty``) in the
-  same transaction; nothing is computed on the write path.
+  same transaction. The one exception is a reading's first score (a backfill's, a live
+  scorer's), which only adds to its bucket: on SQLite it is merged into the stored rows
+  right there (``add_first_scores``), so a backfill does not make ``refresh`` read the
+  year's raw rows back.
 - ``refresh`` recomputes a bounded batch of dirty buckets from the raw rows, then the hours
   and days above them from the 5-minute rows (sums, minima and maxima compose exactly).
 - Retention deletes a 5-minute bucket's raw rows only whole, and in the same transaction
@@ -410,15 +413,26 @@ def view(c: sa.Connection, atom: str, hosts: Sequence[str] | None, fields: Seque
 
 # --- keeping them --------------------------------------------------------------------------
 
+_UPSERT_SQLITE = (f"INSERT INTO {rollups.name} (atom, host, tier, bucket, n, stats) VALUES (?, ?, ?, ?, ?, ?) "
+                  "ON CONFLICT (atom, host, tier, bucket) DO UPDATE SET n = excluded.n, stats = excluded.stats")
+
+
 def _upsert(c: sa.Connection, rows: list[dict[str, object]]) -> None:
+    """Insert or replace aggregate rows. On SQLite through the driver's cursor: a backfill
+    saves hundreds of rows per batch, and SQLAlchemy's per-row parameter handling cost five
+    times SQLite's own work."""
     if not rows:
         return
-    if c.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-        ins = pg_insert(rollups)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as lite_insert
-        ins = lite_insert(rollups)
+    if c.dialect.name == "sqlite":
+        cur = c.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.executemany(_UPSERT_SQLITE, [(r["atom"], r["host"], r["tier"], r["bucket"], r["n"], r["stats"])
+                                             for r in rows])
+        finally:
+            cur.close()
+        return
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    ins = pg_insert(rollups)
     c.execute(ins.on_conflict_do_update(index_elements=["atom", "host", "tier", "bucket"],
                                         set_={"n": ins.excluded.n, "stats": ins.excluded.stats}), rows)
 
@@ -474,6 +488,102 @@ def _refresh_stream(c: sa.Connection, atom: str, host: str, fields: list[str], b
         composed = {b: row for (_h, b), row in _compose(children, level).items()}
         _save(c, atom, host, up, {t: composed.get(t) for t in tops})
         touched = set(tops)
+
+
+# --- first scores, folded in as they are recorded -------------------------------------------
+
+def _partial(ids: np.ndarray, ts: np.ndarray, score: np.ndarray, thr: np.ndarray, tail: np.ndarray,
+             anom: np.ndarray, n_fields: int) -> np.ndarray:
+    """One aggregate row per newly scored reading that adds its score and nothing else: the
+    reading itself (its count and values) is already in the stored aggregate."""
+    out = from_readings(ids, ts, np.full((len(ids), n_fields), np.nan), score, thr, tail, anom)
+    out[:, N] = 0.0
+    return out
+
+
+def _in_runs(c: sa.Connection, stmt: Prepared, wanted: np.ndarray, **params: Any) -> list[tuple[Any, ...]]:
+    """``stmt``'s rows over the runs of the sorted bucket indexes ``wanted`` (one range read
+    per run, so scattered buckets do not read a year of rows between them), first column
+    among ``wanted``."""
+    keep = set(wanted.tolist())
+    out: list[tuple[Any, ...]] = []
+    for run in _runs(sorted(keep)):
+        out += [r for r in stmt.tuples(c, {**params, "lo": run[0], "hi": run[-1]}) if r[0] in keep]
+    return out
+
+
+def _stored_rows(c: sa.Connection, atom: str, host: str, tier: int, wanted: np.ndarray
+                 ) -> dict[int, tuple[bytes, bytes | None]]:
+    """(stats, folded) of the stream's stored ``tier`` rows among ``wanted`` bucket indexes."""
+    return {b: (s, f) for b, s, f in _in_runs(c, _STORED_RANGE, wanted, atom=atom, host=host, tier=tier)}
+
+
+_r = rollups.c
+_STORED_RANGE = Prepared(sa.select(_r.bucket, _r.stats, _r.folded).where(
+    _r.atom == sa.bindparam("atom"), _r.host == sa.bindparam("host"), _r.tier == sa.bindparam("tier"),
+    _r.bucket >= sa.bindparam("lo"), _r.bucket <= sa.bindparam("hi")))
+_DIRTY_RANGE = Prepared(sa.select(rollup_dirty.c.bucket).where(
+    rollup_dirty.c.atom == sa.bindparam("atom"), rollup_dirty.c.host == sa.bindparam("host"),
+    rollup_dirty.c.bucket >= sa.bindparam("lo"), rollup_dirty.c.bucket <= sa.bindparam("hi")))
+
+
+def add_first_scores(c: sa.Connection, atom: str, hosts: Sequence[str | None], ids: Sequence[int],
+                     ts: Sequence[float], score: Sequence[float], thr: float, tail: Sequence[float | None],
+                     anom: Sequence[bool]) -> None:
+    """Readings' first scores (none of them had a score from any weights before) into the
+    aggregates of their 5-minute buckets, hours and days, in the transaction that stores them.
+
+    A backfill scores a year of readings whose aggregates the import already computed; marking
+    their buckets dirty made ``refresh`` read every raw row back and parse its values again,
+    for a change that only adds scores. A first score only adds (counts and sums grow, the
+    highest score and lowest tail probability compose), so it merges into the stored rows
+    exactly. Buckets that cannot take it are marked dirty as before: one that is dirty
+    already (``refresh`` rewrites its rows anyway), one without stored rows, one whose
+    aggregate is all folded (its ``folded`` part must stay what it was). On PostgreSQL
+    several hubs may write the same rows at once, so every bucket is marked there.
+    """
+    if not ids:
+        return
+    t = np.asarray(ts, dtype=np.float64)
+    b = np.floor(t / BASE).astype(np.int64)
+    keys = ["" if h is None else h for h in hosts]
+    if c.dialect.name != "sqlite":
+        mark(c, {(atom, h, int(k)) for h, k in zip(keys, b.tolist(), strict=True)})
+        return
+    oid = np.asarray(ids, dtype=np.int64)
+    sc = np.asarray(score, dtype=np.float64)
+    tp = np.array([math.nan if x is None else x for x in tail], dtype=np.float64)
+    an = np.asarray(anom, dtype=np.float64)
+    th = np.full(len(oid), float(thr))
+    unmarked: set[Key] = set()
+    for host, where in host_groups(keys).items():
+        hb = b[where]
+        buckets = np.unique(hb)
+        base = _stored_rows(c, atom, host, BASE, buckets)
+        dirty = {d for (d,) in _in_runs(c, _DIRTY_RANGE, buckets, atom=atom, host=host)}
+        parents = [_stored_rows(c, atom, host, tier, np.unique(buckets // (tier // BASE))) for tier in TIERS[1:]]
+        widths = {len(s) for s, _f in base.values()} | {len(s) for p in parents for s, _f in p.values()}
+        if len(widths) != 1:  # no stored rows, or layouts that disagree: leave it to refresh
+            unmarked |= {(atom, host, int(k)) for k in buckets.tolist()}
+            continue
+        n_fields = (widths.pop() // 8 - HEAD) // 4
+        ok = np.array([k not in dirty and k in base and base[k][1] != ALL_FOLDED
+                       and all(k // (tier // BASE) in p for tier, p in zip(TIERS[1:], parents, strict=True))
+                       for k in buckets.tolist()], dtype=bool)
+        unmarked |= {(atom, host, int(k)) for k in buckets[~ok].tolist()}
+        take = where[np.isin(hb, buckets[ok])]
+        if not len(take):
+            continue
+        part = _partial(oid[take], t[take], sc[take], th[take], tp[take], an[take], n_fields)
+        for tier, stored_rows in zip(TIERS, [base, *parents], strict=True):
+            group = b[take] // (tier // BASE)
+            have = np.unique(group)
+            rows = np.concatenate([decode([stored_rows[g][0] for g in have.tolist()], n_fields), part])
+            groups = np.concatenate([have, group])
+            order = np.argsort(groups, kind="stable")
+            idx, merged = reduce(rows[order], groups[order])
+            _save(c, atom, host, tier, dict(zip(idx.tolist(), merged, strict=True)))
+    mark(c, unmarked)
 
 
 def raw_ids(c: sa.Connection, atom: str, host: str, buckets: Sequence[int]) -> dict[int, list[int]]:

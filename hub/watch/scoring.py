@@ -168,26 +168,48 @@ def surprise_texts(flat: list[float], width: int, keep: list[int], n: int) -> li
     return ["[" + row + "]" for row in number_rows(rows if len(keep) == n else rows[keep])]
 
 
-_FOUND_COLS = [_o.id, _o.host, _o.atom]
-_FOUND = Prepared(sa.select(*_FOUND_COLS).where(_o.id >= sa.bindparam("lo"), _o.id <= sa.bindparam("hi")))
-# "atom || ''": not an index of its own, so the ids are rowid lookups (the atom's index walks its history)
-_HOSTS_OF = ListStatement(lambda member: sa.select(_o.host, sa.func.count()).where(
-    member(_o.id), _o.atom.op("||")(sa.literal_column("''")) == sa.bindparam("atom")).group_by(_o.host))
+# "atom || ''": not an index of its own, so SQLite reads the ids by rowid (the atom's index walks its history)
+_ATOM_IS = _o.atom.op("||")(sa.literal_column("''")) == sa.bindparam("atom")
+_FOUND_IN_RANGE = Prepared(sa.select(_o.id, _o.ts, _o.host).where(
+    _o.id >= sa.bindparam("lo"), _o.id <= sa.bindparam("hi"), _ATOM_IS).order_by(_o.id))
+_FOUND_LISTED = ListStatement(lambda member: sa.select(_o.id, _o.ts, _o.host).where(member(_o.id), _ATOM_IS)
+                              .order_by(_o.id))
 
 
-def _hosts(c: sa.Connection, atom: str, ids: list[int]) -> dict[int, str | None]:
-    """The host of each of the atom's readings among ``ids``. By id alone (rowid lookups):
-    with the atom in the WHERE, SQLite may walk the atom's index."""
-    wanted = set(ids)
-    return {r[0]: r[1] for r in by_ids(c, _FOUND, _FOUND_COLS, _o.id, ids) if r[0] in wanted and r[2] == atom}
+class Found:
+    """The atom's readings among a batch's ids, each one's time and host, in id order."""
+
+    def __init__(self, rows: list[tuple[int, float, str | None]]) -> None:
+        self.ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        self.ts = np.fromiter((r[1] for r in rows), dtype=np.float64, count=len(rows))
+        hosts = [r[2] for r in rows]
+        self.one_host = not hosts or hosts.count(hosts[0]) == len(hosts)
+        self.hosts = hosts
+
+    def places(self, ids: list[int]) -> np.ndarray | None:
+        """Where each of ``ids`` is among the found readings; None if some are not there."""
+        want = np.asarray(ids, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.ids, want), max(len(self.ids) - 1, 0))
+        return at if len(self.ids) and bool((self.ids[at] == want).all()) else None
+
+    def host_of(self, places: np.ndarray) -> list[str | None]:
+        return [self.hosts[0]] * len(places) if self.one_host else [self.hosts[k] for k in places.tolist()]
+
+
+def _readings(c: sa.Connection, atom: str, ids: list[int]) -> Found:
+    """The atom's readings among ``ids``: a batch's ids are usually a run, read as one range
+    (others come too: the caller places its own), scattered ones as a list."""
+    lo, hi = min(ids), max(ids)
+    if hi - lo < 4 * len(ids):
+        return Found(_FOUND_IN_RANGE.tuples(c, {"lo": lo, "hi": hi, "atom": atom}))
+    return Found(_FOUND_LISTED.tuples(c, ids, atom=atom))
 
 
 _s = scores.c
-# "weights_id + 0" keeps SQLite on the (observation_id, weights_id) index: with a plain
-# weights_id = ?, it walks every score of those weights (a backfill's batches grew quadratic)
-_ALREADY = Prepared(sa.select(_s.observation_id).where(
-    _s.observation_id >= sa.bindparam("lo"), _s.observation_id <= sa.bindparam("hi"),
-    _s.weights_id + sa.literal_column("0") == sa.bindparam("weights_id")))
+_SCORED_COLS = [_s.observation_id, _s.weights_id]
+# every score of the readings, whatever its weights: the (observation_id, weights_id) index alone
+_SCORED = Prepared(sa.select(*_SCORED_COLS).where(_s.observation_id >= sa.bindparam("lo"),
+                                                  _s.observation_id <= sa.bindparam("hi")))
 
 
 def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
@@ -201,42 +223,54 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     cols = p.as_columns()
     ids = cols.observation_id
     wanted = set(ids)
-    # how many of the batch are this atom's readings, by host: one pass in SQLite. Each
-    # reading's own host is read only when some host is still learning (its scores are not
-    # anomalous yet), and which ids are missing only to say so
-    by_host = dict(_HOSTS_OF.tuples(c, ids, atom=p.atom))
-    if sum(by_host.values()) != len(wanted):
-        found = _hosts(c, p.atom, ids)
-        raise InvalidParams(f"observation(s) {[i for i in ids if i not in found][:5]} are not {p.atom!r} observations")
+    # each reading's host and time, read once: to check they are this atom's, to know which
+    # hosts are still learning (their scores are not anomalous yet), and for the rollups
+    found = _readings(c, p.atom, ids)
+    places = found.places(ids)
+    if places is None:
+        missing = set(ids) - set(found.ids.tolist())
+        raise InvalidParams(f"observation(s) {[i for i in ids if i in missing][:5]} are not {p.atom!r} observations")
     if len(wanted) != len(ids):
         raise InvalidParams("an observation is scored twice in one call")
+    hosts = found.host_of(places)
     info = orjson.loads(w.info)
-    learning = {h for h in by_host if L.is_learning(info, h)}
-    host_of = _hosts(c, p.atom, ids) if learning else None
-    already = {i for (i,) in by_ids(c, _ALREADY, [_s.observation_id], _s.observation_id, ids,
-                                     weights_id=p.weights_id) if i in wanted}
+    learning = {h for h in set(hosts) if L.is_learning(info, h)}
+    # which readings have scores already: by these weights (a resend: stored once), or by
+    # others (the rollups must then recompute the reading's newest score)
+    before = [r for r in by_ids(c, _SCORED, _SCORED_COLS, _s.observation_id, ids) if r[0] in wanted]
+    already = {i for i, wid in before if wid == p.weights_id}
+    rescored = {i for i, _wid in before}
     tails = cols.tail_p or [None] * len(ids)
     keep = [k for k, i in enumerate(ids) if i not in already] if already else list(range(len(ids)))
     anomalous: list[bool] = []
     if keep:
+        kept = [ids[k] for k in keep] if already else ids
         score = [cols.score[k] for k in keep] if already else cols.score
         tail_p = [tails[k] for k in keep] if already else tails
-        held = None if host_of is None else [host_of[ids[k]] in learning for k in keep]
-        anomalous = anomalous_of(score, tail_p, p, held)
+        host = [hosts[k] for k in keep] if already else hosts
+        ts = found.ts[places[keep]] if already else found.ts[places]
+        anomalous = anomalous_of(score, tail_p, p, [h in learning for h in host] if learning else None)
         _BULK_SCORES.run(c, {
-            "observation_id": [ids[k] for k in keep] if already else ids, "score": score, "tail_p": tail_p,
+            "observation_id": kept, "score": score, "tail_p": tail_p,
             "surprise": surprise_texts(cols.surprise, cols.width, keep, len(ids)),
             "anomalous": anomalous}, {"atom": p.atom, "weights_id": p.weights_id, "threshold": p.threshold,
                                       "created_at": env.now})
-        R.mark_readings(c, [ids[k] for k in keep] if already else ids)
+        if rescored:
+            first = [k for k, i in enumerate(kept) if i not in rescored]
+            R.add_first_scores(c, p.atom, [host[k] for k in first], [kept[k] for k in first], ts[first].tolist(),
+                               [score[k] for k in first], p.threshold, [tail_p[k] for k in first],
+                               [anomalous[k] for k in first])
+            R.mark_readings(c, [i for i in kept if i in rescored])
+        else:
+            R.add_first_scores(c, p.atom, host, kept, ts.tolist(), score, p.threshold, tail_p, anomalous)
     out: dict[str, Any] = {"stored": len(keep), "already": len(already), "anomalous": sum(anomalous)}
     if p.decision is not None:
         decision = p.decision
-        host = None if host_of is None else host_of.get(decision.observation_id)
-        if host in learning and decision.action != "ok":
+        at = ids.index(decision.observation_id) if learning and decision.observation_id in wanted else None
+        if at is not None and hosts[at] in learning and decision.action != "ok":
             # weights that never saw this host decide nothing yet: recorded as ok, with why
             decision = decision.model_copy(update={
-                "action": "ok", "policy": f"learning:{host}"[:64],
+                "action": "ok", "policy": f"learning:{hosts[at]}"[:64],
                 "inputs": {**decision.inputs, "held_back": decision.action}})
         out["decision"] = (D.find(c, p.task_id, decision.observation_id)
                            or D.insert(c, p.task_id, p.atom, decision, env))
