@@ -28,12 +28,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from kiri.model.schema import AtomSchema, ObservationError
+
+if TYPE_CHECKING:
+    import torch
 
 FIT_MIN_BUCKETS = 5  # a field with fewer buckets keeps its declared edges (flags, tiny enums)
 FIT_MIN_VALUES = 10
@@ -92,6 +94,8 @@ class Codec:
     def encode(self, values: np.ndarray) -> torch.Tensor:
         """[N, F] token ids of raw values [N, F] (floats, already checked finite)."""
         ids = self.buckets(values) + np.asarray(self.schema.offsets(), dtype=np.int64)
+        import torch  # here: the hub reads codecs (``kiri.model.info``) and never loads torch
+
         return torch.from_numpy(ids)
 
     def encode_one(self, obs: Mapping[str, Any]) -> list[int]:

@@ -29,12 +29,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from kiri.model.schema import AtomSchema
+
+if TYPE_CHECKING:
+    import torch
 
 # Days of a kind a routine is learned from, at least. Two weekend days, each with a random
 # anomaly in the same quarter hour, would teach one (bench/detect.py composition with 5% of the
@@ -158,10 +160,18 @@ class Routine:
         if not SLOT_MINUTES <= minutes <= MAX_SLOT_MINUTES:
             raise ValueError(f"routine: slot of {minutes} minutes outside {SLOT_MINUTES}-{MAX_SLOT_MINUTES}")
         out = cls.empty(minutes)
-        for k, s, v in d["slots"]:
-            if not (0 <= int(k) < KINDS and 0 <= int(s) < out.slots and math.isfinite(float(v))):
-                raise ValueError(f"routine: bad slot {[k, s, v]!r}")
-            out.table[int(k), int(s)] = float(v)
+        slots = d["slots"]
+        if not isinstance(slots, list):
+            raise ValueError(f"routine: slots must be a list of [kind, slot, surprise], not {type(slots).__name__}")
+        for item in slots:
+            try:
+                k, s, v = item
+                k, s, v = int(k), int(s), float(v)
+            except (TypeError, ValueError):
+                k, s, v = -1, -1, math.nan
+            if not (0 <= k < KINDS and 0 <= s < out.slots and math.isfinite(v)):
+                raise ValueError(f"routine: bad slot {item!r}")
+            out.table[k, s] = v
         return out
 
 
@@ -170,5 +180,7 @@ def beyond(scores: torch.Tensor, routine: torch.Tensor | None) -> torch.Tensor:
     (a routine reading is as ordinary as a reading can be, not more)."""
     if routine is None:
         return scores
+    import torch  # here: the hub reads routines (``kiri.model.info``) and never loads torch
+
     r = routine.to(scores.dtype)
     return torch.where(r > 0, torch.maximum(scores - r, scores.clamp(max=0.0)), scores)

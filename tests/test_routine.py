@@ -71,7 +71,8 @@ def test_a_routine_round_trips_and_a_bad_one_is_refused() -> None:
     good = routine.to_dict()
     for bad in ({**good, "kind": "routine/9"}, {**good, "slot_minutes": 0.5},
                 {**good, "slots": [[0, 288, 1.0]]}, {**good, "slots": [[2, 0, 1.0]]},
-                {**good, "slots": [[0, 0, float("nan")]]}):
+                {**good, "slots": [[0, 0, float("nan")]]}, {**good, "slots": 5}, {**good, "slots": [7]},
+                {**good, "slots": [[0, "x", 1.0]]}, {**good, "slots": [[0, 1]]}):
         with pytest.raises(ValueError, match="routine"):
             Routine.from_dict(bad)
 

@@ -271,3 +271,40 @@ def test_training_reads_a_window_of_recent_readings(hub, agents_factory):
     assert "window must be seconds" in hub.sql("select error from tasks where id=?", bad)[0][0]
     agent.stop()
     c.close()
+
+
+def test_weights_whose_info_a_scorer_could_not_use_are_refused_on_publish_and_import(hub):
+    """A malformed codec, calibration, routine, threshold or context would be stored and then
+    fail every score task of the atom; the hub refuses it in the call that brings it, with
+    the part that is wrong, and stores nothing."""
+    from kiri.model.gpt import Atom
+    from kiri.model.weights import save_weights
+    from kiri.protocol import InvalidParams
+
+    c = hub.client()
+    model = Atom.for_schema(S.PULSE)
+    bad = {
+        "codec": {"kind": "fitted/1", "fields": {"cpu": {"edges": [3, 2, 1]}}},
+        "calibration": {"kind": "tail/1", "point": {"knots": [1.0], "beta": -1}, "sustained": {}},
+        "routine": {"kind": "routine/1", "slot_minutes": 5, "slots": 5},
+        "threshold": "high",
+        "alarm_rate": 0.0,
+        "context": 10**6,
+    }
+    for key, value in bad.items():
+        blob = base64.b64encode(save_weights(S.PULSE, model, {"context": 2, key: value})).decode()
+        with pytest.raises(InvalidParams, match=f"weights info '{key}' cannot be used"):
+            c.call("import_weights", {"atom": "pulse", "blob": blob})
+        tid = c.enqueue("train", "pulse")["task_id"]
+        lease = c.lease(["train"])
+        assert lease["task"]["id"] == tid
+        with pytest.raises(InvalidParams, match=f"weights info '{key}' cannot be used"):
+            c.call("publish_weights", {"task_id": tid, "lease_token": lease["lease"]["token"], "atom": "pulse",
+                                       "blob": blob})
+        c.call("ack", {"task_id": tid, "lease_token": lease["lease"]["token"]})
+    # the same checks pass what training writes
+    t = Trainer(S.PULSE, encode_many(S.PULSE, synth.generate("pulse", 0.5).rows), TrainConfig(steps=2))
+    t.run()
+    good = base64.b64encode(t.weights_bytes()).decode()
+    assert c.call("import_weights", {"atom": "pulse", "blob": good})["weights"]["version"] == 1
+    assert hub.sql("select count(*) from weights") == [(1,)]

@@ -18,6 +18,7 @@ from kiri.hub.core.queue import Env
 from kiri.hub.store.db import as_dict
 from kiri.hub.store.schema import weights
 from kiri.model.header import WeightsError, read_header, read_meta
+from kiri.model.info import check_info
 from kiri.model.schema import AtomSchema
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
 from kiri.protocol import params as P
@@ -76,7 +77,13 @@ def publish(c: sa.Connection, p: P.PublishWeights, env: Env) -> dict[str, Any]:
     parent = c.execute(sa.select(weights.c.id).where(weights.c.id == p.parent_id)).first() if p.parent_id else True
     if parent is None:
         raise NotFound(f"parent weights {p.parent_id} do not exist")
-    return _store(c, p.atom, blob, {**meta.get("info", {}), **p.info}, env.now, activate=p.activate,
+    try:
+        schema = AtomSchema.from_dict(meta["schema"], "blob schema")
+    except (ValueError, TypeError, KeyError) as e:
+        raise InvalidParams(f"blob's schema cannot be read: {e}") from None
+    info = {**meta.get("info", {}), **p.info}
+    _usable(schema, info)
+    return _store(c, p.atom, blob, info, env.now, activate=p.activate,
                   held="rejected", task_id=p.task_id, parent_id=p.parent_id, obs_from=p.obs_from,
                   obs_to=p.obs_to, loss=p.loss, reason=p.reason)
 
@@ -97,6 +104,17 @@ def _store(c: sa.Connection, atom: str, blob: bytes, info: dict[str, Any], now: 
     return {"weights": _row(c.execute(sa.select(*_SUMMARY).where(weights.c.id == wid)).one()), "already": False}
 
 
+def _usable(schema: AtomSchema, info: Any) -> None:
+    """Refuse weights whose info a scorer could not use (``kiri.model.info``): stored, they
+    would fail every score task of the atom instead of this one call."""
+    if not isinstance(info, dict):
+        raise InvalidParams(f"weights info must be an object, not {type(info).__name__}")
+    try:
+        check_info(schema, info)
+    except ValueError as e:
+        raise InvalidParams(f"{e}; nothing was stored") from None
+
+
 def import_(c: sa.Connection, schema: AtomSchema, p: P.ImportWeights, env: Env) -> dict[str, Any]:
     """Store weights made outside kiri's training (a KIRI weight file, converted by the CLI):
     a version with no task, inactive unless ``activate``. The blob must be for this atom's
@@ -111,6 +129,7 @@ def import_(c: sa.Connection, schema: AtomSchema, p: P.ImportWeights, env: Env) 
     if ({k: tuple(v.get("shape", ())) for k, v in tensors.items()} != schema.tensor_shapes()
             or any(v.get("dtype") != "F32" for v in tensors.values())):
         raise InvalidParams(f"blob's tensors do not match atom {p.atom!r}'s model")
+    _usable(schema, meta.get("info", {}))
     same = c.execute(sa.select(*_SUMMARY).where(weights.c.atom == p.atom,
                                                 weights.c.hash == hashlib.sha256(blob).hexdigest())).first()
     if same is not None:  # the same file imported again: the version it already is

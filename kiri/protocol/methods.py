@@ -228,14 +228,16 @@ TABLE: tuple[Method, ...] = (
            events=("weights", "tasks"),
            summary="Store a trained version (safetensors, base64) from the training task that made it; "
                    "active at once unless `activate: false` (the quality gate's rejection).",
-           errors=("lease lost", "invalid params: not kiri weights"),
+           errors=("lease lost", "invalid params: not kiri weights, or info a scorer could not use (its codec, "
+                   "calibration, routine, threshold, alarm rate or context)"),
            example=({"task_id": 7, "lease_token": _LEASE["token"], "atom": "pulse", "blob": "…", "loss": 0.4},
                     {"weights": {"id": 5, "atom": "pulse", "version": 3, "status": "active"}, "already": False})),
     Method("import_weights", P.ImportWeights, R.Published, group="weights", idempotent=True,
            events=("weights", "tasks"),
            summary="Store weights made outside kiri's training (e.g. a KIRI weight file converted by "
                    "`kiri weights import`) as a new version with no task; inactive unless `activate`.",
-           errors=("invalid params: an unknown atom, not kiri weights, or not for this atom's model",),
+           errors=("invalid params: an unknown atom, not kiri weights, not for this atom's model, or info a "
+                   "scorer could not use",),
            guarantees="Importing the same blob again answers the version it already is (`already: true`).",
            example=({"atom": "pulse", "blob": "…", "activate": True},
                     {"weights": {"id": 6, "atom": "pulse", "version": 4, "status": "active"}, "already": False})),
