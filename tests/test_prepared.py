@@ -116,17 +116,17 @@ def test_bulk_inserts_through_the_buffer_equal_sqlalchemys(tmp_path):
 
 
 def test_a_bulk_insert_through_the_buffer_equals_executemany_and_rolls_back_whole(tmp_path):
-    from kiri.hub.store.bulk import BulkInsert
+    from kiri.hub.store.bulk import ROWS, BulkInsert
     from kiri.hub.store.schema import observations
 
     fast, slow = _db(tmp_path / "fast.db"), _db(tmp_path / "slow.db")
-    ts = [1000.0 + i / 3 for i in range(70)]
-    hosts = [None if i % 3 else f"h{i % 5}" for i in range(70)]
-    data = [f'{{"cpu": {i}.5}}' for i in range(70)]
+    n = 30 + 2 * ROWS + 40  # a short batch, then two whole multi-row statements and the rest one by one
+    ts = [1000.0 + i / 3 for i in range(n)]
+    hosts = [None if i % 3 else f"h{i % 5}" for i in range(n)]
+    data = [f'{{"cpu": {i}.5}}' for i in range(n)]
     bulk = BulkInsert(observations, ["ts", "host", "data"])
     with fast.begin() as c:
-        for lo in (0, 30):  # twice on one connection: the buffer is emptied each time
-            part = slice(lo, lo + 30 if lo == 0 else 70)
+        for part in (slice(0, 30), slice(30, n)):  # twice on one connection: the buffer is emptied each time
             assert bulk.run(c, {"ts": ts[part], "host": hosts[part], "data": data[part]},
                             {"atom": "pulse", "created_at": 5.0}) == len(ts[part])
     with slow.begin() as c:
@@ -134,12 +134,12 @@ def test_a_bulk_insert_through_the_buffer_equals_executemany_and_rolls_back_whol
                                           for t, h, d in zip(ts, hosts, data, strict=True)])
     with fast.connect() as a, slow.connect() as b:
         got = a.execute(sa.select(observations).order_by(observations.c.id)).all()
-        assert got == b.execute(sa.select(observations).order_by(observations.c.id)).all() and len(got) == 70
+        assert got == b.execute(sa.select(observations).order_by(observations.c.id)).all() and len(got) == n
     with pytest.raises(sqlite3.IntegrityError), fast.begin() as c:  # a NULL data: nothing of the batch stays
         bulk.run(c, {"ts": [1.0, 2.0], "host": [None, None], "data": ["{}", None]},
                  {"atom": "pulse", "created_at": 1.0})
     with fast.begin() as c:
-        assert c.execute(sa.select(sa.func.count()).select_from(observations)).scalar() == 70
+        assert c.execute(sa.select(sa.func.count()).select_from(observations)).scalar() == n
         assert c.exec_driver_sql("SELECT count(*) FROM temp.kiri_bulk_observations").scalar() == 0
 
 
