@@ -608,8 +608,10 @@ class Hub:
     def _maybe_prune(self) -> None:
         """One retention pass (every step a bounded batch, in one transaction): every
         ``prune_every`` seconds, or, while steps still find work (after an upgrade, a long stop
-        or a big import), again after a pause as long as the pass took, so requests keep at
-        least half the loop. A step that found nothing waits for the next full pass."""
+        or a big import), again: while clients are being served after a pause as long as the
+        pass took, so requests keep at least half the loop; with nobody waiting, right away
+        (a year folded at half speed for no one). A step that found nothing waits for the
+        next full pass."""
         if self.prune_running or self.closing or not self.upkeeps:
             return
         if time.monotonic() - self.last_bulk < BULK_QUIET:
@@ -658,7 +660,8 @@ class Hub:
             except Exception:
                 log.exception("incremental vacuum failed; will retry")
             if self.prune_busy:
-                self.loop.call_later(max(0.005, time.perf_counter() - started), self._maybe_prune)
+                pause = (time.perf_counter() - started) if self._clients_active() else 0.0
+                self.loop.call_later(max(0.005, pause), self._maybe_prune)
 
         self._await(Op(None, None, "prune", None, prune, reply=False)).add_done_callback(then)
 
