@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from kiri.hub.core.retention import Retention
-from kiri.hub.store.prepared import ListStatement
+from kiri.hub.store.prepared import ListStatement, Prepared
 from kiri.hub.store.schema import alerts, decisions, labels, observations, rollup_dirty, scores, streams, tasks, weights
 from kiri.hub.watch import rollups as R
 
@@ -36,6 +36,28 @@ log = logging.getLogger("kiri.hub")
 CONTEXT_MARGIN = 86400.0  # seconds after a bucket whose unscored readings may still read it as context
 MAX_LOOKS = 8  # batches of raw readings one pass may look through for a bucket it can fold
 
+
+# a pass's own reads, compiled once and run on the driver's cursor: each pass holds the loop,
+# and building these with SQLAlchemy every time was a fifth of a small pass
+_o, _s = observations.c, scores.c
+_STREAMS = Prepared(sa.select(streams.c.atom, streams.c.host, streams.c.last_ts, streams.c.n)
+                    .order_by(streams.c.atom, streams.c.host))
+_TRAINING = Prepared(sa.select(tasks.c.atom).where(tasks.c.status == "leased", tasks.c.kind == "train",
+                                                   tasks.c.atom.is_not(None)))
+
+
+def _stream_is(null: bool) -> list[sa.ColumnElement[bool]]:
+    return [_o.atom == sa.bindparam("atom"), _o.host.is_(None) if null else _o.host == sa.bindparam("host")]
+
+
+_OLDEST = {null: Prepared(sa.select(_o.id, _o.ts, _o.created_at).where(
+    *_stream_is(null), _o.ts >= sa.bindparam("lo"), _o.ts < sa.bindparam("hi"))
+    .order_by(_o.ts, _o.id).limit(sa.bindparam("limit", type_=sa.Integer))) for null in (True, False)}
+_IN_SPAN = {null: Prepared(sa.select(_o.id, _o.ts, _o.created_at).where(
+    *_stream_is(null), _o.ts >= sa.bindparam("lo"), _o.ts < sa.bindparam("hi"))) for null in (True, False)}
+_UNSCORED = {null: Prepared(sa.select(_o.ts).where(
+    *_stream_is(null), _o.ts >= sa.bindparam("lo"), _o.ts < sa.bindparam("hi"), _o.created_at > sa.bindparam("since"),
+    ~sa.exists().where(_s.observation_id == _o.id))) for null in (True, False)}
 
 _REFERRED = ListStatement(lambda member: sa.select(decisions.c.observation_id).where(
     member(decisions.c.observation_id)))
@@ -62,10 +84,8 @@ class RawPruner:
         ``raw_batch``, looked at per transaction); returns how many (0: nothing to do)."""
         if policy.raw is None:
             return 0
-        st = streams.c
-        found = c.execute(sa.select(st.atom, st.host, st.last_ts, st.n).order_by(st.atom, st.host)).all()
-        busy = set(c.execute(sa.select(tasks.c.atom).where(tasks.c.status == "leased", tasks.c.kind == "train",
-                                                           tasks.c.atom.is_not(None))).scalars())
+        found = _STREAMS.tuples(c, {})
+        busy = {a for (a,) in _TRAINING.tuples(c, {})}
         for k in range(len(found)):
             atom, host, last_ts, count = found[(self.turn + k) % len(found)]
             if atom in busy:  # a running training window stays whole
@@ -82,19 +102,16 @@ class RawPruner:
         assert policy.raw is not None
         edge = R.bucket_of(last_ts - policy.raw) * R.BASE  # buckets wholly before the window's start
         start = self.cursor.get((atom, host), float("-inf"))
-        o = observations.c
-        same = R.host_is(o.host, host)
+        stream = {"atom": atom, "host": host}
         for _ in range(MAX_LOOKS):
             if start >= edge:
                 break
-            rows = c.execute(sa.select(o.id, o.ts, o.created_at).where(o.atom == atom, same, o.ts >= start,
-                                                                       o.ts < edge)
-                             .order_by(o.ts, o.id).limit(batch)).all()
+            rows = _OLDEST[host == ""].tuples(c, {**stream, "lo": start, "hi": edge, "limit": batch})
             if not rows:
                 break
-            by_bucket: dict[int, list[sa.Row]] = {}
+            by_bucket: dict[int, list[tuple[int, float, float]]] = {}
             for r in rows:
-                by_bucket.setdefault(R.bucket_of(r.ts), []).append(r)
+                by_bucket.setdefault(R.bucket_of(r[1]), []).append(r)
             last = max(by_bucket)
             if len(rows) == batch and len(by_bucket) > 1:
                 del by_bucket[last]  # may be cut short by the limit: next batch
@@ -102,8 +119,8 @@ class RawPruner:
             else:
                 if len(rows) == batch:  # one bucket fuller than a batch: read it whole
                     lo, hi = last * R.BASE - 1.0, (last + 1) * R.BASE + 1.0
-                    by_bucket[last] = [r for r in c.execute(sa.select(o.id, o.ts, o.created_at).where(
-                        o.atom == atom, same, o.ts >= lo, o.ts < hi)) if R.bucket_of(r.ts) == last]
+                    by_bucket[last] = [r for r in _IN_SPAN[host == ""].tuples(c, {**stream, "lo": lo, "hi": hi})
+                                       if R.bucket_of(r[1]) == last]
                 self.cursor[(atom, host)] = start = (last + 1) * R.BASE
             ok = self._foldable(c, policy, now, atom, host, count, by_bucket)
             if ok:
@@ -114,22 +131,19 @@ class RawPruner:
         return 0
 
     def _foldable(self, c: sa.Connection, policy: Retention, now: float, atom: str, host: str, count: int,
-                  by_bucket: dict[int, list[sa.Row]]) -> list[int]:
+                  by_bucket: dict[int, list[tuple[int, float, float]]]) -> list[int]:
         assert policy.raw is not None
-        ids = [r.id for rows in by_bucket.values() for r in rows]
+        ids = [r[0] for rows in by_bucket.values() for r in rows]
         keep = {i for (i,) in _REFERRED.tuples(c, ids)}  # reading ids that hold their bucket raw
         # readings still to be scored need their predecessors as context: a bucket stays raw
         # while a reading in it, or within CONTEXT_MARGIN after it, waits for its score
-        o, s = observations.c, scores.c
         lo, hi = min(by_bucket) * R.BASE, (max(by_bucket) + 1) * R.BASE + CONTEXT_MARGIN
-        scored = sa.exists().where(s.observation_id == o.id)
         span = self.scored.get((atom, host))
         if span is None or span[0] != count or not span[1] <= lo < span[2]:
             span = (count, lo, lo)  # nothing from lo on is known to be scored
         start = span[2]  # the readings in [lo, start) are known to be scored
-        pending = sorted(c.execute(sa.select(o.ts).where(
-            o.atom == atom, R.host_is(o.host, host), o.ts >= start, o.ts < hi,
-            o.created_at > now - policy.raw, ~scored)).scalars()) if start < hi else []
+        pending = sorted(t for (t,) in _UNSCORED[host == ""].tuples(c, {
+            "atom": atom, "host": host, "lo": start, "hi": hi, "since": now - policy.raw})) if start < hi else []
         if not pending:
             self.scored[(atom, host)] = (count, span[1], max(hi, start))
         dirty = {b for (b,) in _DIRTY.tuples(c, list(by_bucket), atom=atom, host=host)}
@@ -137,7 +151,7 @@ class RawPruner:
         for b, rows in sorted(by_bucket.items()):
             start = b * R.BASE
             waiting = bisect.bisect_left(pending, start) < bisect.bisect_left(pending, start + R.BASE + CONTEXT_MARGIN)
-            if b not in dirty and not waiting and not any(r.id in keep for r in rows):
+            if b not in dirty and not waiting and not any(r[0] in keep for r in rows):
                 out.append(b)
         return out
 
