@@ -24,9 +24,9 @@ def check_info(schema: AtomSchema, info: Mapping[str, Any]) -> None:
         ("codec", lambda v: Codec.from_dict(schema, v)),
         ("calibration", Calibration.from_dict),
         ("routine", Routine.from_dict),
-        # as record_scores takes them: a threshold from 0 to 1e6 nats, a rate above 0 and at most 1
+        # as record_scores takes them: a threshold from 0 to 1e6 nats, a rate above 0 and at most 0.5
         ("threshold", lambda v: _number(v, 0.0, 1e6, low_ok=True)),
-        ("alarm_rate", lambda v: _number(v, 0.0, 1.0, low_ok=False)),
+        ("alarm_rate", lambda v: _number(v, 0.0, 0.5, low_ok=False)),
         ("context", lambda v: _context(schema, v)),
     )
     for key, check in checks:

@@ -288,7 +288,7 @@ def test_weights_whose_info_a_scorer_could_not_use_are_refused_on_publish_and_im
         "calibration": {"kind": "tail/1", "point": {"knots": [1.0], "beta": -1}, "sustained": {}},
         "routine": {"kind": "routine/1", "slot_minutes": 5, "slots": 5},
         "threshold": "high",
-        "alarm_rate": 0.0,
+        "alarm_rate": 0.7,  # record_scores takes at most 0.5: every batch would be refused
         "context": 10**6,
     }
     for key, value in bad.items():
