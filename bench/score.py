@@ -24,7 +24,7 @@ from kiri.model import synth
 from kiri.model.score import Scorer
 from kiri.model.train import TrainConfig, Trainer
 from kiri.model.weights import load_weights
-from kiri.model.windows import encode_many, random_ids, resolve_context, windows
+from kiri.model.windows import encode_many, random_ids, windows
 
 
 @click.command()
@@ -34,7 +34,7 @@ from kiri.model.windows import encode_many, random_ids, resolve_context, windows
 @click.option("--context", type=int, default=None, help="Previous observations per window (default: as many as fit).")
 def main(days: float, repeat: int, threads: int, context: int | None) -> None:
     try:
-        resolve_context(S.PULSE, context)
+        S.resolve_context(S.PULSE, context)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--context") from None
     torch.set_num_threads(threads)

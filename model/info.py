@@ -15,7 +15,7 @@ from typing import Any
 from kiri.model.calibrate import Calibration
 from kiri.model.codec import Codec
 from kiri.model.routine import Routine
-from kiri.model.schema import AtomSchema
+from kiri.model.schema import AtomSchema, resolve_context
 
 
 def check_info(schema: AtomSchema, info: Mapping[str, Any]) -> None:
@@ -46,6 +46,6 @@ def _number(v: Any, lo: float, hi: float, low_ok: bool) -> None:
 
 
 def _context(schema: AtomSchema, v: Any) -> None:
-    fit = schema.max_context()
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= fit:
-        raise ValueError(f"expected a whole number of observations from 0 to {fit}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"expected a whole number of observations, got {v!r}")
+    resolve_context(schema, v)

@@ -239,6 +239,19 @@ class AtomSchema:
         return _from_dict(d, where)
 
 
+def resolve_context(schema: AtomSchema, context: int | None) -> int:
+    """Previous observations a window holds: ``context``, or as many as fit when None."""
+    fit = schema.max_context()
+    if context is None:
+        return fit
+    if not 0 <= context <= fit:
+        raise ValueError(
+            f"context {context} does not fit atom {schema.name!r}: block {schema.size.block_size} holds "
+            f"at most {fit} previous observation(s) of {schema.width} tokens"
+        )
+    return context
+
+
 def validate(s: AtomSchema) -> None:
     if not NAME_RE.match(s.name):
         raise SchemaError(f"atom name {s.name!r}: use lowercase letters, digits and _ (max 32), starting with a letter")

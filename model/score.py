@@ -48,9 +48,9 @@ from kiri.model.codec import Codec
 from kiri.model.forward import Forward
 from kiri.model.gpt import Atom
 from kiri.model.routine import Routine, beyond
-from kiri.model.schema import AtomSchema
+from kiri.model.schema import AtomSchema, resolve_context
 from kiri.model.weights import Weights
-from kiri.model.windows import random_ids, resolve_context, short_window, windows
+from kiri.model.windows import random_ids, short_window, windows
 
 CHUNK = 512
 # Distinct windows a Scorer made from weights remembers across calls, per window length.

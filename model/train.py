@@ -22,11 +22,11 @@ from kiri.model.calibrate import Calibration, suspect_share
 from kiri.model.codec import Codec
 from kiri.model.gpt import Atom
 from kiri.model.routine import Routine, beyond
-from kiri.model.schema import AtomSchema
+from kiri.model.schema import AtomSchema, resolve_context
 from kiri.model.score import EXCESS, window_keys
 from kiri.model.train_step import TrainStep
 from kiri.model.weights import WeightsError, load_weights, pack, save_weights, unpack
-from kiri.model.windows import resolve_context, windows
+from kiri.model.windows import windows
 
 STATE_FORMAT = "kiri.train-state/1"
 TRIM_WARMUP = 20  # steps before the trimmed likelihood starts (the model first learns the bulk)

@@ -13,18 +13,6 @@ import torch
 from kiri.model.schema import AtomSchema
 
 
-def resolve_context(schema: AtomSchema, context: int | None) -> int:
-    fit = schema.max_context()
-    if context is None:
-        return fit
-    if not 0 <= context <= fit:
-        raise ValueError(
-            f"context {context} does not fit atom {schema.name!r}: block {schema.size.block_size} holds "
-            f"at most {fit} previous observation(s) of {schema.width} tokens"
-        )
-    return context
-
-
 def encode_many(schema: AtomSchema, observations: list[dict]) -> torch.Tensor:
     """[N, F] token ids; raises ObservationError naming the field (and the row) on bad data."""
     rows = []

@@ -149,15 +149,20 @@ class Prepared:
         self.rows(conn, params)
 
 
+def one_range(ids: Sequence[int]) -> bool:
+    """Whether ``ids`` are close enough to read as one range (a batch's ids are usually a
+    run); scattered ones go as lists, as a range over them could read far more rows than
+    asked for."""
+    return max(ids) - min(ids) < 4 * len(ids)
+
+
 def by_ids(c: sa.Connection, in_range: Prepared, cols: list[sa.ColumnElement[Any]], key: sa.ColumnElement[int],
            ids: list[int], **where: Any) -> list[tuple[Any, ...]]:
-    """Rows whose ``key`` is one of ``ids`` (others may come too: the caller filters). A batch's
-    ids are usually a run, read as one range (``in_range``, bound by lo and hi, on the
-    driver's cursor); scattered ones as lists (a range over them could read far more rows
-    than asked for). ``where``: further equalities, bound in ``in_range`` by name."""
-    lo, hi = min(ids), max(ids)
-    if hi - lo < 4 * len(ids):
-        return in_range.tuples(c, {"lo": lo, "hi": hi, **where})
+    """Rows whose ``key`` is one of ``ids`` (others may come too: the caller filters): as one
+    range (``in_range``, bound by lo and hi, on the driver's cursor) or as lists, as
+    ``one_range`` decides. ``where``: further equalities, bound in ``in_range`` by name."""
+    if one_range(ids):
+        return in_range.tuples(c, {"lo": min(ids), "hi": max(ids), **where})
     out: list[tuple[Any, ...]] = []
     # "+ 0": not an index of its own, so the key's range stays the index SQLite uses
     extra = [getattr(key.table.c, k) + sa.literal_column("0") == v  # type: ignore[attr-defined]

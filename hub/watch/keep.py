@@ -46,18 +46,14 @@ _TRAINING = Prepared(sa.select(tasks.c.atom).where(tasks.c.status == "leased", t
                                                    tasks.c.atom.is_not(None)))
 
 
-def _stream_is(null: bool) -> list[sa.ColumnElement[bool]]:
-    return [_o.atom == sa.bindparam("atom"), _o.host.is_(None) if null else _o.host == sa.bindparam("host")]
-
-
-_OLDEST = {null: Prepared(sa.select(_o.id, _o.ts, _o.created_at).where(
-    *_stream_is(null), _o.ts >= sa.bindparam("lo"), _o.ts < sa.bindparam("hi"))
-    .order_by(_o.ts, _o.id).limit(sa.bindparam("limit", type_=sa.Integer))) for null in (True, False)}
-_IN_SPAN = {null: Prepared(sa.select(_o.id, _o.ts, _o.created_at).where(
-    *_stream_is(null), _o.ts >= sa.bindparam("lo"), _o.ts < sa.bindparam("hi"))) for null in (True, False)}
+_SPAN = (_o.ts >= sa.bindparam("lo"), _o.ts < sa.bindparam("hi"))
+_IN_SPAN = {null: sa.select(_o.id, _o.ts, _o.created_at).where(R.stream_is(null), *_SPAN) for null in (True, False)}
+_OLDEST = {null: Prepared(q.order_by(_o.ts, _o.id).limit(sa.bindparam("limit", type_=sa.Integer)))
+           for null, q in _IN_SPAN.items()}
+_WHOLE = {null: Prepared(q) for null, q in _IN_SPAN.items()}
 _UNSCORED = {null: Prepared(sa.select(_o.ts).where(
-    *_stream_is(null), _o.ts >= sa.bindparam("lo"), _o.ts < sa.bindparam("hi"), _o.created_at > sa.bindparam("since"),
-    ~sa.exists().where(_s.observation_id == _o.id))) for null in (True, False)}
+    R.stream_is(null), *_SPAN, _o.created_at > sa.bindparam("since"), ~sa.exists().where(_s.observation_id == _o.id)))
+    for null in (True, False)}
 
 _REFERRED = ListStatement(lambda member: sa.select(decisions.c.observation_id).where(
     member(decisions.c.observation_id)))
@@ -119,7 +115,7 @@ class RawPruner:
             else:
                 if len(rows) == batch:  # one bucket fuller than a batch: read it whole
                     lo, hi = last * R.BASE - 1.0, (last + 1) * R.BASE + 1.0
-                    by_bucket[last] = [r for r in _IN_SPAN[host == ""].tuples(c, {**stream, "lo": lo, "hi": hi})
+                    by_bucket[last] = [r for r in _WHOLE[host == ""].tuples(c, {**stream, "lo": lo, "hi": hi})
                                        if R.bucket_of(r[1]) == last]
                 self.cursor[(atom, host)] = start = (last + 1) * R.BASE
             ok = self._foldable(c, policy, now, atom, host, count, by_bucket)

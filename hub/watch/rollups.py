@@ -212,9 +212,18 @@ def host_is(col: sa.ColumnElement[str | None], host: str) -> sa.ColumnElement[bo
 
 
 _o = observations.c
+
+
+def stream_is(null: bool) -> sa.ColumnElement[bool]:
+    """A stream's readings in a prepared statement, bound by name: ``atom``, and ``host``
+    unless ``null`` (the stream of readings without one). One statement per kind, as SQL
+    cannot say "= :host" of NULL."""
+    return sa.and_(_o.atom == sa.bindparam("atom"), _o.host.is_(None) if null else _o.host == sa.bindparam("host"))
+
+
 _RAW = {null: Prepared(sa.select(_o.id, _o.ts, _o.data).where(
-    _o.atom == sa.bindparam("atom"), _o.host.is_(None) if null else _o.host == sa.bindparam("host"),
-    _o.ts >= sa.bindparam("lo"), _o.ts < sa.bindparam("hi")).order_by(_o.ts, _o.id)) for null in (True, False)}
+    stream_is(null), _o.ts >= sa.bindparam("lo"), _o.ts < sa.bindparam("hi")).order_by(_o.ts, _o.id))
+    for null in (True, False)}
 
 
 def read_raw(c: sa.Connection, atom: str, host: str, fields: Sequence[str], lo: float, hi: float) -> Raw:

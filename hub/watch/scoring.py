@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from kiri.hub.core import queue as Q
 from kiri.hub.store.bulk import BulkInsert
 from kiri.hub.store.db import as_dict
-from kiri.hub.store.prepared import ListStatement, Prepared, by_ids
+from kiri.hub.store.prepared import ListStatement, Prepared, by_ids, one_range
 from kiri.hub.store.schema import observations, scores, tasks, weights
 from kiri.hub.watch import decisions as D
 from kiri.hub.watch import learning as L
@@ -64,19 +64,14 @@ _TODO = Prepared(sa.select(*_READING).where(_o.atom == sa.bindparam("atom"), _o.
                  .order_by(_o.id).limit(sa.bindparam("limit")))
 
 
-def _stream(host_null: bool) -> sa.ColumnElement[bool]:
-    return sa.and_(_o.atom == sa.bindparam("atom"),
-                   _o.host.is_(None) if host_null else _o.host == sa.bindparam("host"))
-
-
 # each (ts, id) bound also as a plain range on ts, so SQLite walks the stream index's range
 # instead of the stream's whole history (an OR alone defeats the index)
 _BEFORE = {null: Prepared(sa.select(*_READING).where(
-    _stream(null), _o.ts <= sa.bindparam("ts"), sa.or_(_o.ts < sa.bindparam("ts"), _o.id < sa.bindparam("id")))
+    R.stream_is(null), _o.ts <= sa.bindparam("ts"), sa.or_(_o.ts < sa.bindparam("ts"), _o.id < sa.bindparam("id")))
     .order_by(_o.ts.desc(), _o.id.desc()).limit(sa.bindparam("k"))) for null in (True, False)}
 
 def _between(null: bool) -> list[sa.ColumnElement[bool]]:
-    return [_stream(null),
+    return [R.stream_is(null),
             _o.ts >= sa.bindparam("ts0"), sa.or_(_o.ts > sa.bindparam("ts0"), _o.id > sa.bindparam("id0")),
             _o.ts <= sa.bindparam("ts1"), sa.or_(_o.ts < sa.bindparam("ts1"), _o.id < sa.bindparam("id1"))]
 
@@ -199,9 +194,8 @@ class Found:
 def _readings(c: sa.Connection, atom: str, ids: list[int]) -> Found:
     """The atom's readings among ``ids``: a batch's ids are usually a run, read as one range
     (others come too: the caller places its own), scattered ones as a list."""
-    lo, hi = min(ids), max(ids)
-    if hi - lo < 4 * len(ids):
-        return Found(_FOUND_IN_RANGE.tuples(c, {"lo": lo, "hi": hi, "atom": atom}))
+    if one_range(ids):
+        return Found(_FOUND_IN_RANGE.tuples(c, {"lo": min(ids), "hi": max(ids), "atom": atom}))
     return Found(_FOUND_LISTED.tuples(c, ids, atom=atom))
 
 
