@@ -74,11 +74,12 @@ def columns(rows: Any) -> dict[str, list[Any]]:
 def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
     """Score batch after batch until the atom has nothing unscored.
 
-    Pipelined: while the hub stores one batch's scores (in a second thread, on the same
-    connection), this thread scores the next one, which it asked for by id before the hub
-    had the scores (``after_id``). At most one batch is in flight, and it is stored before
-    the next batch's decision reads the nerve's inputs, so every decision sees the scores
-    before it.
+    Pipelined three deep: while this thread scores one batch, the hub hands out the next
+    (asked for by id, ``after_id``, before this one is scored: a fetcher thread) and stores
+    the one before (a recorder thread), all on the same connection. So the hub never waits
+    for the scorer and the scorer rarely for the hub. At most one batch is being stored, and
+    it is stored before the next batch's decision reads the nerve's inputs, so every
+    decision sees the scores before it.
     """
     if not ctx.atom:
         raise TaskError("a score task needs an atom", retry=False)
@@ -99,51 +100,66 @@ def score(ctx: TaskContext, sinks: AlertConfig) -> dict[str, Any]:
         totals["anomalous"] += res["anomalous"]
         act(hub, res["decision"], payload, sinks)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="kiri-record") as recorder:
+    with ThreadPoolExecutor(1, thread_name_prefix="kiri-record") as recorder, \
+            ThreadPoolExecutor(1, thread_name_prefix="kiri-fetch") as fetcher:
         pending: Future[None] | None = None
-        work = fetch(0)
-        while True:
-            ctx.raise_if_stopping()
-            if work["weights"] is None:
+        coming: Future[dict[str, Any]] = fetcher.submit(fetch, 0)
+        try:
+            while True:
+                ctx.raise_if_stopping()
+                work = coming.result()
+                if work["weights"] is None:
+                    if pending is not None:
+                        pending.result()
+                    return {"scored": totals["scored"], "skipped": "no active weights yet"}
+                new, context = columns(work["observations"]), columns(work["context"])
+                if not new["id"]:
+                    break
+                coming = fetcher.submit(fetch, max(new["id"]))  # the next batch, while this one is scored
+                weights_id = work["weights"]["id"]
+                sc = _scorer(hub, ctx.atom, weights_id)
+                means, per, tail_ps, tokens = score_streams(sc, context, new)  # while the last batch is stored
                 if pending is not None:
-                    pending.result()
-                return {"scored": totals["scored"], "skipped": "no active weights yet"}
-            new, context = columns(work["observations"]), columns(work["context"])
-            if not new["id"]:
-                break
-            weights_id = work["weights"]["id"]
-            sc = _scorer(hub, ctx.atom, weights_id)
-            means, per, tail_ps, tokens = score_streams(sc, context, new)  # while the last batch is stored
+                    pending.result()  # raises what storing it raised (a lost lease ends the task)
+                    ctx.progress(**totals)
+                params, payload = _batch(ctx, sinks, sc, weights_id, context, new, means, per, tail_ps, tokens,
+                                         actions)
+                pending = recorder.submit(store, params, payload)
             if pending is not None:
-                pending.result()  # raises what storing it raised (a lost lease ends the task)
+                pending.result()
                 ctx.progress(**totals)
-            calibrated = sc.calibration is not None
-            # the batch's most unusual observation: lowest tail probability, else highest score
-            i = int(np.lexsort((-means, tail_ps))[0]) if calibrated else int(np.argmax(means))
-            host = new["host"][i]
-            worst = {"observation_id": new["id"][i], "time": new["time"][i], "host": host,
-                     "score": float(means[i]), "threshold": sc.threshold,
-                     "tail_p": float(tail_ps[i]) if calibrated else None,
-                     "alarm_rate": nerve_rate(sc.alarm_rate, [
-                         t for t, h in zip(context["time"] + new["time"], context["host"] + new["host"],
-                                           strict=True) if h == host], sinks),
-                     "blame": blame(sc.schema.tokens(tokens[i].tolist()), per[i].tolist())}
-            decision, payload = decide(ctx, worst, sinks)
-            actions[decision["action"]] = actions.get(decision["action"], 0) + 1
-            params = {
-                "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": ctx.atom, "weights_id": weights_id,
-                "threshold": sc.threshold, "decision": decision,
-                **({"alarm_rate": sc.alarm_rate} if calibrated and sc.alarm_rate is not None else {}),
-                "columns": {"observation_id": new["id"], "score": means, "width": per.shape[1],
-                            "surprise": np.round(per.reshape(-1), SURPRISE_DECIMALS),
-                            **({"tail_p": tail_ps} if calibrated else {})},
-            }
-            work = fetch(max(new["id"]))  # the next batch, asked for before this one is stored
-            pending = recorder.submit(store, params, payload)
-        if pending is not None:
-            pending.result()
-            ctx.progress(**totals)
+        finally:
+            coming.cancel()
     return {**totals, "weights_id": weights_id, "decisions": actions}
+
+
+def _batch(ctx: TaskContext, sinks: AlertConfig, sc: Any, weights_id: int, context: dict[str, list[Any]],
+           new: dict[str, list[Any]], means: np.ndarray, per: np.ndarray, tail_ps: np.ndarray, tokens: np.ndarray,
+           actions: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A scored batch's ``record_scores`` parameters, with the nerve's decision on its most
+    unusual reading, and what an alert about it would say."""
+    calibrated = sc.calibration is not None
+    # the batch's most unusual observation: lowest tail probability, else highest score
+    i = int(np.lexsort((-means, tail_ps))[0]) if calibrated else int(np.argmax(means))
+    host = new["host"][i]
+    worst = {"observation_id": new["id"][i], "time": new["time"][i], "host": host,
+             "score": float(means[i]), "threshold": sc.threshold,
+             "tail_p": float(tail_ps[i]) if calibrated else None,
+             "alarm_rate": nerve_rate(sc.alarm_rate, [
+                 t for t, h in zip(context["time"] + new["time"], context["host"] + new["host"],
+                                   strict=True) if h == host], sinks),
+             "blame": blame(sc.schema.tokens(tokens[i].tolist()), per[i].tolist())}
+    decision, payload = decide(ctx, worst, sinks)
+    actions[decision["action"]] = actions.get(decision["action"], 0) + 1
+    params = {
+        "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": ctx.atom, "weights_id": weights_id,
+        "threshold": sc.threshold, "decision": decision,
+        **({"alarm_rate": sc.alarm_rate} if calibrated and sc.alarm_rate is not None else {}),
+        "columns": {"observation_id": new["id"], "score": means, "width": per.shape[1],
+                    "surprise": np.round(per.reshape(-1), SURPRISE_DECIMALS),
+                    **({"tail_p": tail_ps} if calibrated else {})},
+    }
+    return params, payload
 
 
 BATCH = 5000  # observations per scoring_work: the most record_scores takes in one call

@@ -65,7 +65,7 @@ def bind(hub: Hub) -> dict[str, Handler]:
         return res
 
     def record_scores(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
-        res = SC.record(c, p, env)
+        res = SC.record(c, p, env, hub.handed)
         if res["stored"] >= BULK_SCORES:
             hub.last_bulk = time.monotonic()  # a backfill: retention waits for it (server.BULK_QUIET)
         return res
@@ -147,7 +147,7 @@ def bind(hub: Hub) -> dict[str, Handler]:
         "import_weights": import_weights,
         "activate_weights": activate_weights,
         "retrain": retrain,
-        "scoring_work": lambda c, p, env: SC.work(atoms, c, p, env),
+        "scoring_work": lambda c, p, env: SC.work(atoms, c, p, env, hub.handed),
         "record_scores": record_scores,
         "history": lambda c, p, env: SC.history(atoms, c, p, env),
         "scores": SC.list_scores,

@@ -42,6 +42,7 @@ from kiri.hub.watch import rollups as RU
 from kiri.hub.watch import schedules as SCH
 from kiri.hub.watch import scoring as SC
 from kiri.hub.watch import views as V
+from kiri.hub.watch.handed import HandedOut
 from kiri.hub.web.app import HttpFace
 from kiri.hub.web.metrics import HubMetrics
 from kiri.protocol import (
@@ -124,7 +125,6 @@ class Hub:
         # commit_import requests with ``wait``, parked until their import's last step (by import id)
         self.import_waiters: dict[str, list[Op]] = {}
         self.last_bulk = 0.0  # time.monotonic() of the last bulk write (``BULK_QUIET``)
-        self.raw_pruner = KEEP.RawPruner()
         self.served: dict[str, int] = {"leases": 0, "acks": 0}
         self.atoms = O.AtomRegistry(lookup=self._stored_atom)
         # several hubs may share a PostgreSQL database: each batch tells the others what it made
@@ -133,7 +133,12 @@ class Hub:
         self.shared = self.db.dialect.name == "postgresql"
         self.listener: peers.Listener | None = None
         self.checkpointer: WalCheckpointer | None = None
-        self.commit = GroupCommit(self.db, settings.queue, self.loop, self._answer, caches=[self.atoms],
+        # the readings handed to scorers, so their record need not read them again (one hub
+        # owns a SQLite file; over a shared PostgreSQL another hub's retention may fold them)
+        self.handed = None if self.shared else HandedOut()
+        self.raw_pruner = KEEP.RawPruner(handed=self.handed)
+        self.commit = GroupCommit(self.db, settings.queue, self.loop, self._answer,
+                                  caches=[self.atoms, *([self.handed] if self.handed is not None else [])],
                                   before_commit=self._announce if self.shared else None,
                                   runs={Q.enqueue: Q.enqueue_run},
                                   alone=Q.one_statement if self.shared else None)

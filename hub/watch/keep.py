@@ -30,6 +30,7 @@ from kiri.hub.core.retention import Retention
 from kiri.hub.store.prepared import ListStatement, Prepared
 from kiri.hub.store.schema import alerts, decisions, labels, observations, rollup_dirty, scores, streams, tasks, weights
 from kiri.hub.watch import rollups as R
+from kiri.hub.watch.handed import HandedOut
 
 log = logging.getLogger("kiri.hub")
 
@@ -74,6 +75,8 @@ class RawPruner:
     # a score is never taken from a kept reading), so a pass reads only past ``to`` instead
     # of the whole day after its buckets again (12% of a pass's time).
     scored: dict[tuple[str, str], tuple[int, float, float]] = field(default_factory=dict)
+    # the readings handed to scorers, which a fold may delete: forgotten when one does
+    handed: HandedOut | None = None
 
     def prune(self, c: sa.Connection, policy: Retention, now: float, batch: int | None = None) -> int:
         """Fold and delete one batch of old raw readings (``batch``, default the policy's
@@ -88,6 +91,8 @@ class RawPruner:
                 continue
             n = self._stream(c, policy, now, atom, host, last_ts, count, batch or policy.raw_batch)
             if n:
+                if self.handed is not None:
+                    self.handed.forget()
                 self.turn = (self.turn + k) % len(found)
                 return n
         self.turn = 0

@@ -24,6 +24,7 @@ from kiri.hub.store.schema import observations, scores, tasks, weights
 from kiri.hub.watch import decisions as D
 from kiri.hub.watch import learning as L
 from kiri.hub.watch import rollups as R
+from kiri.hub.watch.handed import Found, HandedOut
 from kiri.hub.watch.observations import AtomRegistry, number_rows
 from kiri.model.explain import blame
 from kiri.protocol import InvalidParams, LeaseLost, NotFound
@@ -81,7 +82,10 @@ _BETWEEN = {null: Prepared(sa.select(_o.id).where(*_between(null)).order_by(_o.t
 _BETWEEN_COUNT = {null: Prepared(sa.select(sa.func.count()).where(*_between(null))) for null in (True, False)}
 
 
-def work(reg: AtomRegistry, c: sa.Connection, p: P.ScoringWork, env: Q.Env) -> dict[str, Any]:
+def work(reg: AtomRegistry, c: sa.Connection, p: P.ScoringWork, env: Q.Env,
+         handed: HandedOut | None = None) -> dict[str, Any]:
+    """The active weights, the atom's next unscored readings and their streams' context;
+    ``handed`` remembers the readings for their ``record``."""
     schema = reg.get(p.atom)
     active = c.execute(sa.select(weights.c.id, weights.c.version, weights.c.hash, weights.c.info).where(
         weights.c.atom == schema.name, weights.c.status == "active")).first()
@@ -91,6 +95,8 @@ def work(reg: AtomRegistry, c: sa.Connection, p: P.ScoringWork, env: Q.Env) -> d
     done = max(_scored_to(c, schema.name), p.after_id)
     todo: list[Reading] = _TODO.tuples(c, {"atom": schema.name, "done": done, "limit": p.limit})
     ctx = stream_context(c, schema.name, todo, p.context)
+    if handed is not None:
+        handed.remember(schema.name, todo)
     info = orjson.loads(active.info)
     shape = _columns if p.columns else (lambda rows: [_obs(r) for r in rows])
     return {
@@ -171,26 +177,6 @@ _FOUND_LISTED = ListStatement(lambda member: sa.select(_o.id, _o.ts, _o.host).wh
                               .order_by(_o.id))
 
 
-class Found:
-    """The atom's readings among a batch's ids, each one's time and host, in id order."""
-
-    def __init__(self, rows: list[tuple[int, float, str | None]]) -> None:
-        self.ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        self.ts = np.fromiter((r[1] for r in rows), dtype=np.float64, count=len(rows))
-        hosts = [r[2] for r in rows]
-        self.one_host = not hosts or hosts.count(hosts[0]) == len(hosts)
-        self.hosts = hosts
-
-    def places(self, ids: list[int]) -> np.ndarray | None:
-        """Where each of ``ids`` is among the found readings; None if some are not there."""
-        want = np.asarray(ids, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self.ids, want), max(len(self.ids) - 1, 0))
-        return at if len(self.ids) and bool((self.ids[at] == want).all()) else None
-
-    def host_of(self, places: np.ndarray) -> list[str | None]:
-        return [self.hosts[0]] * len(places) if self.one_host else [self.hosts[k] for k in places.tolist()]
-
-
 def _readings(c: sa.Connection, atom: str, ids: list[int]) -> Found:
     """The atom's readings among ``ids``: a batch's ids are usually a run, read as one range
     (others come too: the caller places its own), scattered ones as a list."""
@@ -206,7 +192,10 @@ _SCORED = Prepared(sa.select(*_SCORED_COLS).where(_s.observation_id >= sa.bindpa
                                                   _s.observation_id <= sa.bindparam("hi")))
 
 
-def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
+def record(c: sa.Connection, p: P.RecordScores, env: Q.Env, handed: HandedOut | None = None) -> dict[str, Any]:
+    """Store a batch's scores (once: a resend stores nothing twice) and the decision on them,
+    and merge first scores into the rollups. ``handed``: the batches handed out lately, whose
+    readings' time and host need not be read again."""
     if not Q.holds_lease(c, p.task_id, p.lease_token):
         raise LeaseLost(f"task {p.task_id} is not leased to you; scores not recorded")
     w = c.execute(sa.select(weights.c.atom, weights.c.info).where(weights.c.id == p.weights_id)).first()
@@ -219,8 +208,12 @@ def record(c: sa.Connection, p: P.RecordScores, env: Q.Env) -> dict[str, Any]:
     wanted = set(ids)
     # each reading's host and time, read once: to check they are this atom's, to know which
     # hosts are still learning (their scores are not anomalous yet), and for the rollups
-    found = _readings(c, p.atom, ids)
-    places = found.places(ids)
+    memo = handed.find(p.atom, ids) if handed is not None else None
+    if memo is not None:
+        found, places = memo
+    else:
+        found = _readings(c, p.atom, ids)
+        places = found.places(ids)
     if places is None:
         missing = set(ids) - set(found.ids.tolist())
         raise InvalidParams(f"observation(s) {[i for i in ids if i in missing][:5]} are not {p.atom!r} observations")
