@@ -24,11 +24,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import click
+import orjson
 import psutil
 
 from bench._hub import running_hub
+from kiri.model import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,19 +72,34 @@ def stored(db: Path, n: int, timeout: float = 600.0) -> None:
         time.sleep(0.02)
 
 
+def write_hosts(f: BinaryIO, days: float, hosts: int) -> None:
+    """``hosts`` hosts' pulse, host after host, each with a host field, values to 4 decimals
+    as ``kiri synth`` prints them."""
+    for h in range(hosts):
+        s = synth.generate("pulse", days, seed=h)
+        for t, row in zip(s.times, s.rows, strict=True):
+            values = {k: round(v, 4) for k, v in row.items()}
+            f.write(orjson.dumps({"time": t, "host": f"host{h:02d}", **values}) + b"\n")
+
+
 @click.command()
 @click.option("--days", default=30.0, show_default=True, type=click.FloatRange(0.1, 3650))
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 20))
+@click.option("--hosts", default=1, show_default=True, type=click.IntRange(1, 100),
+              help="Hosts in the file (each --days long, one after another, as bench/year.py writes them).")
 @click.option("--cli-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Also time the CLI of this checkout (its kiri package), against the same hub.")
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Also time this package root's hub and CLI (a folder holding kiri/, e.g. an older checkout's).")
-def main(days: float, repeat: int, cli_root: Path | None, root: Path | None) -> None:
+def main(days: float, repeat: int, hosts: int, cli_root: Path | None, root: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="kiri-import-") as tmp:
         data = Path(tmp) / "pulse.jsonl"
         with data.open("wb") as f:
-            subprocess.run([sys.executable, "-m", "kiri.cli", "synth", "pulse", "--days", str(days)], cwd=ROOT,
-                           stdout=f, check=True)
+            if hosts == 1:
+                subprocess.run([sys.executable, "-m", "kiri.cli", "synth", "pulse", "--days", str(days)], cwd=ROOT,
+                               stdout=f, check=True)
+            else:
+                write_hosts(f, days, hosts)
         n = sum(1 for _ in data.open("rb"))
         print(f"{n:,} observations ({data.stat().st_size / 1e6:.0f} MB of JSON lines), median of {repeat}")
         # (name, the CLI's package root, the hub's package root: None for this checkout's)

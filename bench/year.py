@@ -53,7 +53,10 @@ def timed_get(url: str) -> tuple[float, bytes]:
     return time.perf_counter() - t, body
 
 
-def write_data(folder: Path, days: float, hosts: int) -> dict[str, tuple[Path, int]]:
+def write_data(folder: Path, days: float, hosts: int, full_precision: bool = False) -> dict[str, tuple[Path, int]]:
+    """Each atom's file, host after host: values to 4 decimals as ``kiri synth`` prints them
+    (the file the issue measured), or every digit the generator made (``full_precision``:
+    a file about half again as big)."""
     out = {}
     for atom in ATOMS:
         path, n = folder / f"{atom}.jsonl", 0
@@ -63,7 +66,8 @@ def write_data(folder: Path, days: float, hosts: int) -> dict[str, tuple[Path, i
                 host = {"host": f"host{h:02d}"} if hosts > 1 else {}
                 names = list(s.rows[0]) if s.rows else []
                 for t, row in zip(s.times, s.rows, strict=True):
-                    f.write(orjson.dumps({"time": t, **host, **{k: row[k] for k in names}}) + b"\n")
+                    values = {k: row[k] if full_precision else round(row[k], 4) for k in names}
+                    f.write(orjson.dumps({"time": t, **host, **values}) + b"\n")
                     n += 1
         out[atom] = (path, n)
     return out
@@ -200,15 +204,17 @@ def settle(hub: Hub, what: str, timeout: float = 3600, retention: bool = True) -
 @click.option("--wait-retention/--no-wait-retention", default=True, show_default=True,
               help="Wait for retention to fold the old raw readings before the charts (else they are read "
                    "while it still works, as a user would right after a big import).")
+@click.option("--full-precision", is_flag=True,
+              help="Write every digit of the generated values, not 4 decimals as `kiri synth` prints them.")
 @click.option("--keep-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Work in this folder and leave it there (the database, the hub's log) instead of a temp one.")
 def main(days: float, hosts: int, steps: int, task_days: float, repeat: int, skip_scoring: bool,
-         keep_raw: str, wait_retention: bool, keep_dir: Path | None) -> None:
+         keep_raw: str, wait_retention: bool, full_precision: bool, keep_dir: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="kiri-year-") as tmp:
         folder = Path(tmp) if keep_dir is None else keep_dir
         folder.mkdir(parents=True, exist_ok=True)
         print(f"{days:g} days, {hosts} host(s): writing data ...", flush=True)
-        files = write_data(folder, days, hosts)
+        files = write_data(folder, days, hosts, full_precision)
         total = sum(n for _, n in files.values())
         hub = Hub(folder, "--keep-raw", keep_raw)
         hub.start()  # creates the database
