@@ -126,12 +126,16 @@ def scored_tail_p(scored: dict[int, dict[str, Any]]) -> dict[int, float]:
     return {i: sc["tail_p"] for i, sc in scored.items() if sc.get("tail_p") is not None}
 
 
-def recent_normal(hub: Any, scored: dict[int, dict[str, Any]], obs_ids: list[int], rate: float) -> Any:
-    """The window's recent normal, to calibrate the new weights on (``Trainer.weights_bytes``):
+def recent_scores(hub: Any, scored: dict[int, dict[str, Any]], obs_ids: list[int]) -> Any:
+    """The window's recent scores, to calibrate the new weights on (``Trainer.weights_bytes``):
     the latest score of each of its readings, in the window's order, from weights that score
     as new weights do (``excess/2``: another statistic would calibrate the wrong scale),
-    leaving out the alarms (tail probability under ``rate``). As the Detector recalibrates:
-    scores the stream got while watched, from models that had not seen those readings."""
+    alarms included. As the Detector recalibrates: scores the stream got while watched, from
+    models that had not seen those readings.
+
+    Alarms stay in: left out, a stream's ordinary extremes (a heavy tail's, a plateau's
+    steps) alarmed, were left out of the next calibration, and so alarmed again at every
+    retrain. The tail's first pass (``calibrate.Tail.fit``) sets aside what lies far out."""
     import numpy as np
 
     from kiri.model.score import EXCESS
@@ -143,8 +147,7 @@ def recent_normal(hub: Any, scored: dict[int, dict[str, Any]], obs_ids: list[int
         except RpcError:
             found = []
         kinds[wid] = (found[0].get("info") or {}).get("scoring") if found else None
-    out = [sc["score"] for i in obs_ids if (sc := scored.get(i)) is not None and kinds[sc["weights_id"]] == EXCESS
-           and sc.get("tail_p") is not None and sc["tail_p"] >= rate]
+    out = [sc["score"] for i in obs_ids if (sc := scored.get(i)) is not None and kinds[sc["weights_id"]] == EXCESS]
     return np.asarray(out, dtype=np.float64)
 
 
@@ -275,13 +278,12 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         bar.render_finish()
     ctx.report()  # every step reaches the hub before the task ends, however short the run
     gate = quality_gate(hub, schema, trainer, values, float(params.get("gate_margin", 0.1)))
-    # calibrated on the window's recent normal (a resumed run reads the scores again; its
+    # calibrated on the window's recent scores (a resumed run reads the scores again; its
     # tensors stay bitwise those of an uninterrupted run)
-    normal = recent_normal(hub, scored if scored is not None else window_scores(hub, schema.name, obs_ids),
-                           obs_ids, rate)
+    watched = recent_scores(hub, scored if scored is not None else window_scores(hub, schema.name, obs_ids), obs_ids)
     blob = trainer.weights_bytes({"task_id": ctx.task_id, "obs_from": meta["obs_from"], "obs_to": meta["obs_to"],
                                   "quality": gate, "hosts": hosts, "host": host,
-                                  "left_out": len(meta.get("left_out", []))}, alarm_rate=rate, recent=normal,
+                                  "left_out": len(meta.get("left_out", []))}, alarm_rate=rate, recent=watched,
                                  window=window_values, kept=kept)
     res = hub.call("publish_weights", {
         "task_id": ctx.task_id, "lease_token": ctx.lease_token, "atom": schema.name,

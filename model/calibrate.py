@@ -54,7 +54,7 @@ class Tail:
     beta: float  # exponential scale (nats) beyond the last knot
 
     @classmethod
-    def fit(cls, scores: Sequence[float] | np.ndarray, screened: bool = False) -> Tail:
+    def fit(cls, scores: Sequence[float] | np.ndarray) -> Tail:
         """Two passes: find the far outliers with a tail that is surely too thin, then measure without them.
 
         Pass 1 extrapolates from the 50th-90th percentiles, which a few percent of anomalies
@@ -65,14 +65,11 @@ class Tail:
         its body suggests (a mixture over contexts), and a scale from the body alone would
         spend the alarm budget several times over.
 
-        ``screened``: the scores already had their anomalies left out (a stream's recent
-        normal, its alarms set aside by the watcher), so pass 1 only drops what lies far
-        out by a tail no thinner than ``MIN_BETA``. Excess scores clump at zero, which puts
-        the 50th and 90th percentiles a few hundredths of a nat apart; a cut scaled by that
-        drops the stream's own ordinary extremes, each retrain then finds its normal
-        thinner than it is, alarms more, and leaves those alarms out of the next one
-        (bench/detect.py composition, 5 seeds: about 30 -> 19 false alarms in a judged
-        week). A history nobody screened keeps the thin cut: its anomalies sit there.
+        A stream's recent scores come in with their alarms (``RECENT_MIN``): this pass is
+        what sets its anomalies aside. Leaving the alarms out beforehand instead (and then
+        cutting less here) made every ordinary extreme that once alarmed rarer in the next
+        calibration, so it alarmed again at every retrain (bench/detect.py, anomaly-free
+        single streams: 6.57 alarms a week against a budget of 2, now 5.14).
         """
         s = np.asarray(scores, dtype=np.float64)
         s = s[np.isfinite(s)]
@@ -80,8 +77,6 @@ class Tail:
             return cls(knots=tuple(float(x) for x in BODY), beta=1.0)
         q50, q90 = np.quantile(s, [0.5, 0.9])
         beta0 = (q90 - q50) / math.log(5.0)
-        if screened:
-            beta0 = max(beta0, MIN_BETA)
         if beta0 > 0:
             kept = s[s <= q90 + beta0 * math.log(0.1 / 1e-4)]
             s = kept if len(kept) >= 0.8 * len(s) else s
@@ -145,11 +140,11 @@ class Calibration:
     n: int  # scores it was fitted on
 
     @classmethod
-    def fit(cls, scores: Sequence[float] | np.ndarray, screened: bool = False) -> Calibration:
+    def fit(cls, scores: Sequence[float] | np.ndarray) -> Calibration:
         s = np.asarray(scores, dtype=np.float64)
-        point = Tail.fit(s, screened)
+        point = Tail.fit(s)
         capped = np.minimum(s, point.knots[-1])
-        sustained = Tail.fit(rolling_mean(capped)[SUSTAIN - 1:] if len(s) >= 4 * SUSTAIN else capped, screened)
+        sustained = Tail.fit(rolling_mean(capped)[SUSTAIN - 1:] if len(s) >= 4 * SUSTAIN else capped)
         return cls(point, sustained, len(s))
 
     @property
@@ -186,8 +181,8 @@ class Calibration:
         return cls(Tail.from_dict(d["point"]), Tail.from_dict(d["sustained"]), int(d.get("n", 0)))
 
 
-# Out-of-sample scores of a stream's recent normal (scores it got while being watched, from
-# weights that had not seen it, alarms left out) needed before a retrain calibrates on them
+# Out-of-sample scores of a stream's recent past (scores it got while being watched, from
+# weights that had not seen it, alarms included) needed before a retrain calibrates on them
 # instead of on its own held-out windows: far more of them, and every kind of day the stream
 # has had (bench/detect.py, anomaly-free streams: 8.4 alarms a week on held-out windows
 # alone, 6.5 with this).

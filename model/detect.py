@@ -150,7 +150,6 @@ class Detector:
         self.alarmed = np.zeros(0, dtype=bool)  # the latest rows' raw alarm flags (for onsets)
         self.past_scores = np.empty(0)
         self.scores = np.empty(0)  # scores given while watching (out of sample), newest last
-        self.score_alarms = np.zeros(0, dtype=bool)  # and whether each was an alarm
         self.blob: bytes | None = None
         self.retrains = 0
 
@@ -193,12 +192,12 @@ class Detector:
         config = self.config
         if init is not None and config.steps is None:  # a warm start needs a fraction of a fresh run
             config = replace(config, patience=2)
-        # Calibrated on this stream's recent normal once there is enough of it: the scores it
-        # got while being watched (each from a model that had not seen it) that were not
-        # alarms, as a hub's retrain does (``Trainer.weights_bytes``, ``cal.RECENT_MIN``).
+        # Calibrated on this stream's recent scores once there are enough of them: every
+        # score it got while being watched (each from a model that had not seen it), alarms
+        # included, as a hub's retrain does (``Trainer.weights_bytes``, ``cal.RECENT_MIN``).
         fitted = robust.fit(self.schema, values, config, self.alarm_rate, init=init, flagged=flagged,
                             persist=self.persist, horizon=self.every if self.learn else 0,
-                            recent=self.scores[~self.score_alarms])
+                            recent=self.scores)
         self.blob = fitted.blob
         weights = load_weights(self.blob)
         self.scorer = Scorer(weights)
@@ -252,5 +251,4 @@ class Detector:
         self.alarmed = np.concatenate([self.alarmed, flags])[-self.persist:]
         self.past_scores = np.concatenate([self.past_scores[-64:], mean])
         self.scores = np.concatenate([self.scores, mean])[-self.window_size:]
-        self.score_alarms = np.concatenate([self.score_alarms, flags])[-self.window_size:]
         return mean, tail_p, verdict, flags, result.surprise.numpy(), result.token_ids.numpy()

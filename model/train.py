@@ -373,7 +373,8 @@ class Trainer:
         """Weights with their lineage facts and, for observation atoms, codec and calibration.
 
         The calibration is fitted on ``recent`` when it holds at least ``RECENT_MIN`` scores
-        (the stream's recent normal: scores it got while being watched, alarms left out),
+        (the stream's recent scores: every score it got while being watched, alarms
+        included, which the tail's own first pass sets aside when they lie far out),
         else on the held-out windows' scores (the latest data, which the model has not
         fitted) when there are enough of them, else on every window's. The
         threshold is the point score that alone spends the alarm budget (``alarm_rate``
@@ -407,7 +408,7 @@ class Trainer:
             on = "holdout" if held else "all"
             if recent is not None and len(recent) >= cal.RECENT_MIN:
                 ref, on = np.asarray(recent, dtype=np.float64), "recent"
-            calib = Calibration.fit(ref, screened=on == "recent")  # recent: alarms already left out
+            calib = Calibration.fit(ref)
             learned = self._routine(scorer, codec, window, kept, all_scores, calib.point.knots[-1])
             if learned is not None:
                 routine, mine = learned
@@ -415,7 +416,7 @@ class Trainer:
                 all_scores = beyond(torch.from_numpy(all_scores), torch.from_numpy(mine)).numpy()
                 if on != "recent":  # (recent scores were recorded beyond the routine they were scored with)
                     ref = all_scores[self.held.numpy()] if held else all_scores
-                calib = Calibration.fit(ref, screened=on == "recent")
+                calib = Calibration.fit(ref)
             p = calib.tail_p(all_scores)
             q = [float(x) for x in torch.quantile(torch.from_numpy(ref).float(), torch.tensor([0.5, 0.99, 0.999]))]
             base.update(threshold=calib.threshold(rate), alarm_rate=rate, calibration=calib.to_dict(),
