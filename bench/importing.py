@@ -72,14 +72,20 @@ def stored(db: Path, n: int, timeout: float = 600.0) -> None:
         time.sleep(0.02)
 
 
-def write_hosts(f: BinaryIO, days: float, hosts: int) -> None:
-    """``hosts`` hosts' pulse, host after host, each with a host field, values to 4 decimals
-    as ``kiri synth`` prints them."""
+def write_synth(f: BinaryIO, atom: str, days: float, hosts: int = 1, full_precision: bool = False) -> int:
+    """``hosts`` hosts' synthetic ``atom`` as JSON lines, host after host (seed = host number;
+    a host field only when there are several), values to 4 decimals as ``kiri synth`` prints
+    them (one host: the same bytes), or every digit the generator made (``full_precision``: a
+    file about half again as big). The number of lines."""
+    n = 0
     for h in range(hosts):
-        s = synth.generate("pulse", days, seed=h)
+        s = synth.generate(atom, days, seed=h)
+        host = {"host": f"host{h:02d}"} if hosts > 1 else {}
         for t, row in zip(s.times, s.rows, strict=True):
-            values = {k: round(v, 4) for k, v in row.items()}
-            f.write(orjson.dumps({"time": t, "host": f"host{h:02d}", **values}) + b"\n")
+            values = row if full_precision else {k: round(v, 4) for k, v in row.items()}
+            f.write(orjson.dumps({"time": t, **host, **values}) + b"\n")
+            n += 1
+    return n
 
 
 @click.command()
@@ -95,11 +101,7 @@ def main(days: float, repeat: int, hosts: int, cli_root: Path | None, root: Path
     with tempfile.TemporaryDirectory(prefix="kiri-import-") as tmp:
         data = Path(tmp) / "pulse.jsonl"
         with data.open("wb") as f:
-            if hosts == 1:
-                subprocess.run([sys.executable, "-m", "kiri.cli", "synth", "pulse", "--days", str(days)], cwd=ROOT,
-                               stdout=f, check=True)
-            else:
-                write_hosts(f, days, hosts)
+            write_synth(f, "pulse", days, hosts)
         n = sum(1 for _ in data.open("rb"))
         print(f"{n:,} observations ({data.stat().st_size / 1e6:.0f} MB of JSON lines), median of {repeat}")
         # (name, the CLI's package root, the hub's package root: None for this checkout's)

@@ -35,12 +35,10 @@ import urllib.request
 from pathlib import Path
 
 import click
-import orjson
 import psutil
 
-from bench.importing import run_cli
+from bench.importing import run_cli, write_synth
 from kiri.agents.client import HubClient
-from kiri.model import synth
 from tests.conftest import free_port, wait_until
 
 ATOMS = {"pulse": 30.0, "rhythm": 300.0, "drift": 3600.0}
@@ -54,22 +52,12 @@ def timed_get(url: str) -> tuple[float, bytes]:
 
 
 def write_data(folder: Path, days: float, hosts: int, full_precision: bool = False) -> dict[str, tuple[Path, int]]:
-    """Each atom's file, host after host: values to 4 decimals as ``kiri synth`` prints them
-    (the file the issue measured), or every digit the generator made (``full_precision``:
-    a file about half again as big)."""
+    """Each atom's file (``importing.write_synth``: 4 decimals as the issue's file had)."""
     out = {}
     for atom in ATOMS:
-        path, n = folder / f"{atom}.jsonl", 0
+        path = folder / f"{atom}.jsonl"
         with open(path, "wb") as f:
-            for h in range(hosts):
-                s = synth.generate(atom, days, seed=h)
-                host = {"host": f"host{h:02d}"} if hosts > 1 else {}
-                names = list(s.rows[0]) if s.rows else []
-                for t, row in zip(s.times, s.rows, strict=True):
-                    values = {k: row[k] if full_precision else round(row[k], 4) for k in names}
-                    f.write(orjson.dumps({"time": t, **host, **values}) + b"\n")
-                    n += 1
-        out[atom] = (path, n)
+            out[atom] = (path, write_synth(f, atom, days, hosts, full_precision))
     return out
 
 
