@@ -165,17 +165,22 @@ def normal_share(hub: Any, atom: str) -> float:
 
 
 def learn_from(schema: Any, obs_ids: list[int], tail_p: dict[int, float], times: list[float],
-               rate: float, share: float) -> Any:
+               rate: float, share: float, values: Any = None) -> Any:
     """[N] bool: the rows to train on, leaving out the suspects (``robust.suspects`` of their
-    recorded tail probabilities, against alarm rate ``rate`` and normal ``share``) as
+    recorded tail probabilities, against alarm rate ``rate`` and normal ``share``) and, of
+    the rows never scored (a first training, an imported history), those past a gap at the
+    end of a field's values (``robust.beyond_gap``, on ``values`` [N, F]), as
     ``robust.learnable`` decides."""
     import numpy as np
 
     from kiri.model.calibrate import typical_interval
-    from kiri.model.robust import learnable, persist_for, suspects
+    from kiri.model.robust import beyond_gap, learnable, persist_for, suspects
 
     p = np.fromiter((tail_p.get(i, np.nan) for i in obs_ids), dtype=np.float64, count=len(obs_ids))
-    return learnable(schema, suspects(p, rate, share), persist_for(typical_interval(times)))
+    flagged = suspects(p, rate, share)
+    if values is not None and np.isnan(p).any():
+        flagged |= beyond_gap(schema, values) & np.isnan(p)
+    return learnable(schema, flagged, persist_for(typical_interval(times)))
 
 
 def train(ctx: TaskContext) -> dict[str, Any]:
@@ -240,7 +245,7 @@ def train(ctx: TaskContext) -> dict[str, Any]:
         # into the checkpoint, so a resumed run trains on exactly the same rows
         rate = alarm_rate(per_week, typical_interval(times))
         scored = window_scores(hub, schema.name, obs_ids)
-        keep = learn_from(schema, obs_ids, scored_tail_p(scored), times, rate, normal_share(hub, schema.name))
+        keep = learn_from(schema, obs_ids, scored_tail_p(scored), times, rate, normal_share(hub, schema.name), values)
         left_out = {i for i, k in zip(obs_ids, keep.tolist(), strict=True) if not k}
         window_values, kept = values, keep
         values = values[keep]

@@ -25,7 +25,8 @@ kiri's own threshold gives away ("separates" versus "decides").
 
 ``--why`` also prints, per atom of the composition, its false alarms (how many follow an
 injected anomaly: a missed anomaly whose end is flagged) and how many buckets its last
-codec gives each field (a field whose fitted cuts collide gets fewer than its schema's).
+codec gives each field (a field whose fitted cuts collide gets fewer than its schema's),
+and per seed the nerve rule's false alarms and misses per class: which seeds carry a mean.
 
     python bench/detect.py [--seeds 3] [--quick] [--part composition --why]
 """
@@ -255,6 +256,10 @@ def composition(seeds: int, contaminations: list[float], explain: bool = False, 
                     print(f"    {c:.0%} anom., seed {seed}, {why(atom, det, r.tail_p, lab, late)}")
             rate = cal.alarm_rate(cal.DEFAULT_ALARMS_PER_WEEK, 300.0)
             combined = np.array([cal.combine([a, b]) for a, b in zip(ps[0], ps[1], strict=True)])
+            if explain:
+                fa = (combined < rate) & (lab == "")
+                missed = {cls: int(((combined >= rate) & (lab == cls)).sum()) for cls in COMPOSITION}
+                print(f"    {c:.0%} anom., seed {seed}, combined: {int(fa.sum())} false alarms, missed {missed}")
             rules = {"before": (old[0] + old[1] >= 1.0, old[0] + old[1]), "now": (combined < rate, -np.log(combined))}
             for name, (flag, stat) in rules.items():
                 for cls in [*COMPOSITION, "overall"]:
@@ -286,7 +291,8 @@ def composition(seeds: int, contaminations: list[float], explain: bool = False, 
 @click.option("--part", type=click.Choice(["all", "streams", "composition"]), default="all", show_default=True)
 @click.option("--why", "explain", is_flag=True,
               help="Composition: each atom's false alarms (how many follow an anomaly) and the buckets its last "
-                   "codec gives each field, of the schema's (two of them for values beyond the range seen).")
+                   "codec gives each field, of the schema's (two of them for values beyond the range seen); "
+                   "then the nerve rule's false alarms and misses per class, per seed.")
 def main(seeds: int, quick: bool, n: int, late: int, part: str, explain: bool) -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -308,3 +308,28 @@ def test_weights_whose_info_a_scorer_could_not_use_are_refused_on_publish_and_im
     good = base64.b64encode(t.weights_bytes()).decode()
     assert c.call("import_weights", {"atom": "pulse", "blob": good})["weights"]["version"] == 1
     assert hub.sql("select count(*) from weights") == [(1,)]
+
+
+def test_a_first_training_leaves_out_a_cluster_apart_from_the_rest(hub, agents_factory):
+    """A history nobody has scored yet, with a runaway job pinning the machine in 2% of it:
+    the first weights must not learn it as a second normal (``robust.beyond_gap``)."""
+    import numpy as np
+
+    rows = synth.generate("pulse", 1.0, seed=4, event_list=[]).rows
+    rng = np.random.default_rng(4)
+    wild = sorted(rng.choice(np.arange(100, len(rows)), 60, replace=False).tolist())
+    for i in wild:
+        rows[i].update(cpu=rng.uniform(95, 100), mem=rng.uniform(92, 99), swap=rng.uniform(85, 100),
+                       load=rng.uniform(17, 20))
+    c = hub.client()
+    c.call("observe", {"atom": "pulse", "observations": [{"values": r, "time": 1704067200.0 + 30 * i}
+                                                          for i, r in enumerate(rows)]})
+    agent = _trainer(agents_factory, hub)
+    tid = c.enqueue("train", "pulse", {"steps": 20, "gate_margin": 1.0})["task_id"]
+    wait_until(lambda: hub.sql("select status from tasks where id=?", tid)[0][0] == "done", 120, what="trained")
+    agent.stop()
+    blob = base64.b64decode(c.call("weights", {"atom": "pulse", "active": True, "blob": True})["weights"][0]["blob"])
+    info = load_weights(blob).info
+    assert info["left_out"] == len(wild) and info["observations"] == len(rows) - len(wild)
+    assert info["codec"]["fields"]["cpu"]["edges"][-1] < 95  # the cluster lies beyond every bucket it learned
+    c.close()
