@@ -172,6 +172,30 @@ def test_a_hub_told_to_stop_while_it_starts_stops_cleanly(hub_factory):
         socket.create_connection(("127.0.0.1", hub.port), timeout=0.5)
 
 
+def test_a_hub_stops_at_once_whatever_its_read_workers_are_doing(hub_factory):
+    # read workers start at a low priority; on a busy machine their start-up took tens of
+    # seconds, and a hub told to stop meanwhile waited for it. Stopped outright here (as
+    # good as starved): the hub must still stop cleanly, and take them with it.
+    import psutil
+
+    hub = hub_factory(http=True)
+    me = psutil.Process(hub.proc.pid)
+
+    def read_workers() -> list[psutil.Process]:  # (not multiprocessing's resource tracker)
+        return [p for p in me.children() if "spawn_main" in " ".join(p.cmdline())]
+
+    wait_until(lambda: len(read_workers()) >= 2, 60, what="the read workers to start")
+    workers = read_workers()
+    for w in workers:
+        w.suspend()
+    hub.proc.send_signal(signal.SIGTERM)
+    assert hub.proc.wait(30) == 0, hub.log()
+    assert "hub stopped cleanly" in hub.log()
+    for w in workers:
+        with pytest.raises(psutil.NoSuchProcess):
+            w.status()
+
+
 def _accepts(port: int) -> bool:
     import socket
 

@@ -149,8 +149,19 @@ class Reader:
         return self._run(fn, ())
 
     def close(self) -> None:
+        """Stop the read threads and processes (the hub's HTTP face is already closed).
+
+        The worker processes only read, so they are killed, not waited for: a hub told
+        to stop while they are still starting (their imports run at a low priority, and on a
+        busy machine take tens of seconds) would otherwise wait for their start-up, and the
+        interpreter's exit for them too."""
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self.procs is not None:
-            self.procs.shutdown(wait=True, cancel_futures=True)
-            self.procs = None
+            procs, self.procs = self.procs, None
+            workers = list((getattr(procs, "_processes", None) or {}).values())
+            procs.shutdown(wait=False, cancel_futures=True)
+            for w in workers:
+                w.kill()  # (SIGKILL: a worker the kernel has stopped or starved still goes)
+            for w in workers:
+                w.join(10)
         self.engine.dispose()
