@@ -178,8 +178,9 @@ def learn_from(schema: Any, obs_ids: list[int], tail_p: dict[int, float], times:
 
     p = np.fromiter((tail_p.get(i, np.nan) for i in obs_ids), dtype=np.float64, count=len(obs_ids))
     flagged = suspects(p, rate, share)
-    if values is not None and np.isnan(p).any():
-        flagged |= beyond_gap(schema, values) & np.isnan(p)
+    unscored = np.isnan(p)
+    if values is not None and unscored.any():
+        flagged |= beyond_gap(schema, values) & unscored
     return learnable(schema, flagged, persist_for(typical_interval(times)))
 
 

@@ -233,11 +233,14 @@ def fit(schema: AtomSchema, values: np.ndarray, config: TrainConfig, alarm_rate:
     if flagged is not None:  # a retrain: the verdicts were recorded while watching
         return without(np.asarray(flagged, dtype=bool))
     apart = beyond_gap(schema, values)  # a cluster out past a gap: never learned, even by the first model
-    first = learnable(schema, apart, persist)
-    trainer, blob = train_once(schema, values, config, init, alarm_rate, info, horizon, recent, keep=first)
-    flagged = apart | judge(blob, values)
-    if not flagged.any():
-        return Fitted(trainer, blob, first, flagged)
+    if apart.any():
+        fitted = without(apart)
+    else:
+        trainer, blob = train_once(schema, values, config, init, alarm_rate, info, horizon, recent)
+        fitted = Fitted(trainer, blob, np.ones(n, dtype=bool), apart)
+    flagged = apart | judge(fitted.blob, values)
+    if flagged.sum() == apart.sum():  # the first model found nothing more: it is the one
+        return fitted
     fitted = without(flagged)
     for _ in range(REFITS):  # what a model that never saw the blatant ones finds (module doc)
         more = flagged | judge(fitted.blob, values)
