@@ -16,6 +16,11 @@ A *fitted* codec learns each field's edges from the values a model is trained on
   with the highest normal readings); a field with fewer distinct values than inner buckets
   (counts, flags, states) gets one bucket per value.
 
+Beyond the seen range one token covers everything, so the codec also keeps each fitted field's
+**tail scales** (``FieldTail``): how fast its values thin out towards each end. A score reads
+them to tell a reading just past the highest seen (a heavy tail's next extreme) from one far
+past it (``score.Scorer``): the token alone cannot.
+
 Retraining fits the edges again from the raw values the hub keeps, so a stream whose level
 drifts is re-encoded rather than clamped. The codec travels inside the weights' metadata, so
 a score is always computed with exactly the edges its model was trained with.
@@ -40,6 +45,99 @@ if TYPE_CHECKING:
 FIT_MIN_BUCKETS = 5  # a field with fewer buckets keeps its declared edges (flags, tiny enums)
 FIT_MIN_VALUES = 10
 MARGIN = 0.1  # beyond-range buckets start this fraction of the seen span outside it
+# A fitted field's tail scale is read between these quantiles of its values (mirrored at the
+# bottom): near the top, where extrapolation starts (a Gaussian's tail thins there, a heavy
+# one's does not), once there are enough values for a 99th percentile; else lower down.
+TAIL_LEVELS = (0.95, 0.99)
+TAIL_LEVELS_FEW = (0.8, 0.95)
+TAIL_MIN_VALUES = 500  # values needed for TAIL_LEVELS (five above the 99th percentile)
+
+
+def is_discrete(col: np.ndarray, buckets: int) -> bool:
+    """Whether a fitted field gets one bucket per seen value (counts, states): fewer distinct
+    values than its inner buckets (``fit_edges``)."""
+    return len(np.unique(col)) <= buckets - 2
+
+
+def tail_space(col: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The values on the scale their tails are measured on: log when all are positive
+    (latencies, sizes and rates have tails that are exponential there), else as they are."""
+    col = np.asarray(col, dtype=np.float64)
+    return (np.log(col), True) if len(col) and col.min() > 0 else (col, False)
+
+
+def tail_scale(y: np.ndarray, levels: tuple[float, float]) -> float:
+    """Scale of an exponential upper tail of ``y`` read between two of its quantiles: the
+    distance over which the share of values above falls by e (0 where they coincide)."""
+    lo, hi = np.quantile(y, levels)
+    return float(hi - lo) / math.log((1.0 - levels[0]) / (1.0 - levels[1]))
+
+
+@dataclass(frozen=True)
+class FieldTail:
+    """How a fitted field's values thin out past its seen extremes: the extremes and the tail
+    scale on each side (``tail_scale``; None where it cannot be measured), on the log scale
+    or the plain one (``tail_space``)."""
+
+    log: bool
+    seen: tuple[float, float]  # lowest and highest value trained on
+    low: float | None
+    high: float | None
+
+    @classmethod
+    def fit(cls, col: np.ndarray) -> FieldTail | None:
+        col = np.asarray(col, dtype=np.float64)
+        col = col[np.isfinite(col)]
+        y, log = tail_space(col)
+        if len(y) < FIT_MIN_VALUES:
+            return None
+        levels = TAIL_LEVELS if len(y) >= TAIL_MIN_VALUES else TAIL_LEVELS_FEW
+        up, down = tail_scale(y, levels), tail_scale(-y, levels)
+        if not up > 0 and not down > 0:
+            return None
+        return cls(log, (float(col.min()), float(col.max())), down if down > 0 else None, up if up > 0 else None)
+
+    def beyond(self, values: np.ndarray, low_edge: float, high_edge: float) -> np.ndarray:
+        """[N] for values past the beyond-range edges, how many tail scales past the seen
+        extreme on that side they lie (inf on a side without a scale, or below zero on the
+        log scale); 0 for the others."""
+        v = np.asarray(values, dtype=np.float64)
+        out = np.zeros(len(v))
+        for past, extreme, scale, sign in ((v >= high_edge, self.seen[1], self.high, 1.0),
+                                           (v < low_edge, self.seen[0], self.low, -1.0)):
+            if not past.any():
+                continue
+            if scale is None:
+                out[past] = math.inf
+                continue
+            x = v[past]
+            if self.log:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    d = sign * (np.log(np.where(x > 0, x, np.nan)) - math.log(extreme))
+            else:
+                d = sign * (x - extreme)
+            out[past] = np.where(np.isfinite(d), np.maximum(d, 0.0) / scale, math.inf)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"log": self.log, "seen": list(self.seen), "low": self.low, "high": self.high}
+
+    @classmethod
+    def from_dict(cls, d: Any, name: str) -> FieldTail | None:
+        if d is None:
+            return None
+        bad = f"codec tail for field {name!r}: expected seen [low, high] and positive scales (or null)"
+        if not isinstance(d, Mapping):
+            raise ValueError(bad)
+        seen, scales = d.get("seen"), [d.get("low"), d.get("high")]
+        numbers = [*(seen if isinstance(seen, list) else []), *(x for x in scales if x is not None)]
+        if (not isinstance(seen, list) or len(seen) != 2
+                or any(isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) for x in numbers)
+                or any(x is not None and not x > 0 for x in scales) or seen[1] < seen[0]
+                or (d.get("log") and seen[0] <= 0)):
+            raise ValueError(bad)
+        return cls(bool(d.get("log", False)), (float(seen[0]), float(seen[1])),
+                   *(None if x is None else float(x) for x in scales))
 
 
 @dataclass(frozen=True)
@@ -49,6 +147,7 @@ class Codec:
     schema: AtomSchema
     edges: tuple[tuple[float, ...], ...]
     fitted: tuple[bool, ...]
+    tails: tuple[FieldTail | None, ...] | None = None  # codecs fitted before tails: None
 
     # --- construction ------------------------------------------------------------------------
 
@@ -73,13 +172,16 @@ class Codec:
         values = np.asarray(values, dtype=np.float64).reshape(-1, schema.width)
         base = cls.fixed(schema)
         edges, fitted = list(base.edges), [False] * schema.width
+        tails: list[FieldTail | None] = [None] * schema.width
         for i, f in enumerate(schema.fields):
             col = values[:, i]
             if f.buckets < FIT_MIN_BUCKETS or len(col) < FIT_MIN_VALUES:
                 continue
             edges[i] = fit_edges(col, f.buckets, (f.high - f.low) / f.buckets, trend_reach(col, horizon))
             fitted[i] = True
-        return cls(schema, tuple(edges), tuple(fitted))
+            if not is_discrete(col, f.buckets):  # a count past any seen is a new value, not a tail's next step
+                tails[i] = FieldTail.fit(col)
+        return cls(schema, tuple(edges), tuple(fitted), tuple(tails))
 
     # --- use ----------------------------------------------------------------------------------
 
@@ -101,6 +203,20 @@ class Codec:
     def encode_one(self, obs: Mapping[str, Any]) -> list[int]:
         return self.encode(values_of(self.schema, [obs]))[0].tolist()
 
+    def beyond(self, values: np.ndarray) -> np.ndarray:
+        """[N, F] for values in a beyond-range bucket, how many tail scales past the seen
+        extreme they lie (``FieldTail.beyond``); 0 for the others, inf where the field has no
+        tail scale on that side (older codecs, fixed fields) and the token is all there is."""
+        values = np.asarray(values, dtype=np.float64).reshape(-1, self.schema.width)
+        out = np.zeros(values.shape)
+        for i, e in enumerate(self.edges):
+            tail = self.tails[i] if self.tails is not None else None
+            if tail is not None:
+                out[:, i] = tail.beyond(values[:, i], e[0], e[-1])
+            else:
+                out[:, i] = np.where((values[:, i] < e[0]) | (values[:, i] >= e[-1]), math.inf, 0.0)
+        return out
+
     def ranges(self, field: int) -> list[tuple[float, float]]:
         """Each bucket's value range of one field (outer ones open: -inf / inf)."""
         e = [-math.inf, *self.edges[field], math.inf]
@@ -109,9 +225,13 @@ class Codec:
     # --- storage -------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "fitted/1", "fields": {
-            f.name: {"edges": list(e), "fitted": fit}
-            for f, e, fit in zip(self.schema.fields, self.edges, self.fitted, strict=True)}}
+        tails = self.tails if self.tails is not None else (None,) * self.schema.width
+        fields: dict[str, Any] = {}
+        for f, e, fit, tail in zip(self.schema.fields, self.edges, self.fitted, tails, strict=True):
+            fields[f.name] = {"edges": list(e), "fitted": fit}
+            if tail is not None:
+                fields[f.name]["tail"] = tail.to_dict()
+        return {"kind": "fitted/1", "fields": fields}
 
     @classmethod
     def from_dict(cls, schema: AtomSchema, d: Mapping[str, Any] | None) -> Codec:
@@ -120,7 +240,7 @@ class Codec:
             return cls.fixed(schema)
         if d.get("kind") != "fitted/1" or not isinstance(d.get("fields"), Mapping):
             raise ValueError(f"unknown codec {d.get('kind')!r}")
-        edges, fitted = [], []
+        edges, fitted, tails = [], [], []
         for f in schema.fields:
             spec = d["fields"].get(f.name)
             if not isinstance(spec, Mapping) or not isinstance(spec.get("edges"), list):
@@ -132,7 +252,8 @@ class Codec:
                                  "increasing numbers")
             edges.append(tuple(e))
             fitted.append(bool(spec.get("fitted", True)))
-        return cls(schema, tuple(edges), tuple(fitted))
+            tails.append(FieldTail.from_dict(spec.get("tail"), f.name))
+        return cls(schema, tuple(edges), tuple(fitted), tuple(tails) if any(tails) else None)
 
 
 def trend_reach(col: np.ndarray, horizon: int) -> tuple[float, float]:
@@ -163,7 +284,7 @@ def fit_edges(col: np.ndarray, buckets: int, declared: float = 0.0,
     lo, hi = float(col[0]), float(col[-1])
     inner = buckets - 2
     uniq = np.unique(col)
-    if len(uniq) <= inner:  # discrete: one bucket per seen value, cut halfway between them
+    if is_discrete(col, buckets):  # one bucket per seen value, cut halfway between them
         cuts = list((uniq[:-1] + uniq[1:]) / 2)
         gaps = np.diff(uniq)
         span = float(gaps.min()) if len(gaps) else max(abs(lo) * 0.1, 1.0)

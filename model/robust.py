@@ -150,7 +150,7 @@ def beyond_gap(schema: AtomSchema, values: np.ndarray) -> np.ndarray:
     whose top is a large group (a night's idle time). Clock fields, discrete ones (counts,
     states) and fields too small to fit edges are not looked at.
     """
-    from kiri.model.codec import FIT_MIN_BUCKETS
+    from kiri.model.codec import FIT_MIN_BUCKETS, TAIL_LEVELS_FEW, is_discrete, tail_scale, tail_space
     from kiri.model.schema import CLOCK_FIELDS
 
     v = np.asarray(values, dtype=np.float64)
@@ -163,15 +163,15 @@ def beyond_gap(schema: AtomSchema, values: np.ndarray) -> np.ndarray:
         if f.buckets < FIT_MIN_BUCKETS or f.name in CLOCK_FIELDS:
             continue
         col = v[:, i]
-        if len(np.unique(col)) <= f.buckets - 2:  # discrete: a bucket per value (``codec.fit_edges``)
+        if is_discrete(col, f.buckets):  # a bucket per value
             continue
-        x = np.log(col) if col.min() > 0 else col
+        x, _ = tail_space(col)
         for sign in (1.0, -1.0):
             y = sign * x
-            q80, q95 = np.quantile(y, [0.8, 0.95])
-            scale = (q95 - q80) / math.log(4.0)
+            scale = tail_scale(y, TAIL_LEVELS_FEW)  # (what a cluster of up to GAP_SHARE cannot reach)
             if not scale > 0:
                 continue
+            q95 = np.quantile(y, TAIL_LEVELS_FEW[1])
             tail = np.sort(y[y > q95])[::-1]  # most extreme first
             if not len(tail):
                 continue

@@ -28,6 +28,15 @@ hour, but a clock token is never the anomaly: before, every midnight, every new 
 and every step of a coarse hour bucket scored like one, because a context of a few rows
 cannot tell when the clock's bucket turns over. Older weights score exactly as before.
 
+Weights whose codec carries its fields' tail scales (``codec.FieldTail``) grade a reading
+beyond the seen range by how far beyond it is, when the caller gives the raw values: its
+surprise is that of the nearest seen bucket plus one nat per tail scale past the most
+extreme value trained on, or the beyond token's own surprise if that is less. The beyond token alone says only "higher
+than anything trained on", which a model that never saw it prices at 10-18 nats; on a
+heavy-tailed stream every new extreme (one reading in a few hundred) then scored like a
+runaway, and alarmed at every retrain (bench/detect.py, anomaly-free heavy tails: 16.5
+alarms a week against a budget of 2).
+
 Weights that learned their stream's routine (``routine.Routine``: surprise that recurs at
 the same time on most days, such as getting up at 8:00) score a reading by how far it
 exceeds its slot's routine, when the caller gives the raw values (``score(values=...)``,
@@ -143,6 +152,7 @@ class Scorer:
         self.routine = Routine.from_dict(info.get("routine"))
         self.alarm_rate = float(info["alarm_rate"]) if "alarm_rate" in info else None
         self._kernels = ordinal_kernels(self.codec) if self.ordinal else None
+        self.graded = self.excess and self.codec.tails is not None
         # weights never change, so a window's surprise stays what it was (from_model: a model
         # that may still train gets none)
         self._memo: dict[int, WindowMemo] | None = {}
@@ -158,6 +168,7 @@ class Scorer:
         self.ordinal, self.calibration, self.alarm_rate = ordinal or excess, None, None
         self.routine = None
         self._kernels = ordinal_kernels(self.codec) if self.ordinal else None
+        self.graded = self.excess and self.codec.tails is not None
         self._memo = None
         return self
 
@@ -180,10 +191,34 @@ class Scorer:
         return np.asarray(scores) > self.threshold
 
     def _stat(self, out: torch.Tensor) -> torch.Tensor:
-        """Each row's score from what ``_surprise`` gives: [n, F] surprise, or for ``excess``
-        [n, 2F], the surprise and then the surprise expected."""
+        """Each row's score from [n, F] surprise, or for ``excess`` [n, 2F], the surprise and
+        then the surprise expected (``_surprise``'s rows once ``_graded``)."""
         f = self.schema.width
-        return score_of(out[:, :f], out[:, f:] if self.excess else None, self.judged)
+        return score_of(out[:, :f], out[:, f: 2 * f] if self.excess else None, self.judged)
+
+    @property
+    def _width(self) -> int:
+        """Columns of a ``_surprise`` row: surprise, then (``excess``) the surprise expected,
+        then (``graded``) the surprise at the nearest seen bucket."""
+        f = self.schema.width
+        return 3 * f if self.graded else 2 * f if self.excess else f
+
+    def _graded(self, out: torch.Tensor, values: np.ndarray | None) -> torch.Tensor:
+        """``_surprise`` rows with each beyond-range token's surprise graded by how far beyond
+        its raw value is (module doc): at most the nearest seen bucket's plus a nat per tail
+        scale. Without ``values`` (or for weights without tail scales) the rows as they are."""
+        if not self.graded:
+            return out
+        f = self.schema.width
+        if values is None:
+            return out[:, : 2 * f]
+        values = np.asarray(values, dtype=np.float64).reshape(-1, f)
+        far = torch.from_numpy(self.codec.beyond(values)).to(out.dtype)  # [n, F] tail scales past the edge
+        b = self.codec.buckets(values)
+        past = torch.from_numpy((b == 0) | (b == np.array([len(e) for e in self.codec.edges])))
+        s = out[:, :f]
+        graded = torch.where(past, torch.minimum(s, out[:, 2 * f:] + far), s)
+        return torch.cat([graded, out[:, f: 2 * f]], dim=1)
 
     @torch.inference_mode()
     def _surprise(self, w: torch.Tensor) -> torch.Tensor:
@@ -218,7 +253,7 @@ class Scorer:
         """Surprise at each window's last F tokens, in chunks small enough to stay in cache."""
         f = self.schema.width
         fwd = Forward({n: p.detach() for n, p in self.model.named_parameters()}, self.model.size)
-        out = torch.empty((len(w), 2 * f if self.excess else f))
+        out = torch.empty((len(w), self._width))
         table = fwd.first_layer_table(w.shape[1] - 1)
         for i in range(0, len(w), CHUNK):
             chunk = w[i: i + CHUNK]
@@ -233,10 +268,12 @@ class Scorer:
     def _ordinal(self, logp: torch.Tensor, targets: torch.Tensor, out: torch.Tensor) -> None:
         """Ordinal surprise (module doc) of targets [n, f] under log-probabilities [n, f, V],
         into out [n, f]; with ``excess``, out is [n, 2f] and its second half gets each field's
-        expected ordinal surprise under the same prediction."""
+        expected ordinal surprise under the same prediction; ``graded``, [n, 3f], and the third
+        gets the surprise at the seen bucket nearest the target (``_graded``)."""
         assert self._kernels is not None
         f = targets.shape[1]
-        for j, (off, kern) in enumerate(zip(self.schema.offsets(), self._kernels, strict=True)):
+        for j, (off, kern, edges) in enumerate(zip(self.schema.offsets(), self._kernels, self.codec.edges,
+                                                   strict=True)):
             nb = kern.shape[0]
             p = logp[:, j, off: off + nb].exp()  # [n, B]
             smooth = torch.mm(p, kern)  # [n, B]: p~ at every bucket
@@ -247,13 +284,18 @@ class Scorer:
             logs = smooth.clamp_min_(1e-30).log_()  # [n, B]: log p~ at every bucket
             out[:, j] = logs.gather(1, b).squeeze(1).neg_()
             out[:, f + j] = (p * logs).sum(dim=1).neg_()
+            if self.graded:  # the beyond buckets are 0 and len(edges): their seen neighbours
+                near = b.clamp(1, max(1, len(edges) - 1))
+                out[:, 2 * f + j] = logs.gather(1, near).squeeze(1).neg_()
 
     def score(self, ids: torch.Tensor, start: int = 0, flagged: Sequence[bool] | None = None,
               values: np.ndarray | None = None) -> Scores:
         """Score observations ``start`` … N-1 of ``ids`` [N, F], each given up to k predecessors.
 
         ``values``: the raw values [N, F] the ids encode; with weights that learned a
-        routine, each score is then taken beyond its slot's routine surprise (module doc).
+        routine, each score is then taken beyond its slot's routine surprise, and with
+        weights whose codec has tail scales a reading beyond the seen range is graded by how
+        far beyond it is (module doc).
 
         Calibrated weights (and ``k > 0``) also look past anomalies in the context: an
         observation right after a spike is scored against what came before the spike too,
@@ -264,26 +306,28 @@ class Scorer:
         n = len(ids)
         if not 0 <= start <= n:
             raise ValueError(f"start {start} outside 0..{n}")
+        if values is not None and len(values) != n:
+            raise ValueError(f"values has {len(values)} rows for {n} observations")
         f = self.schema.width
         head = range(start, min(self.k, n))  # too few predecessors for a full window
         parts = [self._surprise(short_window(ids, i, self.k)) for i in head]
         full = windows(ids, self.k, start)
         if len(full):
             parts.append(self._surprise(full))
-        surprise = torch.cat(parts) if parts else torch.empty((0, 2 * f if self.excess else f))
+        surprise = torch.cat(parts) if parts else torch.empty((0, self._width))
+        surprise = self._graded(surprise, None if values is None else np.asarray(values)[start:])
         routine = None
         if self.routine is not None and values is not None:
-            if len(values) != n:
-                raise ValueError(f"values has {len(values)} rows for {n} observations")
             routine = torch.from_numpy(self.routine.expected(self.schema, np.asarray(values)[start:]))
         if self.calibration is not None and self.k and n > start:
-            surprise = self._past_anomalies(ids, start, surprise, flagged, routine)
+            surprise = self._past_anomalies(ids, start, surprise, flagged, routine, values)
         if self.excess:
             return Scores(self.schema, ids[start:], surprise[:, :f], surprise[:, f:], self.judged, routine)
         return Scores(self.schema, ids[start:], surprise, routine=routine)
 
     def _past_anomalies(self, ids: torch.Tensor, start: int, surprise: torch.Tensor,
-                        flagged: Sequence[bool] | None, routine: torch.Tensor | None) -> torch.Tensor:
+                        flagged: Sequence[bool] | None, routine: torch.Tensor | None,
+                        values: np.ndarray | None = None) -> torch.Tensor:
         assert self.calibration is not None
         n = len(ids)
         bad = np.zeros(n, dtype=bool)
@@ -313,7 +357,9 @@ class Scorer:
             by_len.setdefault(len(r), []).append(i)
         out = surprise.clone()
         for idx in by_len.values():
-            clean = self._surprise(torch.stack([rows[i] for i in idx]))
+            at = [targets[i] for i in idx]
+            clean = self._graded(self._surprise(torch.stack([rows[i] for i in idx])),
+                                 None if values is None else np.asarray(values)[at])
             better = self._stat(clean) < self._stat(out[[targets[i] - start for i in idx]])
             for j, i in enumerate(idx):
                 if better[j]:

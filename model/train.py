@@ -440,6 +440,6 @@ class Trainer:
             raise ValueError(f"window of {len(window)} rows with {int(kept.sum())} kept, "
                              f"for {len(self.ids)} trained on")
         if not kept.all():  # the left-out rows in their places, as context too
-            scores = scorer.score(codec.encode(window)).mean.numpy()
+            scores = scorer.score(codec.encode(window), values=window).mean.numpy()
         routine = Routine.fit(self.schema, window, scores, floor)
         return None if routine is None else (routine, routine.expected(self.schema, window[kept]))

@@ -266,6 +266,34 @@ def test_detector_catches_spikes_and_stays_within_budget_on_clean_data() -> None
     assert blame[0]["field"] == "x0" and blame[0]["surprise"] > 3
 
 
+def test_a_heavy_tails_next_extreme_scores_like_the_highest_seen_a_reading_far_past_alarms() -> None:
+    """Latency with Student-t bursts: one reading in a few hundred lies past anything the
+    first days held. Graded by how far past (``score.Scorer``), those score like the highest
+    seen readings, where the beyond token alone priced each like a runaway; a reading far
+    past keeps the token's surprise and alarms."""
+    torch.set_num_threads(1)
+    st = streams.generate("heavy_tail", n=2000, seed=1, anomalies=0)
+    values = st.values.copy()
+    spikes = np.array([1300, 1700])
+    values[spikes] = values[:700].max() * 12
+    det = Detector(interval=300.0, learn=False).fit(values[:700])
+    sc = det.scorer
+    rows = values.reshape(-1, 1)
+    ids = sc.encode(rows)
+    graded = sc.score(ids, start=700, values=rows).mean.numpy()
+    token_only = sc.score(ids, start=700).mean.numpy()  # without the values: the token is all there is
+    tail = sc.codec.tails[0]
+    past = np.flatnonzero(values[700:] >= sc.codec.edges[0][-1])
+    ordinary = np.setdiff1d(past, spikes - 700)
+    assert tail is not None and tail.log and len(ordinary) >= 3  # a heavy tail's new extremes
+    assert (graded[past] <= token_only[past] + 1e-6).all()  # never more surprising than the token
+    assert np.mean(token_only[ordinary] - graded[ordinary]) > 1.0, (graded[ordinary], token_only[ordinary])
+    far = spikes - 700  # twelve times the highest seen: the token's own surprise, an alarm
+    assert np.allclose(graded[far], token_only[far]) and (sc.tail_p(graded[far]) < det.alarm_rate).all()
+    out = det.score(values[700:])
+    assert set(np.flatnonzero(out.anomalous).tolist()) >= set((spikes - 700).tolist())
+
+
 def test_a_drifting_stream_is_refitted_and_keeps_being_scored() -> None:
     st = streams.generate("drift", n=2400, seed=0, anomalies=0)
     det = Detector(interval=300.0).fit(st.values[:600])
@@ -326,6 +354,62 @@ def test_excess_scoring_is_the_surprise_beyond_what_the_model_expected() -> None
                 total += p * float(ordinal.score(alt, start=t).surprise[0, j])
             want.append(total)
         assert torch.allclose(got.expected[t], torch.tensor(want), atol=1e-4), (t, got.expected[t], want)
+
+
+def test_a_reading_past_the_seen_range_is_graded_by_how_far_past_it_is() -> None:
+    """A beyond-range token's surprise is the nearest seen bucket's plus one nat per tail scale
+    past the edge, or the token's own if that is less; only with the raw values to measure."""
+    _, codec, ids = _fitted_pulse()
+    trainer = Trainer(S.PULSE, ids, TrainConfig(steps=150, seed=0), codec=codec)
+    trainer.run()  # a model that never saw a beyond token: it prices one far above its neighbour
+    model = trainer.model.eval()
+    assert codec.tails is not None and codec.tails[0] is not None and codec.tails[0].high is not None
+    again = Codec.from_dict(S.PULSE, codec.to_dict())
+    assert again.tails == codec.tails  # the scales travel with the weights
+    untailed = {"kind": "fitted/1", "fields": {f: {k: v for k, v in spec.items() if k != "tail"}
+                                               for f, spec in codec.to_dict()["fields"].items()}}
+    assert Codec.from_dict(S.PULSE, untailed).tails is None  # codecs from before: no grading
+    for hostile in ({"seen": [5.0, 1.0], "high": 1.0}, {"seen": [1.0, 2.0], "high": -1.0}, {"seen": "x"},
+                    {"seen": [1.0, 2.0], "low": True}, {"log": True, "seen": [0.0, 3.0], "high": 1.0},
+                    {"seen": [1.0, float("inf")]}, [1, 2]):
+        spec = {**untailed["fields"]["cpu"], "tail": hostile}
+        with pytest.raises(ValueError, match="codec tail for field 'cpu'"):
+            Codec.from_dict(S.PULSE, {"kind": "fitted/1", "fields": {**untailed["fields"], "cpu": spec}})
+    sc = Scorer.from_model(S.PULSE, model, 1, excess=True, codec=codec)
+    assert sc.graded
+    from kiri.model import synth
+
+    rows = synth.generate("pulse", 1, seed=0, interval=300.0, event_list=[]).rows
+    values = values_of(S.PULSE, rows)
+    t, top, tail = 100, codec.edges[0][-1], codec.tails[0]
+    assert tail.seen[1] == values[:, 0].max() < top
+    scale = tail.high
+
+    def at(steps: float) -> float:  # ``steps`` tail scales past the highest value trained on
+        return tail.seen[1] * np.exp(steps * scale) if tail.log else tail.seen[1] + steps * scale
+
+    edge = (np.log(top / tail.seen[1]) if tail.log else top - tail.seen[1]) / scale
+    base = values[: t + 1].copy()
+    near_seen = base.copy()
+    near_seen[t, 0] = codec.edges[0][-2]  # the highest seen bucket
+    s_near = float(sc.score(codec.encode(near_seen), start=t, values=near_seen).surprise[0, 0])
+    raw = None
+    got = []
+    for steps in (edge, edge + 0.5, edge + 2.0, edge + 6.0, edge + 60.0):
+        v = base.copy()
+        v[t, 0] = at(steps)
+        ids_v = codec.encode(v)
+        assert int(ids_v[t, 0]) - S.PULSE.offsets()[0] == len(codec.edges[0])  # the beyond token
+        plain = float(sc.score(ids_v, start=t).surprise[0, 0])  # no values: the token alone
+        raw = plain if raw is None else raw
+        assert plain == pytest.approx(raw)  # the token cannot tell how far
+        graded = float(sc.score(ids_v, start=t, values=v).surprise[0, 0])
+        assert graded == pytest.approx(min(raw, s_near + steps), abs=1e-4)
+        got.append(graded)
+    assert got == sorted(got)  # farther is never less surprising
+    assert got[0] < raw - 0.1 and got[-1] == pytest.approx(raw)  # just past: graded; far past: the token's own
+    mean_graded = sc.score(codec.encode(base), start=t, values=base).mean
+    assert torch.allclose(mean_graded, sc.score(codec.encode(base), start=t).mean)  # inside the range: as before
 
 
 def test_the_clock_is_read_but_never_judged() -> None:
