@@ -45,6 +45,7 @@ which the hour and weekday are read from). Without them the score is the plain s
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -203,22 +204,37 @@ class Scorer:
         f = self.schema.width
         return 3 * f if self.graded else 2 * f if self.excess else f
 
-    def _graded(self, out: torch.Tensor, values: np.ndarray | None) -> torch.Tensor:
+    def _graded(self, out: torch.Tensor, targets: torch.Tensor, values: np.ndarray | None) -> torch.Tensor:
         """``_surprise`` rows with each beyond-range token's surprise graded by how far beyond
         its raw value is (module doc): at most the nearest seen bucket's plus a nat per tail
-        scale. Without ``values`` (or for weights without tail scales) the rows as they are."""
+        scale. ``targets`` [n, F]: the rows' token ids; ``values`` [n, F] their raw values.
+        Without values (or for weights without tail scales) the rows as they are."""
         if not self.graded:
             return out
         f = self.schema.width
+        plain = out[:, : 2 * f]
         if values is None:
-            return out[:, : 2 * f]
-        values = np.asarray(values, dtype=np.float64).reshape(-1, f)
-        far = torch.from_numpy(self.codec.beyond(values)).to(out.dtype)  # [n, F] tail scales past the edge
-        b = self.codec.buckets(values)
-        past = torch.from_numpy((b == 0) | (b == np.array([len(e) for e in self.codec.edges])))
-        s = out[:, :f]
-        graded = torch.where(past, torch.minimum(s, out[:, 2 * f:] + far), s)
-        return torch.cat([graded, out[:, f: 2 * f]], dim=1)
+            return plain
+        past = self._beyond_token[targets]  # [n, F]: beyond tokens of the fields with tail scales
+        rows = torch.nonzero(past.any(dim=1)).squeeze(1)
+        if not len(rows):  # the usual case: every reading inside the seen range
+            return plain
+        idx = rows.numpy()
+        far = torch.from_numpy(self.codec.beyond(np.asarray(values, dtype=np.float64).reshape(-1, f)[idx]))
+        s = out[rows, :f]
+        graded = plain.clone()
+        graded[rows, :f] = torch.where(past[rows], torch.minimum(s, out[rows, 2 * f:] + far.to(out.dtype)), s)
+        return graded
+
+    @functools.cached_property
+    def _beyond_token(self) -> torch.Tensor:
+        """[vocabulary] bool: the token ids that are a beyond-range bucket of a field with tail scales."""
+        vocab = max(off + fl.buckets for off, fl in zip(self.schema.offsets(), self.schema.fields, strict=True))
+        out = torch.zeros(vocab, dtype=torch.bool)
+        for off, edges, tail in zip(self.schema.offsets(), self.codec.edges, self.codec.tails or (), strict=True):
+            if tail is not None:
+                out[off] = out[off + len(edges)] = True
+        return out
 
     @torch.inference_mode()
     def _surprise(self, w: torch.Tensor) -> torch.Tensor:
@@ -315,7 +331,7 @@ class Scorer:
         if len(full):
             parts.append(self._surprise(full))
         surprise = torch.cat(parts) if parts else torch.empty((0, self._width))
-        surprise = self._graded(surprise, None if values is None else np.asarray(values)[start:])
+        surprise = self._graded(surprise, ids[start:], None if values is None else np.asarray(values)[start:])
         routine = None
         if self.routine is not None and values is not None:
             routine = torch.from_numpy(self.routine.expected(self.schema, np.asarray(values)[start:]))
@@ -358,7 +374,7 @@ class Scorer:
         out = surprise.clone()
         for idx in by_len.values():
             at = [targets[i] for i in idx]
-            clean = self._graded(self._surprise(torch.stack([rows[i] for i in idx])),
+            clean = self._graded(self._surprise(torch.stack([rows[i] for i in idx])), ids[at],
                                  None if values is None else np.asarray(values)[at])
             better = self._stat(clean) < self._stat(out[[targets[i] - start for i in idx]])
             for j, i in enumerate(idx):
