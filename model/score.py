@@ -31,11 +31,11 @@ cannot tell when the clock's bucket turns over. Older weights score exactly as b
 Weights whose codec carries its fields' tail scales (``codec.FieldTail``) grade a reading
 beyond the seen range by how far beyond it is, when the caller gives the raw values: its
 surprise is that of the nearest seen bucket plus one nat per tail scale past the most
-extreme value trained on, or the beyond token's own surprise if that is less. The beyond token alone says only "higher
-than anything trained on", which a model that never saw it prices at 10-18 nats; on a
-heavy-tailed stream every new extreme (one reading in a few hundred) then scored like a
-runaway, and alarmed at every retrain (bench/detect.py, anomaly-free heavy tails: 16.5
-alarms a week against a budget of 2).
+extreme value trained on, or the beyond token's own surprise if that is less. The token
+alone says only "higher than anything trained on", which a model that never saw it prices
+at 10-18 nats; on a heavy-tailed stream every new extreme (one reading in a few hundred)
+then scored like a runaway and alarmed (bench/detect.py, anomaly-free heavy tails: 16.9
+alarms a week against a budget of 2, 13.3 graded).
 
 Weights that learned their stream's routine (``routine.Routine``: surprise that recurs at
 the same time on most days, such as getting up at 8:00) score a reading by how far it
