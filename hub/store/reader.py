@@ -57,9 +57,17 @@ class _NiceProcess(multiprocessing.context.SpawnProcess):
 class _NiceSpawn(multiprocessing.context.SpawnContext):
     """Spawn, not fork (the hub has threads, and a forked copy of its locks can deadlock),
     at a lower CPU priority than the hub: on a small machine a chart read in a worker then
-    never takes a core the queue wants."""
+    never takes a core the queue wants. It remembers the processes it started (one context
+    per pool), so a closing hub can kill them (``Reader.close``)."""
 
-    Process = _NiceProcess
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[_NiceProcess] = []
+
+    def Process(self, *args: Any, **kwargs: Any) -> _NiceProcess:  # (the name the context API calls)
+        p = _NiceProcess(*args, **kwargs)
+        self.started.append(p)
+        return p
 
 
 PARENT_POLL_S = 0.5  # how often a read worker checks that its hub is still alive
@@ -103,11 +111,13 @@ class Reader:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="kiri-read")
         self.processes = processes
         self.procs: ProcessPoolExecutor | None = None
+        self.spawner: _NiceSpawn | None = None  # the current pool's context: its processes
         self.warming: list[Any] = []  # futures of the workers' first task; ready when all are done
 
     def _procs(self) -> ProcessPoolExecutor:
         if self.procs is None:
-            self.procs = ProcessPoolExecutor(self.processes, mp_context=_NiceSpawn(),
+            self.spawner = _NiceSpawn()
+            self.procs = ProcessPoolExecutor(self.processes, mp_context=self.spawner,
                                              initializer=_init_worker, initargs=(self.db_url, os.getpid()))
         return self.procs
 
@@ -158,7 +168,7 @@ class Reader:
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self.procs is not None:
             procs, self.procs = self.procs, None
-            workers = list((getattr(procs, "_processes", None) or {}).values())
+            workers = [w for w in (self.spawner.started if self.spawner else []) if w.pid is not None]
             procs.shutdown(wait=False, cancel_futures=True)
             for w in workers:
                 w.kill()  # (SIGKILL: a worker the kernel has stopped or starved still goes)
