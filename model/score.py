@@ -231,7 +231,8 @@ class Scorer:
         """[vocabulary] bool: the token ids that are a beyond-range bucket of a field with tail scales."""
         vocab = max(off + fl.buckets for off, fl in zip(self.schema.offsets(), self.schema.fields, strict=True))
         out = torch.zeros(vocab, dtype=torch.bool)
-        for off, edges, tail in zip(self.schema.offsets(), self.codec.edges, self.codec.tails or (), strict=True):
+        assert self.codec.tails is not None  # (only graded scorers ask)
+        for off, edges, tail in zip(self.schema.offsets(), self.codec.edges, self.codec.tails, strict=True):
             if tail is not None:
                 out[off] = out[off + len(edges)] = True
         return out
@@ -331,10 +332,11 @@ class Scorer:
         if len(full):
             parts.append(self._surprise(full))
         surprise = torch.cat(parts) if parts else torch.empty((0, self._width))
-        surprise = self._graded(surprise, ids[start:], None if values is None else np.asarray(values)[start:])
+        scored = None if values is None else np.asarray(values)[start:]
+        surprise = self._graded(surprise, ids[start:], scored)
         routine = None
-        if self.routine is not None and values is not None:
-            routine = torch.from_numpy(self.routine.expected(self.schema, np.asarray(values)[start:]))
+        if self.routine is not None and scored is not None:
+            routine = torch.from_numpy(self.routine.expected(self.schema, scored))
         if self.calibration is not None and self.k and n > start:
             surprise = self._past_anomalies(ids, start, surprise, flagged, routine, values)
         if self.excess:
@@ -376,7 +378,7 @@ class Scorer:
             at = [targets[i] for i in idx]
             clean = self._graded(self._surprise(torch.stack([rows[i] for i in idx])), ids[at],
                                  None if values is None else np.asarray(values)[at])
-            better = self._stat(clean) < self._stat(out[[targets[i] - start for i in idx]])
+            better = self._stat(clean) < self._stat(out[[t - start for t in at]])
             for j, i in enumerate(idx):
                 if better[j]:
                     out[targets[i] - start] = clean[j]
