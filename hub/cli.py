@@ -148,9 +148,11 @@ def main() -> None:
 @click.option("--keep-weights", "keep_weights", default="5", show_default=True, callback=_versions,
               help="Newest weights versions kept per atom, besides the active one and its ancestors; 'all' "
                    "keeps every version.")
-@click.option("--read-processes", default=2, show_default=True, type=click.IntRange(0, 64),
+@click.option("--read-processes", default=None, type=click.IntRange(0, 64),
+              show_default="2 on more than two cores, else 0",
               help="Worker processes that serve the dashboard's charts and status pages, so heavy reads never "
-                   "hold the hub's loop; 0 serves them from threads of the hub itself.")
+                   "hold the hub's loop; 0 serves them from threads of the hub itself (on two cores or fewer "
+                   "the queue answers faster that way: a worker is one more process wanting a core).")
 @click.option("--vacuum-tasks-after", default=5000, show_default=True, type=click.IntRange(0, 10**9),
               help="PostgreSQL: the hub doing the upkeep vacuums the tasks table once this many of its rows are "
                    "dead (each lease and ack leaves one; autovacuum comes at most once a minute, and leases slow "
@@ -160,7 +162,7 @@ def serve(db: str | None, data_dir: Path | None, host: str, port: int, token: st
           http_port: int, no_http: bool, synchronous: str, lease_ttl: float, backoff_base: float, backoff_cap: float,
           max_line: int, max_connections: int, max_per_address: int, hello_timeout: float,
           wal_limit: float, tick: float, keep_tasks: float | None, keep_raw: float | None,
-          keep_weights: int | None, read_processes: int, vacuum_tasks_after: int, log_level: str) -> None:
+          keep_weights: int | None, read_processes: int | None, vacuum_tasks_after: int, log_level: str) -> None:
     """Run the hub until SIGTERM/SIGINT."""
     setup_logging(log_level)
     if not config.is_loopback(host) and not token:

@@ -34,7 +34,7 @@ from kiri.hub.core.transport import Connection, Connections, Limits
 from kiri.hub.core.wakeups import LongPoll, Timers
 from kiri.hub.store import db as dbmod
 from kiri.hub.store.checkpointer import WalCheckpointer, detach_autocheckpoint
-from kiri.hub.store.reader import Reader
+from kiri.hub.store.reader import Reader, default_processes
 from kiri.hub.store.schema import atoms
 from kiri.hub.watch import keep as KEEP
 from kiri.hub.watch import observations as O
@@ -92,7 +92,8 @@ class HubSettings:
     http_host: str | None = None  # default: the same address as the TCP side
     retention: Retention = field(default_factory=Retention)
     prune_every: float = 60.0  # seconds between retention passes (sooner while a backlog drains)
-    read_processes: int = 2  # worker processes for the dashboard's heavy reads (0: threads only)
+    # worker processes for the dashboard's heavy reads (0: threads only; None: reader.default_processes())
+    read_processes: int | None = None
     vacuum_tasks_after: int = 5000  # PostgreSQL: dead task rows that make the upkeep hub vacuum (0: autovacuum only)
 
 
@@ -146,7 +147,8 @@ class Hub:
         self.timers = Timers(self.loop, settings.tick, self._on_due, self._tick)
         self.events = EventBus()
         self.metrics = HubMetrics()
-        self.reader = Reader(settings.db_url, processes=settings.read_processes)
+        self.reader = Reader(settings.db_url, processes=default_processes() if settings.read_processes is None
+                             else settings.read_processes)
         self.http: HttpFace | None = None
         handlers = hub_methods.bind(self)
         self.methods: dict[str, tuple[type[BaseModel], Handler]] = {

@@ -244,7 +244,10 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
     from kiri.model import synth
 
     root = tmp_path_factory.mktemp("watched")
-    hub = HubProc(root / "hub", free_port(), "--lease-ttl", "3", "--tick", "0.1", http=True).start()
+    # read worker processes whatever the machine (on two cores the default serves reads from
+    # threads, which every other hub here does): the reads below go through both paths
+    hub = HubProc(root / "hub", free_port(), "--lease-ttl", "3", "--tick", "0.1", "--read-processes", "2",
+                  http=True).start()
     agents = [AgentProc(hub, "train", "trainer-0", root / "trainer.jsonl", "--lease-ttl", "2"),
               AgentProc(hub, "score", "scorer-0", root / "scorer.jsonl", "--lease-ttl", "2")]
     try:

@@ -162,7 +162,7 @@ def test_a_hub_told_to_stop_while_it_starts_stops_cleanly(hub_factory):
     # before the HTTP face opens); a SIGTERM in that time killed it outright (exit -15)
     import socket
 
-    hub = hub_factory(http=True, start=False)
+    hub = hub_factory("--read-processes", "2", http=True, start=False)
     hub.start(wait=False)
     wait_until(lambda: _accepts(hub.port), 30, interval=0.001, what="the hub to accept connections")
     hub.proc.send_signal(signal.SIGTERM)
@@ -178,7 +178,7 @@ def test_a_hub_stops_at_once_whatever_its_read_workers_are_doing(hub_factory):
     # good as starved): the hub must still stop cleanly, and take them with it.
     import psutil
 
-    hub = hub_factory(http=True)
+    hub = hub_factory("--read-processes", "2", http=True)  # (not the default on two cores)
     me = psutil.Process(hub.proc.pid)
 
     def read_workers() -> list[psutil.Process]:  # (not multiprocessing's resource tracker)

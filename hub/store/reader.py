@@ -8,7 +8,8 @@ a GET that tries to write fail loudly instead of writing.
 Two places to run them:
 
 - ``run``: a worker thread of the hub. Cheap to call; for small reads.
-- ``run_json``: a worker *process* (``processes``, 2 by default), which also encodes the
+- ``run_json``: a worker *process* (``processes``, 2 by default on more than two cores:
+  ``default_processes``), which also encodes the
   answer as JSON. Parsing a chart's readings and encoding its columns holds the GIL for
   milliseconds at a time; in a thread that time is taken from the event loop, and a
   request that should take a millisecond waits behind it. In another process it costs the
@@ -68,6 +69,23 @@ class _NiceSpawn(multiprocessing.context.SpawnContext):
         p = _NiceProcess(*args, **kwargs)
         self.started.append(p)
         return p
+
+
+def default_processes() -> int:
+    """How many read worker processes a hub starts when none are asked for: 2 where this
+    process may run on more than two cores, none (reads in hub threads) on two or fewer.
+
+    A worker keeps a chart's parsing and encoding off the loop's GIL, but it is one more
+    process wanting a core. On two cores the hub, its workers and the dashboard's client
+    then take turns, and the queue waits for its turn: with a client reading charts, status
+    and /metrics in a loop, enqueue round trips had a p99 of 3.6-4.7 ms with two workers
+    against 2.6-2.75 with threads (a year of one host, ``bench/year.py``; the README has the
+    ten-host figures)."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (a container's cpuset)
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 2 if cores > 2 else 0
 
 
 PARENT_POLL_S = 0.5  # how often a read worker checks that its hub is still alive
