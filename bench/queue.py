@@ -1,7 +1,9 @@
 """End-to-end queue throughput and enqueue-to-start latency, through real TCP and processes.
 
 Throughput: N `kiri-agent` processes serve the `echo` kind; the bench enqueues TASKS tasks
-(pipelined over one connection) and times until every task is done. Every enqueue, lease
+(pipelined over one connection) and times until every task is done, and prints the CPU a
+task cost the hubs, the agents and (on PostgreSQL) the server's processes meanwhile, so
+the side that bounds the rate shows. Every enqueue, lease
 and ack is committed before its reply. Latency: one idle agent long-polls; the bench
 enqueues one task at a time and the agent reports when its lease reply arrived.
 
@@ -25,14 +27,15 @@ import contextlib
 import multiprocessing as mp
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import click
 import orjson
+import psutil
 
 from bench._hub import running_hub
 from kiri.agents.client import HubClient
@@ -69,8 +72,29 @@ def unfinished(client: HubClient) -> int:
     return sum(r["queued"] + r["leased"] for r in client.call("kinds")["kinds"] if r["kind"] == "echo")
 
 
-def throughput(ports: list[int], n_agents: int, n_tasks: int) -> float:
-    """Agents spread over the hubs round robin; tasks enqueued through the first hub."""
+@dataclass
+class Run:
+    rate: float  # tasks/s
+    cpu: dict[str, float]  # µs of CPU a task: the hubs, the agents, PostgreSQL's server processes
+
+
+def _cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _postgres() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("postgres")]
+
+
+def throughput(ports: list[int], n_agents: int, n_tasks: int) -> Run:
+    """Agents spread over the hubs round robin; tasks enqueued through the first hub. The CPU
+    each side spent while the tasks ran (the agents' start-up not counted) shows which one
+    bounds the rate."""
     procs = [subprocess.Popen([sys.executable, "-m", "kiri.agents.cli", "--role", "trainer", "--kinds", "echo",
                                "--hub", f"127.0.0.1:{ports[i % len(ports)]}", "--log-level", "warning", "--wait", "5"])
              for i in range(n_agents)]
@@ -80,11 +104,17 @@ def throughput(ports: list[int], n_agents: int, n_tasks: int) -> float:
         while sum(k.call("stats")["hub"]["waiting_leases"] for k in clients) < n_agents:
             time.sleep(0.05)
         assert unfinished(c) == 0
+        hubs_ = [p for p in psutil.Process().children() if "kiri.hub.cli" in " ".join(p.cmdline())]
+        agents = [psutil.Process(p.pid) for p in procs]
+        sides = {"hubs": hubs_, "agents": agents}
+        before = {k: _cpu_seconds(v) for k, v in sides.items()} | {"postgres": _cpu_seconds(_postgres())}
         t0 = time.perf_counter()
         pipelined_enqueue(ports[0], n_tasks)  # returns once every enqueue is answered (stored)
         while unfinished(c):
             time.sleep(0.05)
-        return n_tasks / (time.perf_counter() - t0)
+        rate = n_tasks / (time.perf_counter() - t0)
+        after = {k: _cpu_seconds(v) for k, v in sides.items()} | {"postgres": _cpu_seconds(_postgres())}
+        return Run(rate, {k: 1e6 * (after[k] - before[k]) / n_tasks for k in after})
     finally:
         for p in procs:
             p.terminate()
@@ -92,6 +122,14 @@ def throughput(ports: list[int], n_agents: int, n_tasks: int) -> float:
             p.wait(30)
         for k in clients:
             k.close()
+
+
+def _runs(runs: list[Run], pg: bool) -> str:
+    """The median rate, each run's, and the CPU a task of the median run."""
+    mid = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
+    sides = ("postgres", "hubs", "agents") if pg else ("hubs", "agents")
+    return (f"{mid.rate:8.0f} tasks/s (median of {len(runs)}; runs {', '.join(f'{r.rate:.0f}' for r in runs)}; "
+            f"CPU a task {', '.join(f'{k} {mid.cpu[k]:.0f}' for k in sides)} µs)")
 
 
 def _latency_agent(port: int, n: int, out: mp.Queue) -> None:
@@ -179,8 +217,7 @@ def main(tasks: int, agents: str, synchronous: str, repeat: int, db: str, hub_co
             for n in (int(x) for x in agents.split(",")):
                 with running_hub("--synchronous", sync) as (port, _):  # a fresh database per setting
                     runs = [throughput([port], n, tasks) for _ in range(repeat)]
-                print(f"synchronous={sync:6s} agents={n}: {statistics.median(runs):8.0f} tasks/s "
-                      f"(median of {repeat}; runs {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
+                print(f"synchronous={sync:6s} agents={n}: {_runs(runs, pg=False)}", flush=True)
             with running_hub("--synchronous", sync) as (port, _):
                 lat = latency(port)
                 print(f"synchronous={sync:6s} enqueue-to-start latency, idle agent: p50 {pct(lat, 50):.3f} ms  "
@@ -198,8 +235,7 @@ def main(tasks: int, agents: str, synchronous: str, repeat: int, db: str, hub_co
                     with hubs(n_hubs, "--db", url()) as ports:
                         runs = [throughput(ports, n, tasks) for _ in range(repeat)]
                     print(f"postgresql synchronous_commit={commit:3s} hubs={n_hubs} agents={n}: "
-                          f"{statistics.median(runs):8.0f} tasks/s (median of {repeat}; "
-                          f"runs {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
+                          f"{_runs(runs, pg=True)}", flush=True)
                 with hubs(n_hubs, "--db", url()) as ports:
                     lat = latency(ports[0], ports[-1])
                 where = "across hubs" if n_hubs > 1 else "one hub"
