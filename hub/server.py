@@ -208,6 +208,8 @@ class Hub:
             self.http = HttpFace(self)
             await self.http.start(self.settings.http_host or self.settings.host, self.settings.http_port)
             self.reader.warm()  # the chart workers start now, not at the first chart
+            n = self.reader.processes
+            log.info("dashboard reads served %s", f"by {n} worker process(es)" if n else "from hub threads")
 
     @property
     def bound_port(self) -> int:
