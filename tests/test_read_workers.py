@@ -29,13 +29,22 @@ def test_read_workers_do_not_outlive_their_hub(hub_factory, sig):
     wait_until(gone, timeout=30, what="read workers to exit after their hub died")
 
 
-@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 0), (3, 2), (16, 2)])
-def test_reads_run_in_worker_processes_only_where_there_are_cores_to_spare(monkeypatch, cores, workers):
+@pytest.mark.parametrize(("cores", "quota", "workers"), [
+    (1, None, 0), (2, None, 0), (3, None, 2), (16, None, 2),
+    (16, "max 100000", 2), (16, "200000 100000", 0), (16, "250000 100000", 2), (2, "800000 100000", 0),
+    (16, "garbage", 2), (16, "", 2)])
+def test_reads_run_in_worker_processes_only_where_there_are_cores_to_spare(monkeypatch, tmp_path, cores, quota,
+                                                                           workers):
     # on two cores a worker is one more process wanting a core the queue needs (bench/year.py:
-    # enqueue p99 3.6-4.7 ms with two workers, 2.6-2.75 ms with threads)
+    # enqueue p99 4.3-5.0 ms with two workers, 2.4-2.8 ms with threads); a container's CPU
+    # quota counts as well as the cores it may run on
     from kiri.hub.store import reader
 
     monkeypatch.setattr(reader.os, "sched_getaffinity", lambda _pid: set(range(cores)))
+    cpu_max = tmp_path / "cpu.max"
+    if quota is not None:
+        cpu_max.write_text(quota + "\n")
+    monkeypatch.setattr(reader, "CGROUP_CPU_MAX", cpu_max)
     assert reader.default_processes() == workers
 
 

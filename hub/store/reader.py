@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -71,21 +72,36 @@ class _NiceSpawn(multiprocessing.context.SpawnContext):
         return p
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # a container's CPU quota (cgroup v2)
+
+
+def usable_cores() -> float:
+    """The cores this process may use: those it may run on (a cpuset), and no more than a
+    container's CPU quota (``docker run --cpus 2`` on a 16-core host is two)."""
+    try:
+        cores = float(len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        cores = float(os.cpu_count() or 1)
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]  # "max 100000" or "200000 100000"
+        if quota != "max":
+            cores = min(cores, int(quota) / int(period))
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2 quota here
+        pass
+    return cores
+
+
 def default_processes() -> int:
     """How many read worker processes a hub starts when none are asked for: 2 where this
-    process may run on more than two cores, none (reads in hub threads) on two or fewer.
+    process may use more than two cores, none (reads in hub threads) on two or fewer.
 
     A worker keeps a chart's parsing and encoding off the loop's GIL, but it is one more
     process wanting a core. On two cores the hub, its workers and the dashboard's client
     then take turns, and the queue waits for its turn: with a client reading charts, status
-    and /metrics in a loop, enqueue round trips had a p99 of 3.6-4.7 ms with two workers
-    against 2.6-2.75 with threads (a year of one host, ``bench/year.py``; the README has the
-    ten-host figures)."""
-    try:
-        cores = len(os.sched_getaffinity(0))  # the cores this process may use (a container's cpuset)
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return 2 if cores > 2 else 0
+    and /metrics in a loop, enqueue round trips had a p99 of 4.3-5.0 ms with two workers
+    against 2.4-2.8 with threads (a year of ten hosts, ``bench/year.py``; one host 3.6-4.7
+    against 2.6-2.75), and the charts answered faster from threads too."""
+    return 2 if usable_cores() > 2 else 0
 
 
 PARENT_POLL_S = 0.5  # how often a read worker checks that its hub is still alive
