@@ -58,7 +58,7 @@ def test_a_hub_without_the_flag_starts_the_machines_default_and_serves_reads(hub
     def workers() -> list[psutil.Process]:  # (not multiprocessing's resource tracker)
         return [p for p in me.children() if "spawn_main" in " ".join(p.cmdline())]
 
-    # the hub starts its workers, where it has any, before its HTTP face opens
+    # the hub starts its workers, where it has any, as its HTTP face opens
     wait_until(lambda: len(workers()) >= default_processes(), 60, what="the read workers to start")
     for path in ("/api/v1/status", "/api/v1/series?atom=pulse&points=100"):
         assert request(hub.url, "GET", path).status == 200
