@@ -34,7 +34,7 @@ from kiri.hub.core.transport import Connection, Connections, Limits
 from kiri.hub.core.wakeups import LongPoll, Timers
 from kiri.hub.store import db as dbmod
 from kiri.hub.store.checkpointer import WalCheckpointer, detach_autocheckpoint
-from kiri.hub.store.reader import Reader, default_processes
+from kiri.hub.store.reader import Reader
 from kiri.hub.store.schema import atoms
 from kiri.hub.watch import keep as KEEP
 from kiri.hub.watch import observations as O
@@ -147,8 +147,7 @@ class Hub:
         self.timers = Timers(self.loop, settings.tick, self._on_due, self._tick)
         self.events = EventBus()
         self.metrics = HubMetrics()
-        self.reader = Reader(settings.db_url, processes=default_processes() if settings.read_processes is None
-                             else settings.read_processes)
+        self.reader = Reader(settings.db_url, processes=settings.read_processes)
         self.http: HttpFace | None = None
         handlers = hub_methods.bind(self)
         self.methods: dict[str, tuple[type[BaseModel], Handler]] = {

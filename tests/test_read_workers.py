@@ -14,6 +14,11 @@ def _workers(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
+def _read_workers(pid: int) -> list[psutil.Process]:
+    """The hub's read worker processes alone (not multiprocessing's resource tracker)."""
+    return [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_read_workers_do_not_outlive_their_hub(hub_factory, sig):
     hub = hub_factory("--read-processes", "2", http=True)  # (not the default on two cores)
@@ -53,13 +58,8 @@ def test_a_hub_without_the_flag_starts_the_machines_default_and_serves_reads(hub
     from tests.http_client import request
 
     hub = hub_factory(http=True)
-    me = psutil.Process(hub.proc.pid)
-
-    def workers() -> list[psutil.Process]:  # (not multiprocessing's resource tracker)
-        return [p for p in me.children() if "spawn_main" in " ".join(p.cmdline())]
-
     # the hub starts its workers, where it has any, as its HTTP face opens
-    wait_until(lambda: len(workers()) >= default_processes(), 60, what="the read workers to start")
+    wait_until(lambda: len(_read_workers(hub.proc.pid)) >= default_processes(), 60, what="the read workers to start")
     for path in ("/api/v1/status", "/api/v1/series?atom=pulse&points=100"):
         assert request(hub.url, "GET", path).status == 200
-    assert len(workers()) == default_processes()
+    assert len(_read_workers(hub.proc.pid)) == default_processes()

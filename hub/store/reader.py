@@ -139,11 +139,11 @@ def _run_json(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
 
 
 class Reader:
-    def __init__(self, db_url: str, workers: int = 2, processes: int = 2) -> None:
+    def __init__(self, db_url: str, workers: int = 2, processes: int | None = None) -> None:
         self.db_url = db_url
         self.engine = make_read_engine(db_url)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="kiri-read")
-        self.processes = processes
+        self.processes = default_processes() if processes is None else processes  # None: this machine's
         self.procs: ProcessPoolExecutor | None = None
         self.spawner: _NiceSpawn | None = None  # the current pool's context: its processes
         self.warming: list[Any] = []  # futures of the workers' first task; ready when all are done
